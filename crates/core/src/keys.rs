@@ -1,0 +1,121 @@
+//! Public keys as users hand them to burrow, and the pins that check them.
+
+use std::fmt;
+use std::path::Path;
+
+pub use ssh_key::PublicKey;
+use ssh_key::HashAlg;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read key file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is not an OpenSSH public key (expected a line like 'ssh-ed25519 AAAA... comment')")]
+    Malformed { what: String },
+    #[error("'{0}' is neither a public key file nor a fingerprint like SHA256:...")]
+    BadPin(String),
+}
+
+/// Parses one OpenSSH public key line (`ssh-ed25519 AAAA... comment`).
+pub fn parse_public_key(text: &str, what: &str) -> Result<PublicKey, KeyError> {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| KeyError::Malformed { what: what.to_string() })?;
+    PublicKey::from_openssh(line).map_err(|_| KeyError::Malformed { what: what.to_string() })
+}
+
+/// Reads a `.pub` file.
+pub fn read_public_key(path: &Path) -> Result<PublicKey, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_public_key(&text, &path.display().to_string())
+}
+
+/// `SHA256:...`, the fingerprint OpenSSH prints.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// The key text without its comment, e.g. for the registry and known_hosts.
+pub fn openssh_line(key: &PublicKey) -> String {
+    let mut key = key.clone();
+    key.set_comment("");
+    key.to_openssh().unwrap_or_default().trim().to_string()
+}
+
+/// What a client trusts the pivot's host key to be.
+#[derive(Clone, PartialEq, Eq)]
+pub enum HostKeyPin {
+    Key(PublicKey),
+    Fingerprint(String),
+}
+
+impl HostKeyPin {
+    /// Accepts `SHA256:...` or the path of a public key file.
+    pub fn parse(arg: &str) -> Result<Self, KeyError> {
+        if let Some(b64) = arg.strip_prefix("SHA256:") {
+            if b64.is_empty() || !b64.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/') {
+                return Err(KeyError::BadPin(arg.to_string()));
+            }
+            return Ok(HostKeyPin::Fingerprint(arg.trim_end_matches('=').to_string()));
+        }
+        let path = Path::new(arg);
+        if !path.exists() {
+            return Err(KeyError::BadPin(arg.to_string()));
+        }
+        Ok(HostKeyPin::Key(read_public_key(path)?))
+    }
+
+    pub fn matches(&self, key: &PublicKey) -> bool {
+        match self {
+            HostKeyPin::Key(pinned) => pinned.key_data() == key.key_data(),
+            HostKeyPin::Fingerprint(fp) => *fp == fingerprint(key),
+        }
+    }
+
+    pub fn fingerprint(&self) -> String {
+        match self {
+            HostKeyPin::Key(k) => fingerprint(k),
+            HostKeyPin::Fingerprint(fp) => fp.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for HostKeyPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostKeyPin({})", self.fingerprint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@example";
+
+    #[test]
+    fn parses_and_fingerprints() {
+        let k = parse_public_key(KEY, "test").unwrap();
+        let fp = fingerprint(&k);
+        assert!(fp.starts_with("SHA256:"));
+        assert!(HostKeyPin::parse(&fp).unwrap().matches(&k));
+        assert!(HostKeyPin::Key(k.clone()).matches(&k));
+        assert_eq!(openssh_line(&k), KEY.rsplit_once(' ').unwrap().0);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(matches!(parse_public_key("not a key", "x"), Err(KeyError::Malformed { .. })));
+        assert!(matches!(parse_public_key("", "x"), Err(KeyError::Malformed { .. })));
+        assert!(matches!(HostKeyPin::parse("SHA256:"), Err(KeyError::BadPin(_))));
+        assert!(matches!(HostKeyPin::parse("/nonexistent/file"), Err(KeyError::BadPin(_))));
+    }
+}

@@ -1,0 +1,16 @@
+//! Types every part of burrow shares, with no async runtime, database or SSH stack.
+//!
+//! # Layout
+//! - [`id`]: device and operator names, validated once at the edge.
+//! - [`keys`]: public keys, fingerprints and host-key pins.
+//! - [`expose`]: the `PORT=HOST:PORT` mapping of tunnel ports to device services.
+//! - [`time`]: the timestamp format used in refusals and listings.
+
+pub mod expose;
+pub mod id;
+pub mod keys;
+pub mod time;
+
+pub use expose::{Expose, ExposeError};
+pub use id::{Id, IdError};
+pub use keys::{fingerprint, HostKeyPin, KeyError};
