@@ -1,1 +1,111 @@
+//! The burrow pivot: an SSH server that routes operators to devices by id.
+//!
+//! # Layout
+//! - [`Config`] and [`run`]: the entry point; takes a bound listener and a shutdown token.
+//! - [`host_key`]: the pivot's ed25519 host key, created on first start.
+//! - [`registry`]: devices, operators and tunnel state in SQLite.
+//! - `router`: in-memory map of device id to tunnel, and of live sessions.
+//! - `ssh`: accept loop, russh handler, routing of operator channels, byte relay.
+//! - `watch`: applies registry changes (removals) to live connections.
 
+pub mod host_key;
+pub mod registry;
+mod router;
+mod ssh;
+mod watch;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use registry::{Identity, Registry, RegistryError};
+
+/// Everything the pivot needs, already checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds `host_key`, `host_key.pub` and the registry.
+    pub data_dir: PathBuf,
+    /// This pivot's name in the registry's tunnel records.
+    pub pivot_name: String,
+    /// `cam-42.<suffix>` names the same device as `cam-42`.
+    pub host_suffix: String,
+    /// Keepalive period on every connection; a peer that misses
+    /// `keepalive_max` in a row is dropped (30 s x 2 = offline within 90 s).
+    pub keepalive_interval: Duration,
+    pub keepalive_max: usize,
+    /// Deadline for the SSH banner and for authentication.
+    pub auth_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// How often the registry is checked for removed identities.
+    pub watch_interval: Duration,
+    /// How long shutdown waits for connections to close.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Config {
+            data_dir,
+            pivot_name: "local".into(),
+            host_suffix: "burrow".into(),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_max: 2,
+            auth_timeout: Duration::from_secs(30),
+            max_connections: 50_000,
+            watch_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot load the host key")]
+    HostKey(#[from] host_key::HostKeyError),
+    #[error("cannot open the registry")]
+    Registry(#[from] RegistryError),
+}
+
+/// State shared by every connection of one pivot.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub registry: Registry,
+    pub router: router::Router,
+    pub tracker: TaskTracker,
+    pub next_conn: AtomicU64,
+}
+
+/// Serves SSH on `listener` until `shutdown` is cancelled, then closes every
+/// connection and waits (up to `drain_timeout`) for their tasks.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let key = host_key::load_or_create(&config.data_dir)?;
+    let registry = Registry::open(&config.data_dir).await?;
+    registry.clear_tunnels(&config.pivot_name).await?;
+    let ssh = ssh::ssh_config(&config, key);
+    let shared = Arc::new(Shared {
+        config,
+        registry,
+        router: router::Router::default(),
+        tracker: TaskTracker::new(),
+        next_conn: AtomicU64::new(1),
+    });
+
+    shared.tracker.spawn(watch::watch(shared.clone(), shutdown.clone()));
+    ssh::accept::serve(shared.clone(), listener, ssh, shutdown.clone()).await;
+
+    info!("shutting down");
+    shared.tracker.close();
+    if tokio::time::timeout(shared.config.drain_timeout, shared.tracker.wait()).await.is_err() {
+        warn!("connections still open after {:?}; exiting anyway", shared.config.drain_timeout);
+    }
+    shared.registry.clear_tunnels(&shared.config.pivot_name).await?;
+    shared.registry.close().await;
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! The registry: which keys belong to which devices and operators, and what
+//! the pivots last knew about each device's tunnel.
+//!
+//! SQLite in WAL mode by default, so admin commands on the pivot host change
+//! it while the server runs. Every change to an identity bumps `revision`,
+//! which running pivots watch to drop connections whose key was removed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use burrow_core::keys::{fingerprint, openssh_line, PublicKey};
+use burrow_core::time::now_unix;
+use burrow_core::Id;
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+
+/// File name of the SQLite registry inside the data dir.
+pub const DB_FILE: &str = "registry.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry database error")]
+    Db(#[from] sqlx::Error),
+    #[error("device '{0}' already exists; remove it first or pick another id")]
+    DeviceExists(Id),
+    #[error("operator '{0}' already exists; remove it first or pick another name")]
+    OperatorExists(Id),
+    #[error("key {fingerprint} is already registered to {owner}; each key may belong to one identity only")]
+    KeyInUse { fingerprint: String, owner: String },
+    #[error("stored key of {0} is unreadable")]
+    CorruptKey(String),
+}
+
+/// Who a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Device(Id),
+    Operator { name: Id, admin: bool },
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Device(id) => write!(f, "device '{id}'"),
+            Identity::Operator { name, .. } => write!(f, "operator '{name}'"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub fingerprint: String,
+    pub public_key: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: i64,
+    /// Unix seconds; `None` if the device never connected.
+    pub last_seen: Option<i64>,
+    /// The pivot holding the device's tunnel, if one is open.
+    pub tunnel_pivot: Option<String>,
+    pub ports: Vec<u32>,
+}
+
+impl DeviceRecord {
+    pub fn online(&self) -> bool {
+        self.tunnel_pivot.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OperatorRecord {
+    pub name: String,
+    pub fingerprint: String,
+    pub public_key: String,
+    pub admin: bool,
+    pub created_at: i64,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    pool: SqlitePool,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS devices (
+        id TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL UNIQUE,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        last_seen INTEGER,
+        tunnel_pivot TEXT,
+        ports TEXT NOT NULL DEFAULT '[]'
+    )",
+    "CREATE TABLE IF NOT EXISTS operators (
+        name TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL UNIQUE,
+        admin INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO revision (id, n) VALUES (1, 0)",
+    "CREATE TRIGGER IF NOT EXISTS devices_ins AFTER INSERT ON devices BEGIN UPDATE revision SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS devices_del AFTER DELETE ON devices BEGIN UPDATE revision SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS devices_key AFTER UPDATE OF fingerprint ON devices BEGIN UPDATE revision SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS operators_ins AFTER INSERT ON operators BEGIN UPDATE revision SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS operators_del AFTER DELETE ON operators BEGIN UPDATE revision SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS operators_upd AFTER UPDATE OF fingerprint, admin ON operators BEGIN UPDATE revision SET n = n + 1; END",
+];
+
+impl Registry {
+    /// Opens (creating if needed) the registry in `data_dir`.
+    pub async fn open(data_dir: &Path) -> Result<Self, RegistryError> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(data_dir.join(DB_FILE))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        // A handful of connections: the registry sees a query per connection
+        // attempt and per refusal, not per byte relayed.
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&pool).await?;
+        }
+        Ok(Registry { pool })
+    }
+
+    pub async fn add_device(
+        &self,
+        id: &Id,
+        key: &PublicKey,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RegistryError> {
+        let fp = fingerprint(key);
+        let mut tx = self.pool.begin().await?;
+        if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some() {
+            return Err(RegistryError::DeviceExists(id.clone()));
+        }
+        check_key_free(&mut tx, &fp).await?;
+        sqlx::query("INSERT INTO devices (id, public_key, fingerprint, labels, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(id.as_str())
+            .bind(openssh_line(key))
+            .bind(&fp)
+            .bind(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Returns whether the device existed.
+    pub async fn remove_device(&self, id: &Id) -> Result<bool, RegistryError> {
+        let r = sqlx::query("DELETE FROM devices WHERE id = ?").bind(id.as_str()).execute(&self.pool).await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn device(&self, id: &Id) -> Result<Option<DeviceRecord>, RegistryError> {
+        let row = sqlx::query("SELECT * FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| device_from_row(&r)))
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
+        let rows = sqlx::query("SELECT * FROM devices ORDER BY id").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(device_from_row).collect())
+    }
+
+    pub async fn add_operator(&self, name: &Id, key: &PublicKey, admin: bool) -> Result<(), RegistryError> {
+        let fp = fingerprint(key);
+        let mut tx = self.pool.begin().await?;
+        if sqlx::query("SELECT 1 FROM operators WHERE name = ?").bind(name.as_str()).fetch_optional(&mut *tx).await?.is_some() {
+            return Err(RegistryError::OperatorExists(name.clone()));
+        }
+        check_key_free(&mut tx, &fp).await?;
+        sqlx::query("INSERT INTO operators (name, public_key, fingerprint, admin, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(name.as_str())
+            .bind(openssh_line(key))
+            .bind(&fp)
+            .bind(admin)
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn remove_operator(&self, name: &Id) -> Result<bool, RegistryError> {
+        let r = sqlx::query("DELETE FROM operators WHERE name = ?").bind(name.as_str()).execute(&self.pool).await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn operators(&self) -> Result<Vec<OperatorRecord>, RegistryError> {
+        let rows = sqlx::query("SELECT * FROM operators ORDER BY name").fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(|r| OperatorRecord {
+                name: r.get("name"),
+                fingerprint: r.get("fingerprint"),
+                public_key: r.get("public_key"),
+                admin: r.get::<i64, _>("admin") != 0,
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    /// Who owns the key with this fingerprint, if anyone.
+    pub async fn identify(&self, fp: &str) -> Result<Option<Identity>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT 'device' AS kind, id AS name, 0 AS admin FROM devices WHERE fingerprint = ?1
+             UNION ALL SELECT 'operator', name, admin FROM operators WHERE fingerprint = ?1",
+        )
+        .bind(fp)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let name: String = row.get("name");
+        let name = Id::parse(&name).map_err(|_| RegistryError::CorruptKey(name.clone()))?;
+        Ok(Some(match row.get::<String, _>("kind").as_str() {
+            "device" => Identity::Device(name),
+            _ => Identity::Operator { name, admin: row.get::<i64, _>("admin") != 0 },
+        }))
+    }
+
+    /// A counter that grows with every change to devices' or operators' keys.
+    pub async fn revision(&self) -> Result<i64, RegistryError> {
+        Ok(sqlx::query_scalar("SELECT n FROM revision WHERE id = 1").fetch_one(&self.pool).await?)
+    }
+
+    /// Records that `pivot` now holds the device's tunnel with these ports.
+    pub async fn tunnel_up(&self, id: &Id, pivot: &str, ports: &[u32]) -> Result<(), RegistryError> {
+        sqlx::query("UPDATE devices SET tunnel_pivot = ?, ports = ?, last_seen = ? WHERE id = ?")
+            .bind(pivot)
+            .bind(serde_json::to_string(ports).unwrap_or_else(|_| "[]".into()))
+            .bind(now_unix())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records that the device's tunnel on `pivot` closed, unless another pivot took it over.
+    pub async fn tunnel_down(&self, id: &Id, pivot: &str) -> Result<(), RegistryError> {
+        sqlx::query("UPDATE devices SET tunnel_pivot = NULL, ports = '[]', last_seen = ? WHERE id = ? AND tunnel_pivot = ?")
+            .bind(now_unix())
+            .bind(id.as_str())
+            .bind(pivot)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks devices seen now, while their tunnels stay up.
+    pub async fn touch(&self, ids: &[Id]) -> Result<(), RegistryError> {
+        let now = now_unix();
+        for id in ids {
+            sqlx::query("UPDATE devices SET last_seen = ? WHERE id = ?").bind(now).bind(id.as_str()).execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// At start, forgets tunnels a previous run of this pivot left marked open.
+    pub async fn clear_tunnels(&self, pivot: &str) -> Result<(), RegistryError> {
+        sqlx::query("UPDATE devices SET tunnel_pivot = NULL, ports = '[]' WHERE tunnel_pivot = ?")
+            .bind(pivot)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn check_key_free(tx: &mut sqlx::SqliteConnection, fp: &str) -> Result<(), RegistryError> {
+    let owner: Option<String> = sqlx::query_scalar(
+        "SELECT 'device ''' || id || '''' FROM devices WHERE fingerprint = ?1
+         UNION ALL SELECT 'operator ''' || name || '''' FROM operators WHERE fingerprint = ?1",
+    )
+    .bind(fp)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match owner {
+        Some(owner) => Err(RegistryError::KeyInUse { fingerprint: fp.to_string(), owner }),
+        None => Ok(()),
+    }
+}
+
+fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> DeviceRecord {
+    DeviceRecord {
+        id: r.get("id"),
+        fingerprint: r.get("fingerprint"),
+        public_key: r.get("public_key"),
+        labels: serde_json::from_str(r.get::<&str, _>("labels")).unwrap_or_default(),
+        created_at: r.get("created_at"),
+        last_seen: r.get("last_seen"),
+        tunnel_pivot: r.get("tunnel_pivot"),
+        ports: serde_json::from_str(r.get::<&str, _>("ports")).unwrap_or_default(),
+    }
+}

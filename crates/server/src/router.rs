@@ -1,0 +1,114 @@
+//! In-memory routing: which connection holds each device's tunnel, and which
+//! authenticated connections exist (so removed identities can be dropped).
+//!
+//! Device ids are virtual names looked up here; no port is ever bound per device.
+//! A std `Mutex` is enough: every critical section is a map operation, never
+//! held across `.await`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use burrow_core::Id;
+use russh::server::Handle;
+
+use crate::registry::Identity;
+
+/// A number that names one SSH connection for the life of the process.
+pub type ConnId = u64;
+
+/// A device's reverse tunnel: the device connection and the ports it forwards.
+#[derive(Clone)]
+pub struct Tunnel {
+    pub conn: ConnId,
+    pub handle: Handle,
+    pub ports: BTreeSet<u32>,
+}
+
+/// An authenticated connection, remembered so the pivot can end it.
+#[derive(Clone)]
+pub struct Session {
+    pub identity: Identity,
+    pub fingerprint: String,
+    pub handle: Handle,
+}
+
+/// What happened when a device asked to forward a port.
+pub enum Bind {
+    /// The port is now routed to this connection.
+    Added,
+    /// The port was added and an older connection of the same device lost its tunnel.
+    Replaced(Handle),
+}
+
+#[derive(Default)]
+pub struct Router {
+    tunnels: Mutex<HashMap<Id, Tunnel>>,
+    sessions: Mutex<HashMap<ConnId, Session>>,
+}
+
+impl Router {
+    pub fn tunnel(&self, id: &Id) -> Option<Tunnel> {
+        self.tunnels.lock().unwrap().get(id).cloned()
+    }
+
+    /// Routes `id:port` to connection `conn`. A tunnel of the same device on
+    /// another connection is replaced, so a device that reconnects after a
+    /// network drop is never locked out.
+    pub fn bind(&self, id: &Id, conn: ConnId, handle: &Handle, port: u32) -> (Bind, Vec<u32>) {
+        let mut tunnels = self.tunnels.lock().unwrap();
+        let mut result = Bind::Added;
+        let entry = tunnels.entry(id.clone()).or_insert_with(|| Tunnel {
+            conn,
+            handle: handle.clone(),
+            ports: BTreeSet::new(),
+        });
+        if entry.conn != conn {
+            let old = std::mem::replace(
+                entry,
+                Tunnel { conn, handle: handle.clone(), ports: BTreeSet::new() },
+            );
+            result = Bind::Replaced(old.handle);
+        }
+        entry.ports.insert(port);
+        (result, entry.ports.iter().copied().collect())
+    }
+
+    /// Stops routing `id:port` to `conn`. Returns the ports left, or `None` if
+    /// the tunnel is gone (or belongs to another connection).
+    pub fn unbind(&self, id: &Id, conn: ConnId, port: u32) -> Option<Vec<u32>> {
+        let mut tunnels = self.tunnels.lock().unwrap();
+        let t = tunnels.get_mut(id).filter(|t| t.conn == conn)?;
+        t.ports.remove(&port);
+        if t.ports.is_empty() {
+            tunnels.remove(id);
+            return Some(Vec::new());
+        }
+        Some(t.ports.iter().copied().collect())
+    }
+
+    /// Forgets the tunnel if `conn` still holds it; true if it did.
+    pub fn drop_tunnel(&self, id: &Id, conn: ConnId) -> bool {
+        let mut tunnels = self.tunnels.lock().unwrap();
+        if tunnels.get(id).is_some_and(|t| t.conn == conn) {
+            tunnels.remove(id);
+            return true;
+        }
+        false
+    }
+
+    pub fn tunnel_ids(&self) -> Vec<Id> {
+        self.tunnels.lock().unwrap().keys().cloned().collect()
+    }
+
+    pub fn add_session(&self, conn: ConnId, session: Session) {
+        self.sessions.lock().unwrap().insert(conn, session);
+    }
+
+    pub fn remove_session(&self, conn: ConnId) {
+        self.sessions.lock().unwrap().remove(&conn);
+    }
+
+    pub fn sessions(&self) -> Vec<(ConnId, Session)> {
+        self.sessions.lock().unwrap().iter().map(|(c, s)| (*c, s.clone())).collect()
+    }
+}

@@ -1,0 +1,50 @@
+//! The pivot's SSH side, split by phase of a connection.
+//!
+//! - [`accept`]: the accept loop, connection limits and deadlines.
+//! - [`handler`]: the russh `Handler`, a thin adapter that checks who may do what.
+//! - [`route`]: turning an operator's `direct-tcpip` into a device channel, or a refusal.
+//! - [`relay`]: copying bytes between two channels under SSH flow control.
+
+pub(crate) mod accept;
+pub(crate) mod handler;
+pub(crate) mod relay;
+pub(crate) mod route;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::ssh_key::PrivateKey;
+use russh::server::Config as SshConfig;
+use russh::{MethodKind, MethodSet, SshId};
+
+use crate::Config;
+
+/// Per-channel receive window. 2 MiB keeps a single scp near line rate on
+/// loopback while bounding what one slow reader can park in the pivot.
+const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
+/// Largest packet we accept; 32 KiB is what OpenSSH uses for forwarded channels.
+const MAX_PACKET: u32 = 32 * 1024;
+/// Messages queued per channel before russh stops reading the socket.
+const CHANNEL_BUFFER: usize = 64;
+
+pub(crate) fn ssh_config(config: &Config, host_key: PrivateKey) -> Arc<SshConfig> {
+    Arc::new(SshConfig {
+        server_id: SshId::Standard(format!("SSH-2.0-burrow_{}", env!("CARGO_PKG_VERSION")).into()),
+        // Keys only: password, keyboard-interactive and none are never offered.
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET,
+        channel_buffer_size: CHANNEL_BUFFER,
+        max_auth_attempts: 6,
+        // Idle tunnels are the normal state of a device; liveness comes from
+        // keepalives, not from traffic.
+        inactivity_timeout: None,
+        keepalive_interval: Some(config.keepalive_interval),
+        keepalive_max: config.keepalive_max,
+        nodelay: true,
+        ..Default::default()
+    })
+}

@@ -1,0 +1,36 @@
+//! Byte relay between an operator's channel and a device's channel.
+//!
+//! Each direction moves russh `Bytes` as they arrive and waits on the peer's
+//! window before sending, so a slow reader stalls the writer instead of
+//! growing the pivot's memory: at most one window plus the channel buffer is
+//! ever parked per direction.
+
+use russh::server::Msg;
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+
+/// Relays until both directions are closed.
+pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>) {
+    let (a_read, a_write) = a.split();
+    let (b_read, b_write) = b.split();
+    tokio::join!(pump(a_read, &b_write), pump(b_read, &a_write));
+    let _ = a_write.close().await;
+    let _ = b_write.close().await;
+}
+
+async fn pump(mut from: ChannelReadHalf, to: &ChannelWriteHalf<Msg>) {
+    while let Some(msg) = from.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                if to.data_bytes(data).await.is_err() {
+                    break;
+                }
+            }
+            ChannelMsg::Eof => {
+                let _ = to.eof().await;
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    let _ = to.close().await;
+}

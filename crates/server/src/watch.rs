@@ -1,0 +1,69 @@
+//! Applies registry changes to a running pivot: a removed device or operator
+//! loses its open connections within one poll interval. Also keeps the
+//! devices' last-seen time fresh while their tunnels stay up.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::registry::Identity;
+use crate::Shared;
+
+/// How often an open tunnel refreshes its device's `last_seen`.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut seen = None;
+    let mut last_touch = Instant::now();
+    let mut tick = tokio::time::interval(shared.config.watch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shared.registry.revision().await {
+            Ok(rev) if seen != Some(rev) => {
+                if seen.is_some() {
+                    enforce(&shared).await;
+                }
+                seen = Some(rev);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read registry revision"),
+        }
+        if last_touch.elapsed() >= TOUCH_EVERY {
+            last_touch = Instant::now();
+            if let Err(e) = shared.registry.touch(&shared.router.tunnel_ids()).await {
+                warn!(error = %e, "cannot refresh last-seen times");
+            }
+        }
+    }
+}
+
+/// Disconnects every session whose key no longer maps to the same identity.
+async fn enforce(shared: &Shared) {
+    for (conn, session) in shared.router.sessions() {
+        let now = match shared.registry.identify(&session.fingerprint).await {
+            Ok(now) => now,
+            Err(e) => {
+                warn!(error = %e, "cannot re-check sessions");
+                return;
+            }
+        };
+        if now.as_ref() == Some(&session.identity) {
+            continue;
+        }
+        let why = match (&session.identity, now) {
+            (Identity::Operator { name, .. }, Some(Identity::Operator { .. })) => {
+                format!("operator '{name}' changed role; reconnect")
+            }
+            (who, _) => format!("{who} was removed from the registry"),
+        };
+        info!(conn, "{why}; disconnecting");
+        shared.router.remove_session(conn);
+        let _ = session.handle.disconnect(russh::Disconnect::ByApplication, why, "en".into()).await;
+    }
+}
