@@ -1,0 +1,145 @@
+//! One connection to the pivot: check its host key against the pin,
+//! authenticate with the device key, request a forward per exposed port, and
+//! serve channels until the connection ends.
+
+use std::sync::{Arc, Mutex};
+
+use burrow_core::fingerprint;
+use russh::client::{self, AuthResult, ChannelOpenHandle, Msg, Session};
+use russh::keys::PrivateKeyWithHashAlg;
+use russh::keys::PublicKeyOrCertificate;
+use russh::Channel;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{forward, Config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot reach the pivot at {server}")]
+    Connect {
+        server: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no answer from the pivot at {0} in time")]
+    ConnectTimeout(String),
+    #[error("host key mismatch: the pivot offered {got} but {expected} is pinned; refusing to connect")]
+    HostKeyMismatch { expected: String, got: String },
+    #[error("the pivot refused the key of device '{0}'; is it registered with this key?")]
+    AuthRejected(String),
+    #[error("the pivot refused to forward port {port} for device '{id}'")]
+    ForwardRefused { id: String, port: u16 },
+    #[error("ssh connection failed")]
+    Ssh(#[from] russh::Error),
+}
+
+struct AgentHandler {
+    config: Arc<Config>,
+    /// The key the pivot offered when it did not match the pin.
+    mismatch: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for AgentHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let offered = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key,
+            PublicKeyOrCertificate::Certificate(cert) => {
+                *self.mismatch.lock().unwrap() = Some(format!("a certificate signed by {}", cert.signature_key().fingerprint(Default::default())));
+                return Ok(false);
+            }
+        };
+        if self.config.pivot_host_key.matches(offered) {
+            return Ok(true);
+        }
+        *self.mismatch.lock().unwrap() = Some(fingerprint(offered));
+        Ok(false)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        _connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let target = self
+            .config
+            .expose
+            .iter()
+            .find(|e| u32::from(e.port) == connected_port)
+            .map(|e| e.target.clone());
+        tokio::spawn(forward::serve(channel, connected_port, target, reply));
+        Ok(())
+    }
+}
+
+fn ssh_config(config: &Config) -> Arc<client::Config> {
+    Arc::new(client::Config {
+        inactivity_timeout: None,
+        keepalive_interval: Some(config.keepalive_interval),
+        keepalive_max: config.keepalive_max,
+        window_size: 2 * 1024 * 1024,
+        maximum_packet_size: 32 * 1024,
+        channel_buffer_size: 64,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// Holds one connection until it ends (Ok) or fails to come up (Err).
+pub(crate) async fn hold(config: Arc<Config>, shutdown: &CancellationToken) -> Result<(), SessionError> {
+    let server = config.server.clone();
+    let tcp = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&server)) => match r {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(source)) => return Err(SessionError::Connect { server, source }),
+            Err(_) => return Err(SessionError::ConnectTimeout(server)),
+        },
+    };
+    let _ = tcp.set_nodelay(true);
+    let mismatch = Arc::new(Mutex::new(None));
+    let handler = AgentHandler { config: config.clone(), mismatch: mismatch.clone() };
+    let connecting = tokio::time::timeout(config.connect_timeout, client::connect_stream(ssh_config(&config), tcp, handler));
+    let mut handle = match connecting.await {
+        Ok(Ok(handle)) => handle,
+        Ok(Err(e)) => {
+            if let Some(got) = mismatch.lock().unwrap().take() {
+                return Err(SessionError::HostKeyMismatch { expected: config.pivot_host_key.fingerprint(), got });
+            }
+            return Err(e.into());
+        }
+        Err(_) => return Err(SessionError::ConnectTimeout(server)),
+    };
+
+    let key = PrivateKeyWithHashAlg::new(config.key.clone(), None);
+    match handle.authenticate_publickey(config.id.as_str(), key).await? {
+        AuthResult::Success => {}
+        AuthResult::Failure { .. } => return Err(SessionError::AuthRejected(config.id.to_string())),
+    }
+    for e in &config.expose {
+        if handle.tcpip_forward(config.id.as_str(), u32::from(e.port)).await.is_err() {
+            return Err(SessionError::ForwardRefused { id: config.id.to_string(), port: e.port });
+        }
+    }
+    let ports: Vec<u16> = config.expose.iter().map(|e| e.port).collect();
+    info!(device = %config.id, ?ports, "tunnel up");
+
+    tokio::select! {
+        r = &mut handle => {
+            r?;
+            Ok(())
+        }
+        _ = shutdown.cancelled() => {
+            let _ = handle.disconnect(russh::Disconnect::ByApplication, "agent stopping", "en").await;
+            Ok(())
+        }
+    }
+}
