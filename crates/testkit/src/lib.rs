@@ -1,1 +1,429 @@
+//! Test kit: real processes for integration tests.
+//!
+//! - [`Sshd`]: a real `/usr/sbin/sshd` as a device's target, in its own temp dir.
+//! - [`TestPivot`]: `burrow server` on `127.0.0.1:0`, with its registry.
+//! - [`TestAgent`]: `burrow agent` for one device.
+//! - [`Operator`]: an OpenSSH client setup (key, ssh_config, known_hosts) that
+//!   reaches devices through the pivot with strict host-key checking.
+//! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+//!
+//! Every guard kills its process on drop and prints the process's log when
+//! the test is failing, so a red test shows what the servers saw.
 
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+pub const SSHD: &str = "/usr/sbin/sshd";
+
+/// Fails loudly when a tool the tests need is missing: CI installs them, and a
+/// test that skips proves nothing.
+pub fn require_tool(path: &str) {
+    let found = if path.contains('/') {
+        Path::new(path).exists()
+    } else {
+        Command::new("sh").arg("-c").arg(format!("command -v {path}")).output().is_ok_and(|o| o.status.success())
+    };
+    assert!(found, "{path} is required by this test; install it (see .ci/run)");
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free loopback port, picked by the kernel.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An ed25519 key pair made by ssh-keygen.
+#[derive(Debug, Clone)]
+pub struct KeyPair {
+    pub private: PathBuf,
+    pub public: PathBuf,
+}
+
+impl KeyPair {
+    pub fn generate(dir: &Path, name: &str) -> KeyPair {
+        let private = dir.join(name);
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&private)
+            .output()
+            .expect("ssh-keygen runs");
+        assert!(out.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        KeyPair { public: private.with_extension("pub"), private }
+    }
+
+    pub fn public_line(&self) -> String {
+        std::fs::read_to_string(&self.public).unwrap().trim().to_string()
+    }
+}
+
+/// A child process that is killed on drop; its log is printed if the test fails.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stderr(file.try_clone().unwrap())
+            .stdout(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { name: name.to_string(), child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then wait up to `timeout` for exit; SIGKILL after that.
+    pub fn terminate(&mut self, timeout: Duration) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        if !wait_until(timeout, || !self.is_running()) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL: the process gets no chance to say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- {} log ({}) -----\n{}", self.name, self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// A real OpenSSH server, standing in for a device's own sshd.
+pub struct Sshd {
+    pub dir: TempDir,
+    pub port: u16,
+    pub host_key: KeyPair,
+    pub proc: Proc,
+}
+
+impl Sshd {
+    /// Starts sshd on a free loopback port, accepting `authorized` keys for root.
+    pub fn start(authorized: &[&KeyPair]) -> Sshd {
+        require_tool(SSHD);
+        std::fs::create_dir_all("/run/sshd").expect("privilege separation dir /run/sshd");
+        let dir = tempfile::Builder::new().prefix("burrow-sshd").tempdir().unwrap();
+        let host_key = KeyPair::generate(dir.path(), "ssh_host_ed25519_key");
+        let keys: String = authorized.iter().map(|k| k.public_line() + "\n").collect();
+        std::fs::write(dir.path().join("authorized_keys"), keys).unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let config = dir.path().join("sshd_config");
+            std::fs::write(
+                &config,
+                format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                     PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                     PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n\
+                     Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                    hk = host_key.private.display(),
+                    ak = dir.path().join("authorized_keys").display(),
+                ),
+            )
+            .unwrap();
+            let mut cmd = Command::new(SSHD);
+            cmd.arg("-D").arg("-e").arg("-f").arg(&config);
+            let mut proc = Proc::spawn("sshd", &mut cmd, dir.path().join("sshd.log"));
+            let up = wait_until(Duration::from_secs(10), || {
+                !proc.is_running() || TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up && proc.is_running() {
+                return Sshd { dir, port, host_key, proc };
+            }
+        }
+        panic!("sshd did not start");
+    }
+
+    /// `127.0.0.1:PORT`, the target an agent exposes.
+    pub fn target(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// `burrow server` with its own data dir.
+pub struct TestPivot {
+    pub bin: PathBuf,
+    pub data: TempDir,
+    pub addr: SocketAddr,
+    pub proc: Proc,
+    pub extra_args: Vec<String>,
+}
+
+impl TestPivot {
+    pub fn start(bin: &str) -> TestPivot {
+        Self::start_with(bin, &[])
+    }
+
+    pub fn start_with(bin: &str, extra: &[&str]) -> TestPivot {
+        let data = tempfile::Builder::new().prefix("burrow-pivot").tempdir().unwrap();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (proc, addr) = spawn_pivot(Path::new(bin), data.path(), "127.0.0.1:0", &extra, 0).unwrap();
+        TestPivot { bin: bin.into(), data, addr, proc, extra_args: extra }
+    }
+
+    /// Stops the pivot and starts a new process on the same address and data dir.
+    pub fn restart(&mut self) {
+        self.proc.terminate(Duration::from_secs(15));
+        let n = std::fs::read_dir(self.data.path()).map(|d| d.count()).unwrap_or(0);
+        let (proc, addr) =
+            spawn_pivot(&self.bin, self.data.path(), &self.addr.to_string(), &self.extra_args, n).unwrap();
+        self.proc = proc;
+        self.addr = addr;
+    }
+
+    pub fn host_key_pub(&self) -> PathBuf {
+        self.data.path().join("host_key.pub")
+    }
+
+    pub fn host_key_line(&self) -> String {
+        std::fs::read_to_string(self.host_key_pub()).unwrap().trim().to_string()
+    }
+
+    /// Runs `burrow ARGS --data-dir DATA` and returns its output.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .output()
+            .expect("burrow runs")
+    }
+
+    /// Like [`admin`](Self::admin), but panics unless it succeeds.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "burrow {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn add_device(&self, id: &str, key: &KeyPair) {
+        self.admin_ok(&["device", "add", id, "--key", key.public.to_str().unwrap()]);
+    }
+
+    pub fn add_operator(&self, name: &str, key: &KeyPair) {
+        self.admin_ok(&["operator", "add", name, "--key", key.public.to_str().unwrap()]);
+    }
+
+    /// The device's entry from `burrow device list --json`.
+    pub fn device_json(&self, id: &str) -> Option<serde_json::Value> {
+        let out = self.admin_ok(&["device", "list", "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("device list --json is JSON");
+        list.into_iter().find(|d| d["id"] == id)
+    }
+
+    pub fn is_online(&self, id: &str) -> bool {
+        self.device_json(id).is_some_and(|d| d["online"] == true)
+    }
+
+    pub fn wait_online(&self, id: &str, online: bool, timeout: Duration) -> bool {
+        wait_until(timeout, || self.is_online(id) == online)
+    }
+}
+
+fn spawn_pivot(bin: &Path, data: &Path, listen: &str, extra: &[String], n: usize) -> Result<(Proc, SocketAddr)> {
+    let log = data.join(format!("server-{n}.log"));
+    let mut cmd = Command::new(bin);
+    cmd.args(["server", "--listen", listen, "--data-dir"]).arg(data).args(extra);
+    let mut proc = Proc::spawn("burrow server", &mut cmd, log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = proc.log_text();
+        if let Some(line) = text.lines().find(|l| l.starts_with("burrow pivot listening on ")) {
+            let addr = line.trim_start_matches("burrow pivot listening on ").trim();
+            return Ok((proc, addr.parse().context("listen address")?));
+        }
+        if !proc.is_running() || Instant::now() > deadline {
+            bail!("burrow server did not start:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `burrow agent` for one device.
+pub struct TestAgent {
+    pub proc: Proc,
+    pub dir: TempDir,
+}
+
+impl TestAgent {
+    pub fn start(bin: &str, pivot: &TestPivot, id: &str, key: &KeyPair, expose: &[String]) -> TestAgent {
+        let pin = pivot.host_key_pub();
+        Self::start_pinned(bin, &pivot.addr.to_string(), id, key, pin.to_str().unwrap(), expose)
+    }
+
+    pub fn start_pinned(bin: &str, server: &str, id: &str, key: &KeyPair, pin: &str, expose: &[String]) -> TestAgent {
+        let dir = tempfile::Builder::new().prefix("burrow-agent").tempdir().unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(["agent", "--server", server, "--id", id, "--key"])
+            .arg(&key.private)
+            .args(["--pivot-host-key", pin]);
+        for e in expose {
+            cmd.args(["--expose", e]);
+        }
+        let proc = Proc::spawn(&format!("burrow agent {id}"), &mut cmd, dir.path().join("agent.log"));
+        TestAgent { proc, dir }
+    }
+}
+
+/// An operator's OpenSSH setup: key, an ssh_config naming the pivot `pivot`,
+/// and a known_hosts file with the pivot's and the devices' host keys.
+pub struct Operator {
+    pub dir: TempDir,
+    pub key: KeyPair,
+    pub config: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+impl Operator {
+    pub fn new(pivot: &TestPivot) -> Operator {
+        require_tool("ssh");
+        let dir = tempfile::Builder::new().prefix("burrow-operator").tempdir().unwrap();
+        let key = KeyPair::generate(dir.path(), "id_ed25519");
+        let known_hosts = dir.path().join("known_hosts");
+        std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {}\n", pivot.addr.port(), pivot.host_key_line())).unwrap();
+        let config = dir.path().join("ssh_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Host pivot\n  HostName 127.0.0.1\n  Port {port}\n\nHost *\n  IdentityFile {key}\n  IdentitiesOnly yes\n  \
+                 UserKnownHostsFile {kh}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 10\n  LogLevel ERROR\n",
+                port = pivot.addr.port(),
+                key = key.private.display(),
+                kh = known_hosts.display(),
+            ),
+        )
+        .unwrap();
+        Operator { dir, key, config, known_hosts }
+    }
+
+    /// Trusts `sshd`'s host key for the name `host` (e.g. the device id).
+    pub fn trust_device(&self, host: &str, sshd: &Sshd) {
+        let line = format!("{host} {}\n", sshd.host_key.public_line());
+        let mut text = std::fs::read_to_string(&self.known_hosts).unwrap();
+        text.push_str(&line);
+        std::fs::write(&self.known_hosts, text).unwrap();
+    }
+
+    /// `ssh -F CONFIG ARGS`.
+    pub fn ssh(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F").arg(&self.config).args(args);
+        cmd
+    }
+
+    /// `ssh -F CONFIG -J pivot root@ID CMD`.
+    pub fn ssh_device(&self, id: &str, remote: &str) -> Output {
+        self.ssh(&["-J", "pivot", &format!("root@{id}"), remote]).stdin(Stdio::null()).output().expect("ssh runs")
+    }
+
+    pub fn scp(&self, args: &[&str]) -> Output {
+        require_tool("scp");
+        Command::new("scp").arg("-F").arg(&self.config).args(["-q", "-J", "pivot"]).args(args).output().expect("scp runs")
+    }
+
+    pub fn ssh_cmdline(&self) -> String {
+        format!("ssh -F {} -J pivot", self.config.display())
+    }
+}
+
+/// The stderr of an output, for assertions on refusal texts.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Reads lines from a child's stdout until one satisfies `pred`, or the deadline passes.
+pub fn read_line_until(child: &mut Child, timeout: Duration, pred: impl Fn(&str) -> bool + Send + 'static) -> bool {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if pred(&line) {
+                let _ = tx.send(());
+                break;
+            }
+        }
+    });
+    rx.recv_timeout(timeout).is_ok()
+}
+
+/// A registered device with its own sshd and a running agent.
+pub struct Device {
+    pub id: String,
+    pub key: KeyPair,
+    pub sshd: Sshd,
+    pub agent: TestAgent,
+}
+
+impl Device {
+    /// Registers `id`, starts its sshd (trusting `op`'s key for root) and an
+    /// agent exposing port 22, and waits until its tunnel is up.
+    pub fn start(bin: &str, pivot: &TestPivot, op: &Operator, id: &str) -> Device {
+        Self::start_exposing(bin, pivot, op, id, &[])
+    }
+
+    /// Like [`start`](Self::start), with more `--expose` specs besides port 22.
+    pub fn start_exposing(bin: &str, pivot: &TestPivot, op: &Operator, id: &str, extra: &[String]) -> Device {
+        let sshd = Sshd::start(&[&op.key]);
+        let key = KeyPair::generate(sshd.dir.path(), &format!("device-{id}"));
+        pivot.add_device(id, &key);
+        op.trust_device(id, &sshd);
+        let mut expose = vec![format!("22={}", sshd.target())];
+        expose.extend(extra.iter().cloned());
+        let agent = TestAgent::start(bin, pivot, id, &key, &expose);
+        assert!(pivot.wait_online(id, true, Duration::from_secs(20)), "device {id} did not come online");
+        Device { id: id.to_string(), key, sshd, agent }
+    }
+}
