@@ -334,7 +334,7 @@ impl Operator {
             &config,
             format!(
                 "Host pivot\n  HostName 127.0.0.1\n  Port {port}\n\nHost *\n  IdentityFile {key}\n  IdentitiesOnly yes\n  \
-                 UserKnownHostsFile {kh}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 10\n  LogLevel ERROR\n",
+                 UserKnownHostsFile {kh}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 10\n",
                 port = pivot.addr.port(),
                 key = key.private.display(),
                 kh = known_hosts.display(),
