@@ -40,7 +40,13 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(server: String, id: Id, key: PrivateKey, pivot_host_key: HostKeyPin, expose: Vec<Expose>) -> Self {
+    pub fn new(
+        server: String,
+        id: Id,
+        key: PrivateKey,
+        pivot_host_key: HostKeyPin,
+        expose: Vec<Expose>,
+    ) -> Self {
         Config {
             server,
             id,

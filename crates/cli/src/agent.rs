@@ -29,7 +29,8 @@ pub struct AgentArgs {
 
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     let pin = HostKeyPin::parse(&args.pivot_host_key).context("--pivot-host-key")?;
-    let meta = std::fs::metadata(&args.key).with_context(|| format!("cannot read {}", args.key.display()))?;
+    let meta = std::fs::metadata(&args.key)
+        .with_context(|| format!("cannot read {}", args.key.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
         warn!(key = %args.key.display(), "device key is readable by other users; chmod 600 it");
     }

@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "burrow", version, about = "SSH, SCP and SFTP to devices behind NAT, through a pivot, with stock OpenSSH")]
+#[command(
+    name = "burrow",
+    version,
+    about = "SSH, SCP and SFTP to devices behind NAT, through a pivot, with stock OpenSSH"
+)]
 struct Cli {
     /// Log more (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -52,7 +56,9 @@ fn init_logging(verbose: u8, json: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -29,7 +29,8 @@ pub struct ServerArgs {
 
 pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     let dir = &args.data.data_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
     let key = host_key::load_or_create(dir).context("cannot load the host key")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::path::Path;
 
-pub use ssh_key::PublicKey;
 use ssh_key::HashAlg;
+pub use ssh_key::PublicKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -14,7 +14,9 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{what} is not an OpenSSH public key (expected a line like 'ssh-ed25519 AAAA... comment')")]
+    #[error(
+        "{what} is not an OpenSSH public key (expected a line like 'ssh-ed25519 AAAA... comment')"
+    )]
     Malformed { what: String },
     #[error("'{0}' is neither a public key file nor a fingerprint like SHA256:...")]
     BadPin(String),
@@ -26,8 +28,12 @@ pub fn parse_public_key(text: &str, what: &str) -> Result<PublicKey, KeyError> {
         .lines()
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .ok_or_else(|| KeyError::Malformed { what: what.to_string() })?;
-    PublicKey::from_openssh(line).map_err(|_| KeyError::Malformed { what: what.to_string() })
+        .ok_or_else(|| KeyError::Malformed {
+            what: what.to_string(),
+        })?;
+    PublicKey::from_openssh(line).map_err(|_| KeyError::Malformed {
+        what: what.to_string(),
+    })
 }
 
 /// Reads a `.pub` file.
@@ -62,10 +68,16 @@ impl HostKeyPin {
     /// Accepts `SHA256:...` or the path of a public key file.
     pub fn parse(arg: &str) -> Result<Self, KeyError> {
         if let Some(b64) = arg.strip_prefix("SHA256:") {
-            if b64.is_empty() || !b64.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/') {
+            if b64.is_empty()
+                || !b64
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
+            {
                 return Err(KeyError::BadPin(arg.to_string()));
             }
-            return Ok(HostKeyPin::Fingerprint(arg.trim_end_matches('=').to_string()));
+            return Ok(HostKeyPin::Fingerprint(
+                arg.trim_end_matches('=').to_string(),
+            ));
         }
         let path = Path::new(arg);
         if !path.exists() {
@@ -113,9 +125,21 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse_public_key("not a key", "x"), Err(KeyError::Malformed { .. })));
-        assert!(matches!(parse_public_key("", "x"), Err(KeyError::Malformed { .. })));
-        assert!(matches!(HostKeyPin::parse("SHA256:"), Err(KeyError::BadPin(_))));
-        assert!(matches!(HostKeyPin::parse("/nonexistent/file"), Err(KeyError::BadPin(_))));
+        assert!(matches!(
+            parse_public_key("not a key", "x"),
+            Err(KeyError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_public_key("", "x"),
+            Err(KeyError::Malformed { .. })
+        ));
+        assert!(matches!(
+            HostKeyPin::parse("SHA256:"),
+            Err(KeyError::BadPin(_))
+        ));
+        assert!(matches!(
+            HostKeyPin::parse("/nonexistent/file"),
+            Err(KeyError::BadPin(_))
+        ));
     }
 }

@@ -84,7 +84,11 @@ pub(crate) struct Shared {
 
 /// Serves SSH on `listener` until `shutdown` is cancelled, then closes every
 /// connection and waits (up to `drain_timeout`) for their tasks.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let key = host_key::load_or_create(&config.data_dir)?;
     let registry = Registry::open(&config.data_dir).await?;
     registry.clear_tunnels(&config.pivot_name).await?;
@@ -97,15 +101,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         next_conn: AtomicU64::new(1),
     });
 
-    shared.tracker.spawn(watch::watch(shared.clone(), shutdown.clone()));
+    shared
+        .tracker
+        .spawn(watch::watch(shared.clone(), shutdown.clone()));
     ssh::accept::serve(shared.clone(), listener, ssh, shutdown.clone()).await;
 
     info!("shutting down");
     shared.tracker.close();
-    if tokio::time::timeout(shared.config.drain_timeout, shared.tracker.wait()).await.is_err() {
-        warn!("connections still open after {:?}; exiting anyway", shared.config.drain_timeout);
+    if tokio::time::timeout(shared.config.drain_timeout, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            "connections still open after {:?}; exiting anyway",
+            shared.config.drain_timeout
+        );
     }
-    shared.registry.clear_tunnels(&shared.config.pivot_name).await?;
+    shared
+        .registry
+        .clear_tunnels(&shared.config.pivot_name)
+        .await?;
     shared.registry.close().await;
     Ok(())
 }

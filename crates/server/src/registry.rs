@@ -122,7 +122,10 @@ impl Registry {
             .busy_timeout(Duration::from_secs(10));
         // A handful of connections: the registry sees a query per connection
         // attempt and per refusal, not per byte relayed.
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
         }
@@ -137,7 +140,12 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.pool.begin().await?;
-        if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some() {
+        if sqlx::query("SELECT 1 FROM devices WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
+        {
             return Err(RegistryError::DeviceExists(id.clone()));
         }
         check_key_free(&mut tx, &fp).await?;
@@ -155,24 +163,42 @@ impl Registry {
 
     /// Returns whether the device existed.
     pub async fn remove_device(&self, id: &Id) -> Result<bool, RegistryError> {
-        let r = sqlx::query("DELETE FROM devices WHERE id = ?").bind(id.as_str()).execute(&self.pool).await?;
+        let r = sqlx::query("DELETE FROM devices WHERE id = ?")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 
     pub async fn device(&self, id: &Id) -> Result<Option<DeviceRecord>, RegistryError> {
-        let row = sqlx::query("SELECT * FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT * FROM devices WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| device_from_row(&r)))
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
-        let rows = sqlx::query("SELECT * FROM devices ORDER BY id").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM devices ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(device_from_row).collect())
     }
 
-    pub async fn add_operator(&self, name: &Id, key: &PublicKey, admin: bool) -> Result<(), RegistryError> {
+    pub async fn add_operator(
+        &self,
+        name: &Id,
+        key: &PublicKey,
+        admin: bool,
+    ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.pool.begin().await?;
-        if sqlx::query("SELECT 1 FROM operators WHERE name = ?").bind(name.as_str()).fetch_optional(&mut *tx).await?.is_some() {
+        if sqlx::query("SELECT 1 FROM operators WHERE name = ?")
+            .bind(name.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
+        {
             return Err(RegistryError::OperatorExists(name.clone()));
         }
         check_key_free(&mut tx, &fp).await?;
@@ -189,12 +215,17 @@ impl Registry {
     }
 
     pub async fn remove_operator(&self, name: &Id) -> Result<bool, RegistryError> {
-        let r = sqlx::query("DELETE FROM operators WHERE name = ?").bind(name.as_str()).execute(&self.pool).await?;
+        let r = sqlx::query("DELETE FROM operators WHERE name = ?")
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 
     pub async fn operators(&self) -> Result<Vec<OperatorRecord>, RegistryError> {
-        let rows = sqlx::query("SELECT * FROM operators ORDER BY name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM operators ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .iter()
             .map(|r| OperatorRecord {
@@ -221,17 +252,27 @@ impl Registry {
         let name = Id::parse(&name).map_err(|_| RegistryError::CorruptKey(name.clone()))?;
         Ok(Some(match row.get::<String, _>("kind").as_str() {
             "device" => Identity::Device(name),
-            _ => Identity::Operator { name, admin: row.get::<i64, _>("admin") != 0 },
+            _ => Identity::Operator {
+                name,
+                admin: row.get::<i64, _>("admin") != 0,
+            },
         }))
     }
 
     /// A counter that grows with every change to devices' or operators' keys.
     pub async fn revision(&self) -> Result<i64, RegistryError> {
-        Ok(sqlx::query_scalar("SELECT n FROM revision WHERE id = 1").fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT n FROM revision WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Records that `pivot` now holds the device's tunnel with these ports.
-    pub async fn tunnel_up(&self, id: &Id, pivot: &str, ports: &[u32]) -> Result<(), RegistryError> {
+    pub async fn tunnel_up(
+        &self,
+        id: &Id,
+        pivot: &str,
+        ports: &[u32],
+    ) -> Result<(), RegistryError> {
         sqlx::query("UPDATE devices SET tunnel_pivot = ?, ports = ?, last_seen = ? WHERE id = ?")
             .bind(pivot)
             .bind(serde_json::to_string(ports).unwrap_or_else(|_| "[]".into()))
@@ -257,7 +298,11 @@ impl Registry {
     pub async fn touch(&self, ids: &[Id]) -> Result<(), RegistryError> {
         let now = now_unix();
         for id in ids {
-            sqlx::query("UPDATE devices SET last_seen = ? WHERE id = ?").bind(now).bind(id.as_str()).execute(&self.pool).await?;
+            sqlx::query("UPDATE devices SET last_seen = ? WHERE id = ?")
+                .bind(now)
+                .bind(id.as_str())
+                .execute(&self.pool)
+                .await?;
         }
         Ok(())
     }
@@ -285,7 +330,10 @@ async fn check_key_free(tx: &mut sqlx::SqliteConnection, fp: &str) -> Result<(),
     .fetch_optional(&mut *tx)
     .await?;
     match owner {
-        Some(owner) => Err(RegistryError::KeyInUse { fingerprint: fp.to_string(), owner }),
+        Some(owner) => Err(RegistryError::KeyInUse {
+            fingerprint: fp.to_string(),
+            owner,
+        }),
         None => Ok(()),
     }
 }

@@ -65,7 +65,11 @@ impl Router {
         if entry.conn != conn {
             let old = std::mem::replace(
                 entry,
-                Tunnel { conn, handle: handle.clone(), ports: BTreeSet::new() },
+                Tunnel {
+                    conn,
+                    handle: handle.clone(),
+                    ports: BTreeSet::new(),
+                },
             );
             result = Bind::Replaced(old.handle);
         }
@@ -109,6 +113,11 @@ impl Router {
     }
 
     pub fn sessions(&self) -> Vec<(ConnId, Session)> {
-        self.sessions.lock().unwrap().iter().map(|(c, s)| (*c, s.clone())).collect()
+        self.sessions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(c, s)| (*c, s.clone()))
+            .collect()
     }
 }

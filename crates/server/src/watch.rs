@@ -64,6 +64,9 @@ async fn enforce(shared: &Shared) {
         };
         info!(conn, "{why}; disconnecting");
         shared.router.remove_session(conn);
-        let _ = session.handle.disconnect(russh::Disconnect::ByApplication, why, "en".into()).await;
+        let _ = session
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, why, "en".into())
+            .await;
     }
 }

@@ -27,9 +27,16 @@ pub fn require_tool(path: &str) {
     let found = if path.contains('/') {
         Path::new(path).exists()
     } else {
-        Command::new("sh").arg("-c").arg(format!("command -v {path}")).output().is_ok_and(|o| o.status.success())
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {path}"))
+            .output()
+            .is_ok_and(|o| o.status.success())
     };
-    assert!(found, "{path} is required by this test; install it (see .ci/run)");
+    assert!(
+        found,
+        "{path} is required by this test; install it (see .ci/run)"
+    );
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
@@ -48,7 +55,11 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A free loopback port, picked by the kernel.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// An ed25519 key pair made by ssh-keygen.
@@ -66,12 +77,22 @@ impl KeyPair {
             .arg(&private)
             .output()
             .expect("ssh-keygen runs");
-        assert!(out.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
-        KeyPair { public: private.with_extension("pub"), private }
+        assert!(
+            out.status.success(),
+            "ssh-keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        KeyPair {
+            public: private.with_extension("pub"),
+            private,
+        }
     }
 
     pub fn public_line(&self) -> String {
-        std::fs::read_to_string(&self.public).unwrap().trim().to_string()
+        std::fs::read_to_string(&self.public)
+            .unwrap()
+            .trim()
+            .to_string()
     }
 }
 
@@ -91,7 +112,11 @@ impl Proc {
             .stdout(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { name: name.to_string(), child, log }
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -108,7 +133,10 @@ impl Proc {
 
     /// SIGTERM, then wait up to `timeout` for exit; SIGKILL after that.
     pub fn terminate(&mut self, timeout: Duration) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         if !wait_until(timeout, || !self.is_running()) {
             let _ = self.child.kill();
         }
@@ -127,7 +155,12 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("----- {} log ({}) -----\n{}", self.name, self.log.display(), self.log_text());
+            eprintln!(
+                "----- {} log ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }
@@ -145,7 +178,10 @@ impl Sshd {
     pub fn start(authorized: &[&KeyPair]) -> Sshd {
         require_tool(SSHD);
         std::fs::create_dir_all("/run/sshd").expect("privilege separation dir /run/sshd");
-        let dir = tempfile::Builder::new().prefix("burrow-sshd").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("burrow-sshd")
+            .tempdir()
+            .unwrap();
         let host_key = KeyPair::generate(dir.path(), "ssh_host_ed25519_key");
         let keys: String = authorized.iter().map(|k| k.public_line() + "\n").collect();
         std::fs::write(dir.path().join("authorized_keys"), keys).unwrap();
@@ -171,7 +207,12 @@ impl Sshd {
                 !proc.is_running() || TcpStream::connect(("127.0.0.1", port)).is_ok()
             });
             if up && proc.is_running() {
-                return Sshd { dir, port, host_key, proc };
+                return Sshd {
+                    dir,
+                    port,
+                    host_key,
+                    proc,
+                };
             }
         }
         panic!("sshd did not start");
@@ -198,18 +239,36 @@ impl TestPivot {
     }
 
     pub fn start_with(bin: &str, extra: &[&str]) -> TestPivot {
-        let data = tempfile::Builder::new().prefix("burrow-pivot").tempdir().unwrap();
+        let data = tempfile::Builder::new()
+            .prefix("burrow-pivot")
+            .tempdir()
+            .unwrap();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (proc, addr) = spawn_pivot(Path::new(bin), data.path(), "127.0.0.1:0", &extra, 0).unwrap();
-        TestPivot { bin: bin.into(), data, addr, proc, extra_args: extra }
+        let (proc, addr) =
+            spawn_pivot(Path::new(bin), data.path(), "127.0.0.1:0", &extra, 0).unwrap();
+        TestPivot {
+            bin: bin.into(),
+            data,
+            addr,
+            proc,
+            extra_args: extra,
+        }
     }
 
     /// Stops the pivot and starts a new process on the same address and data dir.
     pub fn restart(&mut self) {
         self.proc.terminate(Duration::from_secs(15));
-        let n = std::fs::read_dir(self.data.path()).map(|d| d.count()).unwrap_or(0);
-        let (proc, addr) =
-            spawn_pivot(&self.bin, self.data.path(), &self.addr.to_string(), &self.extra_args, n).unwrap();
+        let n = std::fs::read_dir(self.data.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let (proc, addr) = spawn_pivot(
+            &self.bin,
+            self.data.path(),
+            &self.addr.to_string(),
+            &self.extra_args,
+            n,
+        )
+        .unwrap();
         self.proc = proc;
         self.addr = addr;
     }
@@ -219,7 +278,10 @@ impl TestPivot {
     }
 
     pub fn host_key_line(&self) -> String {
-        std::fs::read_to_string(self.host_key_pub()).unwrap().trim().to_string()
+        std::fs::read_to_string(self.host_key_pub())
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     /// Runs `burrow ARGS --data-dir DATA` and returns its output.
@@ -249,13 +311,20 @@ impl TestPivot {
     }
 
     pub fn add_operator(&self, name: &str, key: &KeyPair) {
-        self.admin_ok(&["operator", "add", name, "--key", key.public.to_str().unwrap()]);
+        self.admin_ok(&[
+            "operator",
+            "add",
+            name,
+            "--key",
+            key.public.to_str().unwrap(),
+        ]);
     }
 
     /// The device's entry from `burrow device list --json`.
     pub fn device_json(&self, id: &str) -> Option<serde_json::Value> {
         let out = self.admin_ok(&["device", "list", "--json"]);
-        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("device list --json is JSON");
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&out).expect("device list --json is JSON");
         list.into_iter().find(|d| d["id"] == id)
     }
 
@@ -268,15 +337,26 @@ impl TestPivot {
     }
 }
 
-fn spawn_pivot(bin: &Path, data: &Path, listen: &str, extra: &[String], n: usize) -> Result<(Proc, SocketAddr)> {
+fn spawn_pivot(
+    bin: &Path,
+    data: &Path,
+    listen: &str,
+    extra: &[String],
+    n: usize,
+) -> Result<(Proc, SocketAddr)> {
     let log = data.join(format!("server-{n}.log"));
     let mut cmd = Command::new(bin);
-    cmd.args(["server", "--listen", listen, "--data-dir"]).arg(data).args(extra);
+    cmd.args(["server", "--listen", listen, "--data-dir"])
+        .arg(data)
+        .args(extra);
     let mut proc = Proc::spawn("burrow server", &mut cmd, log);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = proc.log_text();
-        if let Some(line) = text.lines().find(|l| l.starts_with("burrow pivot listening on ")) {
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.starts_with("burrow pivot listening on "))
+        {
             let addr = line.trim_start_matches("burrow pivot listening on ").trim();
             return Ok((proc, addr.parse().context("listen address")?));
         }
@@ -294,13 +374,36 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
-    pub fn start(bin: &str, pivot: &TestPivot, id: &str, key: &KeyPair, expose: &[String]) -> TestAgent {
+    pub fn start(
+        bin: &str,
+        pivot: &TestPivot,
+        id: &str,
+        key: &KeyPair,
+        expose: &[String],
+    ) -> TestAgent {
         let pin = pivot.host_key_pub();
-        Self::start_pinned(bin, &pivot.addr.to_string(), id, key, pin.to_str().unwrap(), expose)
+        Self::start_pinned(
+            bin,
+            &pivot.addr.to_string(),
+            id,
+            key,
+            pin.to_str().unwrap(),
+            expose,
+        )
     }
 
-    pub fn start_pinned(bin: &str, server: &str, id: &str, key: &KeyPair, pin: &str, expose: &[String]) -> TestAgent {
-        let dir = tempfile::Builder::new().prefix("burrow-agent").tempdir().unwrap();
+    pub fn start_pinned(
+        bin: &str,
+        server: &str,
+        id: &str,
+        key: &KeyPair,
+        pin: &str,
+        expose: &[String],
+    ) -> TestAgent {
+        let dir = tempfile::Builder::new()
+            .prefix("burrow-agent")
+            .tempdir()
+            .unwrap();
         let mut cmd = Command::new(bin);
         cmd.args(["agent", "--server", server, "--id", id, "--key"])
             .arg(&key.private)
@@ -308,7 +411,11 @@ impl TestAgent {
         for e in expose {
             cmd.args(["--expose", e]);
         }
-        let proc = Proc::spawn(&format!("burrow agent {id}"), &mut cmd, dir.path().join("agent.log"));
+        let proc = Proc::spawn(
+            &format!("burrow agent {id}"),
+            &mut cmd,
+            dir.path().join("agent.log"),
+        );
         TestAgent { proc, dir }
     }
 }
@@ -325,10 +432,21 @@ pub struct Operator {
 impl Operator {
     pub fn new(pivot: &TestPivot) -> Operator {
         require_tool("ssh");
-        let dir = tempfile::Builder::new().prefix("burrow-operator").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("burrow-operator")
+            .tempdir()
+            .unwrap();
         let key = KeyPair::generate(dir.path(), "id_ed25519");
         let known_hosts = dir.path().join("known_hosts");
-        std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {}\n", pivot.addr.port(), pivot.host_key_line())).unwrap();
+        std::fs::write(
+            &known_hosts,
+            format!(
+                "[127.0.0.1]:{} {}\n",
+                pivot.addr.port(),
+                pivot.host_key_line()
+            ),
+        )
+        .unwrap();
         let config = dir.path().join("ssh_config");
         std::fs::write(
             &config,
@@ -341,7 +459,12 @@ impl Operator {
             ),
         )
         .unwrap();
-        Operator { dir, key, config, known_hosts }
+        Operator {
+            dir,
+            key,
+            config,
+            known_hosts,
+        }
     }
 
     /// Trusts `sshd`'s host key for the name `host` (e.g. the device id).
@@ -361,12 +484,21 @@ impl Operator {
 
     /// `ssh -F CONFIG -J pivot root@ID CMD`.
     pub fn ssh_device(&self, id: &str, remote: &str) -> Output {
-        self.ssh(&["-J", "pivot", &format!("root@{id}"), remote]).stdin(Stdio::null()).output().expect("ssh runs")
+        self.ssh(&["-J", "pivot", &format!("root@{id}"), remote])
+            .stdin(Stdio::null())
+            .output()
+            .expect("ssh runs")
     }
 
     pub fn scp(&self, args: &[&str]) -> Output {
         require_tool("scp");
-        Command::new("scp").arg("-F").arg(&self.config).args(["-q", "-J", "pivot"]).args(args).output().expect("scp runs")
+        Command::new("scp")
+            .arg("-F")
+            .arg(&self.config)
+            .args(["-q", "-J", "pivot"])
+            .args(args)
+            .output()
+            .expect("scp runs")
     }
 
     pub fn ssh_cmdline(&self) -> String {
@@ -384,7 +516,11 @@ pub fn stdout(out: &Output) -> String {
 }
 
 /// Reads lines from a child's stdout until one satisfies `pred`, or the deadline passes.
-pub fn read_line_until(child: &mut Child, timeout: Duration, pred: impl Fn(&str) -> bool + Send + 'static) -> bool {
+pub fn read_line_until(
+    child: &mut Child,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool + Send + 'static,
+) -> bool {
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -415,7 +551,13 @@ impl Device {
     }
 
     /// Like [`start`](Self::start), with more `--expose` specs besides port 22.
-    pub fn start_exposing(bin: &str, pivot: &TestPivot, op: &Operator, id: &str, extra: &[String]) -> Device {
+    pub fn start_exposing(
+        bin: &str,
+        pivot: &TestPivot,
+        op: &Operator,
+        id: &str,
+        extra: &[String],
+    ) -> Device {
         let sshd = Sshd::start(&[&op.key]);
         let key = KeyPair::generate(sshd.dir.path(), &format!("device-{id}"));
         pivot.add_device(id, &key);
@@ -423,7 +565,15 @@ impl Device {
         let mut expose = vec![format!("22={}", sshd.target())];
         expose.extend(extra.iter().cloned());
         let agent = TestAgent::start(bin, pivot, id, &key, &expose);
-        assert!(pivot.wait_online(id, true, Duration::from_secs(20)), "device {id} did not come online");
-        Device { id: id.to_string(), key, sshd, agent }
+        assert!(
+            pivot.wait_online(id, true, Duration::from_secs(20)),
+            "device {id} did not come online"
+        );
+        Device {
+            id: id.to_string(),
+            key,
+            sshd,
+            agent,
+        }
     }
 }

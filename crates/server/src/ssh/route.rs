@@ -45,11 +45,16 @@ fn last_seen_text(t: Option<i64>) -> String {
 impl Refusal {
     pub(crate) fn into_failure(self) -> ChannelOpenFailure {
         let code = match self {
-            Refusal::DeviceForbidden | Refusal::NoShell => ChannelOpenFailure::AdministrativelyProhibited.code(),
+            Refusal::DeviceForbidden | Refusal::NoShell => {
+                ChannelOpenFailure::AdministrativelyProhibited.code()
+            }
             Refusal::Registry => ChannelOpenFailure::ResourceShortage.code(),
             _ => ChannelOpenFailure::ConnectFailed.code(),
         };
-        ChannelOpenFailure::Other { code, reason: self.to_string() }
+        ChannelOpenFailure::Other {
+            code,
+            reason: self.to_string(),
+        }
     }
 }
 
@@ -89,7 +94,10 @@ pub(crate) async fn open_for_operator(
                     port: req.port,
                     reason: f.description().to_string(),
                 },
-                other => Refusal::TunnelFailed { id: id.clone(), reason: other.to_string() },
+                other => Refusal::TunnelFailed {
+                    id: id.clone(),
+                    reason: other.to_string(),
+                },
             };
             warn!(operator = %req.operator, device = %id, port = req.port, "refused: {refusal}");
             reply.reject(refusal.into_failure()).await;
@@ -112,7 +120,10 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
         return Err(Refusal::PortNotExposed { id, port: req.port });
     }
     match shared.registry.device(&id).await {
-        Ok(Some(dev)) => Err(Refusal::Offline { id, last_seen: dev.last_seen }),
+        Ok(Some(dev)) => Err(Refusal::Offline {
+            id,
+            last_seen: dev.last_seen,
+        }),
         Ok(None) => Err(Refusal::Unknown(id.to_string())),
         Err(e) => {
             warn!(error = %e, "registry lookup failed");
@@ -139,13 +150,24 @@ mod tests {
     #[test]
     fn refusal_texts_are_exact() {
         let id = Id::parse("cam-42").unwrap();
-        assert_eq!(Refusal::Unknown("cam-42".into()).to_string(), "unknown device 'cam-42'");
         assert_eq!(
-            Refusal::Offline { id: id.clone(), last_seen: Some(1_795_428_251) }.to_string(),
+            Refusal::Unknown("cam-42".into()).to_string(),
+            "unknown device 'cam-42'"
+        );
+        assert_eq!(
+            Refusal::Offline {
+                id: id.clone(),
+                last_seen: Some(1_795_428_251)
+            }
+            .to_string(),
             "device 'cam-42' is offline (last seen 2026-11-23T10:04:11Z)"
         );
         assert_eq!(
-            Refusal::Offline { id: id.clone(), last_seen: None }.to_string(),
+            Refusal::Offline {
+                id: id.clone(),
+                last_seen: None
+            }
+            .to_string(),
             "device 'cam-42' is offline (never connected)"
         );
         assert_eq!(
