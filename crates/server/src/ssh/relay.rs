@@ -19,17 +19,14 @@ pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>) {
 
 async fn pump(mut from: ChannelReadHalf, to: &ChannelWriteHalf<Msg>) {
     while let Some(msg) = from.wait().await {
-        match msg {
-            ChannelMsg::Data { data } => {
-                if to.data_bytes(data).await.is_err() {
-                    break;
-                }
-            }
-            ChannelMsg::Eof => {
-                let _ = to.eof().await;
-            }
-            ChannelMsg::Close => break,
-            _ => {}
+        let go_on = match msg {
+            ChannelMsg::Data { data } => to.data_bytes(data).await.is_ok(),
+            ChannelMsg::Eof => to.eof().await.is_ok(),
+            ChannelMsg::Close => false,
+            _ => true,
+        };
+        if !go_on {
+            break;
         }
     }
     let _ = to.close().await;
