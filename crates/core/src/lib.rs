@@ -4,11 +4,13 @@
 //! - [`id`]: device and operator names, validated once at the edge.
 //! - [`keys`]: public keys, fingerprints and host-key pins.
 //! - [`expose`]: the `PORT=HOST:PORT` mapping of tunnel ports to device services.
+//! - [`signal`]: MQTT topics, signed wake requests, presence and status messages.
 //! - [`time`]: the timestamp format used in refusals and listings.
 
 pub mod expose;
 pub mod id;
 pub mod keys;
+pub mod signal;
 pub mod time;
 
 pub use expose::{Expose, ExposeError};

@@ -1,0 +1,310 @@
+//! Signaling over MQTT: topic names, the pivot's signed wake requests, the
+//! devices' presence and status reports, and the signed login token devices
+//! present to the embedded broker.
+//!
+//! Wake requests are signed with the pivot's SSH host key in the `sshsig`
+//! format, so an agent checks them against the same pin it uses for SSH. A
+//! request carries an expiry and a nonce; agents drop expired, replayed,
+//! misaddressed or badly signed requests without dialing anywhere.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use ssh_key::{HashAlg, LineEnding, PrivateKey, PublicKey, SshSig};
+
+use crate::keys::HostKeyPin;
+use crate::Id;
+
+/// `sshsig` namespace of wake requests.
+pub const WAKE_NAMESPACE: &str = "wake@burrow";
+/// `sshsig` namespace of device logins to the embedded broker.
+pub const LOGIN_NAMESPACE: &str = "mqtt-login@burrow";
+/// Longest validity a wake request may claim, and the clock skew tolerated.
+pub const MAX_WAKE_TTL: i64 = 300;
+pub const MAX_SKEW: i64 = 300;
+
+/// Topic names under a configurable prefix (default `burrow`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Self {
+        Topics { prefix: prefix.trim_end_matches('/').to_string() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where the pivot publishes wake requests for one device; only that device subscribes.
+    pub fn request(&self, id: &str) -> String {
+        format!("{}/devices/{id}/request", self.prefix)
+    }
+
+    /// Retained presence of one device, with an "offline" last will.
+    pub fn presence(&self, id: &str) -> String {
+        format!("{}/devices/{id}/presence", self.prefix)
+    }
+
+    /// What a device reports about a wake-up, e.g. why it could not connect.
+    pub fn status(&self, id: &str) -> String {
+        format!("{}/devices/{id}/status", self.prefix)
+    }
+
+    pub fn all_presence(&self) -> String {
+        format!("{}/devices/+/presence", self.prefix)
+    }
+
+    pub fn all_status(&self) -> String {
+        format!("{}/devices/+/status", self.prefix)
+    }
+
+    /// `(device id, kind)` for a device topic under this prefix.
+    pub fn parse<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix("/devices/")?;
+        let (id, kind) = rest.split_once('/')?;
+        Some((id, kind))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignalError {
+    #[error("message is not valid JSON of the expected shape")]
+    Shape,
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("signed by {0}, which is not the pinned pivot key")]
+    WrongSigner(String),
+    #[error("request is for device '{0}'")]
+    OtherDevice(String),
+    #[error("request expired at {0}")]
+    Expired(i64),
+    #[error("request claims an implausible time window")]
+    BadWindow,
+    #[error("request nonce was already used")]
+    Replayed,
+    #[error("cannot sign: {0}")]
+    Sign(String),
+}
+
+/// "Dial me": a pivot asks one device to open its tunnel to `pivot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeRequest {
+    pub device: String,
+    /// `HOST:PORT` the device dials: the pivot's advertised address.
+    pub pivot: String,
+    pub nonce: String,
+    pub issued_at: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Signed {
+    body: String,
+    sig: String,
+}
+
+impl WakeRequest {
+    pub fn new(device: &Id, pivot: &str, now: i64, ttl: i64) -> Self {
+        let nonce: [u8; 16] = rand::random();
+        WakeRequest {
+            device: device.to_string(),
+            pivot: pivot.to_string(),
+            nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
+            issued_at: now,
+            expires_at: now + ttl.clamp(1, MAX_WAKE_TTL),
+        }
+    }
+
+    /// The MQTT payload: the JSON body and its `sshsig` by the pivot's host key.
+    pub fn sign(&self, key: &PrivateKey) -> Result<Vec<u8>, SignalError> {
+        let body = serde_json::to_string(self).map_err(|_| SignalError::Shape)?;
+        let sig = key
+            .sign(WAKE_NAMESPACE, HashAlg::Sha512, body.as_bytes())
+            .and_then(|s| s.to_pem(LineEnding::LF))
+            .map_err(|e| SignalError::Sign(e.to_string()))?;
+        serde_json::to_vec(&Signed { body, sig }).map_err(|_| SignalError::Shape)
+    }
+
+    /// Checks signature, signer, addressee and time window. Replays are the
+    /// caller's [`ReplayGuard`]'s job.
+    pub fn verify(payload: &[u8], pin: &HostKeyPin, me: &Id, now: i64) -> Result<WakeRequest, SignalError> {
+        let signed: Signed = serde_json::from_slice(payload).map_err(|_| SignalError::Shape)?;
+        let sig = SshSig::from_pem(signed.sig.as_bytes()).map_err(|_| SignalError::BadSignature)?;
+        let signer = PublicKey::from(sig.public_key().clone());
+        if !pin.matches(&signer) {
+            return Err(SignalError::WrongSigner(crate::fingerprint(&signer)));
+        }
+        signer
+            .verify(WAKE_NAMESPACE, signed.body.as_bytes(), &sig)
+            .map_err(|_| SignalError::BadSignature)?;
+        let req: WakeRequest = serde_json::from_str(&signed.body).map_err(|_| SignalError::Shape)?;
+        if req.device != me.as_str() {
+            return Err(SignalError::OtherDevice(req.device));
+        }
+        if req.expires_at < req.issued_at
+            || req.expires_at - req.issued_at > MAX_WAKE_TTL
+            || req.issued_at > now + MAX_SKEW
+        {
+            return Err(SignalError::BadWindow);
+        }
+        if now > req.expires_at {
+            return Err(SignalError::Expired(req.expires_at));
+        }
+        Ok(req)
+    }
+}
+
+/// Remembers the nonces of accepted requests until they expire, so a request
+/// captured off the broker cannot be replayed.
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    seen: HashMap<String, i64>,
+}
+
+impl ReplayGuard {
+    /// Records the request's nonce; fails if it was seen before.
+    pub fn check(&mut self, req: &WakeRequest, now: i64) -> Result<(), SignalError> {
+        // Bounded: only unexpired nonces stay, and each lives at most MAX_WAKE_TTL.
+        self.seen.retain(|_, exp| *exp + MAX_SKEW >= now);
+        if self.seen.contains_key(&req.nonce) {
+            return Err(SignalError::Replayed);
+        }
+        self.seen.insert(req.nonce.clone(), req.expires_at);
+        Ok(())
+    }
+}
+
+/// Retained on the presence topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// "online" or "offline".
+    pub state: String,
+    /// "on-demand" or "always-on"; absent in the last will.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<i64>,
+}
+
+impl Presence {
+    pub fn online(mode: &str, now: i64) -> Self {
+        Presence { state: "online".into(), mode: Some(mode.into()), at: Some(now) }
+    }
+
+    pub fn offline() -> Self {
+        Presence { state: "offline".into(), mode: None, at: None }
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.state == "online"
+    }
+}
+
+/// Published on the status topic when a wake-up did not produce a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Nonce of the request this answers.
+    pub nonce: String,
+    pub pivot: String,
+    /// "error" (with `reason`) or "connected".
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: i64,
+}
+
+/// The MQTT password a device presents to the embedded broker: a timestamp
+/// and an `sshsig` over `client id`, so no second secret needs provisioning.
+pub fn login_token(key: &PrivateKey, client_id: &str, now: i64) -> Result<String, SignalError> {
+    let msg = format!("{client_id}\n{now}");
+    let sig = key
+        .sign(LOGIN_NAMESPACE, HashAlg::Sha512, msg.as_bytes())
+        .and_then(|s| s.to_pem(LineEnding::LF))
+        .map_err(|e| SignalError::Sign(e.to_string()))?;
+    Ok(format!("{now}\n{sig}"))
+}
+
+/// Checks a login token against the device's registered key.
+pub fn verify_login(token: &str, client_id: &str, key: &PublicKey, now: i64) -> Result<(), SignalError> {
+    let (ts, pem) = token.split_once('\n').ok_or(SignalError::Shape)?;
+    let ts: i64 = ts.parse().map_err(|_| SignalError::Shape)?;
+    if (now - ts).abs() > MAX_SKEW {
+        return Err(SignalError::Expired(ts));
+    }
+    let sig = SshSig::from_pem(pem.as_bytes()).map_err(|_| SignalError::BadSignature)?;
+    if sig.public_key() != key.key_data() {
+        return Err(SignalError::WrongSigner(crate::fingerprint(&PublicKey::from(sig.public_key().clone()))));
+    }
+    let msg = format!("{client_id}\n{ts}");
+    key.verify(LOGIN_NAMESPACE, msg.as_bytes(), &sig).map_err(|_| SignalError::BadSignature)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssh_key::Algorithm;
+
+    fn key() -> PrivateKey {
+        PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap()
+    }
+
+    #[test]
+    fn signed_request_round_trips() {
+        let k = key();
+        let id = Id::parse("cam-42").unwrap();
+        let req = WakeRequest::new(&id, "pivot:2222", 1000, 30);
+        let payload = req.sign(&k).unwrap();
+        let pin = HostKeyPin::Key(k.public_key().clone());
+        assert_eq!(WakeRequest::verify(&payload, &pin, &id, 1001).unwrap(), req);
+        let fp_pin = HostKeyPin::Fingerprint(crate::fingerprint(k.public_key()));
+        assert!(WakeRequest::verify(&payload, &fp_pin, &id, 1001).is_ok());
+    }
+
+    #[test]
+    fn forged_expired_misaddressed_and_replayed_requests_fail() {
+        let k = key();
+        let pin = HostKeyPin::Key(k.public_key().clone());
+        let id = Id::parse("cam-42").unwrap();
+        let req = WakeRequest::new(&id, "pivot:2222", 1000, 30);
+
+        let forged = req.sign(&key()).unwrap();
+        assert!(matches!(WakeRequest::verify(&forged, &pin, &id, 1001), Err(SignalError::WrongSigner(_))));
+
+        // Body swapped under a valid signature.
+        let good = req.sign(&k).unwrap();
+        let mut signed: Signed = serde_json::from_slice(&good).unwrap();
+        signed.body = signed.body.replace("pivot:2222", "evil:22");
+        let tampered = serde_json::to_vec(&signed).unwrap();
+        assert_eq!(WakeRequest::verify(&tampered, &pin, &id, 1001), Err(SignalError::BadSignature));
+
+        assert_eq!(WakeRequest::verify(&good, &pin, &id, 1031), Err(SignalError::Expired(1030)));
+        let other = Id::parse("cam-43").unwrap();
+        assert!(matches!(WakeRequest::verify(&good, &pin, &other, 1001), Err(SignalError::OtherDevice(_))));
+        assert_eq!(WakeRequest::verify(b"garbage", &pin, &id, 1001), Err(SignalError::Shape));
+
+        let mut guard = ReplayGuard::default();
+        guard.check(&req, 1001).unwrap();
+        assert_eq!(guard.check(&req, 1002), Err(SignalError::Replayed));
+    }
+
+    #[test]
+    fn login_tokens_bind_key_client_and_time() {
+        let k = key();
+        let token = login_token(&k, "cam-42", 5000).unwrap();
+        verify_login(&token, "cam-42", k.public_key(), 5010).unwrap();
+        assert!(verify_login(&token, "cam-43", k.public_key(), 5010).is_err());
+        assert!(verify_login(&token, "cam-42", key().public_key(), 5010).is_err());
+        assert!(verify_login(&token, "cam-42", k.public_key(), 5000 + MAX_SKEW + 1).is_err());
+    }
+
+    #[test]
+    fn topics_parse() {
+        let t = Topics::new("burrow/");
+        assert_eq!(t.request("cam-42"), "burrow/devices/cam-42/request");
+        assert_eq!(t.parse("burrow/devices/cam-42/presence"), Some(("cam-42", "presence")));
+        assert_eq!(t.parse("other/devices/cam-42/presence"), None);
+    }
+}
