@@ -11,11 +11,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub(crate) fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max,
-            current: initial,
-        }
+        Backoff { initial, max, current: initial }
     }
 
     /// A delay between half and all of the current step; the step then doubles up to `max`.

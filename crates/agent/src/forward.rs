@@ -10,12 +10,7 @@ use tracing::{debug, info, warn};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(crate) async fn serve(
-    channel: Channel<Msg>,
-    port: u32,
-    target: Option<String>,
-    reply: ChannelOpenHandle,
-) {
+pub(crate) async fn serve(channel: Channel<Msg>, port: u32, target: Option<String>, reply: ChannelOpenHandle) {
     let Some(target) = target else {
         warn!(port, "pivot asked for a port this agent does not expose");
         reply
@@ -29,14 +24,7 @@ pub(crate) async fn serve(
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return refuse(reply, &target, e.to_string()).await,
-        Err(_) => {
-            return refuse(
-                reply,
-                &target,
-                format!("no answer within {CONNECT_TIMEOUT:?}"),
-            )
-            .await
-        }
+        Err(_) => return refuse(reply, &target, format!("no answer within {CONNECT_TIMEOUT:?}")).await,
     };
     let _ = tcp.set_nodelay(true);
     reply.accept().await;

@@ -5,15 +5,19 @@
 //! - [`Config`] and [`run`]: the reconnect loop, until shutdown.
 //! - `session`: one SSH connection to the pivot: host-key check, auth, forwards.
 //! - `forward`: serving a `forwarded-tcpip` channel by connecting to a local target.
+//! - `on_demand`: waiting on MQTT for signed wake requests, one tunnel per request.
 //! - `backoff`: jittered exponential backoff.
 
 mod backoff;
 mod forward;
+mod on_demand;
 mod session;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use burrow_core::mqtt_url::{MqttUrl, TlsFiles};
+use burrow_core::signal::Topics;
 use burrow_core::{Expose, HostKeyPin, Id};
 use russh::keys::PrivateKey;
 use tokio_util::sync::CancellationToken;
@@ -21,10 +25,24 @@ use tracing::{error, info};
 
 pub use session::SessionError;
 
+/// How the agent waits for wake-ups.
+#[derive(Debug, Clone)]
+pub struct SignalConfig {
+    pub url: MqttUrl,
+    pub tls: TlsFiles,
+    pub topics: Topics,
+    /// Defaults to the device id.
+    pub username: Option<String>,
+    /// Defaults to a login token signed with the device key (what the
+    /// embedded broker expects).
+    pub password: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The pivot, `HOST:PORT`.
-    pub server: String,
+    /// The pivot, `HOST:PORT`, for always-on mode. On demand, each wake
+    /// request names the pivot to dial.
+    pub server: Option<String>,
     pub id: Id,
     pub key: Arc<PrivateKey>,
     pub pivot_host_key: HostKeyPin,
@@ -37,11 +55,13 @@ pub struct Config {
     pub backoff_max: Duration,
     /// A connection that lasted this long resets the backoff.
     pub stable_after: Duration,
+    /// Wait on MQTT and dial only when asked; `None` keeps a permanent tunnel.
+    pub signal: Option<SignalConfig>,
 }
 
 impl Config {
     pub fn new(
-        server: String,
+        server: Option<String>,
         id: Id,
         key: PrivateKey,
         pivot_host_key: HostKeyPin,
@@ -59,18 +79,37 @@ impl Config {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             stable_after: Duration::from_secs(60),
+            signal: None,
         }
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("always-on mode needs --server HOST:PORT")]
+    NoServer,
+    #[error("cannot read the MQTT TLS files")]
+    Tls(#[source] std::io::Error),
+}
+
+/// Runs until `shutdown`: on demand when signaling is configured, otherwise
+/// holding a permanent tunnel.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if config.signal.is_some() {
+        return on_demand::run(Arc::new(config), shutdown).await;
+    }
+    let server = config.server.clone().ok_or(AgentError::NoServer)?;
+    always_on(Arc::new(config), &server, shutdown).await;
+    Ok(())
+}
+
 /// Holds the tunnel up, reconnecting with backoff, until `shutdown`.
-pub async fn run(config: Config, shutdown: CancellationToken) {
-    let config = Arc::new(config);
+async fn always_on(config: Arc<Config>, server: &str, shutdown: CancellationToken) {
     let mut backoff = backoff::Backoff::new(config.backoff_initial, config.backoff_max);
     loop {
-        info!(server = %config.server, device = %config.id, "connecting");
+        info!(server, device = %config.id, "connecting");
         let started = Instant::now();
-        match session::hold(config.clone(), &shutdown).await {
+        match session::hold(config.clone(), server, &shutdown).await {
             Ok(()) if shutdown.is_cancelled() => {
                 info!("stopped");
                 return;

@@ -25,9 +25,7 @@ pub enum SessionError {
     },
     #[error("no answer from the pivot at {0} in time")]
     ConnectTimeout(String),
-    #[error(
-        "host key mismatch: the pivot offered {got} but {expected} is pinned; refusing to connect"
-    )]
+    #[error("host key mismatch: the pivot offered {got} but {expected} is pinned; refusing to connect")]
     HostKeyMismatch { expected: String, got: String },
     #[error("the pivot refused the key of device '{0}'; is it registered with this key?")]
     AuthRejected(String),
@@ -46,17 +44,12 @@ struct AgentHandler {
 impl client::Handler for AgentHandler {
     type Error = russh::Error;
 
-    async fn check_server_key(
-        &mut self,
-        key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         let offered = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => key,
             PublicKeyOrCertificate::Certificate(cert) => {
-                *self.mismatch.lock().unwrap() = Some(format!(
-                    "a certificate signed by {}",
-                    cert.signature_key().fingerprint(Default::default())
-                ));
+                *self.mismatch.lock().unwrap() =
+                    Some(format!("a certificate signed by {}", cert.signature_key().fingerprint(Default::default())));
                 return Ok(false);
             }
         };
@@ -77,12 +70,7 @@ impl client::Handler for AgentHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let target = self
-            .config
-            .expose
-            .iter()
-            .find(|e| u32::from(e.port) == connected_port)
-            .map(|e| e.target.clone());
+        let target = self.config.expose.iter().find(|e| u32::from(e.port) == connected_port).map(|e| e.target.clone());
         tokio::spawn(forward::serve(channel, connected_port, target, reply));
         Ok(())
     }
@@ -101,12 +89,9 @@ fn ssh_config(config: &Config) -> Arc<client::Config> {
     })
 }
 
-/// Holds one connection until it ends (Ok) or fails to come up (Err).
-pub(crate) async fn hold(
-    config: Arc<Config>,
-    shutdown: &CancellationToken,
-) -> Result<(), SessionError> {
-    let server = config.server.clone();
+/// Holds one connection to `server` until it ends (Ok) or fails to come up (Err).
+pub(crate) async fn hold(config: Arc<Config>, server: &str, shutdown: &CancellationToken) -> Result<(), SessionError> {
+    let server = server.to_string();
     let tcp = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
         r = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&server)) => match r {
@@ -117,22 +102,14 @@ pub(crate) async fn hold(
     };
     let _ = tcp.set_nodelay(true);
     let mismatch = Arc::new(Mutex::new(None));
-    let handler = AgentHandler {
-        config: config.clone(),
-        mismatch: mismatch.clone(),
-    };
-    let connecting = tokio::time::timeout(
-        config.connect_timeout,
-        client::connect_stream(ssh_config(&config), tcp, handler),
-    );
+    let handler = AgentHandler { config: config.clone(), mismatch: mismatch.clone() };
+    let connecting =
+        tokio::time::timeout(config.connect_timeout, client::connect_stream(ssh_config(&config), tcp, handler));
     let mut handle = match connecting.await {
         Ok(Ok(handle)) => handle,
         Ok(Err(e)) => {
             if let Some(got) = mismatch.lock().unwrap().take() {
-                return Err(SessionError::HostKeyMismatch {
-                    expected: config.pivot_host_key.fingerprint(),
-                    got,
-                });
+                return Err(SessionError::HostKeyMismatch { expected: config.pivot_host_key.fingerprint(), got });
             }
             return Err(e.into());
         }
@@ -140,25 +117,13 @@ pub(crate) async fn hold(
     };
 
     let key = PrivateKeyWithHashAlg::new(config.key.clone(), None);
-    match handle
-        .authenticate_publickey(config.id.as_str(), key)
-        .await?
-    {
+    match handle.authenticate_publickey(config.id.as_str(), key).await? {
         AuthResult::Success => {}
-        AuthResult::Failure { .. } => {
-            return Err(SessionError::AuthRejected(config.id.to_string()))
-        }
+        AuthResult::Failure { .. } => return Err(SessionError::AuthRejected(config.id.to_string())),
     }
     for e in &config.expose {
-        if handle
-            .tcpip_forward(config.id.as_str(), u32::from(e.port))
-            .await
-            .is_err()
-        {
-            return Err(SessionError::ForwardRefused {
-                id: config.id.to_string(),
-                port: e.port,
-            });
+        if handle.tcpip_forward(config.id.as_str(), u32::from(e.port)).await.is_err() {
+            return Err(SessionError::ForwardRefused { id: config.id.to_string(), port: e.port });
         }
     }
     let ports: Vec<u16> = config.expose.iter().map(|e| e.port).collect();

@@ -79,9 +79,7 @@ pub enum OperatorCommand {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("label '{s}' is not k=v"))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label '{s}' is not k=v"))?;
     if k.is_empty() {
         return Err(format!("label '{s}' has an empty key"));
     }
@@ -90,21 +88,13 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 async fn open(data: &DataDir) -> Result<Registry> {
     let dir = &data.data_dir;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
-    Registry::open(dir)
-        .await
-        .with_context(|| format!("cannot open the registry in {}", dir.display()))
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    Registry::open(dir).await.with_context(|| format!("cannot open the registry in {}", dir.display()))
 }
 
 pub async fn device(cmd: DeviceCommand) -> Result<()> {
     match cmd {
-        DeviceCommand::Add {
-            id,
-            key,
-            labels,
-            data,
-        } => {
+        DeviceCommand::Add { id, key, labels, data } => {
             let key = read_public_key(&key)?;
             let labels: BTreeMap<_, _> = labels.into_iter().collect();
             open(&data).await?.add_device(&id, &key, &labels).await?;
@@ -124,7 +114,8 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
                 bail!("unknown device '{id}'");
             };
             println!("id:          {}", dev.id);
-            println!("online:      {}", if dev.online() { "yes" } else { "no" });
+            println!("presence:    {}", dev.presence.as_deref().unwrap_or("-"));
+            println!("tunnel:      {}", if dev.tunnel_open() { "open" } else { "closed" });
             println!("last seen:   {}", last_seen(&dev));
             println!("labels:      {}", labels_text(&dev.labels));
             println!("ports:       {}", ports_text(&dev.ports));
@@ -144,19 +135,11 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
 
 pub async fn operator(cmd: OperatorCommand) -> Result<()> {
     match cmd {
-        OperatorCommand::Add {
-            name,
-            key,
-            admin,
-            data,
-        } => {
+        OperatorCommand::Add { name, key, admin, data } => {
             let key = read_public_key(&key)?;
             open(&data).await?.add_operator(&name, &key, admin).await?;
             let role = if admin { "admin" } else { "operator" };
-            println!(
-                "added operator '{name}' as {role} ({})",
-                burrow_core::fingerprint(&key)
-            );
+            println!("added operator '{name}' as {role} ({})", burrow_core::fingerprint(&key));
         }
         OperatorCommand::List { json, data } => {
             let ops = open(&data).await?.operators().await?;
@@ -176,12 +159,7 @@ pub async fn operator(cmd: OperatorCommand) -> Result<()> {
             } else {
                 println!("{:<24} {:<9} FINGERPRINT", "NAME", "ROLE");
                 for o in &ops {
-                    println!(
-                        "{:<24} {:<9} {}",
-                        o.name,
-                        if o.admin { "admin" } else { "operator" },
-                        o.fingerprint
-                    );
+                    println!("{:<24} {:<9} {}", o.name, if o.admin { "admin" } else { "operator" }, o.fingerprint);
                 }
             }
         }
@@ -199,6 +177,8 @@ fn device_json(d: &DeviceRecord) -> serde_json::Value {
     json!({
         "id": d.id,
         "online": d.online(),
+        "presence": d.presence,
+        "tunnel": d.tunnel_open(),
         "last_seen": d.last_seen.map(format_unix),
         "labels": d.labels,
         "ports": d.ports,
@@ -208,15 +188,13 @@ fn device_json(d: &DeviceRecord) -> serde_json::Value {
 }
 
 fn print_device_table(devices: &[DeviceRecord]) {
-    println!(
-        "{:<24} {:<7} {:<22} {:<10} LABELS",
-        "ID", "ONLINE", "LAST SEEN", "PORTS"
-    );
+    println!("{:<24} {:<9} {:<7} {:<22} {:<10} LABELS", "ID", "PRESENCE", "TUNNEL", "LAST SEEN", "PORTS");
     for d in devices {
         println!(
-            "{:<24} {:<7} {:<22} {:<10} {}",
+            "{:<24} {:<9} {:<7} {:<22} {:<10} {}",
             d.id,
-            if d.online() { "yes" } else { "no" },
+            d.presence.as_deref().unwrap_or("-"),
+            if d.tunnel_open() { "open" } else { "-" },
             last_seen(d),
             ports_text(&d.ports),
             labels_text(&d.labels)
@@ -235,20 +213,12 @@ fn ports_text(ports: &[u32]) -> String {
     if ports.is_empty() {
         return "-".into();
     }
-    ports
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    ports.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 fn labels_text(labels: &BTreeMap<String, String>) -> String {
     if labels.is_empty() {
         return "-".into();
     }
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }

@@ -1,11 +1,16 @@
 //! `burrow server`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use burrow_core::mqtt_url::{MqttUrl, TlsFiles};
+use burrow_core::signal::Topics;
 use burrow_server::host_key;
+use burrow_server::signal::{BrokerConfig, SignalConfig};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::DataDir;
 
@@ -16,6 +21,9 @@ pub struct ServerArgs {
     /// Address of the SSH listener (production deployments use 443).
     #[arg(long, env = "BURROW_LISTEN", default_value = "0.0.0.0:2222")]
     listen: SocketAddr,
+    /// HOST:PORT that wake requests tell devices to dial [default: the listen address].
+    #[arg(long, env = "BURROW_ADVERTISE")]
+    advertise: Option<String>,
     /// This pivot's name in the registry's tunnel records.
     #[arg(long, env = "BURROW_PIVOT_NAME", default_value = "local")]
     pivot_name: String,
@@ -25,27 +33,103 @@ pub struct ServerArgs {
     /// Keepalive period on every connection; two missed keepalives drop it.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     keepalive: Duration,
+    #[command(flatten)]
+    mqtt: MqttArgs,
+}
+
+#[derive(clap::Args)]
+struct MqttArgs {
+    /// Where the embedded MQTT broker listens for devices.
+    #[arg(long, env = "BURROW_MQTT_LISTEN", default_value = "0.0.0.0:1883")]
+    mqtt_listen: SocketAddr,
+    /// Use an external broker (mqtt[s]://HOST:PORT) instead of the embedded one.
+    #[arg(long, env = "BURROW_MQTT_URL")]
+    mqtt_url: Option<MqttUrl>,
+    /// CA certificate (PEM) for mqtts://.
+    #[arg(long)]
+    mqtt_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require one, e.g. AWS IoT Core.
+    #[arg(long)]
+    mqtt_cert: Option<PathBuf>,
+    /// Client private key (PEM) for --mqtt-cert.
+    #[arg(long)]
+    mqtt_key: Option<PathBuf>,
+    #[arg(long, env = "BURROW_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    #[arg(long, env = "BURROW_MQTT_PASSWORD")]
+    mqtt_password: Option<String>,
+    /// Prefix of every MQTT topic burrow uses.
+    #[arg(long, default_value = "burrow")]
+    topic_prefix: String,
+    /// How long an operator's request waits for a sleeping device to dial in.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    wake_timeout: Duration,
+    /// An on-demand tunnel closes after this long without channels.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Serve always-on tunnels only: no broker, no wake-ups.
+    #[arg(long)]
+    no_mqtt: bool,
 }
 
 pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     let dir = &args.data.data_dir;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
     let key = host_key::load_or_create(dir).context("cannot load the host key")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let ssh = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let local = listener.local_addr()?;
+    let local = ssh.local_addr()?;
+    let m = &args.mqtt;
+    let mut mqtt = None;
+    let broker = match (&m.mqtt_url, m.no_mqtt) {
+        (_, true) => None,
+        (Some(url), false) => Some(BrokerConfig::External {
+            url: url.clone(),
+            tls: TlsFiles { ca: m.mqtt_ca.clone(), cert: m.mqtt_cert.clone(), key: m.mqtt_key.clone() },
+            username: m.mqtt_username.clone(),
+            password: m.mqtt_password.clone(),
+        }),
+        (None, false) => {
+            let l = tokio::net::TcpListener::bind(m.mqtt_listen)
+                .await
+                .with_context(|| format!("cannot listen for MQTT on {}", m.mqtt_listen))?;
+            mqtt = Some(l);
+            Some(BrokerConfig::Embedded)
+        }
+    };
+    let advertise = args.advertise.clone().unwrap_or_else(|| {
+        if local.ip().is_unspecified() {
+            warn!(
+                "listening on {local}: wake requests will name 127.0.0.1:{}; set --advertise HOST:PORT",
+                local.port()
+            );
+            format!("127.0.0.1:{}", local.port())
+        } else {
+            local.to_string()
+        }
+    });
+
     println!("burrow pivot listening on {local}");
-    println!(
-        "host key {} ({})",
-        burrow_core::fingerprint(key.public_key()),
-        dir.join("host_key.pub").display()
-    );
+    println!("host key {} ({})", burrow_core::fingerprint(key.public_key()), dir.join("host_key.pub").display());
+    match (&mqtt, &broker) {
+        (Some(l), _) => println!("mqtt (embedded broker) listening on {}", l.local_addr()?),
+        (None, Some(BrokerConfig::External { url, .. })) => println!("mqtt broker {url}"),
+        _ => println!("mqtt disabled: always-on tunnels only"),
+    }
+
     let mut config = burrow_server::Config::new(dir.clone());
     config.pivot_name = args.pivot_name;
     config.host_suffix = args.host_suffix;
     config.keepalive_interval = args.keepalive;
-    burrow_server::run(config, listener, shutdown).await?;
+    config.signal = broker.map(|broker| SignalConfig {
+        broker,
+        topics: Topics::new(&m.topic_prefix),
+        advertise,
+        wake_timeout: m.wake_timeout,
+        idle_timeout: m.idle_timeout,
+    });
+    let listeners = burrow_server::Listeners { ssh, mqtt };
+    burrow_server::run(config, listeners, shutdown).await?;
     Ok(())
 }

@@ -22,12 +22,7 @@ fn setup(id: &str) -> (TestPivot, Operator, Device) {
 fn ssh_round_trip_through_the_pivot() {
     let (_pivot, op, dev) = setup("cam-42");
     let mut child = op
-        .ssh(&[
-            "-J",
-            "pivot",
-            "root@cam-42",
-            "read line; echo \"got:$line\"; echo \"$SSH_CONNECTION\"",
-        ])
+        .ssh(&["-J", "pivot", "root@cam-42", "read line; echo \"got:$line\"; echo \"$SSH_CONNECTION\""])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -39,10 +34,7 @@ fn ssh_round_trip_through_the_pivot() {
     let text = stdout(&out);
     assert!(text.contains("got:ping"), "{text}");
     // The session ended at this device's sshd, not somewhere else.
-    assert!(
-        text.trim_end().ends_with(&format!(" {}", dev.sshd.port)),
-        "{text}"
-    );
+    assert!(text.trim_end().ends_with(&format!(" {}", dev.sshd.port)), "{text}");
 }
 
 #[test]
@@ -64,33 +56,17 @@ fn scp_64_mib_upload_and_download_are_byte_identical() {
     std::fs::create_dir(&remote_dir).unwrap();
 
     let t = Instant::now();
-    let out = op.scp(&[
-        local.to_str().unwrap(),
-        &format!("root@cam-42:{}/", remote_dir.display()),
-    ]);
+    let out = op.scp(&[local.to_str().unwrap(), &format!("root@cam-42:{}/", remote_dir.display())]);
     let up = t.elapsed();
     assert!(out.status.success(), "scp upload failed: {}", stderr(&out));
-    assert!(
-        std::fs::read(remote_dir.join("fw.bin")).unwrap() == data,
-        "uploaded bytes differ"
-    );
+    assert!(std::fs::read(remote_dir.join("fw.bin")).unwrap() == data, "uploaded bytes differ");
 
     let back = op.dir.path().join("fw.back");
     let t = Instant::now();
-    let out = op.scp(&[
-        &format!("root@cam-42:{}/fw.bin", remote_dir.display()),
-        back.to_str().unwrap(),
-    ]);
+    let out = op.scp(&[&format!("root@cam-42:{}/fw.bin", remote_dir.display()), back.to_str().unwrap()]);
     let down = t.elapsed();
-    assert!(
-        out.status.success(),
-        "scp download failed: {}",
-        stderr(&out)
-    );
-    assert!(
-        std::fs::read(&back).unwrap() == data,
-        "downloaded bytes differ"
-    );
+    assert!(out.status.success(), "scp download failed: {}", stderr(&out));
+    assert!(std::fs::read(&back).unwrap() == data, "downloaded bytes differ");
     let mib = |d: Duration| 64.0 / d.as_secs_f64();
     eprintln!(
         "scp 64 MiB through the pivot (debug build): upload {:.1} MiB/s, download {:.1} MiB/s",
@@ -129,14 +105,8 @@ fn sftp_put_list_get() {
         .unwrap();
     assert!(out.status.success(), "sftp failed: {}", stderr(&out));
     assert!(stdout(&out).contains("notes.txt"), "{}", stdout(&out));
-    assert_eq!(
-        std::fs::read_to_string(remote.join("notes.txt")).unwrap(),
-        "sftp through burrow\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(back).unwrap(),
-        "sftp through burrow\n"
-    );
+    assert_eq!(std::fs::read_to_string(remote.join("notes.txt")).unwrap(), "sftp through burrow\n");
+    assert_eq!(std::fs::read_to_string(back).unwrap(), "sftp through burrow\n");
 }
 
 #[test]
@@ -146,11 +116,7 @@ fn rsync_over_ssh_jump() {
     let src = op.dir.path().join("tree");
     std::fs::create_dir_all(src.join("sub")).unwrap();
     for i in 0..20 {
-        std::fs::write(
-            src.join(format!("f{i}")),
-            format!("file {i}\n").repeat(100 * (i + 1)),
-        )
-        .unwrap();
+        std::fs::write(src.join(format!("f{i}")), format!("file {i}\n").repeat(100 * (i + 1))).unwrap();
     }
     std::fs::write(src.join("sub/deep"), "deep\n").unwrap();
     let dst = dev.sshd.dir.path().join("mirror");
@@ -163,15 +129,9 @@ fn rsync_over_ssh_jump() {
     assert!(out.status.success(), "rsync failed: {}", stderr(&out));
     for i in 0..20 {
         let name = format!("f{i}");
-        assert_eq!(
-            std::fs::read(src.join(&name)).unwrap(),
-            std::fs::read(dst.join(&name)).unwrap()
-        );
+        assert_eq!(std::fs::read(src.join(&name)).unwrap(), std::fs::read(dst.join(&name)).unwrap());
     }
-    assert_eq!(
-        std::fs::read_to_string(dst.join("sub/deep")).unwrap(),
-        "deep\n"
-    );
+    assert_eq!(std::fs::read_to_string(dst.join("sub/deep")).unwrap(), "deep\n");
 }
 
 #[test]
@@ -198,12 +158,8 @@ fn two_devices_served_at_once() {
     assert!(out_b.status.success(), "{}", stderr(&out_b));
     // Strict host-key checking already proved each name reached its own sshd;
     // the server port says so too.
-    assert!(stdout(&out_a)
-        .trim_end()
-        .ends_with(&format!(" {}", a.sshd.port)));
-    assert!(stdout(&out_b)
-        .trim_end()
-        .ends_with(&format!(" {}", b.sshd.port)));
+    assert!(stdout(&out_a).trim_end().ends_with(&format!(" {}", a.sshd.port)));
+    assert!(stdout(&out_b).trim_end().ends_with(&format!(" {}", b.sshd.port)));
 }
 
 #[test]
@@ -217,26 +173,14 @@ fn stock_openssh_device_with_ssh_dash_r() {
     op.trust_device("cam-42", &sshd);
     // The device has nothing but the OpenSSH client.
     let mut cmd = Command::new("ssh");
-    cmd.args([
-        "-F",
-        "/dev/null",
-        "-N",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ExitOnForwardFailure=yes",
-    ])
-    .arg("-o")
-    .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
-    .args(["-o", "StrictHostKeyChecking=yes", "-i"])
-    .arg(&dev_key.private)
-    .args(["-R", &format!("cam-42:22:{}", sshd.target())])
-    .args(["-p", &pivot.addr.port().to_string(), "cam-42@127.0.0.1"]);
-    let _device = Proc::spawn(
-        "device ssh -R",
-        &mut cmd,
-        sshd.dir.path().join("device-ssh.log"),
-    );
+    cmd.args(["-F", "/dev/null", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
+        .args(["-o", "StrictHostKeyChecking=yes", "-i"])
+        .arg(&dev_key.private)
+        .args(["-R", &format!("cam-42:22:{}", sshd.target())])
+        .args(["-p", &pivot.addr.port().to_string(), "cam-42@127.0.0.1"]);
+    let _device = Proc::spawn("device ssh -R", &mut cmd, sshd.dir.path().join("device-ssh.log"));
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
     let out = op.ssh_device("cam-42", "echo stock-ok");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -266,14 +210,8 @@ fn local_forward_reaches_another_exposed_service() {
     pivot.add_operator("alice", &op.key);
     let _dev = Device::start_exposing(BURROW, &pivot, &op, "cam-42", &[format!("8081={api_addr}")]);
     let local_port = free_port();
-    let mut cmd = op.ssh(&[
-        "-N",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-L",
-        &format!("{local_port}:cam-42:8081"),
-        "pivot",
-    ]);
+    let mut cmd =
+        op.ssh(&["-N", "-o", "ExitOnForwardFailure=yes", "-L", &format!("{local_port}:cam-42:8081"), "pivot"]);
     let _fwd = Proc::spawn("ssh -L", &mut cmd, op.dir.path().join("fwd.log"));
     let mut conn = None;
     assert!(wait_until(Duration::from_secs(15), || {
@@ -281,8 +219,7 @@ fn local_forward_reaches_another_exposed_service() {
         conn.is_some()
     }));
     let mut conn = conn.unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     conn.write_all(b"GET /status\n").unwrap();
     let mut buf = [0u8; 12];
     conn.read_exact(&mut buf).unwrap();

@@ -20,10 +20,7 @@ fn agent_reconnects_after_the_pivot_restarts() {
     let (mut pivot, op) = pivot_with_operator(&[]);
     let dev = Device::start(BURROW, &pivot, &op, "cam-42");
     pivot.restart();
-    assert!(
-        pivot.wait_online("cam-42", true, Duration::from_secs(30)),
-        "agent did not come back"
-    );
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(30)), "agent did not come back");
     let out = op.ssh_device("cam-42", "echo back");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "back");
@@ -41,34 +38,19 @@ fn removed_operator_is_disconnected() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(read_line_until(
-        &mut session,
-        Duration::from_secs(20),
-        |l| l == "ready"
-    ));
+    assert!(read_line_until(&mut session, Duration::from_secs(20), |l| l == "ready"));
     pivot.admin_ok(&["operator", "remove", "alice"]);
     let removed = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(10), || matches!(
-            session.try_wait(),
-            Ok(Some(_))
-        )),
+        wait_until(Duration::from_secs(10), || matches!(session.try_wait(), Ok(Some(_)))),
         "operator session survived removal"
     );
     let out = session.wait_with_output().unwrap();
     eprintln!("disconnected {:?} after removal", removed.elapsed());
-    assert!(
-        stderr(&out).contains("operator 'alice' was removed"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("operator 'alice' was removed"), "{}", stderr(&out));
     let again = op.ssh_device("cam-42", "true");
     assert!(!again.status.success());
-    assert!(
-        stderr(&again).contains("Permission denied (publickey)"),
-        "{}",
-        stderr(&again)
-    );
+    assert!(stderr(&again).contains("Permission denied (publickey)"), "{}", stderr(&again));
 }
 
 #[test]
@@ -76,37 +58,21 @@ fn removed_device_loses_its_tunnel() {
     let (pivot, op) = pivot_with_operator(&[]);
     let dev = Device::start(BURROW, &pivot, &op, "cam-42");
     pivot.admin_ok(&["device", "remove", "cam-42"]);
-    assert!(wait_until(Duration::from_secs(10), || dev
-        .agent
-        .proc
-        .log_text()
-        .contains("was removed")
+    assert!(wait_until(Duration::from_secs(10), || dev.agent.proc.log_text().contains("was removed")
         || dev.agent.proc.log_text().contains("refused the key")));
     let out = op.ssh_device("cam-42", "true");
-    assert!(
-        stderr(&out).contains("unknown device 'cam-42'"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("unknown device 'cam-42'"), "{}", stderr(&out));
 }
 
 fn stock_device(pivot: &TestPivot, op: &Operator, key: &KeyPair, sshd: &Sshd, log: &str) -> Proc {
     let mut cmd = Command::new("ssh");
-    cmd.args([
-        "-F",
-        "/dev/null",
-        "-N",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ExitOnForwardFailure=yes",
-    ])
-    .arg("-o")
-    .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
-    .args(["-o", "StrictHostKeyChecking=yes", "-i"])
-    .arg(&key.private)
-    .args(["-R", &format!("cam-42:22:{}", sshd.target())])
-    .args(["-p", &pivot.addr.port().to_string(), "cam-42@127.0.0.1"]);
+    cmd.args(["-F", "/dev/null", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
+        .args(["-o", "StrictHostKeyChecking=yes", "-i"])
+        .arg(&key.private)
+        .args(["-R", &format!("cam-42:22:{}", sshd.target())])
+        .args(["-p", &pivot.addr.port().to_string(), "cam-42@127.0.0.1"]);
     Proc::spawn(log, &mut cmd, sshd.dir.path().join(log))
 }
 
@@ -120,15 +86,8 @@ fn a_new_connection_of_the_same_device_replaces_the_old_one() {
     let mut first = stock_device(&pivot, &op, &key, &sshd, "first.log");
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
     let mut second = stock_device(&pivot, &op, &key, &sshd, "second.log");
-    assert!(
-        wait_until(Duration::from_secs(10), || !first.is_running()),
-        "old connection was not replaced"
-    );
-    assert!(
-        first.log_text().contains("replaced by a newer connection"),
-        "{}",
-        first.log_text()
-    );
+    assert!(wait_until(Duration::from_secs(10), || !first.is_running()), "old connection was not replaced");
+    assert!(first.log_text().contains("replaced by a newer connection"), "{}", first.log_text());
     assert!(second.is_running());
     let out = op.ssh_device("cam-42", "echo via-second");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -142,11 +101,7 @@ fn dead_device_connection_goes_offline_after_missed_keepalives() {
     let dev = Device::start(BURROW, &pivot, &op, "cam-42");
     // A frozen agent keeps its TCP connection but answers nothing.
     let pid = dev.agent.proc.pid().to_string();
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     let offline = pivot.wait_online("cam-42", false, Duration::from_secs(15));
     let _ = Command::new("kill").args(["-CONT", &pid]).status();
     assert!(offline, "a silent device stayed online");
@@ -159,11 +114,7 @@ fn agent_refuses_a_pivot_with_the_wrong_host_key() {
     let key = KeyPair::generate(sshd.dir.path(), "device");
     pivot.add_device("cam-42", &key);
     let impostor = KeyPair::generate(sshd.dir.path(), "impostor");
-    let pin = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(&impostor.public)
-        .output()
-        .unwrap();
+    let pin = Command::new("ssh-keygen").arg("-lf").arg(&impostor.public).output().unwrap();
     let fp = stdout(&pin).split_whitespace().nth(1).unwrap().to_string();
     let agent = TestAgent::start_pinned(
         BURROW,
@@ -173,10 +124,7 @@ fn agent_refuses_a_pivot_with_the_wrong_host_key() {
         &fp,
         &[format!("22={}", sshd.target())],
     );
-    assert!(wait_until(Duration::from_secs(15), || agent
-        .proc
-        .log_text()
-        .contains("host key mismatch")));
+    assert!(wait_until(Duration::from_secs(15), || agent.proc.log_text().contains("host key mismatch")));
     assert!(agent.proc.log_text().contains(&fp));
     assert!(!pivot.is_online("cam-42"));
 }
@@ -188,80 +136,26 @@ fn invalid_registrations_change_nothing() {
     pivot.add_device("cam-1", &key);
     let before = pivot.admin_ok(&["device", "list", "--json"]);
 
-    let bad_id = pivot.admin(&[
-        "device",
-        "add",
-        "Cam_42!",
-        "--key",
-        key.public.to_str().unwrap(),
-    ]);
+    let bad_id = pivot.admin(&["device", "add", "Cam_42!", "--key", key.public.to_str().unwrap()]);
     assert!(!bad_id.status.success());
-    assert!(
-        stderr(&bad_id).contains("must start with a lowercase letter or a digit"),
-        "{}",
-        stderr(&bad_id)
-    );
+    assert!(stderr(&bad_id).contains("must start with a lowercase letter or a digit"), "{}", stderr(&bad_id));
     let long = "a".repeat(64);
-    let too_long = pivot.admin(&[
-        "device",
-        "add",
-        &long,
-        "--key",
-        key.public.to_str().unwrap(),
-    ]);
-    assert!(
-        stderr(&too_long).contains("longer than 63"),
-        "{}",
-        stderr(&too_long)
-    );
+    let too_long = pivot.admin(&["device", "add", &long, "--key", key.public.to_str().unwrap()]);
+    assert!(stderr(&too_long).contains("longer than 63"), "{}", stderr(&too_long));
 
     let junk = op.dir.path().join("junk.pub");
     std::fs::write(&junk, "ssh-ed25519 not-base64 x\n").unwrap();
     let malformed = pivot.admin(&["device", "add", "cam-2", "--key", junk.to_str().unwrap()]);
     assert!(!malformed.status.success());
-    assert!(
-        stderr(&malformed).contains("is not an OpenSSH public key"),
-        "{}",
-        stderr(&malformed)
-    );
+    assert!(stderr(&malformed).contains("is not an OpenSSH public key"), "{}", stderr(&malformed));
 
-    let dup = pivot.admin(&[
-        "device",
-        "add",
-        "cam-3",
-        "--key",
-        key.public.to_str().unwrap(),
-    ]);
+    let dup = pivot.admin(&["device", "add", "cam-3", "--key", key.public.to_str().unwrap()]);
     assert!(!dup.status.success());
-    assert!(
-        stderr(&dup).contains("already registered to device 'cam-1'"),
-        "{}",
-        stderr(&dup)
-    );
-    let dup_op = pivot.admin(&[
-        "operator",
-        "add",
-        "bob",
-        "--key",
-        op.key.public.to_str().unwrap(),
-    ]);
-    assert!(
-        stderr(&dup_op).contains("already registered to operator 'alice'"),
-        "{}",
-        stderr(&dup_op)
-    );
-    let dup_across = pivot.admin(&[
-        "operator",
-        "add",
-        "bob",
-        "--key",
-        key.public.to_str().unwrap(),
-    ]);
-    assert!(
-        stderr(&dup_across).contains("already registered to device 'cam-1'"),
-        "{}",
-        stderr(&dup_across)
-    );
+    assert!(stderr(&dup).contains("already registered to device 'cam-1'"), "{}", stderr(&dup));
+    let dup_op = pivot.admin(&["operator", "add", "bob", "--key", op.key.public.to_str().unwrap()]);
+    assert!(stderr(&dup_op).contains("already registered to operator 'alice'"), "{}", stderr(&dup_op));
+    let dup_across = pivot.admin(&["operator", "add", "bob", "--key", key.public.to_str().unwrap()]);
+    assert!(stderr(&dup_across).contains("already registered to device 'cam-1'"), "{}", stderr(&dup_across));
 
     assert_eq!(pivot.admin_ok(&["device", "list", "--json"]), before);
     let ops = pivot.admin_ok(&["operator", "list", "--json"]);
@@ -293,13 +187,11 @@ fn device_list_show_and_labels() {
     assert_eq!(d["ports"], serde_json::json!([22]));
     let table = pivot.admin_ok(&["device", "list"]);
     assert!(
-        table.lines().any(|l| l.starts_with("cam-9")
-            && l.contains("rack=3,site=berlin")
-            && l.contains("never")),
+        table.lines().any(|l| l.starts_with("cam-9") && l.contains("rack=3,site=berlin") && l.contains("never")),
         "{table}"
     );
     let show = pivot.admin_ok(&["device", "show", "cam-42"]);
-    assert!(show.contains("online:      yes"), "{show}");
+    assert!(show.contains("tunnel:      open"), "{show}");
     let missing = pivot.admin(&["device", "show", "nope"]);
     assert!(stderr(&missing).contains("unknown device 'nope'"));
     let ops = pivot.admin_ok(&["operator", "list"]);

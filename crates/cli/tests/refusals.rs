@@ -21,11 +21,7 @@ fn unknown_device_is_named_in_the_refusal() {
     let (_pivot, op) = pivot_with_operator();
     let out = op.ssh_device("cam-42", "true");
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("unknown device 'cam-42'"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("unknown device 'cam-42'"), "{}", stderr(&out));
 }
 
 #[test]
@@ -35,11 +31,7 @@ fn registered_device_that_never_connected_is_offline() {
     pivot.add_device("cam-42", &key);
     let out = op.ssh_device("cam-42", "true");
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("device 'cam-42' is offline (never connected)"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("device 'cam-42' is offline (never connected)"), "{}", stderr(&out));
 }
 
 #[test]
@@ -48,66 +40,30 @@ fn disconnected_device_is_offline_with_last_seen_time() {
     let mut dev = Device::start(BURROW, &pivot, &op, "cam-42");
     dev.agent.proc.kill();
     assert!(pivot.wait_online("cam-42", false, Duration::from_secs(10)));
-    let last_seen = pivot.device_json("cam-42").unwrap()["last_seen"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        last_seen.ends_with('Z') && last_seen.len() == 20,
-        "{last_seen}"
-    );
+    let last_seen = pivot.device_json("cam-42").unwrap()["last_seen"].as_str().unwrap().to_string();
+    assert!(last_seen.ends_with('Z') && last_seen.len() == 20, "{last_seen}");
     let out = op.ssh_device("cam-42", "true");
     assert!(!out.status.success());
     let expected = format!("device 'cam-42' is offline (last seen {last_seen})");
-    assert!(
-        stderr(&out).contains(&expected),
-        "wanted {expected:?} in {}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains(&expected), "wanted {expected:?} in {}", stderr(&out));
 }
 
 #[test]
 fn port_not_exposed_is_named_in_the_refusal() {
     let (pivot, op) = pivot_with_operator();
     let _dev = Device::start(BURROW, &pivot, &op, "cam-42");
-    let out = op
-        .ssh(&["-J", "pivot", "-p", "8080", "root@cam-42", "true"])
-        .output()
-        .unwrap();
+    let out = op.ssh(&["-J", "pivot", "-p", "8080", "root@cam-42", "true"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("device 'cam-42' does not expose port 8080"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("device 'cam-42' does not expose port 8080"), "{}", stderr(&out));
 }
 
 /// `ssh -N -R ID:22:... -i KEY ID@pivot` with ExitOnForwardFailure, as a stock device would.
-fn stock_forward(
-    pivot: &TestPivot,
-    op: &Operator,
-    key: &KeyPair,
-    bind: &str,
-) -> std::process::Output {
+fn stock_forward(pivot: &TestPivot, op: &Operator, key: &KeyPair, bind: &str) -> std::process::Output {
     Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-N",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-        ])
+        .args(["-F", "/dev/null", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-        ])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-i"])
         .arg(&key.private)
         .args(["-R", &format!("{bind}:22:127.0.0.1:22")])
         .args(["-p", &pivot.addr.port().to_string(), "device@127.0.0.1"])
@@ -125,27 +81,15 @@ fn device_key_cannot_claim_another_devices_id() {
     pivot.add_device("cam-43", &k43);
     let out = stock_forward(&pivot, &op, &k42, "cam-43");
     assert!(!out.status.success(), "forward for another id was accepted");
-    assert!(
-        stderr(&out).contains("remote port forwarding failed"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("remote port forwarding failed"), "{}", stderr(&out));
     assert!(!pivot.is_online("cam-43"));
 
     // The agent with a mismatched id fails the same way and says so.
-    let agent = TestAgent::start(
-        BURROW,
-        &pivot,
-        "cam-43",
-        &k42,
-        &["22=127.0.0.1:22".to_string()],
-    );
+    let agent = TestAgent::start(BURROW, &pivot, "cam-43", &k42, &["22=127.0.0.1:22".to_string()]);
     assert!(wait_until(Duration::from_secs(15), || agent
         .proc
         .log_text()
-        .contains(
-            "the pivot refused to forward port 22 for device 'cam-43'"
-        )));
+        .contains("the pivot refused to forward port 22 for device 'cam-43'")));
     assert!(!pivot.is_online("cam-43"));
 }
 
@@ -156,33 +100,18 @@ fn device_cannot_open_direct_tcpip() {
     pivot.add_device("cam-42", &k42);
     let _other = Device::start(BURROW, &pivot, &op, "cam-43");
     let out = Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
+        .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
         .args(["-o", "StrictHostKeyChecking=yes", "-i"])
         .arg(&k42.private)
-        .args([
-            "-W",
-            "cam-43:22",
-            "-p",
-            &pivot.addr.port().to_string(),
-            "cam-42@127.0.0.1",
-        ])
+        .args(["-W", "cam-43:22", "-p", &pivot.addr.port().to_string(), "cam-42@127.0.0.1"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains(
-            "administratively prohibited: devices may not open connections through the pivot"
-        ),
+        stderr(&out).contains("administratively prohibited: devices may not open connections through the pivot"),
         "{}",
         stderr(&out)
     );
@@ -195,29 +124,17 @@ fn operator_cannot_forward() {
     pivot.add_device("cam-42", &k42);
     let out = stock_forward(&pivot, &op, &op.key, "cam-42");
     assert!(!out.status.success(), "operator forward was accepted");
-    assert!(
-        stderr(&out).contains("remote port forwarding failed"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("remote port forwarding failed"), "{}", stderr(&out));
     assert!(!pivot.is_online("cam-42"));
 }
 
 #[test]
 fn pivot_gives_no_shell_exec_or_subsystem() {
     let (_pivot, op) = pivot_with_operator();
-    for args in [
-        vec!["-tt", "pivot"],
-        vec!["pivot", "id"],
-        vec!["-s", "pivot", "sftp"],
-    ] {
+    for args in [vec!["-tt", "pivot"], vec!["pivot", "id"], vec!["-s", "pivot", "sftp"]] {
         let out = op.ssh(&args).stdin(Stdio::null()).output().unwrap();
         assert!(!out.status.success(), "{args:?} succeeded");
-        assert!(
-            stderr(&out).contains("the pivot has no shell"),
-            "{args:?}: {}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains("the pivot has no shell"), "{args:?}: {}", stderr(&out));
     }
 }
 
@@ -226,34 +143,17 @@ fn unknown_key_is_refused() {
     let (pivot, op) = pivot_with_operator();
     let stranger = KeyPair::generate(op.dir.path(), "stranger");
     let out = Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
+        .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
         .args(["-o", "StrictHostKeyChecking=yes", "-i"])
         .arg(&stranger.private)
-        .args([
-            "-W",
-            "cam-42:22",
-            "-p",
-            &pivot.addr.port().to_string(),
-            "alice@127.0.0.1",
-        ])
+        .args(["-W", "cam-42:22", "-p", &pivot.addr.port().to_string(), "alice@127.0.0.1"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("Permission denied (publickey)"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("Permission denied (publickey)"), "{}", stderr(&out));
     drop(pivot);
 }
 
@@ -274,25 +174,16 @@ fn password_authentication_is_not_offered() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("Permission denied (publickey)"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("Permission denied (publickey)"), "{}", stderr(&out));
 }
 
 struct Pinned(String);
 
 impl russh::client::Handler for Pinned {
     type Error = russh::Error;
-    async fn check_server_key(
-        &mut self,
-        key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(
-            matches!(key, russh::keys::PublicKeyOrCertificate::PublicKey { key, .. }
-            if key.fingerprint(Default::default()).to_string() == self.0),
-        )
+    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        Ok(matches!(key, russh::keys::PublicKeyOrCertificate::PublicKey { key, .. }
+            if key.fingerprint(Default::default()).to_string() == self.0))
     }
 }
 
@@ -302,25 +193,10 @@ async fn password_none_and_keyboard_interactive_are_refused_when_tried() {
     let pub_line = pivot.host_key_line();
     let host_key = russh::keys::ssh_key::PublicKey::from_openssh(&pub_line).unwrap();
     let fp = host_key.fingerprint(Default::default()).to_string();
-    let mut handle = russh::client::connect(Arc::new(Default::default()), pivot.addr, Pinned(fp))
-        .await
-        .unwrap();
+    let mut handle = russh::client::connect(Arc::new(Default::default()), pivot.addr, Pinned(fp)).await.unwrap();
     assert!(!handle.authenticate_none("alice").await.unwrap().success());
-    assert!(!handle
-        .authenticate_password("alice", "hunter2")
-        .await
-        .unwrap()
-        .success());
-    let ki = handle
-        .authenticate_keyboard_interactive_start("alice", None::<String>)
-        .await
-        .unwrap();
-    assert!(
-        matches!(
-            ki,
-            russh::client::KeyboardInteractiveAuthResponse::Failure { .. }
-        ),
-        "{ki:?}"
-    );
+    assert!(!handle.authenticate_password("alice", "hunter2").await.unwrap().success());
+    let ki = handle.authenticate_keyboard_interactive_start("alice", None::<String>).await.unwrap();
+    assert!(matches!(ki, russh::client::KeyboardInteractiveAuthResponse::Failure { .. }), "{ki:?}");
     drop(op);
 }

@@ -22,21 +22,14 @@ impl FromStr for Expose {
     type Err = ExposeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (port, target) = s
-            .split_once('=')
-            .ok_or_else(|| ExposeError::Shape(s.into()))?;
+        let (port, target) = s.split_once('=').ok_or_else(|| ExposeError::Shape(s.into()))?;
         let port = parse_port(s, port)?;
-        let (host, target_port) = target
-            .rsplit_once(':')
-            .ok_or_else(|| ExposeError::Shape(s.into()))?;
+        let (host, target_port) = target.rsplit_once(':').ok_or_else(|| ExposeError::Shape(s.into()))?;
         if host.is_empty() {
             return Err(ExposeError::Shape(s.into()));
         }
         parse_port(s, target_port)?;
-        Ok(Expose {
-            port,
-            target: target.to_string(),
-        })
+        Ok(Expose { port, target: target.to_string() })
     }
 }
 
@@ -60,13 +53,7 @@ mod tests {
     #[test]
     fn parses_port_and_target() {
         let e: Expose = "22=127.0.0.1:22".parse().unwrap();
-        assert_eq!(
-            e,
-            Expose {
-                port: 22,
-                target: "127.0.0.1:22".into()
-            }
-        );
+        assert_eq!(e, Expose { port: 22, target: "127.0.0.1:22".into() });
         let e: Expose = "8081=[::1]:8081".parse().unwrap();
         assert_eq!(e.target, "[::1]:8081");
     }
@@ -74,17 +61,8 @@ mod tests {
     #[test]
     fn rejects_bad_specs() {
         assert!(matches!("22".parse::<Expose>(), Err(ExposeError::Shape(_))));
-        assert!(matches!(
-            "22=host".parse::<Expose>(),
-            Err(ExposeError::Shape(_))
-        ));
-        assert!(matches!(
-            "0=h:22".parse::<Expose>(),
-            Err(ExposeError::Port(..))
-        ));
-        assert!(matches!(
-            "22=h:99999".parse::<Expose>(),
-            Err(ExposeError::Port(..))
-        ));
+        assert!(matches!("22=host".parse::<Expose>(), Err(ExposeError::Shape(_))));
+        assert!(matches!("0=h:22".parse::<Expose>(), Err(ExposeError::Port(..))));
+        assert!(matches!("22=h:99999".parse::<Expose>(), Err(ExposeError::Port(..))));
     }
 }

@@ -23,9 +23,7 @@ pub enum IdError {
     TooLong(String),
     #[error("id '{0}' must start with a lowercase letter or a digit")]
     BadStart(String),
-    #[error(
-        "id '{id}' contains '{ch}'; only lowercase letters, digits, '.', '_' and '-' are allowed"
-    )]
+    #[error("id '{id}' contains '{ch}'; only lowercase letters, digits, '.', '_' and '-' are allowed")]
     BadChar { id: String, ch: char },
 }
 
@@ -38,13 +36,10 @@ impl Id {
         if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
             return Err(IdError::BadStart(s.to_string()));
         }
-        if let Some(ch) = s.chars().find(|c| {
-            !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
-        }) {
-            return Err(IdError::BadChar {
-                id: s.to_string(),
-                ch,
-            });
+        if let Some(ch) =
+            s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(IdError::BadChar { id: s.to_string(), ch });
         }
         Ok(Id(s.to_string()))
     }
@@ -87,24 +82,12 @@ mod tests {
     #[test]
     fn rejects_invalid_ids() {
         assert_eq!(Id::parse(""), Err(IdError::Empty));
-        assert!(matches!(
-            Id::parse(&"x".repeat(64)),
-            Err(IdError::TooLong(_))
-        ));
+        assert!(matches!(Id::parse(&"x".repeat(64)), Err(IdError::TooLong(_))));
         assert!(matches!(Id::parse("-cam"), Err(IdError::BadStart(_))));
         assert!(matches!(Id::parse(".cam"), Err(IdError::BadStart(_))));
         assert!(matches!(Id::parse("Cam"), Err(IdError::BadStart(_))));
-        assert!(matches!(
-            Id::parse("cam 42"),
-            Err(IdError::BadChar { ch: ' ', .. })
-        ));
-        assert!(matches!(
-            Id::parse("cam:42"),
-            Err(IdError::BadChar { ch: ':', .. })
-        ));
-        assert!(matches!(
-            Id::parse("caM"),
-            Err(IdError::BadChar { ch: 'M', .. })
-        ));
+        assert!(matches!(Id::parse("cam 42"), Err(IdError::BadChar { ch: ' ', .. })));
+        assert!(matches!(Id::parse("cam:42"), Err(IdError::BadChar { ch: ':', .. })));
+        assert!(matches!(Id::parse("caM"), Err(IdError::BadChar { ch: 'M', .. })));
     }
 }

@@ -14,9 +14,7 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "{what} is not an OpenSSH public key (expected a line like 'ssh-ed25519 AAAA... comment')"
-    )]
+    #[error("{what} is not an OpenSSH public key (expected a line like 'ssh-ed25519 AAAA... comment')")]
     Malformed { what: String },
     #[error("'{0}' is neither a public key file nor a fingerprint like SHA256:...")]
     BadPin(String),
@@ -28,20 +26,14 @@ pub fn parse_public_key(text: &str, what: &str) -> Result<PublicKey, KeyError> {
         .lines()
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .ok_or_else(|| KeyError::Malformed {
-            what: what.to_string(),
-        })?;
-    PublicKey::from_openssh(line).map_err(|_| KeyError::Malformed {
-        what: what.to_string(),
-    })
+        .ok_or_else(|| KeyError::Malformed { what: what.to_string() })?;
+    PublicKey::from_openssh(line).map_err(|_| KeyError::Malformed { what: what.to_string() })
 }
 
 /// Reads a `.pub` file.
 pub fn read_public_key(path: &Path) -> Result<PublicKey, KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
     parse_public_key(&text, &path.display().to_string())
 }
 
@@ -68,16 +60,10 @@ impl HostKeyPin {
     /// Accepts `SHA256:...` or the path of a public key file.
     pub fn parse(arg: &str) -> Result<Self, KeyError> {
         if let Some(b64) = arg.strip_prefix("SHA256:") {
-            if b64.is_empty()
-                || !b64
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
-            {
+            if b64.is_empty() || !b64.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/') {
                 return Err(KeyError::BadPin(arg.to_string()));
             }
-            return Ok(HostKeyPin::Fingerprint(
-                arg.trim_end_matches('=').to_string(),
-            ));
+            return Ok(HostKeyPin::Fingerprint(arg.trim_end_matches('=').to_string()));
         }
         let path = Path::new(arg);
         if !path.exists() {
@@ -125,21 +111,9 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(
-            parse_public_key("not a key", "x"),
-            Err(KeyError::Malformed { .. })
-        ));
-        assert!(matches!(
-            parse_public_key("", "x"),
-            Err(KeyError::Malformed { .. })
-        ));
-        assert!(matches!(
-            HostKeyPin::parse("SHA256:"),
-            Err(KeyError::BadPin(_))
-        ));
-        assert!(matches!(
-            HostKeyPin::parse("/nonexistent/file"),
-            Err(KeyError::BadPin(_))
-        ));
+        assert!(matches!(parse_public_key("not a key", "x"), Err(KeyError::Malformed { .. })));
+        assert!(matches!(parse_public_key("", "x"), Err(KeyError::Malformed { .. })));
+        assert!(matches!(HostKeyPin::parse("SHA256:"), Err(KeyError::BadPin(_))));
+        assert!(matches!(HostKeyPin::parse("/nonexistent/file"), Err(KeyError::BadPin(_))));
     }
 }

@@ -137,9 +137,7 @@ impl WakeRequest {
         if !pin.matches(&signer) {
             return Err(SignalError::WrongSigner(crate::fingerprint(&signer)));
         }
-        signer
-            .verify(WAKE_NAMESPACE, signed.body.as_bytes(), &sig)
-            .map_err(|_| SignalError::BadSignature)?;
+        signer.verify(WAKE_NAMESPACE, signed.body.as_bytes(), &sig).map_err(|_| SignalError::BadSignature)?;
         let req: WakeRequest = serde_json::from_str(&signed.body).map_err(|_| SignalError::Shape)?;
         if req.device != me.as_str() {
             return Err(SignalError::OtherDevice(req.device));

@@ -30,37 +30,21 @@ pub enum HostKeyError {
 /// Loads `host_key` from `data_dir`, generating an ed25519 key (and `host_key.pub`) on first start.
 pub fn load_or_create(data_dir: &Path) -> Result<PrivateKey, HostKeyError> {
     let path = data_dir.join(HOST_KEY_FILE);
-    let io = |source| HostKeyError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = |source| HostKeyError::Io { path: path.display().to_string(), source };
     if path.exists() {
         let mode = fs::metadata(&path).map_err(io)?.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(HostKeyError::Permissions {
-                path: path.display().to_string(),
-                mode,
-            });
+            return Err(HostKeyError::Permissions { path: path.display().to_string(), mode });
         }
         let text = fs::read_to_string(&path).map_err(io)?;
-        return PrivateKey::from_openssh(text).map_err(|source| HostKeyError::Parse {
-            path: path.display().to_string(),
-            source,
-        });
+        return PrivateKey::from_openssh(text)
+            .map_err(|source| HostKeyError::Parse { path: path.display().to_string(), source });
     }
-    let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(|source| {
-        HostKeyError::Parse {
-            path: path.display().to_string(),
-            source,
-        }
-    })?;
+    let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+        .map_err(|source| HostKeyError::Parse { path: path.display().to_string(), source })?;
     write_private_key(&path, &key).map_err(io)?;
     let public = key.public_key().to_openssh().unwrap_or_default();
-    fs::write(
-        data_dir.join(format!("{HOST_KEY_FILE}.pub")),
-        format!("{public}\n"),
-    )
-    .map_err(io)?;
+    fs::write(data_dir.join(format!("{HOST_KEY_FILE}.pub")), format!("{public}\n")).map_err(io)?;
     Ok(key)
 }
 
@@ -70,12 +54,7 @@ pub fn write_private_key(path: &Path, key: &PrivateKey) -> std::io::Result<()> {
         .to_openssh(LineEnding::LF)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     fs::rename(&tmp, path)

@@ -7,10 +7,12 @@
 //! - `router`: in-memory map of device id to tunnel, and of live sessions.
 //! - `ssh`: accept loop, russh handler, routing of operator channels, byte relay.
 //! - `watch`: applies registry changes (removals) to live connections.
+//! - [`signal`]: MQTT signaling for on-demand tunnels (embedded broker, gate, wake-ups).
 
 pub mod host_key;
 pub mod registry;
 mod router;
+pub mod signal;
 mod ssh;
 mod watch;
 
@@ -47,6 +49,8 @@ pub struct Config {
     pub watch_interval: Duration,
     /// How long shutdown waits for connections to close.
     pub drain_timeout: Duration,
+    /// On-demand wake-ups over MQTT; `None` serves always-on tunnels only.
+    pub signal: Option<signal::SignalConfig>,
 }
 
 impl Config {
@@ -61,6 +65,7 @@ impl Config {
             max_connections: 50_000,
             watch_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
+            signal: None,
         }
     }
 }
@@ -71,6 +76,15 @@ pub enum ServerError {
     HostKey(#[from] host_key::HostKeyError),
     #[error("cannot open the registry")]
     Registry(#[from] RegistryError),
+    #[error("cannot set up signaling")]
+    Signal(#[from] signal::SignalSetupError),
+}
+
+/// Sockets the pivot serves, bound by the caller.
+pub struct Listeners {
+    pub ssh: TcpListener,
+    /// Device-facing MQTT, for the embedded broker.
+    pub mqtt: Option<TcpListener>,
 }
 
 /// State shared by every connection of one pivot.
@@ -80,18 +94,22 @@ pub(crate) struct Shared {
     pub router: router::Router,
     pub tracker: TaskTracker,
     pub next_conn: AtomicU64,
+    pub signal: Option<Arc<signal::Signal>>,
 }
 
 /// Serves SSH on `listener` until `shutdown` is cancelled, then closes every
 /// connection and waits (up to `drain_timeout`) for their tasks.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServerError> {
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
     let key = host_key::load_or_create(&config.data_dir)?;
     let registry = Registry::open(&config.data_dir).await?;
     registry.clear_tunnels(&config.pivot_name).await?;
+    let (signal, mqtt) = match &config.signal {
+        Some(sc) => {
+            let (s, eventloop, upstream) = signal::setup(sc.clone(), key.clone(), &config.pivot_name)?;
+            (Some(Arc::new(s)), Some((eventloop, upstream)))
+        }
+        None => (None, None),
+    };
     let ssh = ssh::ssh_config(&config, key);
     let shared = Arc::new(Shared {
         config,
@@ -99,28 +117,21 @@ pub async fn run(
         router: router::Router::default(),
         tracker: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
+        signal,
     });
+    if let Some((eventloop, upstream)) = mqtt {
+        signal::spawn(&shared, eventloop, upstream, listeners.mqtt, &shutdown)?;
+    }
 
-    shared
-        .tracker
-        .spawn(watch::watch(shared.clone(), shutdown.clone()));
-    ssh::accept::serve(shared.clone(), listener, ssh, shutdown.clone()).await;
+    shared.tracker.spawn(watch::watch(shared.clone(), shutdown.clone()));
+    ssh::accept::serve(shared.clone(), listeners.ssh, ssh, shutdown.clone()).await;
 
     info!("shutting down");
     shared.tracker.close();
-    if tokio::time::timeout(shared.config.drain_timeout, shared.tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            "connections still open after {:?}; exiting anyway",
-            shared.config.drain_timeout
-        );
+    if tokio::time::timeout(shared.config.drain_timeout, shared.tracker.wait()).await.is_err() {
+        warn!("connections still open after {:?}; exiting anyway", shared.config.drain_timeout);
     }
-    shared
-        .registry
-        .clear_tunnels(&shared.config.pivot_name)
-        .await?;
+    shared.registry.clear_tunnels(&shared.config.pivot_name).await?;
     shared.registry.close().await;
     Ok(())
 }

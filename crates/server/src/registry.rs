@@ -62,11 +62,19 @@ pub struct DeviceRecord {
     /// The pivot holding the device's tunnel, if one is open.
     pub tunnel_pivot: Option<String>,
     pub ports: Vec<u32>,
+    /// "online" or "offline" as last heard over MQTT; `None` if never heard.
+    pub presence: Option<String>,
 }
 
 impl DeviceRecord {
-    pub fn online(&self) -> bool {
+    /// A tunnel to some pivot is open.
+    pub fn tunnel_open(&self) -> bool {
         self.tunnel_pivot.is_some()
+    }
+
+    /// Reachable now: its tunnel is open, or it waits on MQTT to be woken.
+    pub fn online(&self) -> bool {
+        self.tunnel_open() || self.presence.as_deref() == Some("online")
     }
 }
 
@@ -93,7 +101,9 @@ const SCHEMA: &[&str] = &[
         created_at INTEGER NOT NULL,
         last_seen INTEGER,
         tunnel_pivot TEXT,
-        ports TEXT NOT NULL DEFAULT '[]'
+        ports TEXT NOT NULL DEFAULT '[]',
+        presence TEXT,
+        presence_at INTEGER
     )",
     "CREATE TABLE IF NOT EXISTS operators (
         name TEXT PRIMARY KEY,
@@ -122,10 +132,7 @@ impl Registry {
             .busy_timeout(Duration::from_secs(10));
         // A handful of connections: the registry sees a query per connection
         // attempt and per refusal, not per byte relayed.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await?;
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
         }
@@ -140,11 +147,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.pool.begin().await?;
-        if sqlx::query("SELECT 1 FROM devices WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some()
+        if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
         {
             return Err(RegistryError::DeviceExists(id.clone()));
         }
@@ -163,34 +166,22 @@ impl Registry {
 
     /// Returns whether the device existed.
     pub async fn remove_device(&self, id: &Id) -> Result<bool, RegistryError> {
-        let r = sqlx::query("DELETE FROM devices WHERE id = ?")
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
+        let r = sqlx::query("DELETE FROM devices WHERE id = ?").bind(id.as_str()).execute(&self.pool).await?;
         Ok(r.rows_affected() > 0)
     }
 
     pub async fn device(&self, id: &Id) -> Result<Option<DeviceRecord>, RegistryError> {
-        let row = sqlx::query("SELECT * FROM devices WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT * FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&self.pool).await?;
         Ok(row.map(|r| device_from_row(&r)))
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
-        let rows = sqlx::query("SELECT * FROM devices ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query("SELECT * FROM devices ORDER BY id").fetch_all(&self.pool).await?;
         Ok(rows.iter().map(device_from_row).collect())
     }
 
-    pub async fn add_operator(
-        &self,
-        name: &Id,
-        key: &PublicKey,
-        admin: bool,
-    ) -> Result<(), RegistryError> {
+    pub async fn add_operator(&self, name: &Id, key: &PublicKey, admin: bool) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.pool.begin().await?;
         if sqlx::query("SELECT 1 FROM operators WHERE name = ?")
@@ -215,17 +206,12 @@ impl Registry {
     }
 
     pub async fn remove_operator(&self, name: &Id) -> Result<bool, RegistryError> {
-        let r = sqlx::query("DELETE FROM operators WHERE name = ?")
-            .bind(name.as_str())
-            .execute(&self.pool)
-            .await?;
+        let r = sqlx::query("DELETE FROM operators WHERE name = ?").bind(name.as_str()).execute(&self.pool).await?;
         Ok(r.rows_affected() > 0)
     }
 
     pub async fn operators(&self) -> Result<Vec<OperatorRecord>, RegistryError> {
-        let rows = sqlx::query("SELECT * FROM operators ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query("SELECT * FROM operators ORDER BY name").fetch_all(&self.pool).await?;
         Ok(rows
             .iter()
             .map(|r| OperatorRecord {
@@ -252,27 +238,17 @@ impl Registry {
         let name = Id::parse(&name).map_err(|_| RegistryError::CorruptKey(name.clone()))?;
         Ok(Some(match row.get::<String, _>("kind").as_str() {
             "device" => Identity::Device(name),
-            _ => Identity::Operator {
-                name,
-                admin: row.get::<i64, _>("admin") != 0,
-            },
+            _ => Identity::Operator { name, admin: row.get::<i64, _>("admin") != 0 },
         }))
     }
 
     /// A counter that grows with every change to devices' or operators' keys.
     pub async fn revision(&self) -> Result<i64, RegistryError> {
-        Ok(sqlx::query_scalar("SELECT n FROM revision WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar("SELECT n FROM revision WHERE id = 1").fetch_one(&self.pool).await?)
     }
 
     /// Records that `pivot` now holds the device's tunnel with these ports.
-    pub async fn tunnel_up(
-        &self,
-        id: &Id,
-        pivot: &str,
-        ports: &[u32],
-    ) -> Result<(), RegistryError> {
+    pub async fn tunnel_up(&self, id: &Id, pivot: &str, ports: &[u32]) -> Result<(), RegistryError> {
         sqlx::query("UPDATE devices SET tunnel_pivot = ?, ports = ?, last_seen = ? WHERE id = ?")
             .bind(pivot)
             .bind(serde_json::to_string(ports).unwrap_or_else(|_| "[]".into()))
@@ -285,12 +261,14 @@ impl Registry {
 
     /// Records that the device's tunnel on `pivot` closed, unless another pivot took it over.
     pub async fn tunnel_down(&self, id: &Id, pivot: &str) -> Result<(), RegistryError> {
-        sqlx::query("UPDATE devices SET tunnel_pivot = NULL, ports = '[]', last_seen = ? WHERE id = ? AND tunnel_pivot = ?")
-            .bind(now_unix())
-            .bind(id.as_str())
-            .bind(pivot)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE devices SET tunnel_pivot = NULL, ports = '[]', last_seen = ? WHERE id = ? AND tunnel_pivot = ?",
+        )
+        .bind(now_unix())
+        .bind(id.as_str())
+        .bind(pivot)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -304,6 +282,21 @@ impl Registry {
                 .execute(&self.pool)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Records presence heard over MQTT; `at` (when known) also counts as seen.
+    pub async fn set_presence(&self, id: &Id, online: bool, at: Option<i64>) -> Result<(), RegistryError> {
+        sqlx::query(
+            "UPDATE devices SET presence = ?, presence_at = COALESCE(?2, presence_at),
+             last_seen = CASE WHEN ?2 IS NULL THEN last_seen ELSE MAX(COALESCE(last_seen, 0), ?2) END
+             WHERE id = ?3",
+        )
+        .bind(if online { "online" } else { "offline" })
+        .bind(at)
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -330,10 +323,7 @@ async fn check_key_free(tx: &mut sqlx::SqliteConnection, fp: &str) -> Result<(),
     .fetch_optional(&mut *tx)
     .await?;
     match owner {
-        Some(owner) => Err(RegistryError::KeyInUse {
-            fingerprint: fp.to_string(),
-            owner,
-        }),
+        Some(owner) => Err(RegistryError::KeyInUse { fingerprint: fp.to_string(), owner }),
         None => Ok(()),
     }
 }
@@ -348,5 +338,6 @@ fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> DeviceRecord {
         last_seen: r.get("last_seen"),
         tunnel_pivot: r.get("tunnel_pivot"),
         ports: serde_json::from_str(r.get::<&str, _>("ports")).unwrap_or_default(),
+        presence: r.get("presence"),
     }
 }

@@ -6,7 +6,9 @@
 //! held across `.await`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use burrow_core::Id;
 use russh::server::Handle;
@@ -22,6 +24,46 @@ pub struct Tunnel {
     pub conn: ConnId,
     pub handle: Handle,
     pub ports: BTreeSet<u32>,
+    pub activity: Arc<Activity>,
+}
+
+impl Tunnel {
+    fn new(conn: ConnId, handle: &Handle) -> Self {
+        Tunnel { conn, handle: handle.clone(), ports: BTreeSet::new(), activity: Arc::new(Activity::new()) }
+    }
+}
+
+/// Open channels through a tunnel, and since when it has had none.
+#[derive(Debug)]
+pub struct Activity {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { open: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) }
+    }
+
+    /// Counts a channel as open until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> ActivityGuard {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        ActivityGuard(self.clone())
+    }
+
+    pub fn idle_for(&self, grace: Duration, now: Instant) -> bool {
+        self.open.load(Ordering::SeqCst) == 0 && now.duration_since(*self.idle_since.lock().unwrap()) >= grace
+    }
+}
+
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.0.idle_since.lock().unwrap() = Instant::now();
+        }
+    }
 }
 
 /// An authenticated connection, remembered so the pivot can end it.
@@ -57,20 +99,9 @@ impl Router {
     pub fn bind(&self, id: &Id, conn: ConnId, handle: &Handle, port: u32) -> (Bind, Vec<u32>) {
         let mut tunnels = self.tunnels.lock().unwrap();
         let mut result = Bind::Added;
-        let entry = tunnels.entry(id.clone()).or_insert_with(|| Tunnel {
-            conn,
-            handle: handle.clone(),
-            ports: BTreeSet::new(),
-        });
+        let entry = tunnels.entry(id.clone()).or_insert_with(|| Tunnel::new(conn, handle));
         if entry.conn != conn {
-            let old = std::mem::replace(
-                entry,
-                Tunnel {
-                    conn,
-                    handle: handle.clone(),
-                    ports: BTreeSet::new(),
-                },
-            );
+            let old = std::mem::replace(entry, Tunnel::new(conn, handle));
             result = Bind::Replaced(old.handle);
         }
         entry.ports.insert(port);
@@ -100,6 +131,10 @@ impl Router {
         false
     }
 
+    pub fn tunnels(&self) -> Vec<(Id, Tunnel)> {
+        self.tunnels.lock().unwrap().iter().map(|(id, t)| (id.clone(), t.clone())).collect()
+    }
+
     pub fn tunnel_ids(&self) -> Vec<Id> {
         self.tunnels.lock().unwrap().keys().cloned().collect()
     }
@@ -113,11 +148,6 @@ impl Router {
     }
 
     pub fn sessions(&self) -> Vec<(ConnId, Session)> {
-        self.sessions
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(c, s)| (*c, s.clone()))
-            .collect()
+        self.sessions.lock().unwrap().iter().map(|(c, s)| (*c, s.clone())).collect()
     }
 }

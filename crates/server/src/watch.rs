@@ -64,9 +64,6 @@ async fn enforce(shared: &Shared) {
         };
         info!(conn, "{why}; disconnecting");
         shared.router.remove_session(conn);
-        let _ = session
-            .handle
-            .disconnect(russh::Disconnect::ByApplication, why, "en".into())
-            .await;
+        let _ = session.handle.disconnect(russh::Disconnect::ByApplication, why, "en".into()).await;
     }
 }

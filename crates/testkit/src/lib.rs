@@ -27,16 +27,9 @@ pub fn require_tool(path: &str) {
     let found = if path.contains('/') {
         Path::new(path).exists()
     } else {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {path}"))
-            .output()
-            .is_ok_and(|o| o.status.success())
+        Command::new("sh").arg("-c").arg(format!("command -v {path}")).output().is_ok_and(|o| o.status.success())
     };
-    assert!(
-        found,
-        "{path} is required by this test; install it (see .ci/run)"
-    );
+    assert!(found, "{path} is required by this test; install it (see .ci/run)");
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
@@ -55,11 +48,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A free loopback port, picked by the kernel.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// An ed25519 key pair made by ssh-keygen.
@@ -77,22 +66,12 @@ impl KeyPair {
             .arg(&private)
             .output()
             .expect("ssh-keygen runs");
-        assert!(
-            out.status.success(),
-            "ssh-keygen failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        KeyPair {
-            public: private.with_extension("pub"),
-            private,
-        }
+        assert!(out.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        KeyPair { public: private.with_extension("pub"), private }
     }
 
     pub fn public_line(&self) -> String {
-        std::fs::read_to_string(&self.public)
-            .unwrap()
-            .trim()
-            .to_string()
+        std::fs::read_to_string(&self.public).unwrap().trim().to_string()
     }
 }
 
@@ -112,11 +91,7 @@ impl Proc {
             .stdout(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
+        Proc { name: name.to_string(), child, log }
     }
 
     pub fn log_text(&self) -> String {
@@ -133,10 +108,7 @@ impl Proc {
 
     /// SIGTERM, then wait up to `timeout` for exit; SIGKILL after that.
     pub fn terminate(&mut self, timeout: Duration) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         if !wait_until(timeout, || !self.is_running()) {
             let _ = self.child.kill();
         }
@@ -155,12 +127,7 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "----- {} log ({}) -----\n{}",
-                self.name,
-                self.log.display(),
-                self.log_text()
-            );
+            eprintln!("----- {} log ({}) -----\n{}", self.name, self.log.display(), self.log_text());
         }
     }
 }
@@ -178,10 +145,7 @@ impl Sshd {
     pub fn start(authorized: &[&KeyPair]) -> Sshd {
         require_tool(SSHD);
         std::fs::create_dir_all("/run/sshd").expect("privilege separation dir /run/sshd");
-        let dir = tempfile::Builder::new()
-            .prefix("burrow-sshd")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("burrow-sshd").tempdir().unwrap();
         let host_key = KeyPair::generate(dir.path(), "ssh_host_ed25519_key");
         let keys: String = authorized.iter().map(|k| k.public_line() + "\n").collect();
         std::fs::write(dir.path().join("authorized_keys"), keys).unwrap();
@@ -207,12 +171,7 @@ impl Sshd {
                 !proc.is_running() || TcpStream::connect(("127.0.0.1", port)).is_ok()
             });
             if up && proc.is_running() {
-                return Sshd {
-                    dir,
-                    port,
-                    host_key,
-                    proc,
-                };
+                return Sshd { dir, port, host_key, proc };
             }
         }
         panic!("sshd did not start");
@@ -229,6 +188,8 @@ pub struct TestPivot {
     pub bin: PathBuf,
     pub data: TempDir,
     pub addr: SocketAddr,
+    /// The embedded broker's device listener, if the pivot runs one.
+    pub mqtt_addr: Option<SocketAddr>,
     pub proc: Proc,
     pub extra_args: Vec<String>,
 }
@@ -238,39 +199,31 @@ impl TestPivot {
         Self::start_with(bin, &[])
     }
 
+    /// Extra flags go to `burrow server`; unless they name an external broker
+    /// (or `--no-mqtt`), the embedded broker listens on a free loopback port.
     pub fn start_with(bin: &str, extra: &[&str]) -> TestPivot {
-        let data = tempfile::Builder::new()
-            .prefix("burrow-pivot")
-            .tempdir()
-            .unwrap();
+        let data = tempfile::Builder::new().prefix("burrow-pivot").tempdir().unwrap();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (proc, addr) =
-            spawn_pivot(Path::new(bin), data.path(), "127.0.0.1:0", &extra, 0).unwrap();
-        TestPivot {
-            bin: bin.into(),
-            data,
-            addr,
-            proc,
-            extra_args: extra,
-        }
+        let (proc, addr, mqtt_addr) =
+            spawn_pivot(Path::new(bin), data.path(), "127.0.0.1:0", "127.0.0.1:0", &extra, 0).unwrap();
+        TestPivot { bin: bin.into(), data, addr, mqtt_addr, proc, extra_args: extra }
     }
 
-    /// Stops the pivot and starts a new process on the same address and data dir.
+    /// Stops the pivot and starts a new process on the same addresses and data dir.
     pub fn restart(&mut self) {
         self.proc.terminate(Duration::from_secs(15));
-        let n = std::fs::read_dir(self.data.path())
-            .map(|d| d.count())
-            .unwrap_or(0);
-        let (proc, addr) = spawn_pivot(
-            &self.bin,
-            self.data.path(),
-            &self.addr.to_string(),
-            &self.extra_args,
-            n,
-        )
-        .unwrap();
+        let n = std::fs::read_dir(self.data.path()).map(|d| d.count()).unwrap_or(0);
+        let mqtt = self.mqtt_addr.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
+        let (proc, addr, mqtt_addr) =
+            spawn_pivot(&self.bin, self.data.path(), &self.addr.to_string(), &mqtt, &self.extra_args, n).unwrap();
         self.proc = proc;
         self.addr = addr;
+        self.mqtt_addr = mqtt_addr;
+    }
+
+    /// `mqtt://ADDR` of the embedded broker.
+    pub fn mqtt_url(&self) -> String {
+        format!("mqtt://{}", self.mqtt_addr.expect("pivot runs the embedded broker"))
     }
 
     pub fn host_key_pub(&self) -> PathBuf {
@@ -278,20 +231,12 @@ impl TestPivot {
     }
 
     pub fn host_key_line(&self) -> String {
-        std::fs::read_to_string(self.host_key_pub())
-            .unwrap()
-            .trim()
-            .to_string()
+        std::fs::read_to_string(self.host_key_pub()).unwrap().trim().to_string()
     }
 
     /// Runs `burrow ARGS --data-dir DATA` and returns its output.
     pub fn admin(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
-            .args(args)
-            .arg("--data-dir")
-            .arg(self.data.path())
-            .output()
-            .expect("burrow runs")
+        Command::new(&self.bin).args(args).arg("--data-dir").arg(self.data.path()).output().expect("burrow runs")
     }
 
     /// Like [`admin`](Self::admin), but panics unless it succeeds.
@@ -311,25 +256,24 @@ impl TestPivot {
     }
 
     pub fn add_operator(&self, name: &str, key: &KeyPair) {
-        self.admin_ok(&[
-            "operator",
-            "add",
-            name,
-            "--key",
-            key.public.to_str().unwrap(),
-        ]);
+        self.admin_ok(&["operator", "add", name, "--key", key.public.to_str().unwrap()]);
     }
 
     /// The device's entry from `burrow device list --json`.
     pub fn device_json(&self, id: &str) -> Option<serde_json::Value> {
         let out = self.admin_ok(&["device", "list", "--json"]);
-        let list: Vec<serde_json::Value> =
-            serde_json::from_str(&out).expect("device list --json is JSON");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("device list --json is JSON");
         list.into_iter().find(|d| d["id"] == id)
     }
 
+    /// The device's tunnel is open.
     pub fn is_online(&self, id: &str) -> bool {
-        self.device_json(id).is_some_and(|d| d["online"] == true)
+        self.device_json(id).is_some_and(|d| d["tunnel"] == true)
+    }
+
+    /// The device's presence over MQTT is "online".
+    pub fn is_present(&self, id: &str) -> bool {
+        self.device_json(id).is_some_and(|d| d["presence"] == "online")
     }
 
     pub fn wait_online(&self, id: &str, online: bool, timeout: Duration) -> bool {
@@ -341,24 +285,31 @@ fn spawn_pivot(
     bin: &Path,
     data: &Path,
     listen: &str,
+    mqtt_listen: &str,
     extra: &[String],
     n: usize,
-) -> Result<(Proc, SocketAddr)> {
+) -> Result<(Proc, SocketAddr, Option<SocketAddr>)> {
     let log = data.join(format!("server-{n}.log"));
     let mut cmd = Command::new(bin);
-    cmd.args(["server", "--listen", listen, "--data-dir"])
-        .arg(data)
-        .args(extra);
+    cmd.args(["server", "--listen", listen, "--data-dir"]).arg(data);
+    let embedded = !extra.iter().any(|a| a == "--mqtt-url" || a == "--no-mqtt");
+    if embedded {
+        cmd.args(["--mqtt-listen", mqtt_listen]);
+    }
+    cmd.args(extra);
     let mut proc = Proc::spawn("burrow server", &mut cmd, log);
     let deadline = Instant::now() + Duration::from_secs(20);
+    let after = |text: &str, prefix: &str| -> Option<String> {
+        text.lines().find_map(|l| l.strip_prefix(prefix)).map(|s| s.trim().to_string())
+    };
     loop {
         let text = proc.log_text();
-        if let Some(line) = text
-            .lines()
-            .find(|l| l.starts_with("burrow pivot listening on "))
-        {
-            let addr = line.trim_start_matches("burrow pivot listening on ").trim();
-            return Ok((proc, addr.parse().context("listen address")?));
+        let ssh = after(&text, "burrow pivot listening on ");
+        let mqtt = after(&text, "mqtt (embedded broker) listening on ");
+        let ready = text.lines().any(|l| l.starts_with("mqtt "));
+        if let (Some(ssh), true) = (ssh, ready) {
+            let mqtt = mqtt.map(|m| m.parse()).transpose().context("mqtt address")?;
+            return Ok((proc, ssh.parse().context("listen address")?, mqtt));
         }
         if !proc.is_running() || Instant::now() > deadline {
             bail!("burrow server did not start:\n{text}");
@@ -374,48 +325,19 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
-    pub fn start(
-        bin: &str,
-        pivot: &TestPivot,
-        id: &str,
-        key: &KeyPair,
-        expose: &[String],
-    ) -> TestAgent {
+    pub fn start(bin: &str, pivot: &TestPivot, id: &str, key: &KeyPair, expose: &[String]) -> TestAgent {
         let pin = pivot.host_key_pub();
-        Self::start_pinned(
-            bin,
-            &pivot.addr.to_string(),
-            id,
-            key,
-            pin.to_str().unwrap(),
-            expose,
-        )
+        Self::start_pinned(bin, &pivot.addr.to_string(), id, key, pin.to_str().unwrap(), expose)
     }
 
-    pub fn start_pinned(
-        bin: &str,
-        server: &str,
-        id: &str,
-        key: &KeyPair,
-        pin: &str,
-        expose: &[String],
-    ) -> TestAgent {
-        let dir = tempfile::Builder::new()
-            .prefix("burrow-agent")
-            .tempdir()
-            .unwrap();
+    pub fn start_pinned(bin: &str, server: &str, id: &str, key: &KeyPair, pin: &str, expose: &[String]) -> TestAgent {
+        let dir = tempfile::Builder::new().prefix("burrow-agent").tempdir().unwrap();
         let mut cmd = Command::new(bin);
-        cmd.args(["agent", "--server", server, "--id", id, "--key"])
-            .arg(&key.private)
-            .args(["--pivot-host-key", pin]);
+        cmd.args(["agent", "--server", server, "--id", id, "--key"]).arg(&key.private).args(["--pivot-host-key", pin]);
         for e in expose {
             cmd.args(["--expose", e]);
         }
-        let proc = Proc::spawn(
-            &format!("burrow agent {id}"),
-            &mut cmd,
-            dir.path().join("agent.log"),
-        );
+        let proc = Proc::spawn(&format!("burrow agent {id}"), &mut cmd, dir.path().join("agent.log"));
         TestAgent { proc, dir }
     }
 }
@@ -432,21 +354,10 @@ pub struct Operator {
 impl Operator {
     pub fn new(pivot: &TestPivot) -> Operator {
         require_tool("ssh");
-        let dir = tempfile::Builder::new()
-            .prefix("burrow-operator")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("burrow-operator").tempdir().unwrap();
         let key = KeyPair::generate(dir.path(), "id_ed25519");
         let known_hosts = dir.path().join("known_hosts");
-        std::fs::write(
-            &known_hosts,
-            format!(
-                "[127.0.0.1]:{} {}\n",
-                pivot.addr.port(),
-                pivot.host_key_line()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {}\n", pivot.addr.port(), pivot.host_key_line())).unwrap();
         let config = dir.path().join("ssh_config");
         std::fs::write(
             &config,
@@ -459,12 +370,7 @@ impl Operator {
             ),
         )
         .unwrap();
-        Operator {
-            dir,
-            key,
-            config,
-            known_hosts,
-        }
+        Operator { dir, key, config, known_hosts }
     }
 
     /// Trusts `sshd`'s host key for the name `host` (e.g. the device id).
@@ -484,10 +390,7 @@ impl Operator {
 
     /// `ssh -F CONFIG -J pivot root@ID CMD`.
     pub fn ssh_device(&self, id: &str, remote: &str) -> Output {
-        self.ssh(&["-J", "pivot", &format!("root@{id}"), remote])
-            .stdin(Stdio::null())
-            .output()
-            .expect("ssh runs")
+        self.ssh(&["-J", "pivot", &format!("root@{id}"), remote]).stdin(Stdio::null()).output().expect("ssh runs")
     }
 
     pub fn scp(&self, args: &[&str]) -> Output {
@@ -516,11 +419,7 @@ pub fn stdout(out: &Output) -> String {
 }
 
 /// Reads lines from a child's stdout until one satisfies `pred`, or the deadline passes.
-pub fn read_line_until(
-    child: &mut Child,
-    timeout: Duration,
-    pred: impl Fn(&str) -> bool + Send + 'static,
-) -> bool {
+pub fn read_line_until(child: &mut Child, timeout: Duration, pred: impl Fn(&str) -> bool + Send + 'static) -> bool {
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -551,13 +450,7 @@ impl Device {
     }
 
     /// Like [`start`](Self::start), with more `--expose` specs besides port 22.
-    pub fn start_exposing(
-        bin: &str,
-        pivot: &TestPivot,
-        op: &Operator,
-        id: &str,
-        extra: &[String],
-    ) -> Device {
+    pub fn start_exposing(bin: &str, pivot: &TestPivot, op: &Operator, id: &str, extra: &[String]) -> Device {
         let sshd = Sshd::start(&[&op.key]);
         let key = KeyPair::generate(sshd.dir.path(), &format!("device-{id}"));
         pivot.add_device(id, &key);
@@ -565,15 +458,7 @@ impl Device {
         let mut expose = vec![format!("22={}", sshd.target())];
         expose.extend(extra.iter().cloned());
         let agent = TestAgent::start(bin, pivot, id, &key, &expose);
-        assert!(
-            pivot.wait_online(id, true, Duration::from_secs(20)),
-            "device {id} did not come online"
-        );
-        Device {
-            id: id.to_string(),
-            key,
-            sshd,
-            agent,
-        }
+        assert!(pivot.wait_online(id, true, Duration::from_secs(20)), "device {id} did not come online");
+        Device { id: id.to_string(), key, sshd, agent }
     }
 }

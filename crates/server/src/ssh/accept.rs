@@ -45,14 +45,7 @@ pub(crate) async fn serve(
         backoff = Duration::from_millis(10);
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", conn, %peer);
-        let task = handle(
-            shared.clone(),
-            ssh.clone(),
-            stream,
-            peer,
-            conn,
-            shutdown.child_token(),
-        );
+        let task = handle(shared.clone(), ssh.clone(), stream, peer, conn, shutdown.child_token());
         shared.tracker.spawn(
             async move {
                 task.await;
@@ -75,19 +68,17 @@ async fn handle(
     let authenticated: Authenticated = Default::default();
     let handler = Connection::new(shared.clone(), conn, peer, authenticated.clone());
     let deadline = shared.config.auth_timeout;
-    let running =
-        match tokio::time::timeout(deadline, russh::server::run_stream(ssh, stream, handler)).await
-        {
-            Ok(Ok(running)) => running,
-            Ok(Err(e)) => {
-                debug!(error = %e, "handshake failed");
-                return;
-            }
-            Err(_) => {
-                debug!("no SSH banner within {deadline:?}");
-                return;
-            }
-        };
+    let running = match tokio::time::timeout(deadline, russh::server::run_stream(ssh, stream, handler)).await {
+        Ok(Ok(running)) => running,
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("no SSH banner within {deadline:?}");
+            return;
+        }
+    };
     let handle = running.handle();
     tokio::pin!(running);
     let auth_deadline = tokio::time::sleep(deadline);
@@ -116,11 +107,7 @@ async fn handle(
     if let Some(Identity::Device(id)) = authenticated.get() {
         if shared.router.drop_tunnel(id, conn) {
             info!(device = %id, "tunnel closed");
-            if let Err(e) = shared
-                .registry
-                .tunnel_down(id, &shared.config.pivot_name)
-                .await
-            {
+            if let Err(e) = shared.registry.tunnel_down(id, &shared.config.pivot_name).await {
                 warn!(device = %id, error = %e, "could not record tunnel close");
             }
         }

@@ -8,9 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use burrow_core::fingerprint;
 use russh::keys::ssh_key::PublicKey;
-use russh::server::{
-    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
-};
+use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::Channel;
 use tracing::{debug, info, warn};
 
@@ -40,19 +38,8 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        conn: ConnId,
-        peer: SocketAddr,
-        authenticated: Authenticated,
-    ) -> Self {
-        Connection {
-            shared,
-            conn,
-            peer,
-            authenticated,
-            pending: None,
-        }
+    pub(crate) fn new(shared: Arc<Shared>, conn: ConnId, peer: SocketAddr, authenticated: Authenticated) -> Self {
+        Connection { shared, conn, peer, authenticated, pending: None }
     }
 
     fn identity(&self) -> Option<&Identity> {
@@ -68,22 +55,14 @@ impl Connection {
 impl Handler for Connection {
     type Error = HandlerError;
 
-    async fn auth_publickey_offered(
-        &mut self,
-        _user: &str,
-        offer: PublicKeyOffer<'_>,
-    ) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
         Ok(match self.lookup(offer.public_key).await? {
             Some(_) => Auth::Accept,
             None => Auth::reject(),
         })
     }
 
-    async fn auth_publickey(
-        &mut self,
-        user: &str,
-        key: VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         match self.lookup(key.public_key).await? {
             Some(found) => {
                 debug!(user, identity = %found.0, "public key accepted");
@@ -104,11 +83,7 @@ impl Handler for Connection {
         info!(peer = %self.peer, conn = self.conn, "{identity} authenticated");
         self.shared.router.add_session(
             self.conn,
-            RouterSession {
-                identity: identity.clone(),
-                fingerprint: fp,
-                handle: session.handle(),
-            },
+            RouterSession { identity: identity.clone(), fingerprint: fp, handle: session.handle() },
         );
         let _ = self.authenticated.set(identity);
         Ok(())
@@ -150,9 +125,7 @@ impl Handler for Connection {
         };
         // Resolving may wait on the registry or the device; never block this
         // connection's other channels on it.
-        self.shared
-            .tracker
-            .spawn(open_for_operator(self.shared.clone(), req, channel, reply));
+        self.shared.tracker.spawn(open_for_operator(self.shared.clone(), req, channel, reply));
         Ok(())
     }
 
@@ -173,10 +146,7 @@ impl Handler for Connection {
             warn!(device = %id, address, port = *port, "tcpip-forward refused: a device may forward only its own id and a fixed port");
             return Ok(false);
         }
-        let (bind, ports) = self
-            .shared
-            .router
-            .bind(&id, self.conn, &session.handle(), *port);
+        let (bind, ports) = self.shared.router.bind(&id, self.conn, &session.handle(), *port);
         if let Bind::Replaced(old) = bind {
             info!(device = %id, "new connection replaces the old tunnel");
             tokio::spawn(async move {
@@ -190,10 +160,10 @@ impl Handler for Connection {
             });
         }
         info!(device = %id, port = *port, "tunnel port open");
-        self.shared
-            .registry
-            .tunnel_up(&id, &self.shared.config.pivot_name, &ports)
-            .await?;
+        self.shared.registry.tunnel_up(&id, &self.shared.config.pivot_name, &ports).await?;
+        if let Some(signal) = &self.shared.signal {
+            signal.tunnel_bound(&id);
+        }
         Ok(true)
     }
 

@@ -33,6 +33,12 @@ pub(crate) enum Refusal {
     NoShell,
     #[error("registry unavailable; try again")]
     Registry,
+    #[error("device '{id}' did not answer within {secs}s")]
+    NoAnswer { id: Id, secs: u64 },
+    #[error("device '{id}' could not connect to the pivot: {reason}")]
+    CouldNotConnect { id: Id, reason: String },
+    #[error("signaling unavailable: {0}")]
+    Signaling(String),
 }
 
 fn last_seen_text(t: Option<i64>) -> String {
@@ -45,16 +51,11 @@ fn last_seen_text(t: Option<i64>) -> String {
 impl Refusal {
     pub(crate) fn into_failure(self) -> ChannelOpenFailure {
         let code = match self {
-            Refusal::DeviceForbidden | Refusal::NoShell => {
-                ChannelOpenFailure::AdministrativelyProhibited.code()
-            }
+            Refusal::DeviceForbidden | Refusal::NoShell => ChannelOpenFailure::AdministrativelyProhibited.code(),
             Refusal::Registry => ChannelOpenFailure::ResourceShortage.code(),
             _ => ChannelOpenFailure::ConnectFailed.code(),
         };
-        ChannelOpenFailure::Other {
-            code,
-            reason: self.to_string(),
-        }
+        ChannelOpenFailure::Other { code, reason: self.to_string() }
     }
 }
 
@@ -81,29 +82,22 @@ pub(crate) async fn open_for_operator(
         }
     };
     let (orig_addr, orig_port) = req.originator;
-    let device_channel = match tunnel
-        .handle
-        .channel_open_forwarded_tcpip(id.as_str(), req.port, orig_addr, orig_port)
-        .await
-    {
-        Ok(ch) => ch,
-        Err(e) => {
-            let refusal = match e {
-                russh::Error::ChannelOpenFailure(f) => Refusal::DeviceRefused {
-                    id: id.clone(),
-                    port: req.port,
-                    reason: f.description().to_string(),
-                },
-                other => Refusal::TunnelFailed {
-                    id: id.clone(),
-                    reason: other.to_string(),
-                },
-            };
-            warn!(operator = %req.operator, device = %id, port = req.port, "refused: {refusal}");
-            reply.reject(refusal.into_failure()).await;
-            return;
-        }
-    };
+    let device_channel =
+        match tunnel.handle.channel_open_forwarded_tcpip(id.as_str(), req.port, orig_addr, orig_port).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                let refusal = match e {
+                    russh::Error::ChannelOpenFailure(f) => {
+                        Refusal::DeviceRefused { id: id.clone(), port: req.port, reason: f.description().to_string() }
+                    }
+                    other => Refusal::TunnelFailed { id: id.clone(), reason: other.to_string() },
+                };
+                warn!(operator = %req.operator, device = %id, port = req.port, "refused: {refusal}");
+                reply.reject(refusal.into_failure()).await;
+                return;
+            }
+        };
+    let _active = tunnel.activity.enter();
     reply.accept().await;
     info!(operator = %req.operator, device = %id, port = req.port, "channel open");
     relay(channel, device_channel).await;
@@ -119,17 +113,27 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
         }
         return Err(Refusal::PortNotExposed { id, port: req.port });
     }
-    match shared.registry.device(&id).await {
-        Ok(Some(dev)) => Err(Refusal::Offline {
-            id,
-            last_seen: dev.last_seen,
-        }),
-        Ok(None) => Err(Refusal::Unknown(id.to_string())),
+    let dev = match shared.registry.device(&id).await {
+        Ok(Some(dev)) => dev,
+        Ok(None) => return Err(Refusal::Unknown(id.to_string())),
         Err(e) => {
             warn!(error = %e, "registry lookup failed");
-            Err(Refusal::Registry)
+            return Err(Refusal::Registry);
+        }
+    };
+    let Some(signal) = &shared.signal else {
+        return Err(Refusal::Offline { id, last_seen: dev.last_seen });
+    };
+    match signal.presence(&id) {
+        Some(seen) if seen.online => {}
+        seen => {
+            let heard = seen.and_then(|s| s.at);
+            let last_seen = dev.last_seen.max(heard);
+            return Err(Refusal::Offline { id, last_seen });
         }
     }
+    let tunnel = signal.wake(shared, &id, req.port).await?;
+    Ok((id, tunnel))
 }
 
 /// `cam-42.burrow` and `cam-42` name the same device.
@@ -137,10 +141,7 @@ fn strip_suffix<'a>(host: &'a str, suffix: &str) -> &'a str {
     if suffix.is_empty() {
         return host;
     }
-    host.strip_suffix(suffix)
-        .and_then(|h| h.strip_suffix('.'))
-        .filter(|h| !h.is_empty())
-        .unwrap_or(host)
+    host.strip_suffix(suffix).and_then(|h| h.strip_suffix('.')).filter(|h| !h.is_empty()).unwrap_or(host)
 }
 
 #[cfg(test)]
@@ -150,30 +151,16 @@ mod tests {
     #[test]
     fn refusal_texts_are_exact() {
         let id = Id::parse("cam-42").unwrap();
+        assert_eq!(Refusal::Unknown("cam-42".into()).to_string(), "unknown device 'cam-42'");
         assert_eq!(
-            Refusal::Unknown("cam-42".into()).to_string(),
-            "unknown device 'cam-42'"
-        );
-        assert_eq!(
-            Refusal::Offline {
-                id: id.clone(),
-                last_seen: Some(1_795_428_251)
-            }
-            .to_string(),
+            Refusal::Offline { id: id.clone(), last_seen: Some(1_795_428_251) }.to_string(),
             "device 'cam-42' is offline (last seen 2026-11-23T10:04:11Z)"
         );
         assert_eq!(
-            Refusal::Offline {
-                id: id.clone(),
-                last_seen: None
-            }
-            .to_string(),
+            Refusal::Offline { id: id.clone(), last_seen: None }.to_string(),
             "device 'cam-42' is offline (never connected)"
         );
-        assert_eq!(
-            Refusal::PortNotExposed { id, port: 8080 }.to_string(),
-            "device 'cam-42' does not expose port 8080"
-        );
+        assert_eq!(Refusal::PortNotExposed { id, port: 8080 }.to_string(), "device 'cam-42' does not expose port 8080");
     }
 
     #[test]

@@ -1,0 +1,148 @@
+//! On-demand mode: hold one MQTT connection, no SSH, until a pivot asks.
+//!
+//! The agent publishes retained presence (with an "offline" last will),
+//! subscribes to its own request topic, and for each wake request that
+//! verifies against the pinned pivot key (unexpired, addressed to this
+//! device, nonce not seen before) dials the pivot the request names. When
+//! the pivot closes the idle tunnel, the agent simply goes back to waiting.
+//! A failed dial is reported on the status topic so the operator sees why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_core::signal::{login_token, Presence, ReplayGuard, Status, WakeRequest};
+use burrow_core::time::now_unix;
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::{error_chain, session, AgentError, Config, SignalConfig};
+
+/// How one tunnel ended, reported back to the MQTT loop.
+struct TunnelEnd {
+    req: WakeRequest,
+    error: Option<String>,
+}
+
+pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let signal = config.signal.clone().expect("on-demand mode has signaling");
+    let id = config.id.to_string();
+    let topics = signal.topics.clone();
+    let mut opts = mqtt_options(&config, &signal)?;
+    let will = serde_json::to_vec(&Presence::offline()).expect("presence serializes");
+    opts.set_last_will(LastWill::new(topics.presence(&id), will, QoS::AtLeastOnce, true));
+    // Small queue: this client publishes a presence or a status now and then.
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    // One tunnel at a time, so one result in flight.
+    let (done_tx, mut done_rx) = mpsc::channel::<TunnelEnd>(1);
+    let mut replay = ReplayGuard::default();
+    let mut tunnel: Option<CancellationToken> = None;
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    info!(device = %id, broker = %signal.url, "waiting for wake-ups over MQTT");
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(end) = done_rx.recv() => {
+                tunnel = None;
+                match end.error {
+                    None => info!(pivot = %end.req.pivot, "tunnel closed; waiting for wake-ups"),
+                    Some(reason) => {
+                        warn!(pivot = %end.req.pivot, "could not connect to the pivot: {reason}");
+                        let status = Status { nonce: end.req.nonce, pivot: end.req.pivot, state: "error".into(), reason: Some(reason), at: now_unix() };
+                        let payload = serde_json::to_vec(&status).expect("status serializes");
+                        let _ = client.try_publish(topics.status(&id), QoS::AtLeastOnce, false, payload);
+                    }
+                }
+            }
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff.reset();
+                    info!("connected to the MQTT broker");
+                    let _ = client.try_subscribe(topics.request(&id), QoS::AtLeastOnce);
+                    let presence = serde_json::to_vec(&Presence::online("on-demand", now_unix())).expect("presence serializes");
+                    let _ = client.try_publish(topics.presence(&id), QoS::AtLeastOnce, true, presence);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topics.request(&id) => {
+                    let now = now_unix();
+                    let req = match WakeRequest::verify(&p.payload, &config.pivot_host_key, &config.id, now)
+                        .and_then(|req| replay.check(&req, now).map(|()| req))
+                    {
+                        Ok(req) => req,
+                        Err(e) => {
+                            warn!("ignored wake request: {e}");
+                            continue;
+                        }
+                    };
+                    if tunnel.is_some() {
+                        debug!(pivot = %req.pivot, "wake request while a tunnel is up; ignored");
+                        continue;
+                    }
+                    info!(pivot = %req.pivot, "wake request; dialing the pivot");
+                    let cancel = shutdown.child_token();
+                    tunnel = Some(cancel.clone());
+                    let (config, done) = (config.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let result = session::hold(config, &req.pivot, &cancel).await;
+                        let error = result.err().map(|e| error_chain(&e));
+                        let _ = done.send(TunnelEnd { req, error }).await;
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!("MQTT broker unreachable ({e}); retrying in {:.1}s", delay.as_secs_f64());
+                    // A fresh login token for the next attempt: tokens are short-lived.
+                    if signal.password.is_none() {
+                        if let Ok(token) = login_token(&config.key, &id, now_unix()) {
+                            let user = signal.username.clone().unwrap_or_else(|| id.clone());
+                            eventloop.mqtt_options.set_credentials(user, token);
+                        }
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            },
+        }
+    }
+
+    // Say goodbye explicitly; the last will covers the ungraceful case.
+    if let Some(t) = tunnel {
+        t.cancel();
+    }
+    let offline = serde_json::to_vec(&Presence::offline()).expect("presence serializes");
+    let _ = client.try_publish(topics.presence(&id), QoS::AtLeastOnce, true, offline);
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(ev) = eventloop.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    info!("stopped");
+    Ok(())
+}
+
+fn mqtt_options(config: &Config, signal: &SignalConfig) -> Result<MqttOptions, AgentError> {
+    let id = config.id.to_string();
+    let mut opts = MqttOptions::new(id.clone(), signal.url.host.clone(), signal.url.port);
+    opts.set_keep_alive(config.keepalive_interval);
+    opts.set_clean_session(true);
+    let user = signal.username.clone().unwrap_or_else(|| id.clone());
+    let password = match &signal.password {
+        Some(p) => p.clone(),
+        None => login_token(&config.key, &id, now_unix()).unwrap_or_default(),
+    };
+    opts.set_credentials(user, password);
+    if signal.url.tls {
+        let (ca, client_auth) = signal.tls.load().map_err(AgentError::Tls)?;
+        opts.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+    }
+    Ok(opts)
+}
