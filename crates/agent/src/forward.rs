@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use russh::client::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -29,11 +30,24 @@ pub(crate) async fn serve(channel: Channel<Msg>, port: u32, target: Option<Strin
     let _ = tcp.set_nodelay(true);
     reply.accept().await;
     info!(port, %target, "channel open");
-    let mut tcp = tcp;
-    let mut stream = channel.into_stream();
-    match tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
-        Ok((up, down)) => info!(port, %target, up, down, "channel closed"),
-        Err(e) => debug!(port, %target, error = %e, "channel ended"),
+    let (mut read, write) = channel.split();
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let up = async {
+        let n = tokio::io::copy(&mut tcp_read, &mut write.make_writer()).await;
+        let _ = write.eof().await;
+        n
+    };
+    let down = async {
+        let n = tokio::io::copy(&mut read.make_reader(), &mut tcp_write).await;
+        let _ = tcp_write.shutdown().await;
+        n
+    };
+    let (up, down) = tokio::join!(up, down);
+    // Dropping a channel does not close it; say so, or the pivot waits forever.
+    let _ = write.close().await;
+    match (up, down) {
+        (Ok(up), Ok(down)) => info!(port, %target, up, down, "channel closed"),
+        (Err(e), _) | (_, Err(e)) => debug!(port, %target, error = %e, "channel ended"),
     }
 }
 

@@ -8,11 +8,17 @@
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 
-/// Relays until both directions are closed.
+/// Relays until either side closes. A close ends the relay at once: the
+/// closing side takes no more data, and each pump forwards everything that
+/// arrived before the close it saw. (russh does not report the peer's answer
+/// to our own close, so waiting for it would hang.)
 pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>) {
     let (a_read, a_write) = a.split();
     let (b_read, b_write) = b.split();
-    tokio::join!(pump(a_read, &b_write), pump(b_read, &a_write));
+    tokio::select! {
+        _ = pump(a_read, &b_write) => {}
+        _ = pump(b_read, &a_write) => {}
+    }
     let _ = a_write.close().await;
     let _ = b_write.close().await;
 }
