@@ -462,3 +462,82 @@ impl Device {
         Device { id: id.to_string(), key, sshd, agent }
     }
 }
+
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// A real Mosquitto broker on a free loopback port, with the ACL burrow
+/// documents: each device reads only its request topic and writes only its
+/// presence and status; the pivot (user `pivot`) reads and writes all.
+pub struct Mosquitto {
+    pub dir: TempDir,
+    pub port: u16,
+    pub proc: Proc,
+    starts: usize,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        require_tool(MOSQUITTO);
+        let dir = tempfile::Builder::new().prefix("burrow-mosquitto").tempdir().unwrap();
+        let port = free_port();
+        let acl = dir.path().join("acl");
+        std::fs::write(
+            &acl,
+            "user pivot\ntopic readwrite burrow/#\n\n\
+             pattern read burrow/devices/%u/request\n\
+             pattern write burrow/devices/%u/presence\n\
+             pattern write burrow/devices/%u/status\n",
+        )
+        .unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {}\npersistence false\n\
+                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\n",
+                acl.display()
+            ),
+        )
+        .unwrap();
+        let proc = Self::spawn(&dir, &conf, port, 0);
+        Mosquitto { dir, port, proc, starts: 1 }
+    }
+
+    fn spawn(dir: &TempDir, conf: &Path, port: u16, n: usize) -> Proc {
+        let mut cmd = Command::new(MOSQUITTO);
+        cmd.arg("-c").arg(conf);
+        let mut proc = Proc::spawn("mosquitto", &mut cmd, dir.path().join(format!("mosquitto-{n}.log")));
+        let up = wait_until(Duration::from_secs(10), || {
+            !proc.is_running() || TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up && proc.is_running(), "mosquitto did not start: {}", proc.log_text());
+        proc
+    }
+
+    /// Stops the broker (clients see the connection drop) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.proc.terminate(Duration::from_secs(10));
+        self.proc = Self::spawn(&self.dir, &self.dir.path().join("mosquitto.conf"), self.port, self.starts);
+        self.starts += 1;
+    }
+
+    pub fn stop(&mut self) {
+        self.proc.terminate(Duration::from_secs(10));
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+/// TCP connections of process `pid` to `port` on loopback, from `ss`.
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    require_tool("ss");
+    let out = Command::new("ss").args(["-tnpH", "state", "established"]).output().expect("ss runs");
+    let needle = format!("pid={pid},");
+    stdout(&out)
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .filter(|l| l.split_whitespace().nth(3).is_some_and(|peer| peer.ends_with(&format!(":{port}"))))
+        .count()
+}

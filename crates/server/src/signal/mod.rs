@@ -227,6 +227,14 @@ async fn on_publish(shared: &Shared, signal: &Signal, p: &rumqttc::Publish) {
 }
 
 impl Signal {
+    /// Why the broker cannot be used right now, if it cannot.
+    pub(crate) fn unavailable(&self) -> Option<String> {
+        if self.connected.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(self.last_error.lock().unwrap().clone())
+    }
+
     pub(crate) fn presence(&self, id: &Id) -> Option<Seen> {
         self.presence.lock().unwrap().get(id.as_str()).cloned()
     }

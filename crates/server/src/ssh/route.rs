@@ -124,6 +124,9 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
     let Some(signal) = &shared.signal else {
         return Err(Refusal::Offline { id, last_seen: dev.last_seen });
     };
+    if let Some(why) = signal.unavailable() {
+        return Err(Refusal::Signaling(why));
+    }
     match signal.presence(&id) {
         Some(seen) if seen.online => {}
         seen => {
