@@ -361,3 +361,53 @@ fn embedded_broker_enforces_device_acl() {
     // The real device was never disturbed.
     assert!(f.pivot.is_present("cam-42"));
 }
+
+#[test]
+fn mosquitto_over_tls_with_client_certificates() {
+    let m = Mosquitto::start_tls();
+    let (ca, pivot_cert, pivot_key) = m.issue("pivot");
+    let (_, dev_cert, dev_key) = m.issue("cam-42");
+    let pivot = TestPivot::start_with(
+        BURROW,
+        &[
+            "--mqtt-url",
+            &m.tls_url(),
+            "--mqtt-ca",
+            ca.to_str().unwrap(),
+            "--mqtt-cert",
+            pivot_cert.to_str().unwrap(),
+            "--mqtt-key",
+            pivot_key.to_str().unwrap(),
+        ],
+    );
+    let op = Operator::new(&pivot);
+    pivot.add_operator("alice", &op.key);
+    let sshd = Sshd::start(&[&op.key]);
+    let key = KeyPair::generate(sshd.dir.path(), "device");
+    pivot.add_device("cam-42", &key);
+    op.trust_device("cam-42", &sshd);
+    let dir = tempfile::Builder::new().prefix("burrow-agent").tempdir().unwrap();
+    let mut cmd = Command::new(BURROW);
+    cmd.args(["agent", "--mqtt-url", &m.tls_url(), "--id", "cam-42", "--key"])
+        .arg(&key.private)
+        .arg("--pivot-host-key")
+        .arg(pivot.host_key_pub())
+        .args(["--expose", &format!("22={}", sshd.target())])
+        .arg("--mqtt-ca")
+        .arg(&ca)
+        .arg("--mqtt-cert")
+        .arg(&dev_cert)
+        .arg("--mqtt-key")
+        .arg(&dev_key);
+    let agent = Proc::spawn("burrow agent cam-42", &mut cmd, dir.path().join("agent.log"));
+    assert!(
+        wait_until(Duration::from_secs(20), || pivot.is_present("cam-42")),
+        "no presence over TLS:\n{}\n{}\n{}",
+        agent.log_text(),
+        pivot.proc.log_text(),
+        m.proc.log_text()
+    );
+    let out = op.ssh_device("cam-42", "echo over-tls");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "over-tls");
+}

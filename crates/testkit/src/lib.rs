@@ -477,8 +477,35 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Self::start_with_listener(|_| String::new())
+    }
+
+    /// Mosquitto with TLS only, requiring client certificates whose CN is the
+    /// MQTT username (as AWS IoT Core does). Issue certificates with [`Mosquitto::issue`].
+    pub fn start_tls() -> Mosquitto {
+        Self::start_with_listener(|dir| {
+            let ca = TestCa::create(dir);
+            let (cert, key) = ca.issue(dir, "127.0.0.1", true);
+            format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+                ca.cert.display(),
+                cert.display(),
+                key.display()
+            )
+        })
+    }
+
+    /// `(ca, cert, key)` PEM paths for a client named `cn`.
+    pub fn issue(&self, cn: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let ca = TestCa { cert: self.dir.path().join("ca.pem"), key: self.dir.path().join("ca.key") };
+        let (cert, key) = ca.issue(self.dir.path(), cn, false);
+        (ca.cert, cert, key)
+    }
+
+    fn start_with_listener(tls: impl FnOnce(&Path) -> String) -> Mosquitto {
         require_tool(MOSQUITTO);
         let dir = tempfile::Builder::new().prefix("burrow-mosquitto").tempdir().unwrap();
+        let tls = tls(dir.path());
         let port = free_port();
         let acl = dir.path().join("acl");
         std::fs::write(
@@ -493,8 +520,9 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {}\npersistence false\n\
+                "user root\nlistener {port} 127.0.0.1\n{tls}allow_anonymous {}\nacl_file {}\npersistence false\n\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\n",
+                tls.is_empty(),
                 acl.display()
             ),
         )
@@ -528,6 +556,93 @@ impl Mosquitto {
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
+
+    pub fn tls_url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A throwaway certificate authority made with the openssl CLI.
+struct TestCa {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TestCa {
+    fn create(dir: &Path) -> TestCa {
+        require_tool("openssl");
+        let ca = TestCa { cert: dir.join("ca.pem"), key: dir.join("ca.key") };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=burrow-test-ca",
+            "-keyout",
+            ca.key.to_str().unwrap(),
+            "-out",
+            ca.cert.to_str().unwrap(),
+        ]);
+        ca
+    }
+
+    fn issue(&self, dir: &Path, cn: &str, server: bool) -> (PathBuf, PathBuf) {
+        let (cert, key, csr, ext) = (
+            dir.join(format!("{cn}.pem")),
+            dir.join(format!("{cn}.key")),
+            dir.join(format!("{cn}.csr")),
+            dir.join(format!("{cn}.ext")),
+        );
+        let ext_text = if server {
+            format!("subjectAltName=IP:{cn}\nextendedKeyUsage=serverAuth\n")
+        } else {
+            "extendedKeyUsage=clientAuth\n".to_string()
+        };
+        std::fs::write(&ext, ext_text).unwrap();
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            self.cert.to_str().unwrap(),
+            "-CAkey",
+            self.key.to_str().unwrap(),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ]);
+        (cert, key)
+    }
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl").args(args).output().expect("openssl runs");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// TCP connections of process `pid` to `port` on loopback, from `ss`.
