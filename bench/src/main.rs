@@ -1,0 +1,159 @@
+//! `burrow-bench`: measurements that are too slow or too noisy for tests.
+//!
+//! ```text
+//! cargo build --release -p burrow -p burrow-bench
+//! target/release/burrow-bench wake [SAMPLES]
+//! ```
+//!
+//! `wake` measures what an on-demand wake-up adds to opening a channel: the
+//! time from an operator's `direct-tcpip` open to its confirmation, for a
+//! sleeping device (woken over the embedded MQTT broker) against a device
+//! whose tunnel is already up. Both devices front the same real sshd.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use burrow_testkit::{KeyPair, Sshd, TestAgent, TestPivot};
+use russh::keys::PrivateKeyWithHashAlg;
+use russh::ChannelMsg;
+
+fn burrow_bin() -> Result<String> {
+    if let Ok(bin) = std::env::var("BURROW_BIN") {
+        return Ok(bin);
+    }
+    let exe = std::env::current_exe()?;
+    let bin: PathBuf = exe.parent().context("exe dir")?.join("burrow");
+    if !bin.exists() {
+        bail!("{} not found; build it with cargo build --release -p burrow", bin.display());
+    }
+    Ok(bin.display().to_string())
+}
+
+struct Operator;
+
+impl russh::client::Handler for Operator {
+    type Error = russh::Error;
+    async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        // Loopback bench against a pivot this process just started.
+        Ok(true)
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Opens `id:22`, returning (time to confirmation, time to the sshd banner).
+async fn open_once(handle: &russh::client::Handle<Operator>, id: &str) -> Result<(Duration, Duration)> {
+    let t0 = Instant::now();
+    let mut ch = handle.channel_open_direct_tcpip(id, 22, "127.0.0.1", 40000).await?;
+    let confirmed = t0.elapsed();
+    loop {
+        match ch.wait().await {
+            Some(ChannelMsg::Data { data }) if data.starts_with(b"SSH-") => break,
+            Some(_) => {}
+            None => bail!("channel closed before the banner"),
+        }
+    }
+    let banner = t0.elapsed();
+    ch.close().await?;
+    Ok((confirmed, banner))
+}
+
+fn report(name: &str, samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort();
+    let (p50, p95) = (percentile(samples, 0.5), percentile(samples, 0.95));
+    println!(
+        "{name:<28} n={:<4} p50 {:>8.2} ms  p95 {:>8.2} ms  max {:>8.2} ms",
+        samples.len(),
+        ms(p50),
+        ms(p95),
+        ms(*samples.last().unwrap())
+    );
+    (p50, p95)
+}
+
+async fn wake(samples: usize) -> Result<()> {
+    let bin = burrow_bin()?;
+    let pivot = TestPivot::start_with(&bin, &["--idle-timeout", "200ms"]);
+    let sshd = Sshd::start(&[]);
+    let dir = sshd.dir.path();
+    let (sleepy, awake, op) = (KeyPair::generate(dir, "sleepy"), KeyPair::generate(dir, "awake"), KeyPair::generate(dir, "op"));
+    pivot.add_device("sleepy", &sleepy);
+    pivot.add_device("awake", &awake);
+    pivot.add_operator("bench", &op);
+    let expose = [format!("22={}", sshd.target())];
+    let _awake = TestAgent::start(&bin, &pivot, "awake", &awake, &expose);
+    let pin = pivot.host_key_pub();
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(["agent", "--mqtt-url", &pivot.mqtt_url(), "--id", "sleepy", "--key"])
+        .arg(&sleepy.private)
+        .arg("--pivot-host-key")
+        .arg(&pin)
+        .args(["--expose", &expose[0]]);
+    let _sleepy = burrow_testkit::Proc::spawn("sleepy agent", &mut cmd, dir.join("sleepy.log"));
+    if !pivot.wait_online("awake", true, Duration::from_secs(20))
+        || !burrow_testkit::wait_until(Duration::from_secs(20), || pivot.is_present("sleepy"))
+    {
+        bail!("agents did not come up");
+    }
+
+    let key = russh::keys::load_secret_key(&op.private, None)?;
+    let config = Arc::new(russh::client::Config { nodelay: true, ..Default::default() });
+    let mut handle = russh::client::connect(config, pivot.addr, Operator).await?;
+    let auth = handle.authenticate_publickey("bench", PrivateKeyWithHashAlg::new(Arc::new(key), None)).await?;
+    if !auth.success() {
+        bail!("operator key refused");
+    }
+
+    // Warm-up: first connections pay for page faults and key caches.
+    for _ in 0..3 {
+        open_once(&handle, "awake").await?;
+    }
+    let (mut warm_open, mut warm_banner) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let (o, b) = open_once(&handle, "awake").await?;
+        warm_open.push(o);
+        warm_banner.push(b);
+    }
+    let (mut cold_open, mut cold_banner) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        // Wait until the previous wake-up's tunnel has been closed as idle.
+        if !burrow_testkit::wait_until(Duration::from_secs(10), || !pivot.is_online("sleepy")) {
+            bail!("sample {i}: tunnel did not close");
+        }
+        let (o, b) = open_once(&handle, "sleepy").await?;
+        cold_open.push(o);
+        cold_banner.push(b);
+    }
+    println!("wake-up overhead, {samples} samples each, loopback, embedded broker");
+    let (w50, w95) = report("tunnel up: open->confirm", &mut warm_open);
+    report("tunnel up: open->banner", &mut warm_banner);
+    let (c50, c95) = report("sleeping: open->confirm", &mut cold_open);
+    report("sleeping: open->banner", &mut cold_banner);
+    println!(
+        "overhead (sleeping - tunnel up, open->confirm): p50 {:.2} ms, p95 {:.2} ms",
+        ms(c50.saturating_sub(w50)),
+        ms(c95.saturating_sub(w95))
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("wake") => {
+            let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(50);
+            wake(n).await
+        }
+        _ => bail!("usage: burrow-bench wake [SAMPLES]"),
+    }
+}
