@@ -85,7 +85,8 @@ async fn wake(samples: usize) -> Result<()> {
     let pivot = TestPivot::start_with(&bin, &["--idle-timeout", "200ms"]);
     let sshd = Sshd::start(&[]);
     let dir = sshd.dir.path();
-    let (sleepy, awake, op) = (KeyPair::generate(dir, "sleepy"), KeyPair::generate(dir, "awake"), KeyPair::generate(dir, "op"));
+    let (sleepy, awake, op) =
+        (KeyPair::generate(dir, "sleepy"), KeyPair::generate(dir, "awake"), KeyPair::generate(dir, "op"));
     pivot.add_device("sleepy", &sleepy);
     pivot.add_device("awake", &awake);
     pivot.add_operator("bench", &op);
