@@ -52,6 +52,9 @@ pub struct AgentArgs {
     /// Prefix of every MQTT topic burrow uses.
     #[arg(long, default_value = "burrow")]
     topic_prefix: String,
+    /// Keepalive period to the pivot and the broker; three missed mean reconnect.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    keepalive: std::time::Duration,
 }
 
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
@@ -66,6 +69,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
         bail!("give --server HOST:PORT (always-on) or --mqtt-url URL (on demand)");
     }
     let mut config = burrow_agent::Config::new(args.server, args.id, key, pin, args.expose);
+    config.keepalive_interval = args.keepalive;
     if let (Some(url), false) = (args.mqtt_url, args.always_on) {
         config.signal = Some(burrow_agent::SignalConfig {
             url,

@@ -81,7 +81,7 @@ fn start_agent(pivot: &TestPivot, key: &KeyPair, sshd: &Sshd, url: &str) -> Test
         .arg(&key.private)
         .arg("--pivot-host-key")
         .arg(&pin)
-        .args(["--expose", &format!("22={}", sshd.target())]);
+        .args(["--expose", &format!("22={}", sshd.target()), "--keepalive", "2s"]);
     let proc = Proc::spawn("burrow agent cam-42", &mut cmd, dir.path().join("agent.log"));
     TestAgent { proc, dir }
 }
@@ -113,6 +113,7 @@ both_brokers!(
     ssh_through_a_sleeping_device,
     tunnel_closes_after_the_idle_grace,
     offline_device_is_refused_with_last_seen,
+    crashed_agent_goes_offline_by_last_will,
     two_concurrent_operators_share_one_tunnel,
     broker_restart_resubscribes_and_wakes_again,
     unreachable_pivot_is_reported_to_the_operator,
@@ -162,6 +163,16 @@ fn offline_device_is_refused_with_last_seen(broker: Broker) {
     assert!(!out.status.success());
     let expected = format!("device 'cam-42' is offline (last seen {last_seen})");
     assert!(stderr(&out).contains(&expected), "wanted {expected:?} in {}", stderr(&out));
+}
+
+fn crashed_agent_goes_offline_by_last_will(broker: Broker) {
+    let mut f = Fleet::start(broker, &[]);
+    // SIGKILL: no goodbye; the broker publishes the last will when the
+    // keepalive (2 s here, x1.5) runs out.
+    f.agent.proc.kill();
+    assert!(wait_until(Duration::from_secs(15), || !f.pivot.is_present("cam-42")), "presence stayed online");
+    let out = f.op.ssh_device("cam-42", "true");
+    assert!(stderr(&out).contains("device 'cam-42' is offline (last seen "), "{}", stderr(&out));
 }
 
 fn two_concurrent_operators_share_one_tunnel(broker: Broker) {
