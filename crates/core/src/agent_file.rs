@@ -1,0 +1,84 @@
+//! The agent's config file (`/etc/burrow/agent.toml`), written by
+//! `burrow agent enroll` and read by `burrow agent --config`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_PATH: &str = "/etc/burrow/agent.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub id: String,
+    /// The pivot's SSH address, `HOST:PORT`.
+    pub server: String,
+    /// The device's private key.
+    pub key: PathBuf,
+    /// The pivot's host key fingerprint (`SHA256:...`) or a `.pub` path.
+    pub pivot_host_key: String,
+    #[serde(default)]
+    pub expose: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_url: Option<String>,
+    #[serde(default)]
+    pub always_on: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentFileError {
+    #[error("cannot read {0}")]
+    Read(String, #[source] std::io::Error),
+    #[error("{0} is not a valid agent config")]
+    Parse(String, #[source] toml::de::Error),
+    #[error("cannot write {0}")]
+    Write(String, #[source] std::io::Error),
+}
+
+impl AgentFile {
+    pub fn load(path: &Path) -> Result<Self, AgentFileError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AgentFileError::Read(path.display().to_string(), e))?;
+        toml::from_str(&text).map_err(|e| AgentFileError::Parse(path.display().to_string(), e))
+    }
+
+    /// Writes atomically (temp file, then rename).
+    pub fn save(&self, path: &Path) -> Result<(), AgentFileError> {
+        let err = |e| AgentFileError::Write(path.display().to_string(), e);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let text = format!(
+            "# burrow agent config, written by `burrow agent enroll`.\n# Start with: burrow agent --config {}\n{}",
+            path.display(),
+            toml::to_string(self).expect("agent config serializes")
+        );
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_and_loads() {
+        let dir = std::env::temp_dir().join(format!("burrow-agent-file-{}", std::process::id()));
+        let path = dir.join("agent.toml");
+        let f = AgentFile {
+            id: "cam-42".into(),
+            server: "pivot:2222".into(),
+            key: "/etc/burrow/device_key".into(),
+            pivot_host_key: "SHA256:abc".into(),
+            expose: vec!["22=127.0.0.1:22".into()],
+            mqtt_url: Some("mqtt://pivot:1883".into()),
+            always_on: false,
+        };
+        f.save(&path).unwrap();
+        assert_eq!(AgentFile::load(&path).unwrap(), f);
+        std::fs::write(&path, "id = 'x'\nbogus = 1\n").unwrap();
+        assert!(matches!(AgentFile::load(&path), Err(AgentFileError::Parse(..))));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
