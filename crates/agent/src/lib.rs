@@ -6,11 +6,15 @@
 //! - `session`: one SSH connection to the pivot: host-key check, auth, forwards.
 //! - `forward`: serving a `forwarded-tcpip` channel by connecting to a local target.
 //! - `on_demand`: waiting on MQTT for signed wake requests, one tunnel per request.
+//! - [`enroll`]: joining with a token, rotating the device key.
+//! - [`pivot_client`]: one-off admin requests to the pivot over SSH.
 //! - `backoff`: jittered exponential backoff.
 
 mod backoff;
+pub mod enroll;
 mod forward;
 mod on_demand;
+pub mod pivot_client;
 mod session;
 
 use std::sync::Arc;
@@ -45,6 +49,9 @@ pub struct Config {
     pub server: Option<String>,
     pub id: Id,
     pub key: Arc<PrivateKey>,
+    /// Where `key` came from; re-read before each connection so a rotated
+    /// key takes effect without a restart.
+    pub key_path: Option<std::path::PathBuf>,
     pub pivot_host_key: HostKeyPin,
     pub expose: Vec<Expose>,
     /// Keepalive period; `keepalive_max` missed in a row means reconnect.
@@ -71,6 +78,7 @@ impl Config {
             server,
             id,
             key: Arc::new(key),
+            key_path: None,
             pivot_host_key,
             expose,
             keepalive_interval: Duration::from_secs(30),
@@ -81,6 +89,21 @@ impl Config {
             stable_after: Duration::from_secs(60),
             signal: None,
         }
+    }
+}
+
+impl Config {
+    /// The device key as it is on disk now (after a rotation), or as loaded.
+    pub fn current_key(&self) -> Arc<PrivateKey> {
+        if let Some(path) = &self.key_path {
+            match russh::keys::load_secret_key(path, None) {
+                Ok(k) => return Arc::new(k),
+                Err(e) => {
+                    tracing::warn!(key = %path.display(), error = %e, "cannot re-read the device key; using the loaded one")
+                }
+            }
+        }
+        self.key.clone()
     }
 }
 

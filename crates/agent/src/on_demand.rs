@@ -96,7 +96,7 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                     warn!("MQTT broker unreachable ({e}); retrying in {:.1}s", delay.as_secs_f64());
                     // A fresh login token for the next attempt: tokens are short-lived.
                     if signal.password.is_none() {
-                        if let Ok(token) = login_token(&config.key, &id, now_unix()) {
+                        if let Ok(token) = login_token(&config.current_key(), &id, now_unix()) {
                             let user = signal.username.clone().unwrap_or_else(|| id.clone());
                             eventloop.mqtt_options.set_credentials(user, token);
                         }

@@ -2,9 +2,8 @@
 //! authenticate with the device key, request a forward per exposed port, and
 //! serve channels until the connection ends.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use burrow_core::fingerprint;
 use russh::client::{self, AuthResult, ChannelOpenHandle, Msg, Session};
 use russh::keys::PrivateKeyWithHashAlg;
 use russh::keys::PublicKeyOrCertificate;
@@ -13,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::pivot_client::Pinned;
 use crate::{forward, Config};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,27 +37,14 @@ pub enum SessionError {
 
 struct AgentHandler {
     config: Arc<Config>,
-    /// The key the pivot offered when it did not match the pin.
-    mismatch: Arc<Mutex<Option<String>>>,
+    pinned: Pinned,
 }
 
 impl client::Handler for AgentHandler {
     type Error = russh::Error;
 
     async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-        let offered = match key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key,
-            PublicKeyOrCertificate::Certificate(cert) => {
-                *self.mismatch.lock().unwrap() =
-                    Some(format!("a certificate signed by {}", cert.signature_key().fingerprint(Default::default())));
-                return Ok(false);
-            }
-        };
-        if self.config.pivot_host_key.matches(offered) {
-            return Ok(true);
-        }
-        *self.mismatch.lock().unwrap() = Some(fingerprint(offered));
-        Ok(false)
+        Ok(self.pinned.check(key))
     }
 
     async fn server_channel_open_forwarded_tcpip(
@@ -101,8 +88,9 @@ pub(crate) async fn hold(config: Arc<Config>, server: &str, shutdown: &Cancellat
         },
     };
     let _ = tcp.set_nodelay(true);
-    let mismatch = Arc::new(Mutex::new(None));
-    let handler = AgentHandler { config: config.clone(), mismatch: mismatch.clone() };
+    let pinned = Pinned::new(config.pivot_host_key.clone());
+    let mismatch = pinned.mismatch.clone();
+    let handler = AgentHandler { config: config.clone(), pinned };
     let connecting =
         tokio::time::timeout(config.connect_timeout, client::connect_stream(ssh_config(&config), tcp, handler));
     let mut handle = match connecting.await {
@@ -116,7 +104,7 @@ pub(crate) async fn hold(config: Arc<Config>, server: &str, shutdown: &Cancellat
         Err(_) => return Err(SessionError::ConnectTimeout(server)),
     };
 
-    let key = PrivateKeyWithHashAlg::new(config.key.clone(), None);
+    let key = PrivateKeyWithHashAlg::new(config.current_key(), None);
     match handle.authenticate_publickey(config.id.as_str(), key).await? {
         AuthResult::Success => {}
         AuthResult::Failure { .. } => return Err(SessionError::AuthRejected(config.id.to_string())),

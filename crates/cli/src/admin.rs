@@ -1,35 +1,48 @@
-//! `burrow device …` and `burrow operator …`, run on the pivot host against
-//! its registry. A running pivot picks the changes up within a second.
+//! `burrow device …` and `burrow operator …`.
+//!
+//! On the pivot host they run against the registry in `--data-dir`; with
+//! `--pivot HOST:PORT` they go over SSH to the pivot, authenticated by the
+//! operator's key. Either way the same [`Request`] reaches the same code
+//! (`burrow_server::admin::execute`), so both paths behave alike.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use burrow_core::keys::read_public_key;
-use burrow_core::time::format_unix;
+use burrow_core::rpc::{Request, Selector};
 use burrow_core::Id;
-use burrow_server::registry::DeviceRecord;
+use burrow_server::admin::{self, Caller};
 use burrow_server::Registry;
 use clap::Subcommand;
-use serde_json::json;
+use serde_json::Value;
 
+use crate::remote::Remote;
 use crate::DataDir;
 
 #[derive(Subcommand)]
 pub enum DeviceCommand {
-    /// Register a device and its public key.
+    /// Register a device. With --key, its public key; without, print a
+    /// one-time enrollment token for `burrow agent enroll`.
     Add {
         id: Id,
         /// The device's public key file (.pub).
         #[arg(long)]
-        key: PathBuf,
+        key: Option<PathBuf>,
         /// k=v, repeatable.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// How long the enrollment token stays valid.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The pivot's HOST:PORT to put in the token [default: the address the pivot advertises].
+        #[arg(long)]
+        address: Option<String>,
         #[command(flatten)]
         data: DataDir,
     },
-    /// List devices: id, online, last seen, labels, exposed ports.
+    /// List devices: id, presence, tunnel, last seen, labels, exposed ports.
     List {
         #[arg(long)]
         json: bool,
@@ -39,11 +52,19 @@ pub enum DeviceCommand {
     /// Show one device.
     Show {
         id: Id,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         data: DataDir,
     },
     /// Remove a device; its open tunnel closes within seconds.
     Remove {
+        id: Id,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Revoke a device: disconnect it now and refuse its key from then on.
+    Revoke {
         id: Id,
         #[command(flatten)]
         data: DataDir,
@@ -60,6 +81,9 @@ pub enum OperatorCommand {
         /// May manage devices and operators.
         #[arg(long)]
         admin: bool,
+        /// Reach only devices with these labels (k=v[,k=v]); repeat for alternatives.
+        #[arg(long)]
+        allow: Vec<Selector>,
         #[command(flatten)]
         data: DataDir,
     },
@@ -86,139 +110,166 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-async fn open(data: &DataDir) -> Result<Registry> {
+/// Runs a request on the local registry, or on the pivot when `remote` is set.
+pub async fn send(remote: Option<&Remote>, data: &DataDir, req: Request) -> Result<Value> {
+    if let Some(remote) = remote {
+        return remote.call(&req).await;
+    }
     let dir = &data.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
-    Registry::open(dir).await.with_context(|| format!("cannot open the registry in {}", dir.display()))
+    let registry =
+        Registry::open(dir).await.with_context(|| format!("cannot open the registry in {}", dir.display()))?;
+    let host_key =
+        read_public_key(&dir.join("host_key.pub")).map(|k| burrow_core::keys::openssh_line(&k)).unwrap_or_default();
+    let ctx = admin::Context { registry: &registry, host_key };
+    let resp = admin::execute(&ctx, &Caller::Local, req).await;
+    registry.close().await;
+    if resp.ok {
+        Ok(resp.data)
+    } else {
+        bail!("{}", resp.error.unwrap_or_default())
+    }
 }
 
-pub async fn device(cmd: DeviceCommand) -> Result<()> {
+pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
     match cmd {
-        DeviceCommand::Add { id, key, labels, data } => {
-            let key = read_public_key(&key)?;
+        DeviceCommand::Add { id, key, labels, ttl, address, data } => {
+            let key = key.map(|k| read_public_key(&k).map(|k| burrow_core::keys::openssh_line(&k))).transpose()?;
             let labels: BTreeMap<_, _> = labels.into_iter().collect();
-            open(&data).await?.add_device(&id, &key, &labels).await?;
-            println!("added device '{id}' ({})", burrow_core::fingerprint(&key));
+            let with_key = key.is_some();
+            let req = Request::DeviceAdd { id: id.to_string(), key, labels, ttl_secs: Some(ttl.as_secs()), address };
+            let out = send(remote, &data, req).await?;
+            if with_key {
+                println!("added device '{id}' ({})", str_of(&out["fingerprint"]));
+            } else {
+                eprintln!(
+                    "added device '{id}'; enroll it within {} (until {}) with:\n  burrow agent enroll --token TOKEN",
+                    humantime::format_duration(ttl),
+                    str_of(&out["expires_at"])
+                );
+                println!("{}", str_of(&out["token"]));
+            }
         }
         DeviceCommand::List { json, data } => {
-            let devices = open(&data).await?.devices().await?;
+            let out = send(remote, &data, Request::DeviceList).await?;
             if json {
-                let list: Vec<_> = devices.iter().map(device_json).collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                print_device_table(&devices);
+                print_device_table(out.as_array().map(Vec::as_slice).unwrap_or_default());
             }
         }
-        DeviceCommand::Show { id, data } => {
-            let Some(dev) = open(&data).await?.device(&id).await? else {
-                bail!("unknown device '{id}'");
-            };
-            println!("id:          {}", dev.id);
-            println!("presence:    {}", dev.presence.as_deref().unwrap_or("-"));
-            println!("tunnel:      {}", if dev.tunnel_open() { "open" } else { "closed" });
-            println!("last seen:   {}", last_seen(&dev));
-            println!("labels:      {}", labels_text(&dev.labels));
-            println!("ports:       {}", ports_text(&dev.ports));
-            println!("key:         {}", dev.public_key);
-            println!("fingerprint: {}", dev.fingerprint);
-            println!("added:       {}", format_unix(dev.created_at));
+        DeviceCommand::Show { id, json, data } => {
+            let d = send(remote, &data, Request::DeviceShow { id: id.to_string() }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+                return Ok(());
+            }
+            println!("id:          {}", str_of(&d["id"]));
+            println!("presence:    {}", opt(&d["presence"]));
+            println!("tunnel:      {}", if d["tunnel"] == true { "open" } else { "closed" });
+            println!("last seen:   {}", d["last_seen"].as_str().unwrap_or("never"));
+            println!("labels:      {}", labels_text(&d["labels"]));
+            println!("ports:       {}", ports_text(&d["ports"]));
+            println!("enrolled:    {}", if d["enrolled"] == true { "yes" } else { "no (token pending)" });
+            println!("revoked:     {}", if d["revoked"] == true { "yes" } else { "no" });
+            println!("fingerprint: {}", opt(&d["fingerprint"]));
+            for k in d["host_keys"].as_array().into_iter().flatten() {
+                println!("host key:    {}", str_of(k));
+            }
+            println!("added:       {}", str_of(&d["added"]));
         }
         DeviceCommand::Remove { id, data } => {
-            if !open(&data).await?.remove_device(&id).await? {
-                bail!("unknown device '{id}'");
-            }
+            send(remote, &data, Request::DeviceRemove { id: id.to_string() }).await?;
             println!("removed device '{id}'");
+        }
+        DeviceCommand::Revoke { id, data } => {
+            send(remote, &data, Request::DeviceRevoke { id: id.to_string() }).await?;
+            println!("revoked device '{id}'");
         }
     }
     Ok(())
 }
 
-pub async fn operator(cmd: OperatorCommand) -> Result<()> {
+pub async fn operator(cmd: OperatorCommand, remote: Option<&Remote>) -> Result<()> {
     match cmd {
-        OperatorCommand::Add { name, key, admin, data } => {
-            let key = read_public_key(&key)?;
-            open(&data).await?.add_operator(&name, &key, admin).await?;
-            let role = if admin { "admin" } else { "operator" };
-            println!("added operator '{name}' as {role} ({})", burrow_core::fingerprint(&key));
+        OperatorCommand::Add { name, key, admin, allow, data } => {
+            let key = burrow_core::keys::openssh_line(&read_public_key(&key)?);
+            let allow = allow.iter().map(Selector::to_string).collect();
+            let out = send(remote, &data, Request::OperatorAdd { name: name.to_string(), key, admin, allow }).await?;
+            println!("added operator '{name}' as {} ({})", str_of(&out["role"]), str_of(&out["fingerprint"]));
         }
         OperatorCommand::List { json, data } => {
-            let ops = open(&data).await?.operators().await?;
+            let out = send(remote, &data, Request::OperatorList).await?;
             if json {
-                let list: Vec<_> = ops
-                    .iter()
-                    .map(|o| {
-                        json!({
-                            "name": o.name,
-                            "role": if o.admin { "admin" } else { "operator" },
-                            "fingerprint": o.fingerprint,
-                            "added": format_unix(o.created_at),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                println!("{:<24} {:<9} FINGERPRINT", "NAME", "ROLE");
-                for o in &ops {
-                    println!("{:<24} {:<9} {}", o.name, if o.admin { "admin" } else { "operator" }, o.fingerprint);
+                println!("{:<24} {:<9} {:<52} ALLOW", "NAME", "ROLE", "FINGERPRINT");
+                for o in out.as_array().into_iter().flatten() {
+                    let allow: Vec<&str> =
+                        o["allow"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    let allow = if allow.is_empty() { "*".to_string() } else { allow.join(" | ") };
+                    println!(
+                        "{:<24} {:<9} {:<52} {allow}",
+                        str_of(&o["name"]),
+                        str_of(&o["role"]),
+                        str_of(&o["fingerprint"])
+                    );
                 }
             }
         }
         OperatorCommand::Remove { name, data } => {
-            if !open(&data).await?.remove_operator(&name).await? {
-                bail!("unknown operator '{name}'");
-            }
+            send(remote, &data, Request::OperatorRemove { name: name.to_string() }).await?;
             println!("removed operator '{name}'");
         }
     }
     Ok(())
 }
 
-fn device_json(d: &DeviceRecord) -> serde_json::Value {
-    json!({
-        "id": d.id,
-        "online": d.online(),
-        "presence": d.presence,
-        "tunnel": d.tunnel_open(),
-        "last_seen": d.last_seen.map(format_unix),
-        "labels": d.labels,
-        "ports": d.ports,
-        "fingerprint": d.fingerprint,
-        "pivot": d.tunnel_pivot,
-    })
+fn str_of(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
 }
 
-fn print_device_table(devices: &[DeviceRecord]) {
-    println!("{:<24} {:<9} {:<7} {:<22} {:<10} LABELS", "ID", "PRESENCE", "TUNNEL", "LAST SEEN", "PORTS");
+fn opt(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+fn print_device_table(devices: &[Value]) {
+    println!(
+        "{:<24} {:<8} {:<9} {:<7} {:<21} {:<9} LABELS",
+        "ID", "STATUS", "PRESENCE", "TUNNEL", "LAST SEEN", "PORTS"
+    );
     for d in devices {
+        let status = if d["revoked"] == true {
+            "revoked"
+        } else if d["enrolled"] == false {
+            "pending"
+        } else if d["online"] == true {
+            "online"
+        } else {
+            "offline"
+        };
         println!(
-            "{:<24} {:<9} {:<7} {:<22} {:<10} {}",
-            d.id,
-            d.presence.as_deref().unwrap_or("-"),
-            if d.tunnel_open() { "open" } else { "-" },
-            last_seen(d),
-            ports_text(&d.ports),
-            labels_text(&d.labels)
+            "{:<24} {:<8} {:<9} {:<7} {:<21} {:<9} {}",
+            str_of(&d["id"]),
+            status,
+            opt(&d["presence"]),
+            if d["tunnel"] == true { "open" } else { "-" },
+            d["last_seen"].as_str().unwrap_or("never"),
+            ports_text(&d["ports"]),
+            labels_text(&d["labels"])
         );
     }
 }
 
-fn last_seen(d: &DeviceRecord) -> String {
-    match d.last_seen {
-        Some(t) => format_unix(t),
-        None => "never".into(),
-    }
-}
-
-fn ports_text(ports: &[u32]) -> String {
+fn ports_text(ports: &Value) -> String {
+    let ports: Vec<String> = ports.as_array().into_iter().flatten().map(|p| p.to_string()).collect();
     if ports.is_empty() {
         return "-".into();
     }
-    ports.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    ports.join(",")
 }
 
-fn labels_text(labels: &BTreeMap<String, String>) -> String {
-    if labels.is_empty() {
-        return "-".into();
-    }
-    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+fn labels_text(labels: &Value) -> String {
+    let Some(map) = labels.as_object().filter(|m| !m.is_empty()) else { return "-".into() };
+    map.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
 }

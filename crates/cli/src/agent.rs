@@ -1,32 +1,82 @@
-//! `burrow agent`.
+//! `burrow agent`, `burrow agent enroll` and `burrow agent rotate-key`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use burrow_core::agent_file::{AgentFile, DEFAULT_PATH};
 use burrow_core::mqtt_url::{MqttUrl, TlsFiles};
 use burrow_core::signal::Topics;
 use burrow_core::{Expose, HostKeyPin, Id};
+use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AgentCmd {
+    #[command(subcommand)]
+    sub: Option<AgentSub>,
+    #[command(flatten)]
+    args: AgentArgs,
+}
+
+#[derive(Subcommand)]
+enum AgentSub {
+    /// Join a pivot with a one-time token from `burrow device add ID`.
+    Enroll(EnrollArgs),
+    /// Replace this device's key, atomically on the pivot and on disk.
+    RotateKey {
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct EnrollArgs {
+    /// The token `burrow device add ID` printed.
+    #[arg(long)]
+    token: String,
+    /// Where to write the agent config.
+    #[arg(long, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    /// Where to write the device key [default: device_key next to the config].
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// sshd public host keys to register [default: /etc/ssh/ssh_host_*_key.pub].
+    #[arg(long, num_args = 1..)]
+    host_keys: Vec<PathBuf>,
+    /// PORT=HOST:PORT, recorded in the config. Repeatable.
+    #[arg(long, default_value = "22=127.0.0.1:22")]
+    expose: Vec<Expose>,
+    /// Broker to wait on (recorded in the config).
+    #[arg(long)]
+    mqtt_url: Option<MqttUrl>,
+    /// Record always-on mode in the config.
+    #[arg(long)]
+    always_on: bool,
+}
+
+#[derive(clap::Args)]
 pub struct AgentArgs {
+    /// Agent config file, as written by `burrow agent enroll`; flags override it.
+    #[arg(long, env = "BURROW_AGENT_CONFIG")]
+    config: Option<PathBuf>,
     /// The pivot, HOST:PORT. Needed for --always-on; on demand, each wake
     /// request names the pivot to dial.
     #[arg(long, env = "BURROW_SERVER")]
     server: Option<String>,
     /// This device's id.
     #[arg(long, env = "BURROW_ID")]
-    id: Id,
+    id: Option<Id>,
     /// The device's private key (OpenSSH format).
     #[arg(long, env = "BURROW_KEY")]
-    key: PathBuf,
+    key: Option<PathBuf>,
     /// The pivot's host key: a .pub file or a fingerprint (SHA256:...).
     #[arg(long, env = "BURROW_PIVOT_HOST_KEY")]
-    pivot_host_key: String,
+    pivot_host_key: Option<String>,
     /// PORT=HOST:PORT: operators asking for PORT reach HOST:PORT on the device. Repeatable.
-    #[arg(long, required = true)]
+    #[arg(long)]
     expose: Vec<Expose>,
     /// Wait on this MQTT broker (mqtt[s]://HOST:PORT) and dial only when asked.
     #[arg(long, env = "BURROW_MQTT_URL")]
@@ -57,20 +107,80 @@ pub struct AgentArgs {
     keepalive: std::time::Duration,
 }
 
-pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
-    let pin = HostKeyPin::parse(&args.pivot_host_key).context("--pivot-host-key")?;
-    let meta = std::fs::metadata(&args.key).with_context(|| format!("cannot read {}", args.key.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        warn!(key = %args.key.display(), "device key is readable by other users; chmod 600 it");
+pub async fn run(cmd: AgentCmd, shutdown: CancellationToken) -> Result<()> {
+    match cmd.sub {
+        Some(AgentSub::Enroll(e)) => enroll(e).await,
+        Some(AgentSub::RotateKey { config }) => {
+            let fp = burrow_agent::enroll::rotate_key(&config).await?;
+            println!("device key replaced; new fingerprint {fp}");
+            Ok(())
+        }
+        None => agent(cmd.args, shutdown).await,
     }
-    let key = russh::keys::load_secret_key(&args.key, None)
-        .with_context(|| format!("cannot load the device key {}", args.key.display()))?;
-    if args.mqtt_url.is_none() && args.server.is_none() {
+}
+
+async fn enroll(e: EnrollArgs) -> Result<()> {
+    let key_path = e.key.unwrap_or_else(|| e.config.with_file_name("device_key"));
+    let host_keys = if e.host_keys.is_empty() { burrow_agent::enroll::default_host_keys() } else { e.host_keys };
+    let file = burrow_agent::enroll::enroll(burrow_agent::enroll::Enrollment {
+        token: e.token,
+        config_path: e.config.clone(),
+        key_path,
+        host_keys,
+        expose: e.expose,
+        mqtt_url: e.mqtt_url.map(|u| u.to_string()),
+        always_on: e.always_on,
+    })
+    .await?;
+    println!("enrolled device '{}' with pivot {}", file.id, file.server);
+    println!("config written to {}; start the agent with:", e.config.display());
+    println!("  burrow agent --config {}", e.config.display());
+    Ok(())
+}
+
+async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
+    let file = args.config.as_ref().map(|p| AgentFile::load(p)).transpose()?;
+    let id = match (args.id, &file) {
+        (Some(id), _) => id,
+        (None, Some(f)) => Id::parse(&f.id).context("id in the config file")?,
+        (None, None) => bail!("give --id ID (or --config FILE)"),
+    };
+    let key_path =
+        args.key.or_else(|| file.as_ref().map(|f| f.key.clone())).context("give --key FILE (or --config FILE)")?;
+    let pin = args
+        .pivot_host_key
+        .or_else(|| file.as_ref().map(|f| f.pivot_host_key.clone()))
+        .context("give --pivot-host-key (or --config FILE)")?;
+    let pin = HostKeyPin::parse(&pin).context("--pivot-host-key")?;
+    let server = args.server.or_else(|| file.as_ref().map(|f| f.server.clone()));
+    let expose = if !args.expose.is_empty() {
+        args.expose
+    } else {
+        let listed = file.as_ref().map(|f| f.expose.clone()).unwrap_or_default();
+        listed.iter().map(|e| e.parse()).collect::<Result<Vec<Expose>, _>>().context("expose in the config file")?
+    };
+    if expose.is_empty() {
+        bail!("nothing to expose: give --expose PORT=HOST:PORT");
+    }
+    let mqtt_url = match args.mqtt_url {
+        Some(u) => Some(u),
+        None => file.as_ref().and_then(|f| f.mqtt_url.as_deref()).map(str::parse).transpose()?,
+    };
+    let always_on = args.always_on || file.as_ref().is_some_and(|f| f.always_on);
+
+    let meta = std::fs::metadata(&key_path).with_context(|| format!("cannot read {}", key_path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        warn!(key = %key_path.display(), "device key is readable by other users; chmod 600 it");
+    }
+    let key = russh::keys::load_secret_key(&key_path, None)
+        .with_context(|| format!("cannot load the device key {}", key_path.display()))?;
+    if mqtt_url.is_none() && server.is_none() {
         bail!("give --server HOST:PORT (always-on) or --mqtt-url URL (on demand)");
     }
-    let mut config = burrow_agent::Config::new(args.server, args.id, key, pin, args.expose);
+    let mut config = burrow_agent::Config::new(server, id, key, pin, expose);
+    config.key_path = Some(key_path);
     config.keepalive_interval = args.keepalive;
-    if let (Some(url), false) = (args.mqtt_url, args.always_on) {
+    if let (Some(url), false) = (mqtt_url, always_on) {
         config.signal = Some(burrow_agent::SignalConfig {
             url,
             tls: TlsFiles { ca: args.mqtt_ca, cert: args.mqtt_cert, key: args.mqtt_key },

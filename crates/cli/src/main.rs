@@ -1,10 +1,15 @@
-//! `burrow`: one binary for the pivot, the device agent and the admin commands.
+//! `burrow`: one binary for the pivot, the device agent, and the admin and
+//! operator commands.
 
 mod admin;
 mod agent;
+mod login;
+mod remote;
 mod server;
+mod wrappers;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,6 +29,15 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Run admin commands on this pivot over SSH instead of a local registry.
+    #[arg(long, global = true, env = "BURROW_PIVOT")]
+    pivot: Option<String>,
+    /// Operator private key for --pivot [default: ssh-agent, then ~/.ssh/id_ed25519].
+    #[arg(long, global = true)]
+    identity: Option<PathBuf>,
+    /// The pivot's host key for --pivot (SHA256:... or a .pub file) [default: from `burrow login`].
+    #[arg(long = "pivot-fingerprint", global = true)]
+    pivot_fingerprint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,14 +53,24 @@ pub struct DataDir {
 enum Command {
     /// Run the pivot: the SSH server devices dial and operators jump through.
     Server(server::ServerArgs),
-    /// Run the device agent: hold a reverse tunnel to this device's services.
-    Agent(agent::AgentArgs),
-    /// Manage registered devices (on the pivot host).
+    /// Run the device agent, or enroll this device (`agent enroll`).
+    Agent(agent::AgentCmd),
+    /// Manage devices (locally on the pivot host, or with --pivot).
     #[command(subcommand)]
     Device(admin::DeviceCommand),
-    /// Manage registered operators (on the pivot host).
+    /// Manage operators (locally on the pivot host, or with --pivot).
     #[command(subcommand)]
     Operator(admin::OperatorCommand),
+    /// Write OpenSSH config and known_hosts for ID.burrow names.
+    Login(login::LoginArgs),
+    /// ssh to a device, after checking it can be reached.
+    Ssh(wrappers::SshArgs),
+    /// scp with DEVICE:PATH names.
+    Scp(wrappers::ScpArgs),
+    /// sftp to a device.
+    Sftp(wrappers::SftpArgs),
+    /// Forward a local port to DEVICE:PORT.
+    Forward(wrappers::ForwardArgs),
 }
 
 fn init_logging(verbose: u8, json: bool) {
@@ -80,21 +104,35 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let remote = match &cli.pivot {
+        Some(addr) => Some(remote::Remote::new(addr, cli.pivot_fingerprint.as_deref(), cli.identity.as_deref())?),
+        None => None,
+    };
+    let identity = cli.identity.clone();
+    match cli.command {
+        Command::Server(args) => server::run(args, shutdown_on_signal()).await?,
+        Command::Agent(cmd) => agent::run(cmd, shutdown_on_signal()).await?,
+        Command::Device(cmd) => admin::device(cmd, remote.as_ref()).await?,
+        Command::Operator(cmd) => admin::operator(cmd, remote.as_ref()).await?,
+        Command::Login(args) => login::run(args, identity).await?,
+        Command::Ssh(a) => return wrappers::ssh(a).await,
+        Command::Scp(a) => return wrappers::scp(a).await,
+        Command::Sftp(a) => return wrappers::sftp(a).await,
+        Command::Forward(a) => return wrappers::forward(a).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_json);
-    let result: Result<()> = match cli.command {
-        Command::Server(args) => server::run(args, shutdown_on_signal()).await,
-        Command::Agent(args) => agent::run(args, shutdown_on_signal()).await,
-        Command::Device(cmd) => admin::device(cmd).await,
-        Command::Operator(cmd) => admin::operator(cmd).await,
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match run(cli).await {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("burrow: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

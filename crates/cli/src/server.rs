@@ -122,6 +122,7 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     config.pivot_name = args.pivot_name;
     config.host_suffix = args.host_suffix;
     config.keepalive_interval = args.keepalive;
+    config.advertise = Some(advertise.clone());
     config.signal = broker.map(|broker| SignalConfig {
         broker,
         topics: Topics::new(&m.topic_prefix),

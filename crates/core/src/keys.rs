@@ -3,8 +3,8 @@
 use std::fmt;
 use std::path::Path;
 
-use ssh_key::HashAlg;
-pub use ssh_key::PublicKey;
+use ssh_key::{Algorithm, HashAlg, LineEnding};
+pub use ssh_key::{PrivateKey, PublicKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -47,6 +47,29 @@ pub fn openssh_line(key: &PublicKey) -> String {
     let mut key = key.clone();
     key.set_comment("");
     key.to_openssh().unwrap_or_default().trim().to_string()
+}
+
+/// A new ed25519 key.
+pub fn generate_ed25519() -> PrivateKey {
+    PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("ed25519 key generation cannot fail")
+}
+
+/// Writes an OpenSSH private key, mode 0600 from the first byte on, via a
+/// temp file and rename so a reader never sees half a key.
+pub fn write_private_key(path: &Path, key: &PrivateKey) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// What a client trusts the pivot's host key to be.

@@ -18,7 +18,9 @@ pub const ENROLL_USER: &str = "enroll";
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     DeviceList,
-    DeviceShow { id: String },
+    DeviceShow {
+        id: String,
+    },
     DeviceAdd {
         id: String,
         /// OpenSSH public key line; without it the pivot issues an enrollment token.
@@ -28,17 +30,37 @@ pub enum Request {
         /// Pivot address to put in the token, if the pivot does not know its own.
         address: Option<String>,
     },
-    DeviceRemove { id: String },
-    DeviceRevoke { id: String },
-    OperatorAdd { name: String, key: String, admin: bool, allow: Vec<String> },
+    DeviceRemove {
+        id: String,
+    },
+    DeviceRevoke {
+        id: String,
+    },
+    OperatorAdd {
+        name: String,
+        key: String,
+        admin: bool,
+        allow: Vec<String>,
+    },
     OperatorList,
-    OperatorRemove { name: String },
+    OperatorRemove {
+        name: String,
+    },
     /// May the caller reach `id:port` now? Answers with the refusal text if not.
-    Check { id: String, port: u32 },
+    Check {
+        id: String,
+        port: u32,
+    },
     /// Sent by a device under [`ENROLL_USER`], authenticated with its new key.
-    Enroll { token: String, host_keys: Vec<String> },
+    Enroll {
+        token: String,
+        host_keys: Vec<String>,
+    },
     /// Sent by a device: replace its key. `proof` is an sshsig by the new key.
-    RotateKey { new_key: String, proof: String },
+    RotateKey {
+        new_key: String,
+        proof: String,
+    },
     Whoami,
 }
 

@@ -1,11 +1,11 @@
 //! The pivot's own host key: created once, then loaded on every start.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use russh::keys::ssh_key::{Algorithm, LineEnding, PrivateKey};
+use burrow_core::keys::{generate_ed25519, write_private_key};
+use russh::keys::ssh_key::PrivateKey;
 
 pub const HOST_KEY_FILE: &str = "host_key";
 
@@ -40,22 +40,9 @@ pub fn load_or_create(data_dir: &Path) -> Result<PrivateKey, HostKeyError> {
         return PrivateKey::from_openssh(text)
             .map_err(|source| HostKeyError::Parse { path: path.display().to_string(), source });
     }
-    let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
-        .map_err(|source| HostKeyError::Parse { path: path.display().to_string(), source })?;
+    let key = generate_ed25519();
     write_private_key(&path, &key).map_err(io)?;
     let public = key.public_key().to_openssh().unwrap_or_default();
     fs::write(data_dir.join(format!("{HOST_KEY_FILE}.pub")), format!("{public}\n")).map_err(io)?;
     Ok(key)
-}
-
-/// Writes an OpenSSH private key with mode 0600 from the first byte on.
-pub fn write_private_key(path: &Path, key: &PrivateKey) -> std::io::Result<()> {
-    let text = key
-        .to_openssh(LineEnding::LF)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
 }

@@ -4,12 +4,16 @@
 //! - [`Config`] and [`run`]: the entry point; takes a bound listener and a shutdown token.
 //! - [`host_key`]: the pivot's ed25519 host key, created on first start.
 //! - [`registry`]: devices, operators and tunnel state in SQLite.
+//! - [`admin`]: the admin commands, run locally or over SSH (the `@burrow` channel).
+//! - [`refusal`]: the reasons an operator cannot reach a device.
 //! - `router`: in-memory map of device id to tunnel, and of live sessions.
 //! - `ssh`: accept loop, russh handler, routing of operator channels, byte relay.
 //! - `watch`: applies registry changes (removals) to live connections.
 //! - [`signal`]: MQTT signaling for on-demand tunnels (embedded broker, gate, wake-ups).
 
+pub mod admin;
 pub mod host_key;
+pub mod refusal;
 pub mod registry;
 mod router;
 pub mod signal;
@@ -49,6 +53,8 @@ pub struct Config {
     pub watch_interval: Duration,
     /// How long shutdown waits for connections to close.
     pub drain_timeout: Duration,
+    /// `HOST:PORT` devices dial; recorded in the registry for enrollment tokens.
+    pub advertise: Option<String>,
     /// On-demand wake-ups over MQTT; `None` serves always-on tunnels only.
     pub signal: Option<signal::SignalConfig>,
 }
@@ -65,6 +71,7 @@ impl Config {
             max_connections: 50_000,
             watch_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
+            advertise: None,
             signal: None,
         }
     }
@@ -95,6 +102,8 @@ pub(crate) struct Shared {
     pub tracker: TaskTracker,
     pub next_conn: AtomicU64,
     pub signal: Option<Arc<signal::Signal>>,
+    /// The public host key (OpenSSH line), for enrollment tokens and `whoami`.
+    pub host_key: String,
 }
 
 /// Serves SSH on `listener` until `shutdown` is cancelled, then closes every
@@ -103,6 +112,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let key = host_key::load_or_create(&config.data_dir)?;
     let registry = Registry::open(&config.data_dir).await?;
     registry.clear_tunnels(&config.pivot_name).await?;
+    if let Some(addr) = &config.advertise {
+        registry.set_meta(admin::ADVERTISE_KEY, addr).await?;
+    }
+    let host_key = burrow_core::keys::openssh_line(key.public_key());
     let (signal, mqtt) = match &config.signal {
         Some(sc) => {
             let (s, eventloop, upstream) = signal::setup(sc.clone(), key.clone(), &config.pivot_name)?;
@@ -118,6 +131,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         tracker: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
         signal,
+        host_key,
     });
     if let Some((eventloop, upstream)) = mqtt {
         signal::spawn(&shared, eventloop, upstream, listeners.mqtt, &shutdown)?;

@@ -32,6 +32,18 @@ pub enum RegistryError {
     KeyInUse { fingerprint: String, owner: String },
     #[error("stored key of {0} is unreadable")]
     CorruptKey(String),
+    #[error("enrollment token is not valid here (wrong pivot, or changed after it was issued)")]
+    TokenInvalid,
+    #[error("enrollment token was already used")]
+    TokenUsed,
+    #[error("enrollment token expired at {}", burrow_core::time::format_unix(*.0))]
+    TokenExpired(i64),
+    #[error("device '{0}' is already enrolled")]
+    AlreadyEnrolled(String),
+    #[error("device '{0}' does not exist")]
+    NoSuchDevice(String),
+    #[error("the device key changed meanwhile; retry")]
+    KeyChanged,
 }
 
 /// Who a key belongs to.
@@ -53,8 +65,12 @@ impl std::fmt::Display for Identity {
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceRecord {
     pub id: String,
-    pub fingerprint: String,
-    pub public_key: String,
+    /// `None` until the device enrolls.
+    pub fingerprint: Option<String>,
+    pub public_key: Option<String>,
+    /// The device sshd's public host keys, as registered at enrollment.
+    pub host_keys: Vec<String>,
+    pub revoked_at: Option<i64>,
     pub labels: BTreeMap<String, String>,
     pub created_at: i64,
     /// Unix seconds; `None` if the device never connected.
@@ -84,6 +100,8 @@ pub struct OperatorRecord {
     pub fingerprint: String,
     pub public_key: String,
     pub admin: bool,
+    /// Label selectors (`k=v[,k=v]`); empty means every device.
+    pub allow: Vec<String>,
     pub created_at: i64,
 }
 
@@ -95,8 +113,10 @@ pub struct Registry {
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS devices (
         id TEXT PRIMARY KEY,
-        public_key TEXT NOT NULL,
-        fingerprint TEXT NOT NULL UNIQUE,
+        public_key TEXT,
+        fingerprint TEXT UNIQUE,
+        host_keys TEXT NOT NULL DEFAULT '[]',
+        revoked_at INTEGER,
         labels TEXT NOT NULL DEFAULT '{}',
         created_at INTEGER NOT NULL,
         last_seen INTEGER,
@@ -110,16 +130,24 @@ const SCHEMA: &[&str] = &[
         public_key TEXT NOT NULL,
         fingerprint TEXT NOT NULL UNIQUE,
         admin INTEGER NOT NULL DEFAULT 0,
+        allow TEXT NOT NULL DEFAULT '[]',
         created_at INTEGER NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS enrollments (
+        digest TEXT PRIMARY KEY,
+        device TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER
+    )",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO revision (id, n) VALUES (1, 0)",
     "CREATE TRIGGER IF NOT EXISTS devices_ins AFTER INSERT ON devices BEGIN UPDATE revision SET n = n + 1; END",
     "CREATE TRIGGER IF NOT EXISTS devices_del AFTER DELETE ON devices BEGIN UPDATE revision SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS devices_key AFTER UPDATE OF fingerprint ON devices BEGIN UPDATE revision SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS devices_key AFTER UPDATE OF fingerprint, revoked_at ON devices BEGIN UPDATE revision SET n = n + 1; END",
     "CREATE TRIGGER IF NOT EXISTS operators_ins AFTER INSERT ON operators BEGIN UPDATE revision SET n = n + 1; END",
     "CREATE TRIGGER IF NOT EXISTS operators_del AFTER DELETE ON operators BEGIN UPDATE revision SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS operators_upd AFTER UPDATE OF fingerprint, admin ON operators BEGIN UPDATE revision SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS operators_upd AFTER UPDATE OF fingerprint, admin, allow ON operators BEGIN UPDATE revision SET n = n + 1; END",
 ];
 
 impl Registry {
@@ -166,6 +194,7 @@ impl Registry {
 
     /// Returns whether the device existed.
     pub async fn remove_device(&self, id: &Id) -> Result<bool, RegistryError> {
+        sqlx::query("DELETE FROM enrollments WHERE device = ?").bind(id.as_str()).execute(&self.pool).await?;
         let r = sqlx::query("DELETE FROM devices WHERE id = ?").bind(id.as_str()).execute(&self.pool).await?;
         Ok(r.rows_affected() > 0)
     }
@@ -181,7 +210,13 @@ impl Registry {
         Ok(rows.iter().map(device_from_row).collect())
     }
 
-    pub async fn add_operator(&self, name: &Id, key: &PublicKey, admin: bool) -> Result<(), RegistryError> {
+    pub async fn add_operator(
+        &self,
+        name: &Id,
+        key: &PublicKey,
+        admin: bool,
+        allow: &[String],
+    ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.pool.begin().await?;
         if sqlx::query("SELECT 1 FROM operators WHERE name = ?")
@@ -193,14 +228,17 @@ impl Registry {
             return Err(RegistryError::OperatorExists(name.clone()));
         }
         check_key_free(&mut tx, &fp).await?;
-        sqlx::query("INSERT INTO operators (name, public_key, fingerprint, admin, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(name.as_str())
-            .bind(openssh_line(key))
-            .bind(&fp)
-            .bind(admin)
-            .bind(now_unix())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO operators (name, public_key, fingerprint, admin, allow, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(name.as_str())
+        .bind(openssh_line(key))
+        .bind(&fp)
+        .bind(admin)
+        .bind(serde_json::to_string(allow).unwrap_or_else(|_| "[]".into()))
+        .bind(now_unix())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -219,15 +257,20 @@ impl Registry {
                 fingerprint: r.get("fingerprint"),
                 public_key: r.get("public_key"),
                 admin: r.get::<i64, _>("admin") != 0,
+                allow: serde_json::from_str(r.get::<&str, _>("allow")).unwrap_or_default(),
                 created_at: r.get("created_at"),
             })
             .collect())
     }
 
+    pub async fn operator(&self, name: &Id) -> Result<Option<OperatorRecord>, RegistryError> {
+        Ok(self.operators().await?.into_iter().find(|o| o.name == name.as_str()))
+    }
+
     /// Who owns the key with this fingerprint, if anyone.
     pub async fn identify(&self, fp: &str) -> Result<Option<Identity>, RegistryError> {
         let row = sqlx::query(
-            "SELECT 'device' AS kind, id AS name, 0 AS admin FROM devices WHERE fingerprint = ?1
+            "SELECT 'device' AS kind, id AS name, 0 AS admin FROM devices WHERE fingerprint = ?1 AND revoked_at IS NULL
              UNION ALL SELECT 'operator', name, admin FROM operators WHERE fingerprint = ?1",
         )
         .bind(fp)
@@ -300,6 +343,132 @@ impl Registry {
         Ok(())
     }
 
+    /// Registers a device that will enroll itself with `token_digest` before `expires_at`.
+    pub async fn add_pending_device(
+        &self,
+        id: &Id,
+        labels: &BTreeMap<String, String>,
+        token_digest: &str,
+        expires_at: i64,
+    ) -> Result<(), RegistryError> {
+        let mut tx = self.pool.begin().await?;
+        if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
+        {
+            return Err(RegistryError::DeviceExists(id.clone()));
+        }
+        sqlx::query("INSERT INTO devices (id, labels, created_at) VALUES (?, ?, ?)")
+            .bind(id.as_str())
+            .bind(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO enrollments (digest, device, expires_at) VALUES (?, ?, ?)")
+            .bind(token_digest)
+            .bind(id.as_str())
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Consumes an enrollment token: the device gets `key` and its sshd's
+    /// `host_keys`. All or nothing; a token works once.
+    pub async fn enroll(
+        &self,
+        token_digest: &str,
+        id: &Id,
+        key: &PublicKey,
+        host_keys: &[String],
+    ) -> Result<(), RegistryError> {
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT device, expires_at, used_at FROM enrollments WHERE digest = ?")
+            .bind(token_digest)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(RegistryError::TokenInvalid)?;
+        if row.get::<String, _>("device") != id.as_str() {
+            return Err(RegistryError::TokenInvalid);
+        }
+        if row.get::<Option<i64>, _>("used_at").is_some() {
+            return Err(RegistryError::TokenUsed);
+        }
+        let expires_at: i64 = row.get("expires_at");
+        if now > expires_at {
+            return Err(RegistryError::TokenExpired(expires_at));
+        }
+        let has_key: Option<Option<String>> = sqlx::query_scalar("SELECT fingerprint FROM devices WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        match has_key {
+            None => return Err(RegistryError::NoSuchDevice(id.to_string())),
+            Some(Some(_)) => return Err(RegistryError::AlreadyEnrolled(id.to_string())),
+            Some(None) => {}
+        }
+        let fp = fingerprint(key);
+        check_key_free(&mut tx, &fp).await?;
+        sqlx::query("UPDATE devices SET public_key = ?, fingerprint = ?, host_keys = ? WHERE id = ?")
+            .bind(openssh_line(key))
+            .bind(&fp)
+            .bind(serde_json::to_string(host_keys).unwrap_or_else(|_| "[]".into()))
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE enrollments SET used_at = ? WHERE digest = ?")
+            .bind(now)
+            .bind(token_digest)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces a device's key, if it still is `old_fingerprint`.
+    pub async fn rotate_key(&self, id: &Id, old_fingerprint: &str, key: &PublicKey) -> Result<(), RegistryError> {
+        let fp = fingerprint(key);
+        let mut tx = self.pool.begin().await?;
+        check_key_free(&mut tx, &fp).await?;
+        let r = sqlx::query("UPDATE devices SET public_key = ?, fingerprint = ? WHERE id = ? AND fingerprint = ?")
+            .bind(openssh_line(key))
+            .bind(&fp)
+            .bind(id.as_str())
+            .bind(old_fingerprint)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() != 1 {
+            return Err(RegistryError::KeyChanged);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks the device revoked: its key no longer authenticates. True if it existed.
+    pub async fn revoke_device(&self, id: &Id) -> Result<bool, RegistryError> {
+        let r = sqlx::query("UPDATE devices SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+            .bind(now_unix())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?").bind(key).fetch_optional(&self.pool).await?)
+    }
+
     /// At start, forgets tunnels a previous run of this pivot left marked open.
     pub async fn clear_tunnels(&self, pivot: &str) -> Result<(), RegistryError> {
         sqlx::query("UPDATE devices SET tunnel_pivot = NULL, ports = '[]' WHERE tunnel_pivot = ?")
@@ -333,6 +502,8 @@ fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> DeviceRecord {
         id: r.get("id"),
         fingerprint: r.get("fingerprint"),
         public_key: r.get("public_key"),
+        host_keys: serde_json::from_str(r.get::<&str, _>("host_keys")).unwrap_or_default(),
+        revoked_at: r.get("revoked_at"),
         labels: serde_json::from_str(r.get::<&str, _>("labels")).unwrap_or_default(),
         created_at: r.get("created_at"),
         last_seen: r.get("last_seen"),

@@ -44,7 +44,7 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 /// Disconnects every session whose key no longer maps to the same identity.
-async fn enforce(shared: &Shared) {
+pub(crate) async fn enforce(shared: &Shared) {
     for (conn, session) in shared.router.sessions() {
         let now = match shared.registry.identify(&session.fingerprint).await {
             Ok(now) => now,
@@ -60,10 +60,15 @@ async fn enforce(shared: &Shared) {
             (Identity::Operator { name, .. }, Some(Identity::Operator { .. })) => {
                 format!("operator '{name}' changed role; reconnect")
             }
+            (Identity::Device(id), _) if revoked(shared, id).await => format!("device '{id}' was revoked"),
             (who, _) => format!("{who} was removed from the registry"),
         };
         info!(conn, "{why}; disconnecting");
         shared.router.remove_session(conn);
         let _ = session.handle.disconnect(russh::Disconnect::ByApplication, why, "en".into()).await;
     }
+}
+
+async fn revoked(shared: &Shared, id: &burrow_core::Id) -> bool {
+    matches!(shared.registry.device(id).await, Ok(Some(d)) if d.revoked_at.is_some())
 }

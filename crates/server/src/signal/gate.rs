@@ -173,7 +173,11 @@ async fn authenticate(shared: &Shared, c: &Connect) -> Result<Id, GateError> {
         .await
         .map_err(|e| GateError::Login(format!("registry: {e}")))?
         .ok_or_else(|| GateError::Login(format!("unknown device '{id}'")))?;
-    let key = parse_public_key(&record.public_key, "registered key").map_err(|e| GateError::Login(e.to_string()))?;
+    if record.revoked_at.is_some() {
+        return Err(GateError::Login(format!("device '{id}' is revoked")));
+    }
+    let registered = record.public_key.ok_or_else(|| GateError::Login(format!("device '{id}' has not enrolled")))?;
+    let key = parse_public_key(&registered, "registered key").map_err(|e| GateError::Login(e.to_string()))?;
     let token = std::str::from_utf8(password).map_err(|_| GateError::Login("password is not a login token".into()))?;
     verify_login(token, &c.client_id, &key, now_unix()).map_err(|e| GateError::Login(format!("device '{id}': {e}")))?;
     Ok(id)

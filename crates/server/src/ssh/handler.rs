@@ -13,9 +13,12 @@ use russh::Channel;
 use tracing::{debug, info, warn};
 
 use super::route::{open_for_operator, Refusal, Request};
+use super::rpc;
+use crate::admin::Caller;
 use crate::registry::{Identity, RegistryError};
 use crate::router::{Bind, ConnId, Session as RouterSession};
 use crate::Shared;
+use burrow_core::rpc::{ENROLL_USER, RPC_HOST, RPC_PORT};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HandlerError {
@@ -35,11 +38,13 @@ pub(crate) struct Connection {
     pub authenticated: Authenticated,
     /// Set after the signature check, before `auth_succeeded`.
     pending: Option<(Identity, String)>,
+    /// An unregistered key that authenticated as the enrollment user.
+    enrollee: Option<PublicKey>,
 }
 
 impl Connection {
     pub(crate) fn new(shared: Arc<Shared>, conn: ConnId, peer: SocketAddr, authenticated: Authenticated) -> Self {
-        Connection { shared, conn, peer, authenticated, pending: None }
+        Connection { shared, conn, peer, authenticated, pending: None, enrollee: None }
     }
 
     fn identity(&self) -> Option<&Identity> {
@@ -55,9 +60,10 @@ impl Connection {
 impl Handler for Connection {
     type Error = HandlerError;
 
-    async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
         Ok(match self.lookup(offer.public_key).await? {
             Some(_) => Auth::Accept,
+            None if user == ENROLL_USER => Auth::Accept,
             None => Auth::reject(),
         })
     }
@@ -67,6 +73,13 @@ impl Handler for Connection {
             Some(found) => {
                 debug!(user, identity = %found.0, "public key accepted");
                 self.pending = Some(found);
+                Ok(Auth::Accept)
+            }
+            // A device enrolling proves it holds its new key; it may then
+            // present a token on the `@burrow` channel and nothing else.
+            None if user == ENROLL_USER => {
+                info!(peer = %self.peer, fingerprint = %fingerprint(key.public_key), "enrollment key authenticated");
+                self.enrollee = Some(key.public_key.clone());
                 Ok(Auth::Accept)
             }
             None => {
@@ -109,6 +122,15 @@ impl Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if host_to_connect == RPC_HOST && port_to_connect == RPC_PORT {
+            let caller = match (self.identity(), &self.enrollee) {
+                (Some(identity), _) => Caller::from_identity(identity),
+                (None, Some(key)) => Caller::Enrollee(key.clone()),
+                (None, None) => return Ok(()),
+            };
+            self.shared.tracker.spawn(rpc::serve(self.shared.clone(), caller, channel, reply));
+            return Ok(());
+        }
         let operator = match self.identity() {
             Some(Identity::Operator { name, .. }) => name.clone(),
             other => {

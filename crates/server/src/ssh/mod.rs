@@ -4,11 +4,13 @@
 //! - [`handler`]: the russh `Handler`, a thin adapter that checks who may do what.
 //! - [`route`]: turning an operator's `direct-tcpip` into a device channel, or a refusal.
 //! - [`relay`]: copying bytes between two channels under SSH flow control.
+//! - [`rpc`]: the `@burrow` admin channel.
 
 pub(crate) mod accept;
 pub(crate) mod handler;
 pub(crate) mod relay;
 pub(crate) mod route;
+pub(crate) mod rpc;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,61 +3,16 @@
 
 use std::sync::Arc;
 
-use burrow_core::time::format_unix;
+use burrow_core::rpc::{allowed, Selector};
 use burrow_core::Id;
 use russh::server::{ChannelOpenHandle, Msg};
-use russh::{Channel, ChannelOpenFailure};
+use russh::Channel;
 use tracing::{info, warn};
 
 use super::relay::relay;
+pub(crate) use crate::refusal::Refusal;
 use crate::router::Tunnel;
 use crate::Shared;
-
-/// Why a channel was not opened. The text reaches the operator's ssh client
-/// verbatim, so it names the device and the reason.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum Refusal {
-    #[error("unknown device '{0}'")]
-    Unknown(String),
-    #[error("device '{id}' is offline ({})", last_seen_text(*.last_seen))]
-    Offline { id: Id, last_seen: Option<i64> },
-    #[error("device '{id}' does not expose port {port}")]
-    PortNotExposed { id: Id, port: u32 },
-    #[error("device '{id}' could not connect to its port {port}: {reason}")]
-    DeviceRefused { id: Id, port: u32, reason: String },
-    #[error("device '{id}' tunnel failed: {reason}")]
-    TunnelFailed { id: Id, reason: String },
-    #[error("devices may not open connections through the pivot")]
-    DeviceForbidden,
-    #[error("the pivot has no shell; reach a device with: ssh -J <pivot> <device-id>")]
-    NoShell,
-    #[error("registry unavailable; try again")]
-    Registry,
-    #[error("device '{id}' did not answer within {secs}s")]
-    NoAnswer { id: Id, secs: u64 },
-    #[error("device '{id}' could not connect to the pivot: {reason}")]
-    CouldNotConnect { id: Id, reason: String },
-    #[error("signaling unavailable: {0}")]
-    Signaling(String),
-}
-
-fn last_seen_text(t: Option<i64>) -> String {
-    match t {
-        Some(t) => format!("last seen {}", format_unix(t)),
-        None => "never connected".to_string(),
-    }
-}
-
-impl Refusal {
-    pub(crate) fn into_failure(self) -> ChannelOpenFailure {
-        let code = match self {
-            Refusal::DeviceForbidden | Refusal::NoShell => ChannelOpenFailure::AdministrativelyProhibited.code(),
-            Refusal::Registry => ChannelOpenFailure::ResourceShortage.code(),
-            _ => ChannelOpenFailure::ConnectFailed.code(),
-        };
-        ChannelOpenFailure::Other { code, reason: self.to_string() }
-    }
-}
 
 pub(crate) struct Request {
     pub operator: Id,
@@ -107,6 +62,7 @@ pub(crate) async fn open_for_operator(
 async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal> {
     let name = strip_suffix(&req.host, &shared.config.host_suffix);
     let id = Id::parse(name).map_err(|_| Refusal::Unknown(name.to_string()))?;
+    check_allowed(shared, &req.operator, &id).await?;
     if let Some(tunnel) = shared.router.tunnel(&id) {
         if tunnel.ports.contains(&req.port) {
             return Ok((id, tunnel));
@@ -121,6 +77,12 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
             return Err(Refusal::Registry);
         }
     };
+    if dev.revoked_at.is_some() {
+        return Err(Refusal::Revoked(id));
+    }
+    if dev.fingerprint.is_none() {
+        return Err(Refusal::NotEnrolled(id));
+    }
     let Some(signal) = &shared.signal else {
         return Err(Refusal::Offline { id, last_seen: dev.last_seen });
     };
@@ -139,6 +101,22 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
     Ok((id, tunnel))
 }
 
+/// Operators limited by label selectors reach only matching devices.
+async fn check_allowed(shared: &Shared, operator: &Id, id: &Id) -> Result<(), Refusal> {
+    let reg = &shared.registry;
+    let op = reg.operator(operator).await.map_err(|_| Refusal::Registry)?;
+    let selectors: Vec<Selector> =
+        op.map(|o| o.allow.iter().filter_map(|s| s.parse().ok()).collect()).unwrap_or_default();
+    if selectors.is_empty() {
+        return Ok(());
+    }
+    match reg.device(id).await.map_err(|_| Refusal::Registry)? {
+        Some(dev) if allowed(&selectors, &dev.labels) => Ok(()),
+        Some(_) => Err(Refusal::NotAllowed(id.clone())),
+        None => Err(Refusal::Unknown(id.to_string())),
+    }
+}
+
 /// `cam-42.burrow` and `cam-42` name the same device.
 fn strip_suffix<'a>(host: &'a str, suffix: &str) -> &'a str {
     if suffix.is_empty() {
@@ -150,21 +128,6 @@ fn strip_suffix<'a>(host: &'a str, suffix: &str) -> &'a str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn refusal_texts_are_exact() {
-        let id = Id::parse("cam-42").unwrap();
-        assert_eq!(Refusal::Unknown("cam-42".into()).to_string(), "unknown device 'cam-42'");
-        assert_eq!(
-            Refusal::Offline { id: id.clone(), last_seen: Some(1_795_428_251) }.to_string(),
-            "device 'cam-42' is offline (last seen 2026-11-23T10:04:11Z)"
-        );
-        assert_eq!(
-            Refusal::Offline { id: id.clone(), last_seen: None }.to_string(),
-            "device 'cam-42' is offline (never connected)"
-        );
-        assert_eq!(Refusal::PortNotExposed { id, port: 8080 }.to_string(), "device 'cam-42' does not expose port 8080");
-    }
 
     #[test]
     fn suffix_is_optional() {

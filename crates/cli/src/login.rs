@@ -1,0 +1,124 @@
+//! `burrow login`: OpenSSH config and known_hosts for `ssh root@cam-42.burrow`
+//! with strict host-key checking, for the pivot and for every device.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burrow_agent::pivot_client::{self, ClientError};
+use burrow_core::rpc::Request;
+use burrow_core::HostKeyPin;
+use serde_json::Value;
+
+use crate::remote::{credentials, home, LoginState, Remote};
+
+#[derive(clap::Args)]
+pub struct LoginArgs {
+    /// The pivot, HOST:PORT.
+    pivot: String,
+    /// The pivot's host key fingerprint (SHA256:...) as its admin published it.
+    #[arg(long)]
+    pivot_host_key: Option<String>,
+    /// Trust the host key the pivot shows now (prints it), when no fingerprint is at hand.
+    #[arg(long, conflicts_with = "pivot_host_key")]
+    accept_new: bool,
+    /// Devices are reached as ID.<suffix>.
+    #[arg(long, default_value = "burrow")]
+    suffix: String,
+    /// OpenSSH directory to write into.
+    #[arg(long)]
+    ssh_dir: Option<PathBuf>,
+}
+
+pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
+    let (host, port) = args.pivot.rsplit_once(':').context("the pivot is HOST:PORT")?;
+    let creds = credentials(identity.as_deref())?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    let pin = match (&args.pivot_host_key, args.accept_new) {
+        (Some(p), _) => HostKeyPin::parse(p)?,
+        (None, true) => {
+            // Learn the key by asking with a pin nothing matches.
+            let probe = HostKeyPin::Fingerprint("SHA256:unknown".into());
+            match pivot_client::connect(&args.pivot, probe, &user, &creds).await {
+                Err(ClientError::HostKeyMismatch { got, .. }) => {
+                    eprintln!("trusting the pivot's host key {got} (first use)");
+                    HostKeyPin::Fingerprint(got)
+                }
+                Err(e) => return Err(e.into()),
+                Ok(_) => bail!("the pivot accepted an impossible pin"),
+            }
+        }
+        (None, false) => {
+            bail!("pass --pivot-host-key SHA256:... (ask your admin), or --accept-new to trust on first use")
+        }
+    };
+    let remote = Remote { addr: args.pivot.clone(), pin: pin.clone(), creds, user };
+    let me = remote.call(&Request::Whoami).await?;
+    let devices = remote.call(&Request::DeviceList).await?;
+    let pivot_key = me["pivot_host_key"].as_str().unwrap_or_default().to_string();
+
+    let ssh_dir = args.ssh_dir.clone().unwrap_or_else(|| home().join(".ssh"));
+    let dir = ssh_dir.join("burrow");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let known_hosts = dir.join("known_hosts");
+    let config = dir.join("config");
+    let pivot_name = if port == "22" { host.to_string() } else { format!("[{host}]:{port}") };
+    let mut kh = format!("# Written by `burrow login {}`; run it again to refresh.\n", args.pivot);
+    writeln!(kh, "{pivot_name} {pivot_key}")?;
+    let mut count = 0;
+    for d in devices.as_array().into_iter().flatten() {
+        let id = d["id"].as_str().unwrap_or_default();
+        for key in d["host_keys"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            writeln!(kh, "{id}.{},{id} {key}", args.suffix)?;
+            count += 1;
+        }
+    }
+    std::fs::write(&known_hosts, kh)?;
+    std::fs::write(&config, ssh_config(host, port, &args.suffix, &known_hosts, identity.as_deref()))?;
+    include_in_user_config(&ssh_dir, &config)?;
+    LoginState {
+        pivot: args.pivot.clone(),
+        fingerprint: pin.fingerprint(),
+        identity: identity.clone(),
+        suffix: args.suffix.clone(),
+        ssh_config: config.clone(),
+    }
+    .save()?;
+    println!(
+        "logged in to {} as {} '{}' ({} device host keys pinned)",
+        args.pivot,
+        me["role"].as_str().unwrap_or("operator"),
+        me["name"].as_str().unwrap_or(""),
+        count
+    );
+    println!("try: ssh root@DEVICE.{}", args.suffix);
+    Ok(())
+}
+
+fn ssh_config(host: &str, port: &str, suffix: &str, known_hosts: &Path, identity: Option<&Path>) -> String {
+    let mut c = String::from("# Written by `burrow login`; run it again to refresh.\n");
+    let _ = write!(c, "Host burrow-pivot\n    HostName {host}\n    Port {port}\n\n");
+    let _ = write!(c, "Host *.{suffix}\n    ProxyJump burrow-pivot\n\n");
+    let _ = write!(
+        c,
+        "Host burrow-pivot *.{suffix}\n    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n",
+        known_hosts.display()
+    );
+    if let Some(id) = identity {
+        let abs = std::fs::canonicalize(id).unwrap_or_else(|_| id.to_path_buf());
+        let _ = write!(c, "    IdentityFile {}\n    IdentitiesOnly yes\n", abs.display());
+    }
+    c
+}
+
+/// Puts `Include CONFIG` at the top of `~/.ssh/config`, once.
+fn include_in_user_config(ssh_dir: &Path, config: &Path) -> Result<()> {
+    let user_config = ssh_dir.join("config");
+    let line = format!("Include {}", config.display());
+    let existing = std::fs::read_to_string(&user_config).unwrap_or_default();
+    if existing.lines().any(|l| l.trim() == line) {
+        return Ok(());
+    }
+    std::fs::write(&user_config, format!("{line}\n{existing}"))
+        .with_context(|| format!("cannot update {}", user_config.display()))
+}

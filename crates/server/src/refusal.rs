@@ -1,0 +1,80 @@
+//! Refusals: why an operator cannot reach a device, in words that reach
+//! the operator's ssh client verbatim.
+
+use burrow_core::time::format_unix;
+use burrow_core::Id;
+use russh::ChannelOpenFailure;
+
+/// Why a channel was not opened. The text reaches the operator's ssh client
+/// verbatim, so it names the device and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("unknown device '{0}'")]
+    Unknown(String),
+    #[error("device '{id}' is offline ({})", last_seen_text(*.last_seen))]
+    Offline { id: Id, last_seen: Option<i64> },
+    #[error("device '{id}' does not expose port {port}")]
+    PortNotExposed { id: Id, port: u32 },
+    #[error("device '{id}' could not connect to its port {port}: {reason}")]
+    DeviceRefused { id: Id, port: u32, reason: String },
+    #[error("device '{id}' tunnel failed: {reason}")]
+    TunnelFailed { id: Id, reason: String },
+    #[error("not allowed to reach device '{0}'")]
+    NotAllowed(Id),
+    #[error("device '{0}' is revoked")]
+    Revoked(Id),
+    #[error("device '{0}' has not enrolled yet")]
+    NotEnrolled(Id),
+    #[error("devices may not open connections through the pivot")]
+    DeviceForbidden,
+    #[error("the pivot has no shell; reach a device with: ssh -J <pivot> <device-id>")]
+    NoShell,
+    #[error("registry unavailable; try again")]
+    Registry,
+    #[error("device '{id}' did not answer within {secs}s")]
+    NoAnswer { id: Id, secs: u64 },
+    #[error("device '{id}' could not connect to the pivot: {reason}")]
+    CouldNotConnect { id: Id, reason: String },
+    #[error("signaling unavailable: {0}")]
+    Signaling(String),
+}
+
+fn last_seen_text(t: Option<i64>) -> String {
+    match t {
+        Some(t) => format!("last seen {}", format_unix(t)),
+        None => "never connected".to_string(),
+    }
+}
+
+impl Refusal {
+    pub fn into_failure(self) -> ChannelOpenFailure {
+        let code = match self {
+            Refusal::DeviceForbidden | Refusal::NoShell | Refusal::NotAllowed(_) => {
+                ChannelOpenFailure::AdministrativelyProhibited.code()
+            }
+            Refusal::Registry => ChannelOpenFailure::ResourceShortage.code(),
+            _ => ChannelOpenFailure::ConnectFailed.code(),
+        };
+        ChannelOpenFailure::Other { code, reason: self.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_texts_are_exact() {
+        let id = Id::parse("cam-42").unwrap();
+        assert_eq!(Refusal::Unknown("cam-42".into()).to_string(), "unknown device 'cam-42'");
+        assert_eq!(
+            Refusal::Offline { id: id.clone(), last_seen: Some(1_795_428_251) }.to_string(),
+            "device 'cam-42' is offline (last seen 2026-11-23T10:04:11Z)"
+        );
+        assert_eq!(
+            Refusal::Offline { id: id.clone(), last_seen: None }.to_string(),
+            "device 'cam-42' is offline (never connected)"
+        );
+        assert_eq!(Refusal::PortNotExposed { id, port: 8080 }.to_string(), "device 'cam-42' does not expose port 8080");
+    }
+}
