@@ -15,7 +15,8 @@ use crate::remote::{credentials, home, LoginState, Remote};
 #[derive(clap::Args)]
 pub struct LoginArgs {
     /// The pivot, HOST:PORT.
-    pivot: String,
+    #[arg(value_name = "HOST:PORT")]
+    address: String,
     /// The pivot's host key fingerprint (SHA256:...) as its admin published it.
     #[arg(long)]
     pivot_host_key: Option<String>,
@@ -31,7 +32,7 @@ pub struct LoginArgs {
 }
 
 pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
-    let (host, port) = args.pivot.rsplit_once(':').context("the pivot is HOST:PORT")?;
+    let (host, port) = args.address.rsplit_once(':').context("the pivot is HOST:PORT")?;
     let creds = credentials(identity.as_deref())?;
     let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
     let pin = match (&args.pivot_host_key, args.accept_new) {
@@ -39,7 +40,7 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
         (None, true) => {
             // Learn the key by asking with a pin nothing matches.
             let probe = HostKeyPin::Fingerprint("SHA256:unknown".into());
-            match pivot_client::connect(&args.pivot, probe, &user, &creds).await {
+            match pivot_client::connect(&args.address, probe, &user, &creds).await {
                 Err(ClientError::HostKeyMismatch { got, .. }) => {
                     eprintln!("trusting the pivot's host key {got} (first use)");
                     HostKeyPin::Fingerprint(got)
@@ -52,7 +53,7 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
             bail!("pass --pivot-host-key SHA256:... (ask your admin), or --accept-new to trust on first use")
         }
     };
-    let remote = Remote { addr: args.pivot.clone(), pin: pin.clone(), creds, user };
+    let remote = Remote { addr: args.address.clone(), pin: pin.clone(), creds, user };
     let me = remote.call(&Request::Whoami).await?;
     let devices = remote.call(&Request::DeviceList).await?;
     let pivot_key = me["pivot_host_key"].as_str().unwrap_or_default().to_string();
@@ -63,7 +64,7 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
     let known_hosts = dir.join("known_hosts");
     let config = dir.join("config");
     let pivot_name = if port == "22" { host.to_string() } else { format!("[{host}]:{port}") };
-    let mut kh = format!("# Written by `burrow login {}`; run it again to refresh.\n", args.pivot);
+    let mut kh = format!("# Written by `burrow login {}`; run it again to refresh.\n", args.address);
     writeln!(kh, "{pivot_name} {pivot_key}")?;
     let mut count = 0;
     for d in devices.as_array().into_iter().flatten() {
@@ -77,7 +78,7 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
     std::fs::write(&config, ssh_config(host, port, &args.suffix, &known_hosts, identity.as_deref()))?;
     include_in_user_config(&ssh_dir, &config)?;
     LoginState {
-        pivot: args.pivot.clone(),
+        pivot: args.address.clone(),
         fingerprint: pin.fingerprint(),
         identity: identity.clone(),
         suffix: args.suffix.clone(),
@@ -86,7 +87,7 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
     .save()?;
     println!(
         "logged in to {} as {} '{}' ({} device host keys pinned)",
-        args.pivot,
+        args.address,
         me["role"].as_str().unwrap_or("operator"),
         me["name"].as_str().unwrap_or(""),
         count

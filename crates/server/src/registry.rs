@@ -22,7 +22,7 @@ pub const DB_FILE: &str = "registry.db";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("registry database error")]
+    #[error("registry database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("device '{0}' already exists; remove it first or pick another id")]
     DeviceExists(Id),
@@ -160,11 +160,34 @@ impl Registry {
             .busy_timeout(Duration::from_secs(10));
         // A handful of connections: the registry sees a query per connection
         // attempt and per refusal, not per byte relayed.
+        // A new file is set up by whoever comes first, the server or an admin
+        // command; the other may see it locked for a moment. SQLite does not
+        // always run the busy handler for that (e.g. switching to WAL), so retry.
+        let mut attempt = 0;
+        loop {
+            match Self::connect(opts.clone()).await {
+                Ok(pool) => return Ok(Registry { pool }),
+                Err(e) if attempt < 100 && is_busy(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A write transaction that takes the write lock up front: a deferred one
+    /// that reads first cannot wait for a concurrent writer and fails "locked".
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn connect(opts: SqliteConnectOptions) -> Result<SqlitePool, sqlx::Error> {
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
         }
-        Ok(Registry { pool })
+        Ok(pool)
     }
 
     pub async fn add_device(
@@ -174,7 +197,7 @@ impl Registry {
         labels: &BTreeMap<String, String>,
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
         {
             return Err(RegistryError::DeviceExists(id.clone()));
@@ -218,7 +241,7 @@ impl Registry {
         allow: &[String],
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if sqlx::query("SELECT 1 FROM operators WHERE name = ?")
             .bind(name.as_str())
             .fetch_optional(&mut *tx)
@@ -351,7 +374,7 @@ impl Registry {
         token_digest: &str,
         expires_at: i64,
     ) -> Result<(), RegistryError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
         {
             return Err(RegistryError::DeviceExists(id.clone()));
@@ -382,7 +405,7 @@ impl Registry {
         host_keys: &[String],
     ) -> Result<(), RegistryError> {
         let now = now_unix();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT device, expires_at, used_at FROM enrollments WHERE digest = ?")
             .bind(token_digest)
             .fetch_optional(&mut *tx)
@@ -395,7 +418,7 @@ impl Registry {
             return Err(RegistryError::TokenUsed);
         }
         let expires_at: i64 = row.get("expires_at");
-        if now > expires_at {
+        if now >= expires_at {
             return Err(RegistryError::TokenExpired(expires_at));
         }
         let has_key: Option<Option<String>> = sqlx::query_scalar("SELECT fingerprint FROM devices WHERE id = ?")
@@ -428,7 +451,7 @@ impl Registry {
     /// Replaces a device's key, if it still is `old_fingerprint`.
     pub async fn rotate_key(&self, id: &Id, old_fingerprint: &str, key: &PublicKey) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         check_key_free(&mut tx, &fp).await?;
         let r = sqlx::query("UPDATE devices SET public_key = ?, fingerprint = ? WHERE id = ? AND fingerprint = ?")
             .bind(openssh_line(key))
@@ -481,6 +504,11 @@ impl Registry {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+fn is_busy(e: &sqlx::Error) -> bool {
+    let text = e.to_string();
+    text.contains("locked") || text.contains("busy")
 }
 
 async fn check_key_free(tx: &mut sqlx::SqliteConnection, fp: &str) -> Result<(), RegistryError> {

@@ -17,12 +17,12 @@ const MAX_REQUEST: usize = 256 * 1024;
 pub(crate) async fn serve(shared: Arc<Shared>, caller: Caller, mut channel: Channel<Msg>, reply: ChannelOpenHandle) {
     reply.accept().await;
     let mut buf = Vec::new();
-    let response = loop {
+    let (response, mutated) = loop {
         match channel.wait().await {
             Some(ChannelMsg::Data { data }) => {
                 buf.extend_from_slice(&data);
                 if buf.len() > MAX_REQUEST {
-                    break Response::err("request too large");
+                    break (Response::err("request too large"), false);
                 }
                 if let Some(end) = buf.iter().position(|b| *b == b'\n') {
                     break handle(&shared, &caller, &buf[..end]).await;
@@ -38,21 +38,24 @@ pub(crate) async fn serve(shared: Arc<Shared>, caller: Caller, mut channel: Chan
     let _ = channel.data(&out[..]).await;
     let _ = channel.eof().await;
     let _ = channel.close().await;
+    if mutated {
+        // Removals, revocations and rotations take effect now, not at the
+        // next poll; after the answer, since the caller may be among them.
+        crate::watch::enforce(&shared).await;
+    }
 }
 
-async fn handle(shared: &Shared, caller: &Caller, line: &[u8]) -> Response {
+/// Answers one request; also says whether it changed the registry.
+async fn handle(shared: &Shared, caller: &Caller, line: &[u8]) -> (Response, bool) {
     let req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
-        Err(e) => return Response::err(format!("malformed request: {e}")),
+        Err(e) => return (Response::err(format!("malformed request: {e}")), false),
     };
     let mutates = req.is_admin() || matches!(req, Request::Enroll { .. } | Request::RotateKey { .. });
     let what = serde_json::to_value(&req).ok().and_then(|v| v.get("op").cloned()).unwrap_or_default();
     let ctx = admin::Context { registry: &shared.registry, host_key: shared.host_key.clone() };
     let response = admin::execute(&ctx, caller, req).await;
     info!(?caller, op = %what, ok = response.ok, error = response.error.as_deref().unwrap_or(""), "admin request");
-    if mutates && response.ok {
-        // Removals and revocations take effect now, not at the next poll.
-        crate::watch::enforce(shared).await;
-    }
-    response
+    let mutated = mutates && response.ok;
+    (response, mutated)
 }

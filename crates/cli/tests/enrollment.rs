@@ -1,0 +1,385 @@
+//! Enrollment, end-to-end host-key pinning, remote administration, label
+//! access and the operator's everyday tools (`burrow login`, `burrow ssh`…).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use burrow_core::enroll::EnrollToken;
+use burrow_testkit::*;
+
+const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
+
+fn fingerprint(pub_file: &Path) -> String {
+    let key = burrow_core::keys::read_public_key(pub_file).unwrap();
+    burrow_core::fingerprint(&key)
+}
+
+/// Prints a token for `id` via `burrow device add ID` (no key).
+fn token_for(pivot: &TestPivot, id: &str, extra: &[&str]) -> String {
+    let mut args = vec!["device", "add", id];
+    args.extend_from_slice(extra);
+    pivot.admin_ok(&args).trim().to_string()
+}
+
+struct Enrolled {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+fn enroll(token: &str, sshd: &Sshd) -> (Enrolled, Output) {
+    let dir = tempfile::Builder::new().prefix("burrow-device").tempdir().unwrap();
+    let config = dir.path().join("etc/agent.toml");
+    let out = Command::new(BURROW)
+        .args(["agent", "enroll", "--token", token, "--config"])
+        .arg(&config)
+        .arg("--host-keys")
+        .arg(&sshd.host_key.public)
+        .args(["--expose", &format!("22={}", sshd.target())])
+        .output()
+        .unwrap();
+    (Enrolled { dir, config }, out)
+}
+
+fn start_enrolled_agent(e: &Enrolled, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(BURROW);
+    cmd.args(["agent", "--config"]).arg(&e.config).args(extra);
+    Proc::spawn("burrow agent (config)", &mut cmd, e.dir.path().join(format!("agent-{}.log", extra.len())))
+}
+
+/// An operator's laptop: its own HOME, so `burrow login` writes only there.
+struct Laptop {
+    home: tempfile::TempDir,
+    key: KeyPair,
+}
+
+impl Laptop {
+    fn new() -> Laptop {
+        let home = tempfile::Builder::new().prefix("burrow-home").tempdir().unwrap();
+        let key = KeyPair::generate(home.path(), "id_operator");
+        Laptop { home, key }
+    }
+
+    fn burrow(&self, args: &[&str]) -> Output {
+        Command::new(BURROW)
+            .env("HOME", self.home.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn login(&self, pivot: &TestPivot) -> Output {
+        let fp = fingerprint(&pivot.host_key_pub());
+        let addr = pivot.addr.to_string();
+        self.burrow(&["--identity", self.key.private.to_str().unwrap(), "login", &addr, "--pivot-host-key", &fp])
+    }
+
+    /// The stock ssh client with the user config `burrow login` extended.
+    fn ssh(&self, args: &[&str]) -> Output {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(self.home.path().join(".ssh/config"))
+            .args(["-o", "BatchMode=yes"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `burrow --pivot ADDR …` with this laptop's key and the pivot's pinned fingerprint.
+    fn remote(&self, pivot: &TestPivot, args: &[&str]) -> Output {
+        let fp = fingerprint(&pivot.host_key_pub());
+        let addr = pivot.addr.to_string();
+        let mut all =
+            vec!["--pivot", &addr, "--pivot-fingerprint", &fp, "--identity", self.key.private.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.burrow(&all)
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}{}", stdout(out), stderr(out));
+    stdout(out)
+}
+
+#[test]
+fn from_token_to_strict_ssh_by_name() {
+    let pivot = TestPivot::start(BURROW);
+    let laptop = Laptop::new();
+    pivot.add_operator("alice", &laptop.key);
+    let sshd = Sshd::start(&[&laptop.key]);
+    let token = token_for(&pivot, "cam-42", &["--label", "site=lab"]);
+    assert!(token.starts_with("burrow-enroll-v1."), "{token}");
+    let decoded = EnrollToken::decode(&token).unwrap();
+    assert_eq!(decoded.pivot, pivot.addr.to_string());
+    assert_eq!(decoded.fingerprint, fingerprint(&pivot.host_key_pub()));
+
+    let (dev, out) = enroll(&token, &sshd);
+    ok(&out);
+    let key_file = dev.config.with_file_name("device_key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    assert!(config.contains("id = \"cam-42\"") && config.contains(&sshd.target()), "{config}");
+    let _agent = start_enrolled_agent(&dev, &[]);
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+
+    ok(&laptop.login(&pivot));
+    let cfg = std::fs::read_to_string(laptop.home.path().join(".ssh/burrow/config")).unwrap();
+    assert!(cfg.contains("StrictHostKeyChecking yes") && cfg.contains("ProxyJump burrow-pivot"), "{cfg}");
+    assert!(!cfg.contains("StrictHostKeyChecking no"));
+    let out = laptop.ssh(&["-o", "StrictHostKeyChecking=yes", "root@cam-42.burrow", "echo strict-ok"]);
+    assert_eq!(ok(&out).trim(), "strict-ok");
+
+    // The wrappers use the same settings.
+    assert_eq!(ok(&laptop.burrow(&["ssh", "root@cam-42", "echo wrapped"])).trim(), "wrapped");
+    let local = laptop.home.path().join("fw.bin");
+    std::fs::write(&local, b"firmware").unwrap();
+    let remote_path = format!("root@cam-42:{}/fw.bin", sshd.dir.path().display());
+    ok(&laptop.burrow(&["scp", local.to_str().unwrap(), &remote_path]));
+    assert_eq!(std::fs::read(sshd.dir.path().join("fw.bin")).unwrap(), b"firmware");
+}
+
+#[test]
+fn wrappers_print_the_pivots_refusal_for_an_offline_device() {
+    let pivot = TestPivot::start(BURROW);
+    let laptop = Laptop::new();
+    pivot.add_operator("alice", &laptop.key);
+    let key = KeyPair::generate(laptop.home.path(), "dev");
+    pivot.add_device("cam-42", &key);
+    ok(&laptop.login(&pivot));
+    let out = laptop.burrow(&["ssh", "root@cam-42", "true"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("device 'cam-42' is offline (never connected)"), "{}", stderr(&out));
+    let out = laptop.burrow(&["forward", "cam-42:8081"]);
+    assert!(stderr(&out).contains("device 'cam-42' is offline"), "{}", stderr(&out));
+}
+
+#[test]
+fn reused_expired_and_tampered_tokens_are_refused() {
+    let pivot = TestPivot::start(BURROW);
+    let sshd = Sshd::start(&[]);
+
+    let token = token_for(&pivot, "cam-1", &[]);
+    let (_first, out) = enroll(&token, &sshd);
+    ok(&out);
+    let fp = pivot.device_json("cam-1").unwrap()["fingerprint"].clone();
+    let (again, out) = enroll(&token, &sshd);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("enrollment token was already used"), "{}", stderr(&out));
+    assert_eq!(pivot.device_json("cam-1").unwrap()["fingerprint"], fp, "reuse changed the key");
+    assert!(!again.config.exists());
+
+    let expired = token_for(&pivot, "cam-2", &["--ttl", "0s"]);
+    let (e, out) = enroll(&expired, &sshd);
+    assert!(stderr(&out).contains("enrollment token expired at"), "{}", stderr(&out));
+    assert!(!e.config.exists() && !e.config.with_file_name("device_key").exists());
+    assert_eq!(pivot.device_json("cam-2").unwrap()["enrolled"], false);
+
+    let good = token_for(&pivot, "cam-3", &[]);
+    let mut t = EnrollToken::decode(&good).unwrap();
+    let flipped = if t.secret.ends_with('A') { 'B' } else { 'A' };
+    t.secret = format!("{}{flipped}", &t.secret[..t.secret.len() - 1]);
+    let (_, out) = enroll(&t.encode(), &sshd);
+    assert!(stderr(&out).contains("enrollment token is not valid here"), "{}", stderr(&out));
+    let mut t = EnrollToken::decode(&good).unwrap();
+    t.device = "cam-1".into();
+    let (_, out) = enroll(&t.encode(), &sshd);
+    assert!(stderr(&out).contains("enrollment token is not valid here"), "{}", stderr(&out));
+    let mut t = EnrollToken::decode(&good).unwrap();
+    t.fingerprint = fingerprint(&sshd.host_key.public);
+    let (_, out) = enroll(&t.encode(), &sshd);
+    assert!(stderr(&out).contains("host key mismatch"), "{}", stderr(&out));
+    let (_, out) = enroll(&good[..good.len() - 5], &sshd);
+    assert!(stderr(&out).contains("enrollment token is damaged"), "{}", stderr(&out));
+    assert_eq!(pivot.device_json("cam-3").unwrap()["enrolled"], false);
+    // The untouched token still works after all that.
+    let (_, out) = enroll(&good, &sshd);
+    ok(&out);
+}
+
+#[test]
+fn changed_device_host_key_makes_ssh_refuse() {
+    let pivot = TestPivot::start(BURROW);
+    let laptop = Laptop::new();
+    pivot.add_operator("alice", &laptop.key);
+    let sshd = Sshd::start(&[&laptop.key]);
+    let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
+    ok(&out);
+    let mut agent = start_enrolled_agent(&dev, &[]);
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    ok(&laptop.login(&pivot));
+    ok(&laptop.ssh(&["root@cam-42.burrow", "true"]));
+
+    // Same device id, but now its port 22 leads to an sshd with another host key.
+    agent.terminate(Duration::from_secs(10));
+    let impostor = Sshd::start(&[&laptop.key]);
+    let _agent2 = start_enrolled_agent(&dev, &["--expose", &format!("22={}", impostor.target())]);
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    let out = laptop.ssh(&["root@cam-42.burrow", "echo should-not-run"]);
+    assert!(!out.status.success());
+    assert!(!stdout(&out).contains("should-not-run"));
+    let err = stderr(&out);
+    assert!(
+        err.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || err.contains("Host key verification failed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn revoking_a_device_disconnects_it_and_refuses_it() {
+    let pivot = TestPivot::start(BURROW);
+    let sshd = Sshd::start(&[]);
+    let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
+    ok(&out);
+    let agent = start_enrolled_agent(&dev, &[]);
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    let laptop = Laptop::new();
+    pivot.add_operator("root", &laptop.key);
+    pivot.admin_ok(&["operator", "remove", "root"]);
+    pivot.admin_ok(&["device", "revoke", "cam-42"]);
+    assert!(pivot.wait_online("cam-42", false, Duration::from_secs(5)), "revoked device still connected");
+    assert!(wait_until(Duration::from_secs(10), || agent.log_text().contains("refused the key of device 'cam-42'")));
+    assert_eq!(pivot.device_json("cam-42").unwrap()["revoked"], true);
+    assert!(!pivot.is_online("cam-42"));
+}
+
+#[test]
+fn rotated_key_replaces_the_old_one() {
+    let pivot = TestPivot::start(BURROW);
+    let laptop = Laptop::new();
+    pivot.add_operator("alice", &laptop.key);
+    let sshd = Sshd::start(&[&laptop.key]);
+    let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
+    ok(&out);
+    let _agent = start_enrolled_agent(&dev, &[]);
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    let old_fp = pivot.device_json("cam-42").unwrap()["fingerprint"].as_str().unwrap().to_string();
+    let old_key = std::fs::read(dev.config.with_file_name("device_key")).unwrap();
+    let out = Command::new(BURROW).args(["agent", "rotate-key", "--config"]).arg(&dev.config).output().unwrap();
+    let text = ok(&out);
+    let new_fp = pivot.device_json("cam-42").unwrap()["fingerprint"].as_str().unwrap().to_string();
+    assert_ne!(new_fp, old_fp);
+    assert!(text.contains(&new_fp), "{text}");
+    assert_ne!(std::fs::read(dev.config.with_file_name("device_key")).unwrap(), old_key);
+    // The running agent is dropped with its old key and comes back with the new one.
+    let came_back = wait_until(Duration::from_secs(20), || {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg("/dev/null")
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+            .arg("-o")
+            .arg(format!("ProxyCommand=ssh -F /dev/null -o BatchMode=yes -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -i {} -p {} -W %h:%p 127.0.0.1", laptop.key.private.display(), pivot.addr.port()))
+            .arg("-i")
+            .arg(&laptop.key.private)
+            .args(["root@cam-42", "true"])
+            .output()
+            .unwrap();
+        out.status.success()
+    });
+    assert!(came_back);
+}
+
+#[test]
+fn remote_administration_by_role() {
+    let pivot = TestPivot::start(BURROW);
+    let admin = Laptop::new();
+    let bob = Laptop::new();
+    pivot.admin_ok(&["operator", "add", "root-op", "--key", admin.key.public.to_str().unwrap(), "--admin"]);
+    let dev_key = KeyPair::generate(admin.home.path(), "cam7");
+
+    // The admin manages from a laptop, over the pivot's SSH port.
+    let out = admin.remote(
+        &pivot,
+        &["device", "add", "cam-7", "--key", dev_key.public.to_str().unwrap(), "--label", "site=berlin"],
+    );
+    assert!(ok(&out).contains("added device 'cam-7'"));
+    let out = admin.remote(&pivot, &["operator", "add", "bob", "--key", bob.key.public.to_str().unwrap()]);
+    ok(&out);
+    let token = ok(&admin.remote(&pivot, &["device", "add", "cam-8"]));
+    assert!(token.trim().starts_with("burrow-enroll-v1."));
+    let list = ok(&admin.remote(&pivot, &["device", "list", "--json"]));
+    assert!(list.contains("cam-7") && list.contains("cam-8"), "{list}");
+    assert!(pivot.device_json("cam-7").is_some());
+    assert!(ok(&admin.remote(&pivot, &["operator", "list"])).contains("bob"));
+
+    // bob has the operator role: he may list and look, not manage.
+    let list = ok(&bob.remote(&pivot, &["device", "list"]));
+    assert!(list.contains("cam-7"), "{list}");
+    for args in [
+        vec!["device", "remove", "cam-7"],
+        vec!["device", "revoke", "cam-7"],
+        vec!["operator", "list"],
+        vec!["device", "add", "cam-9", "--key", dev_key.public.to_str().unwrap()],
+    ] {
+        let out = bob.remote(&pivot, &args);
+        assert!(!out.status.success(), "{args:?} was allowed");
+        assert!(
+            stderr(&out).contains("permission denied: operator 'bob' does not have the admin role"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(pivot.device_json("cam-7").is_some());
+
+    // An unregistered key and a wrong pin are refused.
+    let stranger = Laptop::new();
+    let out = stranger.remote(&pivot, &["device", "list"]);
+    assert!(stderr(&out).contains("the pivot refused our key"), "{}", stderr(&out));
+    let addr = pivot.addr.to_string();
+    let wrong = fingerprint(&dev_key.public);
+    let out = admin.burrow(&[
+        "--pivot",
+        &addr,
+        "--pivot-fingerprint",
+        &wrong,
+        "--identity",
+        admin.key.private.to_str().unwrap(),
+        "device",
+        "list",
+    ]);
+    assert!(stderr(&out).contains("host key mismatch"), "{}", stderr(&out));
+}
+
+#[test]
+fn label_selectors_allow_and_deny() {
+    let pivot = TestPivot::start(BURROW);
+    let bob = Laptop::new();
+    let sshd = Sshd::start(&[&bob.key]);
+    pivot.admin_ok(&["operator", "add", "bob", "--key", bob.key.public.to_str().unwrap(), "--allow", "site=berlin"]);
+    let expose = [format!("22={}", sshd.target())];
+    let mut agents = Vec::new();
+    for (id, site) in [("cam-b", "berlin"), ("cam-p", "paris")] {
+        let key = KeyPair::generate(sshd.dir.path(), id);
+        pivot.admin_ok(&[
+            "device",
+            "add",
+            id,
+            "--key",
+            key.public.to_str().unwrap(),
+            "--label",
+            &format!("site={site}"),
+        ]);
+        agents.push(TestAgent::start(BURROW, &pivot, id, &key, &expose));
+        assert!(pivot.wait_online(id, true, Duration::from_secs(20)));
+    }
+    // bob's own ssh config, as a stock OpenSSH user would have it.
+    let op = Operator::new(&pivot);
+    let cfg = std::fs::read_to_string(&op.config)
+        .unwrap()
+        .replace(op.key.private.to_str().unwrap(), bob.key.private.to_str().unwrap());
+    std::fs::write(&op.config, cfg).unwrap();
+    op.trust_device("cam-b", &sshd);
+    op.trust_device("cam-p", &sshd);
+    let out = op.ssh_device("cam-b", "echo berlin");
+    assert_eq!(ok(&out).trim(), "berlin");
+    let out = op.ssh_device("cam-p", "echo paris");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not allowed to reach device 'cam-p'"), "{}", stderr(&out));
+    let list = ok(&bob.remote(&pivot, &["device", "list"]));
+    assert!(list.contains("cam-b") && !list.contains("cam-p"), "{list}");
+    let out = bob.remote(&pivot, &["device", "show", "cam-p"]);
+    assert!(stderr(&out).contains("not allowed to reach device 'cam-p'"), "{}", stderr(&out));
+}
