@@ -265,21 +265,20 @@ fn rotated_key_replaces_the_old_one() {
     assert!(text.contains(&new_fp), "{text}");
     assert_ne!(std::fs::read(dev.config.with_file_name("device_key")).unwrap(), old_key);
     // The running agent is dropped with its old key and comes back with the new one.
-    let came_back = wait_until(Duration::from_secs(20), || {
-        let out = Command::new("ssh")
-            .arg("-F")
-            .arg("/dev/null")
-            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
-            .arg("-o")
-            .arg(format!("ProxyCommand=ssh -F /dev/null -o BatchMode=yes -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -i {} -p {} -W %h:%p 127.0.0.1", laptop.key.private.display(), pivot.addr.port()))
-            .arg("-i")
-            .arg(&laptop.key.private)
-            .args(["root@cam-42", "true"])
-            .output()
-            .unwrap();
-        out.status.success()
-    });
-    assert!(came_back);
+    let op = operator_as(&pivot, &laptop);
+    op.trust_device("cam-42", &sshd);
+    assert!(wait_until(Duration::from_secs(20), || op.ssh_device("cam-42", "true").status.success()));
+    assert!(pivot.is_online("cam-42"));
+}
+
+/// A stock OpenSSH setup (`ssh -J pivot`, strict host keys) using `laptop`'s key.
+fn operator_as(pivot: &TestPivot, laptop: &Laptop) -> Operator {
+    let op = Operator::new(pivot);
+    let cfg = std::fs::read_to_string(&op.config)
+        .unwrap()
+        .replace(op.key.private.to_str().unwrap(), laptop.key.private.to_str().unwrap());
+    std::fs::write(&op.config, cfg).unwrap();
+    op
 }
 
 #[test]
