@@ -5,10 +5,19 @@
 //! target/release/burrow-bench wake [SAMPLES]
 //! ```
 //!
+//! `vs-openssh` runs burrow and a stock OpenSSH pivot side by side (see
+//! `vs_openssh.rs` and docs/benchmarks.md):
+//!
+//! ```text
+//! target/release/burrow-bench vs-openssh [--gib 1] [--runs 5] [--tunnels 1000,10000]
+//! ```
+//!
 //! `wake` measures what an on-demand wake-up adds to opening a channel: the
 //! time from an operator's `direct-tcpip` open to its confirmation, for a
 //! sleeping device (woken over the embedded MQTT broker) against a device
 //! whose tunnel is already up. Both devices front the same real sshd.
+
+mod vs_openssh;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -155,6 +164,32 @@ async fn main() -> Result<()> {
             let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(50);
             wake(n).await
         }
-        _ => bail!("usage: burrow-bench wake [SAMPLES]"),
+        Some("vs-openssh") => {
+            let mut o = vs_openssh::Options {
+                gib: 1,
+                runs: 5,
+                tunnels: vec![1000, 10_000],
+                openssh_tunnels: 1000,
+                latency_samples: 300,
+                rate_connections: 500,
+                skip_throughput: false,
+            };
+            let mut it = args[1..].iter();
+            while let Some(flag) = it.next() {
+                let mut val = || it.next().context("flag needs a value");
+                match flag.as_str() {
+                    "--gib" => o.gib = val()?.parse()?,
+                    "--runs" => o.runs = val()?.parse()?,
+                    "--tunnels" => o.tunnels = val()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+                    "--openssh-tunnels" => o.openssh_tunnels = val()?.parse()?,
+                    "--latency-samples" => o.latency_samples = val()?.parse()?,
+                    "--rate-connections" => o.rate_connections = val()?.parse()?,
+                    "--skip-throughput" => o.skip_throughput = true,
+                    other => bail!("unknown flag {other}"),
+                }
+            }
+            vs_openssh::run(&burrow_bin()?, o).await
+        }
+        _ => bail!("usage: burrow-bench wake [SAMPLES] | vs-openssh [--gib N] [--runs N] [--tunnels 1000,10000] …"),
     }
 }

@@ -143,6 +143,11 @@ pub struct Sshd {
 impl Sshd {
     /// Starts sshd on a free loopback port, accepting `authorized` keys for root.
     pub fn start(authorized: &[&KeyPair]) -> Sshd {
+        Self::start_with(authorized, "")
+    }
+
+    /// Like [`start`](Self::start), with extra `sshd_config` lines (e.g. to act as an OpenSSH pivot).
+    pub fn start_with(authorized: &[&KeyPair], extra_config: &str) -> Sshd {
         require_tool(SSHD);
         std::fs::create_dir_all("/run/sshd").expect("privilege separation dir /run/sshd");
         let dir = tempfile::Builder::new().prefix("burrow-sshd").tempdir().unwrap();
@@ -158,7 +163,7 @@ impl Sshd {
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
                      PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                      PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n\
-                     Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                     Subsystem sftp internal-sftp\nLogLevel VERBOSE\n{extra_config}",
                     hk = host_key.private.display(),
                     ak = dir.path().join("authorized_keys").display(),
                 ),
