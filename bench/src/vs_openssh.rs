@@ -38,7 +38,8 @@ impl Cgroup {
     fn new(name: &str) -> Result<Cgroup> {
         let cpu = PathBuf::from(format!("/sys/fs/cgroup/cpu/burrow-bench-{name}-{}", std::process::id()));
         let acct = PathBuf::from(format!("/sys/fs/cgroup/cpuacct/burrow-bench-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&cpu).with_context(|| format!("cannot create {} (need root and cgroup v1 cpu)", cpu.display()))?;
+        std::fs::create_dir_all(&cpu)
+            .with_context(|| format!("cannot create {} (need root and cgroup v1 cpu)", cpu.display()))?;
         std::fs::create_dir_all(&acct).with_context(|| format!("cannot create {}", acct.display()))?;
         Ok(Cgroup { cpu, acct })
     }
@@ -105,7 +106,9 @@ fn pss_kib(root: u32) -> u64 {
     process_tree(root)
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
-        .filter_map(|s| s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .filter_map(|s| {
+            s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .sum()
 }
 
@@ -190,7 +193,11 @@ fn scp(cfg: &Path, side: &Side, from: &str, to: &str) -> Result<Duration> {
 
 pub async fn run(bin: &str, o: Options) -> Result<()> {
     let shm = Path::new("/dev/shm");
-    let work = tempfile::Builder::new().prefix("burrow-bench").tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })?;
+    let work = tempfile::Builder::new().prefix("burrow-bench").tempdir_in(if shm.is_dir() {
+        shm
+    } else {
+        Path::new("/tmp")
+    })?;
     let w = work.path();
     let op = KeyPair::generate(w, "operator");
     let dev = KeyPair::generate(w, "device");
@@ -207,7 +214,11 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     let mut report = String::new();
     let versions = Command::new("ssh").arg("-V").output()?;
     writeln!(report, "OpenSSH: {}", String::from_utf8_lossy(&versions.stderr).trim())?;
-    writeln!(report, "burrow: {}", String::from_utf8_lossy(&Command::new(bin).arg("--version").output()?.stdout).trim())?;
+    writeln!(
+        report,
+        "burrow: {}",
+        String::from_utf8_lossy(&Command::new(bin).arg("--version").output()?.stdout).trim()
+    )?;
 
     // Client side: one config for operators, one for devices, strict host keys.
     let kh = w.join("known_hosts");
@@ -245,12 +256,22 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     // Devices: stock `ssh -R` into each pivot, so only the pivot differs.
     let dev_b = Proc::spawn(
         "device ssh -R (burrow)",
-        Command::new("ssh").arg("-F").arg(&dcfg).args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"]).arg(format!("dev:22:{}", target.target())).args(["-p", &burrow.addr.port().to_string(), "dev@127.0.0.1"]),
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&dcfg)
+            .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+            .arg(format!("dev:22:{}", target.target()))
+            .args(["-p", &burrow.addr.port().to_string(), "dev@127.0.0.1"]),
         w.join("dev-b.log"),
     );
     let dev_o = Proc::spawn(
         "device ssh -R (openssh)",
-        Command::new("ssh").arg("-F").arg(&dcfg).args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"]).arg(format!("127.0.0.1:{fwd_port}:{}", target.target())).args(["-p", &ossh.port.to_string(), "root@127.0.0.1"]),
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&dcfg)
+            .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+            .arg(format!("127.0.0.1:{fwd_port}:{}", target.target()))
+            .args(["-p", &ossh.port.to_string(), "root@127.0.0.1"]),
         w.join("dev-o.log"),
     );
     if !burrow.wait_online("dev", true, Duration::from_secs(20))
@@ -260,8 +281,24 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     }
 
     let sides = [
-        Side { name: "burrow", port: burrow.addr.port(), pid: burrow.proc.pid(), cg: Cgroup::new("burrow")?, jump: "bpivot", dest: "root@dev".into(), scp_port: None },
-        Side { name: "openssh", port: ossh.port, pid: ossh.proc.pid(), cg: Cgroup::new("openssh")?, jump: "opivot", dest: "root@127.0.0.1".into(), scp_port: Some(fwd_port) },
+        Side {
+            name: "burrow",
+            port: burrow.addr.port(),
+            pid: burrow.proc.pid(),
+            cg: Cgroup::new("burrow")?,
+            jump: "bpivot",
+            dest: "root@dev".into(),
+            scp_port: None,
+        },
+        Side {
+            name: "openssh",
+            port: ossh.port,
+            pid: ossh.proc.pid(),
+            cg: Cgroup::new("openssh")?,
+            jump: "opivot",
+            dest: "root@127.0.0.1".into(),
+            scp_port: Some(fwd_port),
+        },
     ];
     for s in &sides {
         for p in process_tree(s.pid) {
@@ -342,7 +379,12 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     writeln!(report, "| pivot | p50 ms | p99 ms |\n|---|---|---|")?;
     writeln!(report, "| burrow | {:.2} | {:.2} |", ms(pct(&lb, 0.5)), ms(pct(&lb, 0.99)))?;
     writeln!(report, "| openssh | {:.2} | {:.2} |", ms(pct(&lo, 0.5)), ms(pct(&lo, 0.99)))?;
-    writeln!(report, "\nratio burrow/openssh: p50 **{:.2}x**, p99 **{:.2}x**", ms(pct(&lb, 0.5)) / ms(pct(&lo, 0.5)), ms(pct(&lb, 0.99)) / ms(pct(&lo, 0.99)))?;
+    writeln!(
+        report,
+        "\nratio burrow/openssh: p50 **{:.2}x**, p99 **{:.2}x**",
+        ms(pct(&lb, 0.5)) / ms(pct(&lo, 0.5)),
+        ms(pct(&lb, 0.99)) / ms(pct(&lo, 0.99))
+    )?;
     drop(hb);
     drop(ho);
 
@@ -395,14 +437,24 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     let (okb, tb) = rate(0).await;
     let (oko, to) = rate(1).await;
     let (rb, ro) = (okb as f64 / tb.as_secs_f64(), oko as f64 / to.as_secs_f64());
-    writeln!(report, "\n### Connection rate ({} device connections, 16 at a time: handshake, auth, forward)\n", o.rate_connections)?;
-    writeln!(report, "| pivot | ok | conn/s |\n|---|---|---|\n| burrow | {okb} | {rb:.0} |\n| openssh | {oko} | {ro:.0} |")?;
+    writeln!(
+        report,
+        "\n### Connection rate ({} device connections, 16 at a time: handshake, auth, forward)\n",
+        o.rate_connections
+    )?;
+    writeln!(
+        report,
+        "| pivot | ok | conn/s |\n|---|---|---|\n| burrow | {okb} | {rb:.0} |\n| openssh | {oko} | {ro:.0} |"
+    )?;
     writeln!(report, "\nratio burrow/openssh: **{:.2}x**", rb / ro)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // 3. Memory per idle tunnel.
     writeln!(report, "\n### Memory per idle device tunnel (pivot PSS delta / tunnels)\n")?;
-    writeln!(report, "| pivot | tunnels | held | PSS before KiB | PSS after KiB | KiB per tunnel |\n|---|---|---|---|---|---|")?;
+    writeln!(
+        report,
+        "| pivot | tunnels | held | PSS before KiB | PSS after KiB | KiB per tunnel |\n|---|---|---|---|---|---|"
+    )?;
     let mut per: BTreeMap<(&str, usize), f64> = BTreeMap::new();
     let base_b = pss_kib(sides[0].pid);
     let mut held_b: Vec<Handle> = Vec::new();
@@ -461,7 +513,12 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     let kib_o = after_o.saturating_sub(base_o) as f64 / n as f64;
     writeln!(report, "| openssh | {n} | {} ({errors} errors) | {base_o} | {after_o} | {kib_o:.1} |", held_o.len())?;
     if let Some(b) = per.get(&("burrow", n)) {
-        writeln!(report, "\nat {n} tunnels: burrow/openssh memory per tunnel = **{:.3}x** (1/{:.0})", b / kib_o, kib_o / b)?;
+        writeln!(
+            report,
+            "\nat {n} tunnels: burrow/openssh memory per tunnel = **{:.3}x** (1/{:.0})",
+            b / kib_o,
+            kib_o / b
+        )?;
     }
     drop(held_o);
     println!("{report}");
