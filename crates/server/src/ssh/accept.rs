@@ -68,7 +68,10 @@ async fn handle(
     let authenticated: Authenticated = Default::default();
     let handler = Connection::new(shared.clone(), conn, peer, authenticated.clone());
     let deadline = shared.config.auth_timeout;
-    let running = match tokio::time::timeout(deadline, russh::server::run_stream(ssh, stream, handler)).await {
+    // Boxed: the handshake future is large and would otherwise stay inside
+    // this task for the whole life of an idle tunnel.
+    let handshake = Box::pin(russh::server::run_stream(ssh, stream, handler));
+    let running = match tokio::time::timeout(deadline, handshake).await {
         Ok(Ok(running)) => running,
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");
