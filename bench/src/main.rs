@@ -173,6 +173,7 @@ async fn main() -> Result<()> {
                 latency_samples: 300,
                 rate_connections: 500,
                 skip_throughput: false,
+                cpu_limit: 0.5,
             };
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
@@ -185,6 +186,7 @@ async fn main() -> Result<()> {
                     "--latency-samples" => o.latency_samples = val()?.parse()?,
                     "--rate-connections" => o.rate_connections = val()?.parse()?,
                     "--skip-throughput" => o.skip_throughput = true,
+                    "--cpu-limit" => o.cpu_limit = val()?.parse()?,
                     other => bail!("unknown flag {other}"),
                 }
             }

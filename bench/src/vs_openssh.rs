@@ -26,6 +26,8 @@ pub struct Options {
     pub latency_samples: usize,
     pub rate_connections: usize,
     pub skip_throughput: bool,
+    /// Share of one core the pivots get in the limited throughput runs.
+    pub cpu_limit: f64,
 }
 
 /// A v1 cgroup pair (cpu + cpuacct) for one pivot.
@@ -311,11 +313,14 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
         let blob = w.join("blob.bin");
         write_blob(&blob, o.gib << 30)?;
         let gib = o.gib as f64;
-        for limit in [None, Some(0.5)] {
+        for limit in [None, Some(o.cpu_limit)] {
             for s in &sides {
                 s.cg.limit(limit)?;
             }
-            let label = if limit.is_some() { "pivot limited to 0.5 core" } else { "unlimited" };
+            let label = match limit {
+                Some(f) => format!("pivot limited to {f} core"),
+                None => "unlimited".to_string(),
+            };
             let mut rows: Vec<(String, f64, f64)> = Vec::new();
             for (dir, up) in [("upload", true), ("download", false)] {
                 let mut mibs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
@@ -350,7 +355,7 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
                     rows[k].2 / rows[k + 1].2
                 )?;
             }
-            print!("{report}");
+            eprint!("{report}");
         }
         for s in &sides {
             s.cg.limit(None)?;
