@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use burrow_core::agent_file::{AgentFile, DEFAULT_PATH};
-use burrow_core::mqtt_url::{MqttUrl, TlsFiles};
-use burrow_core::signal::Topics;
+use burrow_core::mqtt_url::MqttUrl;
 use burrow_core::{Expose, HostKeyPin, Id};
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+use crate::mqtt_args::MqttClientArgs;
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -84,24 +85,8 @@ pub struct AgentArgs {
     /// Keep a permanent tunnel even when a broker is given.
     #[arg(long)]
     always_on: bool,
-    /// CA certificate (PEM) for mqtts://.
-    #[arg(long)]
-    mqtt_ca: Option<PathBuf>,
-    /// Client certificate (PEM), e.g. for AWS IoT Core.
-    #[arg(long)]
-    mqtt_cert: Option<PathBuf>,
-    /// Client private key (PEM) for --mqtt-cert.
-    #[arg(long)]
-    mqtt_key: Option<PathBuf>,
-    /// MQTT username [default: the device id].
-    #[arg(long, env = "BURROW_MQTT_USERNAME")]
-    mqtt_username: Option<String>,
-    /// MQTT password [default: a login token signed with the device key].
-    #[arg(long, env = "BURROW_MQTT_PASSWORD")]
-    mqtt_password: Option<String>,
-    /// Prefix of every MQTT topic burrow uses.
-    #[arg(long, default_value = "burrow")]
-    topic_prefix: String,
+    #[command(flatten)]
+    mqtt: MqttClientArgs,
     /// Keepalive period to the pivot and the broker; three missed mean reconnect.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     keepalive: std::time::Duration,
@@ -183,10 +168,10 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     if let (Some(url), false) = (mqtt_url, always_on) {
         config.signal = Some(burrow_agent::SignalConfig {
             url,
-            tls: TlsFiles { ca: args.mqtt_ca, cert: args.mqtt_cert, key: args.mqtt_key },
-            topics: Topics::new(&args.topic_prefix),
-            username: args.mqtt_username,
-            password: args.mqtt_password,
+            tls: args.mqtt.tls(),
+            topics: args.mqtt.topics(),
+            username: args.mqtt.mqtt_username,
+            password: args.mqtt.mqtt_password,
         });
     }
     burrow_agent::run(config, shutdown).await?;

@@ -4,6 +4,7 @@
 mod admin;
 mod agent;
 mod login;
+mod mqtt_args;
 mod remote;
 mod server;
 mod wrappers;

@@ -1,17 +1,16 @@
 //! `burrow server`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use burrow_core::mqtt_url::{MqttUrl, TlsFiles};
-use burrow_core::signal::Topics;
+use burrow_core::mqtt_url::MqttUrl;
 use burrow_server::host_key;
 use burrow_server::signal::{BrokerConfig, SignalConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::mqtt_args::MqttClientArgs;
 use crate::DataDir;
 
 #[derive(clap::Args)]
@@ -45,22 +44,8 @@ struct MqttArgs {
     /// Use an external broker (mqtt[s]://HOST:PORT) instead of the embedded one.
     #[arg(long, env = "BURROW_MQTT_URL")]
     mqtt_url: Option<MqttUrl>,
-    /// CA certificate (PEM) for mqtts://.
-    #[arg(long)]
-    mqtt_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for brokers that require one, e.g. AWS IoT Core.
-    #[arg(long)]
-    mqtt_cert: Option<PathBuf>,
-    /// Client private key (PEM) for --mqtt-cert.
-    #[arg(long)]
-    mqtt_key: Option<PathBuf>,
-    #[arg(long, env = "BURROW_MQTT_USERNAME")]
-    mqtt_username: Option<String>,
-    #[arg(long, env = "BURROW_MQTT_PASSWORD")]
-    mqtt_password: Option<String>,
-    /// Prefix of every MQTT topic burrow uses.
-    #[arg(long, default_value = "burrow")]
-    topic_prefix: String,
+    #[command(flatten)]
+    client: MqttClientArgs,
     /// How long an operator's request waits for a sleeping device to dial in.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     wake_timeout: Duration,
@@ -86,9 +71,9 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
         (_, true) => None,
         (Some(url), false) => Some(BrokerConfig::External {
             url: url.clone(),
-            tls: TlsFiles { ca: m.mqtt_ca.clone(), cert: m.mqtt_cert.clone(), key: m.mqtt_key.clone() },
-            username: m.mqtt_username.clone(),
-            password: m.mqtt_password.clone(),
+            tls: m.client.tls(),
+            username: m.client.mqtt_username.clone(),
+            password: m.client.mqtt_password.clone(),
         }),
         (None, false) => {
             let l = tokio::net::TcpListener::bind(m.mqtt_listen)
@@ -125,7 +110,7 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     config.advertise = Some(advertise.clone());
     config.signal = broker.map(|broker| SignalConfig {
         broker,
-        topics: Topics::new(&m.topic_prefix),
+        topics: m.client.topics(),
         advertise,
         wake_timeout: m.wake_timeout,
         idle_timeout: m.idle_timeout,
