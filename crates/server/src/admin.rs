@@ -3,8 +3,6 @@
 //! else it sends the same [`Request`] over SSH and the pivot calls
 //! [`execute`] with the caller's identity. The caller's role decides.
 
-use std::collections::BTreeMap;
-
 use burrow_core::enroll::EnrollToken;
 use burrow_core::keys::{fingerprint, parse_public_key, PublicKey};
 use burrow_core::rpc::{allowed, rotate_message, Request, Response, Selector, ROTATE_NAMESPACE};
@@ -301,9 +299,4 @@ pub fn device_json(d: &DeviceRecord) -> Value {
         "pivot": d.tunnel_pivot,
         "added": format_unix(d.created_at),
     })
-}
-
-/// Labels from `k=v` pairs.
-pub fn labels(pairs: Vec<(String, String)>) -> BTreeMap<String, String> {
-    pairs.into_iter().collect()
 }
