@@ -382,3 +382,54 @@ fn label_selectors_allow_and_deny() {
     let out = bob.remote(&pivot, &["device", "show", "cam-p"]);
     assert!(stderr(&out).contains("not allowed to reach device 'cam-p'"), "{}", stderr(&out));
 }
+
+#[test]
+fn sftp_and_forward_wrappers_reach_an_enrolled_device() {
+    let pivot = TestPivot::start(BURROW);
+    let laptop = Laptop::new();
+    pivot.add_operator("alice", &laptop.key);
+    let sshd = Sshd::start(&[&laptop.key]);
+    let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
+    ok(&out);
+    let _agent = start_enrolled_agent(&dev, &[]);
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    ok(&laptop.login(&pivot));
+
+    std::fs::write(sshd.dir.path().join("notes.txt"), "hello sftp\n").unwrap();
+    let mut sftp = Command::new(BURROW)
+        .env("HOME", laptop.home.path())
+        .env_remove("SSH_AUTH_SOCK")
+        .args(["sftp", "root@cam-42"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(sftp.stdin.take().unwrap(), "ls {}", sshd.dir.path().display()).unwrap();
+    let out = sftp.wait_with_output().unwrap();
+    assert!(stdout(&out).contains("notes.txt"), "{}{}", stdout(&out), stderr(&out));
+
+    let port = free_port();
+    let mut cmd = Command::new(BURROW);
+    cmd.env("HOME", laptop.home.path()).env_remove("SSH_AUTH_SOCK").args([
+        "forward",
+        "cam-42:22",
+        "--local",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let _fwd = Proc::spawn("burrow forward", &mut cmd, laptop.home.path().join("forward.log"));
+    let mut banner = String::new();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            use std::io::Read;
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap_or(0);
+            banner = String::from_utf8_lossy(&buf[..n]).into_owned();
+            banner.starts_with("SSH-2.0-OpenSSH")
+        }),
+        "no sshd banner through the forward: {banner:?}"
+    );
+}
