@@ -172,14 +172,15 @@ fn stock_openssh_device_with_ssh_dash_r() {
     pivot.add_device("cam-42", &dev_key);
     op.trust_device("cam-42", &sshd);
     // The device has nothing but the OpenSSH client.
-    let mut cmd = Command::new("ssh");
-    cmd.args(["-F", "/dev/null", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-i"])
-        .arg(&dev_key.private)
-        .args(["-R", &format!("cam-42:22:{}", sshd.target())])
-        .args(["-p", &pivot.addr.port().to_string(), "cam-42@127.0.0.1"]);
+    let mut cmd = op.bare_ssh(&pivot, &dev_key);
+    cmd.args([
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-R",
+        &format!("cam-42:22:{}", sshd.target()),
+        "cam-42@127.0.0.1",
+    ]);
     let _device = Proc::spawn("device ssh -R", &mut cmd, sshd.dir.path().join("device-ssh.log"));
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
     let out = op.ssh_device("cam-42", "echo stock-ok");

@@ -65,14 +65,15 @@ fn removed_device_loses_its_tunnel() {
 }
 
 fn stock_device(pivot: &TestPivot, op: &Operator, key: &KeyPair, sshd: &Sshd, log: &str) -> Proc {
-    let mut cmd = Command::new("ssh");
-    cmd.args(["-F", "/dev/null", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-i"])
-        .arg(&key.private)
-        .args(["-R", &format!("cam-42:22:{}", sshd.target())])
-        .args(["-p", &pivot.addr.port().to_string(), "cam-42@127.0.0.1"]);
+    let mut cmd = op.bare_ssh(pivot, key);
+    cmd.args([
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-R",
+        &format!("cam-42:22:{}", sshd.target()),
+        "cam-42@127.0.0.1",
+    ]);
     Proc::spawn(log, &mut cmd, sshd.dir.path().join(log))
 }
 

@@ -1,7 +1,7 @@
 //! Every refusal reaches the stock ssh client with its reason, and nothing a
 //! peer is not allowed to do gets through.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,15 +59,8 @@ fn port_not_exposed_is_named_in_the_refusal() {
 
 /// `ssh -N -R ID:22:... -i KEY ID@pivot` with ExitOnForwardFailure, as a stock device would.
 fn stock_forward(pivot: &TestPivot, op: &Operator, key: &KeyPair, bind: &str) -> std::process::Output {
-    Command::new("ssh")
-        .args(["-F", "/dev/null", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-i"])
-        .arg(&key.private)
-        .args(["-R", &format!("{bind}:22:127.0.0.1:22")])
-        .args(["-p", &pivot.addr.port().to_string(), "device@127.0.0.1"])
-        .stdin(Stdio::null())
+    op.bare_ssh(pivot, key)
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R", &format!("{bind}:22:127.0.0.1:22"), "device@127.0.0.1"])
         .output()
         .unwrap()
 }
@@ -99,16 +92,7 @@ fn device_cannot_open_direct_tcpip() {
     let k42 = KeyPair::generate(op.dir.path(), "cam-42");
     pivot.add_device("cam-42", &k42);
     let _other = Device::start(BURROW, &pivot, &op, "cam-43");
-    let out = Command::new("ssh")
-        .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-i"])
-        .arg(&k42.private)
-        .args(["-W", "cam-43:22", "-p", &pivot.addr.port().to_string(), "cam-42@127.0.0.1"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = op.bare_ssh(&pivot, &k42).args(["-W", "cam-43:22", "cam-42@127.0.0.1"]).output().unwrap();
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("administratively prohibited: devices may not open connections through the pivot"),
@@ -142,16 +126,7 @@ fn pivot_gives_no_shell_exec_or_subsystem() {
 fn unknown_key_is_refused() {
     let (pivot, op) = pivot_with_operator();
     let stranger = KeyPair::generate(op.dir.path(), "stranger");
-    let out = Command::new("ssh")
-        .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", op.known_hosts.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-i"])
-        .arg(&stranger.private)
-        .args(["-W", "cam-42:22", "-p", &pivot.addr.port().to_string(), "alice@127.0.0.1"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = op.bare_ssh(&pivot, &stranger).args(["-W", "cam-42:22", "alice@127.0.0.1"]).output().unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("Permission denied (publickey)"), "{}", stderr(&out));
     drop(pivot);

@@ -409,6 +409,21 @@ impl Operator {
             .expect("scp runs")
     }
 
+    /// `ssh` to the pivot as a bare OpenSSH client with `key` (no config
+    /// file), trusting the pivot through this operator's known_hosts. Add
+    /// `-N -R …`, `-W …` and the `user@127.0.0.1` destination.
+    pub fn bare_ssh(&self, pivot: &TestPivot, key: &KeyPair) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+            .args(["-o", "StrictHostKeyChecking=yes", "-i"])
+            .arg(&key.private)
+            .args(["-p", &pivot.addr.port().to_string()])
+            .stdin(Stdio::null());
+        cmd
+    }
+
     pub fn ssh_cmdline(&self) -> String {
         format!("ssh -F {} -J pivot", self.config.display())
     }
