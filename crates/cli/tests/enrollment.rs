@@ -99,6 +99,27 @@ impl Laptop {
     }
 }
 
+/// A pivot, an operator's laptop, and `cam-42` enrolled with a running agent.
+struct Fleet {
+    pivot: TestPivot,
+    laptop: Laptop,
+    sshd: Sshd,
+    dev: Enrolled,
+    agent: Proc,
+}
+
+fn enrolled_fleet() -> Fleet {
+    let pivot = TestPivot::start(BURROW);
+    let laptop = Laptop::new();
+    pivot.add_operator("alice", &laptop.key);
+    let sshd = Sshd::start(&[&laptop.key]);
+    let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
+    ok(&out);
+    let agent = start_enrolled_agent(&dev, &[]);
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    Fleet { pivot, laptop, sshd, dev, agent }
+}
+
 fn ok(out: &Output) -> String {
     assert!(out.status.success(), "failed: {}{}", stdout(out), stderr(out));
     stdout(out)
@@ -202,14 +223,7 @@ fn reused_expired_and_tampered_tokens_are_refused() {
 
 #[test]
 fn changed_device_host_key_makes_ssh_refuse() {
-    let pivot = TestPivot::start(BURROW);
-    let laptop = Laptop::new();
-    pivot.add_operator("alice", &laptop.key);
-    let sshd = Sshd::start(&[&laptop.key]);
-    let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
-    ok(&out);
-    let mut agent = start_enrolled_agent(&dev, &[]);
-    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    let Fleet { pivot, laptop, sshd: _sshd, dev, mut agent } = enrolled_fleet();
     ok(&laptop.login(&pivot));
     ok(&laptop.ssh(&["root@cam-42.burrow", "true"]));
 
@@ -248,14 +262,7 @@ fn revoking_a_device_disconnects_it_and_refuses_it() {
 
 #[test]
 fn rotated_key_replaces_the_old_one() {
-    let pivot = TestPivot::start(BURROW);
-    let laptop = Laptop::new();
-    pivot.add_operator("alice", &laptop.key);
-    let sshd = Sshd::start(&[&laptop.key]);
-    let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
-    ok(&out);
-    let _agent = start_enrolled_agent(&dev, &[]);
-    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    let Fleet { pivot, laptop, sshd, dev, agent: _agent } = enrolled_fleet();
     let old_fp = pivot.device_json("cam-42").unwrap()["fingerprint"].as_str().unwrap().to_string();
     let old_key = std::fs::read(dev.config.with_file_name("device_key")).unwrap();
     let out = Command::new(BURROW).args(["agent", "rotate-key", "--config"]).arg(&dev.config).output().unwrap();
@@ -385,14 +392,7 @@ fn label_selectors_allow_and_deny() {
 
 #[test]
 fn sftp_and_forward_wrappers_reach_an_enrolled_device() {
-    let pivot = TestPivot::start(BURROW);
-    let laptop = Laptop::new();
-    pivot.add_operator("alice", &laptop.key);
-    let sshd = Sshd::start(&[&laptop.key]);
-    let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
-    ok(&out);
-    let _agent = start_enrolled_agent(&dev, &[]);
-    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
+    let Fleet { pivot, laptop, sshd, dev: _dev, agent: _agent } = enrolled_fleet();
     ok(&laptop.login(&pivot));
 
     std::fs::write(sshd.dir.path().join("notes.txt"), "hello sftp\n").unwrap();
