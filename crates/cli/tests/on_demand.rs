@@ -36,18 +36,12 @@ impl Fleet {
             args.extend(["--mqtt-url".into(), m.url(), "--mqtt-username".into(), "pivot".into()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let pivot = TestPivot::start_with(BURROW, &args);
-        let op = Operator::new(&pivot);
-        pivot.add_operator("alice", &op.key);
-        let sshd = Sshd::start(&[&op.key]);
-        let key = KeyPair::generate(sshd.dir.path(), "device");
-        pivot.add_device("cam-42", &key);
-        op.trust_device("cam-42", &sshd);
+        let (pivot, op, sshd, key) = pivot_and_device(&args);
         let url = match &mosquitto {
             Some(m) => m.url(),
             None => pivot.mqtt_url(),
         };
-        let agent = start_agent(&pivot, &key, &sshd, &url);
+        let agent = start_agent(&pivot, &key, &sshd, &url, &[]);
         let fleet = Fleet { mosquitto, pivot, op, sshd, agent };
         assert!(
             fleet.pivot.wait_online_present("cam-42", Duration::from_secs(20)),
@@ -73,7 +67,20 @@ impl Fleet {
     }
 }
 
-fn start_agent(pivot: &TestPivot, key: &KeyPair, sshd: &Sshd, url: &str) -> TestAgent {
+/// A pivot started with `args`, an operator, and `cam-42` registered with its own sshd.
+fn pivot_and_device(args: &[&str]) -> (TestPivot, Operator, Sshd, KeyPair) {
+    let pivot = TestPivot::start_with(BURROW, args);
+    let op = Operator::new(&pivot);
+    pivot.add_operator("alice", &op.key);
+    let sshd = Sshd::start(&[&op.key]);
+    let key = KeyPair::generate(sshd.dir.path(), "device");
+    pivot.add_device("cam-42", &key);
+    op.trust_device("cam-42", &sshd);
+    (pivot, op, sshd, key)
+}
+
+/// An on-demand agent for `cam-42` on the broker at `url`, with `extra` flags.
+fn start_agent(pivot: &TestPivot, key: &KeyPair, sshd: &Sshd, url: &str, extra: &[&str]) -> TestAgent {
     let pin = pivot.host_key_pub();
     let dir = tempfile::Builder::new().prefix("burrow-agent").tempdir().unwrap();
     let mut cmd = Command::new(BURROW);
@@ -81,7 +88,8 @@ fn start_agent(pivot: &TestPivot, key: &KeyPair, sshd: &Sshd, url: &str) -> Test
         .arg(&key.private)
         .arg("--pivot-host-key")
         .arg(&pin)
-        .args(["--expose", &format!("22={}", sshd.target()), "--keepalive", "2s"]);
+        .args(["--expose", &format!("22={}", sshd.target()), "--keepalive", "2s"])
+        .args(extra);
     let proc = Proc::spawn("burrow agent cam-42", &mut cmd, dir.path().join("agent.log"));
     TestAgent { proc, dir }
 }
@@ -378,43 +386,34 @@ fn mosquitto_over_tls_with_client_certificates() {
     let m = Mosquitto::start_tls();
     let (ca, pivot_cert, pivot_key) = m.issue("pivot");
     let (_, dev_cert, dev_key) = m.issue("cam-42");
-    let pivot = TestPivot::start_with(
-        BURROW,
+    let (pivot, op, sshd, key) = pivot_and_device(&[
+        "--mqtt-url",
+        &m.tls_url(),
+        "--mqtt-ca",
+        ca.to_str().unwrap(),
+        "--mqtt-cert",
+        pivot_cert.to_str().unwrap(),
+        "--mqtt-key",
+        pivot_key.to_str().unwrap(),
+    ]);
+    let agent = start_agent(
+        &pivot,
+        &key,
+        &sshd,
+        &m.tls_url(),
         &[
-            "--mqtt-url",
-            &m.tls_url(),
             "--mqtt-ca",
             ca.to_str().unwrap(),
             "--mqtt-cert",
-            pivot_cert.to_str().unwrap(),
+            dev_cert.to_str().unwrap(),
             "--mqtt-key",
-            pivot_key.to_str().unwrap(),
+            dev_key.to_str().unwrap(),
         ],
     );
-    let op = Operator::new(&pivot);
-    pivot.add_operator("alice", &op.key);
-    let sshd = Sshd::start(&[&op.key]);
-    let key = KeyPair::generate(sshd.dir.path(), "device");
-    pivot.add_device("cam-42", &key);
-    op.trust_device("cam-42", &sshd);
-    let dir = tempfile::Builder::new().prefix("burrow-agent").tempdir().unwrap();
-    let mut cmd = Command::new(BURROW);
-    cmd.args(["agent", "--mqtt-url", &m.tls_url(), "--id", "cam-42", "--key"])
-        .arg(&key.private)
-        .arg("--pivot-host-key")
-        .arg(pivot.host_key_pub())
-        .args(["--expose", &format!("22={}", sshd.target())])
-        .arg("--mqtt-ca")
-        .arg(&ca)
-        .arg("--mqtt-cert")
-        .arg(&dev_cert)
-        .arg("--mqtt-key")
-        .arg(&dev_key);
-    let agent = Proc::spawn("burrow agent cam-42", &mut cmd, dir.path().join("agent.log"));
     assert!(
         wait_until(Duration::from_secs(20), || pivot.is_present("cam-42")),
         "no presence over TLS:\n{}\n{}\n{}",
-        agent.log_text(),
+        agent.proc.log_text(),
         pivot.proc.log_text(),
         m.proc.log_text()
     );
