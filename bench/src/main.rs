@@ -40,9 +40,10 @@ fn burrow_bin() -> Result<String> {
     Ok(bin.display().to_string())
 }
 
-struct Operator;
+/// russh client for benchmarks against pivots this process started on loopback.
+struct Client;
 
-impl russh::client::Handler for Operator {
+impl russh::client::Handler for Client {
     type Error = russh::Error;
     async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         // Loopback bench against a pivot this process just started.
@@ -60,7 +61,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Opens `id:22`, returning (time to confirmation, time to the sshd banner).
-async fn open_once(handle: &russh::client::Handle<Operator>, id: &str) -> Result<(Duration, Duration)> {
+async fn open_once(handle: &russh::client::Handle<Client>, id: &str) -> Result<(Duration, Duration)> {
     let t0 = Instant::now();
     let mut ch = handle.channel_open_direct_tcpip(id, 22, "127.0.0.1", 40000).await?;
     let confirmed = t0.elapsed();
@@ -117,7 +118,7 @@ async fn wake(samples: usize) -> Result<()> {
 
     let key = russh::keys::load_secret_key(&op.private, None)?;
     let config = Arc::new(russh::client::Config { nodelay: true, ..Default::default() });
-    let mut handle = russh::client::connect(config, pivot.addr, Operator).await?;
+    let mut handle = russh::client::connect(config, pivot.addr, Client).await?;
     let auth = handle.authenticate_publickey("bench", PrivateKeyWithHashAlg::new(Arc::new(key), None)).await?;
     if !auth.success() {
         bail!("operator key refused");

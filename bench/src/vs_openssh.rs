@@ -18,6 +18,8 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 use russh::ChannelMsg;
 use tokio::sync::Semaphore;
 
+use crate::Client;
+
 pub struct Options {
     pub gib: u64,
     pub runs: usize,
@@ -121,16 +123,6 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-struct Client;
-
-impl russh::client::Handler for Client {
-    type Error = russh::Error;
-    async fn check_server_key(&mut self, _k: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-        // Loopback pivots this process just started.
-        Ok(true)
-    }
 }
 
 type Handle = russh::client::Handle<Client>;

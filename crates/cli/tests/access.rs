@@ -11,9 +11,7 @@ use burrow_testkit::*;
 const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
 
 fn setup(id: &str) -> (TestPivot, Operator, Device) {
-    let pivot = TestPivot::start(BURROW);
-    let op = Operator::new(&pivot);
-    pivot.add_operator("alice", &op.key);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let dev = Device::start(BURROW, &pivot, &op, id);
     (pivot, op, dev)
 }
@@ -136,9 +134,7 @@ fn rsync_over_ssh_jump() {
 
 #[test]
 fn two_devices_served_at_once() {
-    let pivot = TestPivot::start(BURROW);
-    let op = Operator::new(&pivot);
-    pivot.add_operator("alice", &op.key);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let a = Device::start(BURROW, &pivot, &op, "cam-1");
     let b = Device::start(BURROW, &pivot, &op, "cam-2");
     let ta = std::thread::spawn({
@@ -164,9 +160,7 @@ fn two_devices_served_at_once() {
 
 #[test]
 fn stock_openssh_device_with_ssh_dash_r() {
-    let pivot = TestPivot::start(BURROW);
-    let op = Operator::new(&pivot);
-    pivot.add_operator("alice", &op.key);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let sshd = Sshd::start(&[&op.key]);
     let dev_key = KeyPair::generate(sshd.dir.path(), "device");
     pivot.add_device("cam-42", &dev_key);
@@ -206,9 +200,7 @@ fn local_forward_reaches_another_exposed_service() {
             });
         }
     });
-    let pivot = TestPivot::start(BURROW);
-    let op = Operator::new(&pivot);
-    pivot.add_operator("alice", &op.key);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let _dev = Device::start_exposing(BURROW, &pivot, &op, "cam-42", &[format!("8081={api_addr}")]);
     let local_port = free_port();
     let mut cmd =

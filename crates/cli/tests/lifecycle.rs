@@ -9,10 +9,7 @@ use burrow_testkit::*;
 const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
 
 fn pivot_with_operator(extra: &[&str]) -> (TestPivot, Operator) {
-    let pivot = TestPivot::start_with(BURROW, extra);
-    let op = Operator::new(&pivot);
-    pivot.add_operator("alice", &op.key);
-    (pivot, op)
+    TestPivot::with_operator(BURROW, extra)
 }
 
 #[test]

@@ -69,9 +69,7 @@ impl Fleet {
 
 /// A pivot started with `args`, an operator, and `cam-42` registered with its own sshd.
 fn pivot_and_device(args: &[&str]) -> (TestPivot, Operator, Sshd, KeyPair) {
-    let pivot = TestPivot::start_with(BURROW, args);
-    let op = Operator::new(&pivot);
-    pivot.add_operator("alice", &op.key);
+    let (pivot, op) = TestPivot::with_operator(BURROW, args);
     let sshd = Sshd::start(&[&op.key]);
     let key = KeyPair::generate(sshd.dir.path(), "device");
     pivot.add_device("cam-42", &key);

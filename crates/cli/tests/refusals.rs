@@ -10,10 +10,7 @@ use burrow_testkit::*;
 const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
 
 fn pivot_with_operator() -> (TestPivot, Operator) {
-    let pivot = TestPivot::start(BURROW);
-    let op = Operator::new(&pivot);
-    pivot.add_operator("alice", &op.key);
-    (pivot, op)
+    TestPivot::with_operator(BURROW, &[])
 }
 
 #[test]

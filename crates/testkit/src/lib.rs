@@ -204,6 +204,14 @@ impl TestPivot {
         Self::start_with(bin, &[])
     }
 
+    /// A pivot with the operator `alice` registered, and her OpenSSH setup.
+    pub fn with_operator(bin: &str, extra: &[&str]) -> (TestPivot, Operator) {
+        let pivot = Self::start_with(bin, extra);
+        let op = Operator::new(&pivot);
+        pivot.add_operator("alice", &op.key);
+        (pivot, op)
+    }
+
     /// Extra flags go to `burrow server`; unless they name an external broker
     /// (or `--no-mqtt`), the embedded broker listens on a free loopback port.
     pub fn start_with(bin: &str, extra: &[&str]) -> TestPivot {
