@@ -157,6 +157,31 @@ async fn wake(samples: usize) -> Result<()> {
     Ok(())
 }
 
+/// Registers `count` devices in the registry under `data_dir` and holds one
+/// idle tunnel for each on the pivot at `port`, for `seconds`. For profiling a
+/// pivot started by hand (e.g. under valgrind's massif).
+async fn hold(data_dir: &str, port: u16, count: usize, seconds: u64) -> Result<()> {
+    let registry = burrow_server::Registry::open(std::path::Path::new(data_dir)).await?;
+    let tag = std::process::id();
+    let mut keys = Vec::with_capacity(count);
+    for i in 0..count {
+        let key = burrow_core::keys::generate_ed25519();
+        let id = burrow_core::Id::parse(&format!("hold-{tag}-{i}"))?;
+        registry.add_device(&id, key.public_key(), &Default::default()).await?;
+        keys.push((id.to_string(), Arc::new(key)));
+    }
+    registry.close().await;
+    let mut held = Vec::with_capacity(count);
+    for (id, key) in keys {
+        held.push(vs_openssh::tunnel(port, id.clone(), key, id, 22).await?);
+    }
+    println!("holding {count} tunnels for {seconds} s");
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let closed = held.iter().filter(|h| h.is_closed()).count();
+    println!("{closed} of {count} closed by the pivot meanwhile");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -164,6 +189,11 @@ async fn main() -> Result<()> {
         Some("wake") => {
             let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(50);
             wake(n).await
+        }
+        Some("hold") => {
+            let arg = |i: usize| args.get(i).context("usage: burrow-bench hold DATA_DIR PORT COUNT [SECONDS]");
+            let seconds = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(60);
+            hold(arg(1)?, arg(2)?.parse()?, arg(3)?.parse()?, seconds).await
         }
         Some("vs-openssh") => {
             let mut o = vs_openssh::Options {
@@ -175,6 +205,9 @@ async fn main() -> Result<()> {
                 rate_connections: 500,
                 skip_throughput: false,
                 cpu_limit: 0.5,
+                skip_limited: false,
+                only_throughput: false,
+                burrow_only: false,
             };
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
@@ -188,6 +221,12 @@ async fn main() -> Result<()> {
                     "--rate-connections" => o.rate_connections = val()?.parse()?,
                     "--skip-throughput" => o.skip_throughput = true,
                     "--cpu-limit" => o.cpu_limit = val()?.parse()?,
+                    "--skip-limited" => o.skip_limited = true,
+                    "--only-throughput" => o.only_throughput = true,
+                    "--burrow-only" => {
+                        o.burrow_only = true;
+                        o.only_throughput = true;
+                    }
                     other => bail!("unknown flag {other}"),
                 }
             }

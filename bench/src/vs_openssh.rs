@@ -30,6 +30,12 @@ pub struct Options {
     pub skip_throughput: bool,
     /// Share of one core the pivots get in the limited throughput runs.
     pub cpu_limit: f64,
+    /// Leave out the runs with the pivot held to `cpu_limit`.
+    pub skip_limited: bool,
+    /// Stop after the throughput runs (no latency, rate or memory).
+    pub only_throughput: bool,
+    /// Throughput of burrow alone, for tuning runs (no ratios).
+    pub burrow_only: bool,
 }
 
 /// A v1 cgroup pair (cpu + cpuacct) for one pivot.
@@ -137,7 +143,13 @@ async fn connect(port: u16, user: &str, key: Arc<PrivateKey>) -> Result<Handle> 
 }
 
 /// One device connection holding a reverse forward.
-async fn tunnel(port: u16, user: String, key: Arc<PrivateKey>, bind: String, bind_port: u32) -> Result<Handle> {
+pub(crate) async fn tunnel(
+    port: u16,
+    user: String,
+    key: Arc<PrivateKey>,
+    bind: String,
+    bind_port: u32,
+) -> Result<Handle> {
     let h = connect(port, &user, key).await?;
     h.tcpip_forward(bind, bind_port).await?;
     Ok(h)
@@ -305,7 +317,8 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
         let blob = w.join("blob.bin");
         write_blob(&blob, o.gib << 30)?;
         let gib = o.gib as f64;
-        for limit in [None, Some(o.cpu_limit)] {
+        let limits = if o.skip_limited { vec![None] } else { vec![None, Some(o.cpu_limit)] };
+        for limit in limits {
             for s in &sides {
                 s.cg.limit(limit)?;
             }
@@ -318,7 +331,7 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
                 let mut mibs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
                 let mut cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
                 for _ in 0..o.runs {
-                    for (i, s) in sides.iter().enumerate() {
+                    for (i, s) in sides.iter().enumerate().take(if o.burrow_only { 1 } else { 2 }) {
                         let remote = format!("{}:{}", s.dest, w.join("up.bin").display());
                         let c0 = s.cg.cpu_seconds();
                         let t = if up {
@@ -328,9 +341,15 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
                         };
                         cpu[i].push((s.cg.cpu_seconds() - c0) / gib);
                         mibs[i].push(gib * 1024.0 / t.as_secs_f64());
+                        eprintln!(
+                            "  {} {dir}: {:.1} MiB/s, {:.2} CPU s/GiB",
+                            s.name,
+                            mibs[i].last().unwrap(),
+                            cpu[i].last().unwrap()
+                        );
                     }
                 }
-                for i in 0..2 {
+                for i in 0..if o.burrow_only { 1 } else { 2 } {
                     rows.push((format!("{} {dir}", sides[i].name), median(&mut mibs[i]), median(&mut cpu[i])));
                 }
             }
@@ -339,7 +358,7 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
             for (name, mibs, cpu) in &rows {
                 writeln!(report, "| {name} | {mibs:.1} | {cpu:.2} |")?;
             }
-            for (k, dir) in [(0, "upload"), (2, "download")] {
+            for (k, dir) in [(0, "upload"), (2, "download")].into_iter().filter(|_| !o.burrow_only) {
                 writeln!(
                     report,
                     "\n{dir}: throughput burrow/openssh = **{:.2}x**, CPU per GiB burrow/openssh = **{:.2}x**",
@@ -354,6 +373,10 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
         }
         let _ = std::fs::remove_file(&blob);
         let _ = std::fs::remove_file(w.join("up.bin"));
+    }
+    if o.only_throughput {
+        println!("{report}");
+        return Ok(());
     }
 
     // 4. Channel-open latency through an open tunnel: direct-tcpip to the sshd banner.

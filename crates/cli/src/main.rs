@@ -4,6 +4,7 @@
 mod admin;
 mod agent;
 mod login;
+mod malloc;
 mod mqtt_args;
 mod remote;
 mod server;
@@ -125,11 +126,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    malloc::tune();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_json);
-    match run(cli).await {
+    // One thread does: the pivot runs its SSH connections on threads of its
+    // own (see `burrow_server::Config::ssh_threads`), and everything else
+    // here waits on the network.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("burrow: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("burrow: {e:#}");

@@ -32,6 +32,10 @@ pub struct ServerArgs {
     /// Keepalive period on every connection; two missed keepalives drop it.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     keepalive: Duration,
+    /// Threads that run SSH connections [default: 1]; more raise the handshake
+    /// rate during reconnect storms, at some CPU cost per relayed byte.
+    #[arg(long, env = "BURROW_SSH_THREADS")]
+    ssh_threads: Option<usize>,
     #[command(flatten)]
     mqtt: MqttArgs,
 }
@@ -107,6 +111,9 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     config.pivot_name = args.pivot_name;
     config.host_suffix = args.host_suffix;
     config.keepalive_interval = args.keepalive;
+    if let Some(n) = args.ssh_threads {
+        config.ssh_threads = n;
+    }
     config.advertise = Some(advertise.clone());
     config.signal = broker.map(|broker| SignalConfig {
         broker,

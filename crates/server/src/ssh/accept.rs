@@ -13,13 +13,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::handler::{Authenticated, Connection};
+use super::stream::PacketStream;
 use crate::registry::Identity;
+use crate::shards::Shards;
 use crate::Shared;
 
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     ssh: Arc<SshConfig>,
+    shards: &Shards,
     shutdown: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
@@ -45,8 +48,18 @@ pub(crate) async fn serve(
         backoff = Duration::from_millis(10);
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", conn, %peer);
+        // Re-registered on its shard's reactor in `handle`: a socket polled by
+        // this thread's reactor would have every read wake-up cross threads.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot hand the connection to an SSH thread");
+                continue;
+            }
+        };
         let task = handle(shared.clone(), ssh.clone(), stream, peer, conn, shutdown.child_token());
-        shared.tracker.spawn(
+        shards.spawn(
+            &shared.tracker,
             async move {
                 task.await;
                 drop(permit);
@@ -59,18 +72,25 @@ pub(crate) async fn serve(
 async fn handle(
     shared: Arc<Shared>,
     ssh: Arc<SshConfig>,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     conn: u64,
     cancel: CancellationToken,
 ) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot register the connection");
+            return;
+        }
+    };
     let _ = stream.set_nodelay(true);
     let authenticated: Authenticated = Default::default();
     let handler = Connection::new(shared.clone(), conn, peer, authenticated.clone());
     let deadline = shared.config.auth_timeout;
     // Boxed: the handshake future is large and would otherwise stay inside
     // this task for the whole life of an idle tunnel.
-    let handshake = Box::pin(russh::server::run_stream(ssh, stream, handler));
+    let handshake = Box::pin(russh::server::run_stream(ssh, PacketStream::new(stream), handler));
     let running = match tokio::time::timeout(deadline, handshake).await {
         Ok(Ok(running)) => running,
         Ok(Err(e)) => {

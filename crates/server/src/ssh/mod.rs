@@ -11,6 +11,7 @@ pub(crate) mod handler;
 pub(crate) mod relay;
 pub(crate) mod route;
 pub(crate) mod rpc;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
