@@ -114,11 +114,11 @@ async fn handle(
                 auth_checked = true;
                 if authenticated.get().is_none() {
                     info!("not authenticated within {deadline:?}; closing");
-                    let _ = handle.disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), "en".into()).await;
+                    let _ = Box::pin(handle.disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), "en".into())).await;
                 }
             }
             _ = cancel.cancelled() => {
-                let _ = handle.disconnect(russh::Disconnect::ByApplication, "pivot shutting down".into(), "en".into()).await;
+                let _ = Box::pin(handle.disconnect(russh::Disconnect::ByApplication, "pivot shutting down".into(), "en".into())).await;
                 break tokio::time::timeout(Duration::from_secs(5), &mut running).await.unwrap_or(Ok(()));
             }
         }
@@ -130,7 +130,9 @@ async fn handle(
     if let Some(Identity::Device(id)) = authenticated.get() {
         if shared.router.drop_tunnel(id, conn) {
             info!(device = %id, "tunnel closed");
-            if let Err(e) = shared.registry.tunnel_down(id, &shared.config.pivot_name).await {
+            // Boxed: a query's future is large, and this task's size is paid
+            // by every idle tunnel for as long as it is up.
+            if let Err(e) = Box::pin(shared.registry.tunnel_down(id, &shared.config.pivot_name)).await {
                 warn!(device = %id, error = %e, "could not record tunnel close");
             }
         }

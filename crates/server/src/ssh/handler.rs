@@ -53,7 +53,10 @@ impl Connection {
 
     async fn lookup(&self, key: &PublicKey) -> Result<Option<(Identity, String)>, HandlerError> {
         let fp = fingerprint(key);
-        Ok(self.shared.registry.identify(&fp).await?.map(|i| (i, fp)))
+        // Boxed (as every registry call here): russh keeps the largest future
+        // any handler method can await inside each connection's task for the
+        // whole life of the connection, and a query's future is large.
+        Ok(Box::pin(self.shared.registry.identify(&fp)).await?.map(|i| (i, fp)))
     }
 }
 
@@ -108,7 +111,7 @@ impl Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply.reject(Refusal::NoShell.into_failure()).await;
+        Box::pin(reply.reject(Refusal::NoShell.into_failure())).await;
         Ok(())
     }
 
@@ -135,7 +138,7 @@ impl Handler for Connection {
             Some(Identity::Operator { name, .. }) => name.clone(),
             other => {
                 warn!(peer = %self.peer, identity = ?other, host_to_connect, "direct-tcpip refused: not an operator");
-                reply.reject(Refusal::DeviceForbidden.into_failure()).await;
+                Box::pin(reply.reject(Refusal::DeviceForbidden.into_failure())).await;
                 return Ok(());
             }
         };
@@ -182,7 +185,7 @@ impl Handler for Connection {
             });
         }
         info!(device = %id, port = *port, "tunnel port open");
-        self.shared.registry.tunnel_up(&id, &self.shared.config.pivot_name, &ports).await?;
+        Box::pin(self.shared.registry.tunnel_up(&id, &self.shared.config.pivot_name, &ports)).await?;
         if let Some(signal) = &self.shared.signal {
             signal.tunnel_bound(&id);
         }
@@ -207,9 +210,9 @@ impl Handler for Connection {
         info!(device = %id, port, "tunnel port closed");
         let pivot = &self.shared.config.pivot_name;
         if left.is_empty() {
-            self.shared.registry.tunnel_down(&id, pivot).await?;
+            Box::pin(self.shared.registry.tunnel_down(&id, pivot)).await?;
         } else {
-            self.shared.registry.tunnel_up(&id, pivot, &left).await?;
+            Box::pin(self.shared.registry.tunnel_up(&id, pivot, &left)).await?;
         }
         Ok(true)
     }
