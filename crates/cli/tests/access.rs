@@ -218,3 +218,30 @@ fn local_forward_reaches_another_exposed_service() {
     conn.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"GET /status\n");
 }
+
+#[test]
+fn relays_across_several_ssh_threads() {
+    require_tool("scp");
+    // Connections are spread over the threads in turn, so with three of them
+    // the operator's and the devices' connections land on different ones.
+    let (pivot, op) = TestPivot::with_operator(BURROW, &["--ssh-threads", "3"]);
+    let devs: Vec<Device> = ["cam-1", "cam-2"].iter().map(|id| Device::start(BURROW, &pivot, &op, id)).collect();
+    let data: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let local = op.dir.path().join("blob.bin");
+    std::fs::write(&local, &data).unwrap();
+    std::thread::scope(|s| {
+        for (dev, id) in devs.iter().zip(["cam-1", "cam-2"]) {
+            let (op, local, data) = (&op, &local, &data);
+            s.spawn(move || {
+                for round in 0..3 {
+                    let remote = dev.sshd.dir.path().join(format!("blob-{round}.bin"));
+                    let out = op.scp(&[local.to_str().unwrap(), &format!("root@{id}:{}", remote.display())]);
+                    assert!(out.status.success(), "{id} round {round}: {}", stderr(&out));
+                    assert!(std::fs::read(&remote).unwrap() == *data, "{id} round {round}: bytes differ");
+                    let out = op.ssh_device(id, "echo back");
+                    assert_eq!(stdout(&out).trim(), "back", "{id}: {}", stderr(&out));
+                }
+            });
+        }
+    });
+}
