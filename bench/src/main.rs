@@ -182,6 +182,27 @@ async fn hold(data_dir: &str, port: u16, count: usize, seconds: u64) -> Result<(
     Ok(())
 }
 
+const USAGE: &str = "\
+usage:
+  burrow-bench wake [SAMPLES]
+      what an on-demand wake-up adds to a channel open (default 50 samples)
+  burrow-bench vs-openssh [FLAGS]        (as root: cgroups)
+      burrow against a stock OpenSSH pivot, side by side
+      --gib N                 scp size in GiB [1]
+      --runs N                scp runs per direction [5]
+      --cpu-limit F           share of a core for the limited runs [0.5]
+      --skip-limited          no limited runs
+      --skip-throughput       no scp runs
+      --only-throughput       stop after the scp runs
+      --burrow-only           burrow's scp runs alone (implies --only-throughput)
+      --tunnels N[,N...]      idle tunnels for the memory figure [1000,10000]
+      --openssh-tunnels N     idle tunnels on OpenSSH [1000]
+      --latency-samples N     channel opens [300]
+      --rate-connections N    connections for the rate [500]
+  burrow-bench hold DATA_DIR PORT COUNT [SECONDS]
+      register COUNT devices and hold an idle tunnel each on a running pivot
+";
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -227,11 +248,15 @@ async fn main() -> Result<()> {
                         o.burrow_only = true;
                         o.only_throughput = true;
                     }
-                    other => bail!("unknown flag {other}"),
+                    other => bail!("unknown flag {other}\n{USAGE}"),
                 }
             }
             vs_openssh::run(&burrow_bin()?, o).await
         }
-        _ => bail!("usage: burrow-bench wake [SAMPLES] | vs-openssh [--gib N] [--runs N] [--tunnels 1000,10000] …"),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
     }
 }
