@@ -433,3 +433,52 @@ fn sftp_and_forward_wrappers_reach_an_enrolled_device() {
         "no sshd banner through the forward: {banner:?}"
     );
 }
+
+#[test]
+fn remote_admin_signs_with_keys_from_ssh_agent() {
+    require_tool("ssh-agent");
+    require_tool("ssh-add");
+    let pivot = TestPivot::start(BURROW);
+    let admin = Laptop::new();
+    pivot.admin_ok(&["operator", "add", "root-op", "--key", admin.key.public.to_str().unwrap(), "--admin"]);
+    let stranger = KeyPair::generate(admin.home.path(), "id_unregistered");
+    let cam_key = KeyPair::generate(admin.home.path(), "cam1");
+
+    // A real ssh-agent on its own socket; no key file is given to burrow.
+    let sock = admin.home.path().join("agent.sock");
+    let _agent = Proc::spawn(
+        "ssh-agent",
+        Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock),
+        admin.home.path().join("agent.log"),
+    );
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "ssh-agent did not start");
+    let add = |key: &KeyPair| {
+        let out = Command::new("ssh-add").arg(&key.private).env("SSH_AUTH_SOCK", &sock).output().unwrap();
+        assert!(out.status.success(), "ssh-add: {}", stderr(&out));
+    };
+    let with_agent = |args: &[&str]| {
+        let fp = fingerprint(&pivot.host_key_pub());
+        let addr = pivot.addr.to_string();
+        Command::new(BURROW)
+            .env("HOME", admin.home.path())
+            .env("SSH_AUTH_SOCK", &sock)
+            .args(["--pivot", &addr, "--pivot-fingerprint", &fp])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    // Only a key the pivot does not know: refused, and nothing is changed.
+    add(&stranger);
+    let out = with_agent(&["device", "add", "cam-1", "--key", cam_key.public.to_str().unwrap()]);
+    assert!(!out.status.success(), "an unknown agent key was accepted");
+    assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
+    assert!(pivot.device_json("cam-1").is_none());
+
+    // With the admin's key added too, the agent's keys are tried in turn.
+    add(&admin.key);
+    let out = with_agent(&["device", "add", "cam-1", "--key", cam_key.public.to_str().unwrap()]);
+    assert!(ok(&out).contains("added device 'cam-1'"));
+    assert!(ok(&with_agent(&["device", "list"])).contains("cam-1"));
+}

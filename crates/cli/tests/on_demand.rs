@@ -123,6 +123,7 @@ both_brokers!(
     two_concurrent_operators_share_one_tunnel,
     broker_restart_resubscribes_and_wakes_again,
     unreachable_pivot_is_reported_to_the_operator,
+    impostor_at_the_advertised_address_is_refused,
     silent_device_did_not_answer,
 );
 
@@ -237,6 +238,20 @@ fn unreachable_pivot_is_reported_to_the_operator(broker: Broker) {
         err.contains(&format!("device 'cam-42' could not connect to the pivot: cannot reach the pivot at {advertise}")),
         "{err}"
     );
+}
+
+fn impostor_at_the_advertised_address_is_refused(broker: Broker) {
+    // The wake request is genuine, but the address in it leads to another
+    // SSH server (as a hijacked DNS name would). The device checks the host
+    // key against its pin, refuses, and says why.
+    let impostor = Sshd::start(&[]);
+    let advertise = format!("127.0.0.1:{}", impostor.port);
+    let f = Fleet::start(broker, &["--advertise", &advertise, "--wake-timeout", "10s"]);
+    let out = f.op.ssh_device("cam-42", "true");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("device 'cam-42' could not connect to the pivot: host key mismatch"), "{err}");
+    assert!(f.agent_log().contains("host key mismatch"), "{}", f.agent_log());
 }
 
 fn silent_device_did_not_answer(broker: Broker) {
