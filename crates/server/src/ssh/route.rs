@@ -28,30 +28,41 @@ pub(crate) async fn open_for_operator(
     channel: Channel<Msg>,
     reply: ChannelOpenHandle,
 ) {
-    let (id, tunnel) = match resolve(&shared, &req).await {
-        Ok(found) => found,
-        Err(refusal) => {
-            info!(operator = %req.operator, host = %req.host, port = req.port, "refused: {refusal}");
-            reply.reject(refusal.into_failure()).await;
-            return;
-        }
-    };
-    let (orig_addr, orig_port) = req.originator;
-    let device_channel =
-        match tunnel.handle.channel_open_forwarded_tcpip(id.as_str(), req.port, orig_addr, orig_port).await {
-            Ok(ch) => ch,
-            Err(e) => {
-                let refusal = match e {
-                    russh::Error::ChannelOpenFailure(f) => {
-                        Refusal::DeviceRefused { id: id.clone(), port: req.port, reason: f.description().to_string() }
-                    }
-                    other => Refusal::TunnelFailed { id: id.clone(), reason: other.to_string() },
-                };
-                warn!(operator = %req.operator, device = %id, port = req.port, "refused: {refusal}");
+    let (orig_addr, orig_port) = req.originator.clone();
+    // A tunnel can go away between resolving and opening (closed as idle,
+    // or replaced by the device's newer connection). Then resolve once more:
+    // that finds the new tunnel or wakes the device again.
+    let mut attempts = 0;
+    let (id, tunnel, device_channel) = loop {
+        attempts += 1;
+        let (id, tunnel) = match resolve(&shared, &req).await {
+            Ok(found) => found,
+            Err(refusal) => {
+                info!(operator = %req.operator, host = %req.host, port = req.port, "refused: {refusal}");
                 reply.reject(refusal.into_failure()).await;
                 return;
             }
         };
+        let opened =
+            tunnel.handle.channel_open_forwarded_tcpip(id.as_str(), req.port, orig_addr.clone(), orig_port).await;
+        let refusal = match opened {
+            Ok(ch) => break (id, tunnel, ch),
+            Err(russh::Error::ChannelOpenFailure(f)) => {
+                Refusal::DeviceRefused { id: id.clone(), port: req.port, reason: f.description().to_string() }
+            }
+            Err(other) => {
+                let moved = shared.router.tunnel(&id).is_none_or(|now| now.conn != tunnel.conn);
+                if moved && attempts < 2 {
+                    info!(device = %id, error = %other, "tunnel went away while opening a channel; resolving again");
+                    continue;
+                }
+                Refusal::TunnelFailed { id: id.clone(), reason: other.to_string() }
+            }
+        };
+        warn!(operator = %req.operator, device = %id, port = req.port, "refused: {refusal}");
+        reply.reject(refusal.into_failure()).await;
+        return;
+    };
     let _active = tunnel.activity.enter();
     reply.accept().await;
     info!(operator = %req.operator, device = %id, port = req.port, "channel open");
