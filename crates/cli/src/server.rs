@@ -32,6 +32,9 @@ pub struct ServerArgs {
     /// Keepalive period on every connection; two missed keepalives drop it.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     keepalive: Duration,
+    /// Serve `/healthz` and `/metrics` (Prometheus text) over HTTP on this address.
+    #[arg(long, env = "BURROW_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     /// Threads that run SSH connections [default: 1]; more raise the handshake
     /// rate during reconnect storms, at some CPU cost per relayed byte.
     #[arg(long, env = "BURROW_SSH_THREADS")]
@@ -99,7 +102,17 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
         }
     });
 
+    let http = match args.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for HTTP on {addr}"))?,
+        ),
+        None => None,
+    };
+
     println!("burrow pivot listening on {local}");
+    if let Some(h) = &http {
+        println!("http (/healthz, /metrics) listening on {}", h.local_addr()?);
+    }
     println!("host key {} ({})", burrow_core::fingerprint(key.public_key()), dir.join("host_key.pub").display());
     match (&mqtt, &broker) {
         (Some(l), _) => println!("mqtt (embedded broker) listening on {}", l.local_addr()?),
@@ -122,7 +135,7 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
         wake_timeout: m.wake_timeout,
         idle_timeout: m.idle_timeout,
     });
-    let listeners = burrow_server::Listeners { ssh, mqtt };
+    let listeners = burrow_server::Listeners { ssh, mqtt, http };
     burrow_server::run(config, listeners, shutdown).await?;
     Ok(())
 }

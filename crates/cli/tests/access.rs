@@ -245,3 +245,50 @@ fn relays_across_several_ssh_threads() {
         }
     });
 }
+
+/// A plain HTTP/1.1 GET: (status line, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: pivot\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+fn sample(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in\n{metrics}"))
+}
+
+#[test]
+fn health_and_metrics_over_http() {
+    let http = free_port();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &["--http-listen", &format!("127.0.0.1:{http}")]);
+    let _dev = Device::start(BURROW, &pivot, &op, "cam-42");
+
+    let (status, body) = http_get(http, "/healthz");
+    assert!(status.contains(" 200 "), "{status}\n{body}");
+    assert!(body.contains("registry: ok"), "{body}");
+
+    let out = op.ssh_device("cam-42", "head -c 100000 /dev/urandom");
+    assert_eq!(out.stdout.len(), 100_000, "{}", stderr(&out));
+    let refused = op.ssh_device("nope", "true");
+    assert!(!refused.status.success());
+
+    // The operator's session has ended; its channel is closed by now or soon.
+    let mut m = String::new();
+    assert!(wait_until(Duration::from_secs(10), || {
+        m = http_get(http, "/metrics").1;
+        sample(&m, "burrow_channels_open") == 0 && sample(&m, "burrow_channels_opened_total") == 1
+    }));
+    assert_eq!(sample(&m, "burrow_tunnels"), 1, "{m}");
+    assert_eq!(sample(&m, "burrow_sessions{role=\"device\"}"), 1, "{m}");
+    assert_eq!(sample(&m, "burrow_refusals_total{reason=\"unknown\"}"), 1, "{m}");
+    // The inner session's bytes, encrypted end to end: more than the payload.
+    assert!(sample(&m, "burrow_relayed_bytes_total{direction=\"to_operator\"}") > 100_000, "{m}");
+    assert!(sample(&m, "burrow_relayed_bytes_total{direction=\"to_device\"}") > 0, "{m}");
+    assert!(sample(&m, "burrow_connections_accepted_total") >= 3, "{m}");
+}

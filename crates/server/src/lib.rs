@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod host_key;
+mod metrics;
 pub mod refusal;
 pub mod registry;
 mod router;
@@ -100,6 +101,8 @@ pub struct Listeners {
     pub ssh: TcpListener,
     /// Device-facing MQTT, for the embedded broker.
     pub mqtt: Option<TcpListener>,
+    /// `/healthz` and `/metrics` over HTTP.
+    pub http: Option<TcpListener>,
 }
 
 /// State shared by every connection of one pivot.
@@ -112,6 +115,7 @@ pub(crate) struct Shared {
     pub signal: Option<Arc<signal::Signal>>,
     /// The public host key (OpenSSH line), for enrollment tokens and `whoami`.
     pub host_key: String,
+    pub metrics: metrics::Metrics,
 }
 
 /// Serves SSH on `listener` until `shutdown` is cancelled, then closes every
@@ -140,12 +144,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         next_conn: AtomicU64::new(1),
         signal,
         host_key,
+        metrics: Default::default(),
     });
     if let Some((eventloop, upstream)) = mqtt {
         signal::spawn(&shared, eventloop, upstream, listeners.mqtt, &shutdown)?;
     }
 
     shared.tracker.spawn(watch::watch(shared.clone(), shutdown.clone()));
+    if let Some(http) = listeners.http {
+        shared.tracker.spawn(metrics::serve(shared.clone(), http, shutdown.clone()));
+    }
     let shards = shards::Shards::start(shared.config.ssh_threads).map_err(ServerError::Threads)?;
     ssh::accept::serve(shared.clone(), listeners.ssh, ssh, &shards, shutdown.clone()).await;
 

@@ -47,6 +47,26 @@ fn last_seen_text(t: Option<i64>) -> String {
 }
 
 impl Refusal {
+    /// A short stable name for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Unknown(_) => "unknown",
+            Refusal::Offline { .. } => "offline",
+            Refusal::PortNotExposed { .. } => "port_not_exposed",
+            Refusal::DeviceRefused { .. } => "device_refused",
+            Refusal::TunnelFailed { .. } => "tunnel_failed",
+            Refusal::NotAllowed(_) => "not_allowed",
+            Refusal::Revoked(_) => "revoked",
+            Refusal::NotEnrolled(_) => "not_enrolled",
+            Refusal::DeviceForbidden => "device_forbidden",
+            Refusal::NoShell => "no_shell",
+            Refusal::Registry => "registry",
+            Refusal::NoAnswer { .. } => "no_answer",
+            Refusal::CouldNotConnect { .. } => "could_not_connect",
+            Refusal::Signaling(_) => "signaling",
+        }
+    }
+
     pub fn into_failure(self) -> ChannelOpenFailure {
         let code = match self {
             Refusal::DeviceForbidden | Refusal::NoShell | Refusal::NotAllowed(_) => {

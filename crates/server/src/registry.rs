@@ -492,6 +492,12 @@ impl Registry {
         Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?").bind(key).fetch_optional(&self.pool).await?)
     }
 
+    /// A trivial query, for health checks.
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// At start, forgets tunnels a previous run of this pivot left marked open.
     pub async fn clear_tunnels(&self, pivot: &str) -> Result<(), RegistryError> {
         sqlx::query("UPDATE devices SET tunnel_pivot = NULL, ports = '[]' WHERE tunnel_pivot = ?")

@@ -46,6 +46,7 @@ pub(crate) async fn serve(
             },
         };
         backoff = Duration::from_millis(10);
+        shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", conn, %peer);
         // Re-registered on its shard's reactor in `handle`: a socket polled by

@@ -111,6 +111,7 @@ impl Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.shared.metrics.refused(Refusal::NoShell.kind());
         Box::pin(reply.reject(Refusal::NoShell.into_failure())).await;
         Ok(())
     }
@@ -138,6 +139,7 @@ impl Handler for Connection {
             Some(Identity::Operator { name, .. }) => name.clone(),
             other => {
                 warn!(peer = %self.peer, identity = ?other, host_to_connect, "direct-tcpip refused: not an operator");
+                self.shared.metrics.refused(Refusal::DeviceForbidden.kind());
                 Box::pin(reply.reject(Refusal::DeviceForbidden.into_failure())).await;
                 return Ok(());
             }

@@ -5,6 +5,8 @@
 //! growing the pivot's memory: at most one window plus the channel buffer is
 //! ever parked per direction.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 
@@ -12,21 +14,25 @@ use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 /// closing side takes no more data, and each pump forwards everything that
 /// arrived before the close it saw. (russh does not report the peer's answer
 /// to our own close, so waiting for it would hang.)
-pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>) {
+/// Bytes moved from `a` to `b` are added to `a_to_b`, the others to `b_to_a`.
+pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>, a_to_b: &AtomicU64, b_to_a: &AtomicU64) {
     let (a_read, a_write) = a.split();
     let (b_read, b_write) = b.split();
     tokio::select! {
-        _ = pump(a_read, &b_write) => {}
-        _ = pump(b_read, &a_write) => {}
+        _ = pump(a_read, &b_write, a_to_b) => {}
+        _ = pump(b_read, &a_write, b_to_a) => {}
     }
     let _ = a_write.close().await;
     let _ = b_write.close().await;
 }
 
-async fn pump(mut from: ChannelReadHalf, to: &ChannelWriteHalf<Msg>) {
+async fn pump(mut from: ChannelReadHalf, to: &ChannelWriteHalf<Msg>, moved: &AtomicU64) {
     while let Some(msg) = from.wait().await {
         let go_on = match msg {
-            ChannelMsg::Data { data } => to.data_bytes(data).await.is_ok(),
+            ChannelMsg::Data { data } => {
+                moved.fetch_add(data.len() as u64, Ordering::Relaxed);
+                to.data_bytes(data).await.is_ok()
+            }
             ChannelMsg::Eof => to.eof().await.is_ok(),
             ChannelMsg::Close => false,
             _ => true,

@@ -1,6 +1,7 @@
 //! An operator asked for `device:port`: find the device's tunnel and open a
 //! `forwarded-tcpip` channel on it, or say exactly why not.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use burrow_core::rpc::{allowed, Selector};
@@ -39,6 +40,7 @@ pub(crate) async fn open_for_operator(
             Ok(found) => found,
             Err(refusal) => {
                 info!(operator = %req.operator, host = %req.host, port = req.port, "refused: {refusal}");
+                shared.metrics.refused(refusal.kind());
                 reply.reject(refusal.into_failure()).await;
                 return;
             }
@@ -60,13 +62,17 @@ pub(crate) async fn open_for_operator(
             }
         };
         warn!(operator = %req.operator, device = %id, port = req.port, "refused: {refusal}");
+        shared.metrics.refused(refusal.kind());
         reply.reject(refusal.into_failure()).await;
         return;
     };
     let _active = tunnel.activity.enter();
     reply.accept().await;
     info!(operator = %req.operator, device = %id, port = req.port, "channel open");
-    relay(channel, device_channel).await;
+    let m = &shared.metrics;
+    m.channels_opened.fetch_add(1, Ordering::Relaxed);
+    relay(channel, device_channel, &m.bytes_to_device, &m.bytes_to_operator).await;
+    m.channels_closed.fetch_add(1, Ordering::Relaxed);
     info!(operator = %req.operator, device = %id, port = req.port, "channel closed");
 }
 

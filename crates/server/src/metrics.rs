@@ -1,0 +1,128 @@
+//! Counters the pivot keeps for `/metrics`, and the HTTP endpoint serving
+//! them with `/healthz` (`burrow server --http-listen`).
+//!
+//! Counters are plain atomics bumped on paths that already do far more work
+//! (a relayed packet, an accepted connection); gauges are read from the
+//! router when scraped.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::registry::Identity;
+use crate::Shared;
+
+#[derive(Default)]
+pub(crate) struct Metrics {
+    pub connections_accepted: AtomicU64,
+    pub channels_opened: AtomicU64,
+    pub channels_closed: AtomicU64,
+    pub bytes_to_device: AtomicU64,
+    pub bytes_to_operator: AtomicU64,
+    refusals: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    pub fn refused(&self, kind: &'static str) {
+        *self.refusals.lock().unwrap().entry(kind).or_default() += 1;
+    }
+}
+
+/// Serves `/healthz` and `/metrics` until `shutdown`.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
+    let app = axum::Router::new().route("/healthz", get(health)).route("/metrics", get(metrics)).with_state(shared);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        warn!(error = %e, "HTTP endpoint stopped");
+    }
+}
+
+/// 200 when the registry answers; the body lists each check.
+async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let registry = match tokio::time::timeout(Duration::from_secs(2), shared.registry.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{e}")),
+        Err(_) => Err("no answer within 2s".to_string()),
+    };
+    let signaling = match &shared.signal {
+        None => "disabled".to_string(),
+        Some(s) => s.unavailable().map(|why| format!("unavailable: {why}")).unwrap_or_else(|| "ok".into()),
+    };
+    let (status, registry) = match registry {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {e}")),
+    };
+    (status, format!("registry: {registry}\nsignaling: {signaling}\n"))
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&shared))
+}
+
+fn render(shared: &Shared) -> String {
+    let m = &shared.metrics;
+    let (mut devices, mut operators) = (0, 0);
+    for (_, s) in shared.router.sessions() {
+        match s.identity {
+            Identity::Device(_) => devices += 1,
+            Identity::Operator { .. } => operators += 1,
+        }
+    }
+    let opened = m.channels_opened.load(Ordering::Relaxed);
+    let closed = m.channels_closed.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    metric(
+        "burrow_tunnels",
+        "gauge",
+        "Devices with a tunnel on this pivot.",
+        &[("", shared.router.tunnel_ids().len() as u64)],
+    );
+    metric(
+        "burrow_sessions",
+        "gauge",
+        "Authenticated SSH connections.",
+        &[("{role=\"device\"}", devices), ("{role=\"operator\"}", operators)],
+    );
+    metric(
+        "burrow_connections_accepted_total",
+        "counter",
+        "TCP connections accepted on the SSH port.",
+        &[("", m.connections_accepted.load(Ordering::Relaxed))],
+    );
+    metric("burrow_channels_opened_total", "counter", "Operator channels relayed to a device.", &[("", opened)]);
+    metric(
+        "burrow_channels_open",
+        "gauge",
+        "Operator channels being relayed now.",
+        &[("", opened.saturating_sub(closed))],
+    );
+    metric(
+        "burrow_relayed_bytes_total",
+        "counter",
+        "Channel data relayed between operators and devices.",
+        &[
+            ("{direction=\"to_device\"}", m.bytes_to_device.load(Ordering::Relaxed)),
+            ("{direction=\"to_operator\"}", m.bytes_to_operator.load(Ordering::Relaxed)),
+        ],
+    );
+    let refusals: Vec<(String, u64)> =
+        m.refusals.lock().unwrap().iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect();
+    let refusals: Vec<(&str, u64)> = refusals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    metric("burrow_refusals_total", "counter", "Operator channels refused, by reason.", &refusals);
+    out
+}
