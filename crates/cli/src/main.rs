@@ -131,8 +131,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    malloc::tune();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Server(_)) {
+        // Only the pivot relays at rates where this matters; an agent on a
+        // small device keeps glibc's frugal defaults. No thread exists yet.
+        malloc::tune();
+    }
     init_logging(cli.verbose, cli.log_json);
     // One thread does: the pivot runs its SSH connections on threads of its
     // own (see `burrow_server::Config::ssh_threads`), and everything else

@@ -83,8 +83,13 @@ fn split_user(target: &str) -> (&str, &str) {
     }
 }
 
-fn run(mut cmd: Command) -> Result<ExitCode> {
-    let status = cmd.status().with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+/// Runs the OpenSSH tool to completion. Awaited, not blocking: the runtime
+/// is single-threaded and must keep running so the SSH connection of the
+/// reachability check above closes now rather than when the pivot times it out.
+async fn run(cmd: Command) -> Result<ExitCode> {
+    let program = cmd.get_program().to_owned();
+    let status =
+        tokio::process::Command::from(cmd).status().await.with_context(|| format!("cannot run {program:?}"))?;
     Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
 }
 
@@ -96,7 +101,7 @@ pub async fn ssh(a: SshArgs) -> Result<ExitCode> {
     }
     let mut cmd = s.command("ssh");
     cmd.arg(format!("{user}{}", s.host(id))).args(&a.args);
-    run(cmd)
+    run(cmd).await
 }
 
 pub async fn sftp(a: SftpArgs) -> Result<ExitCode> {
@@ -107,7 +112,7 @@ pub async fn sftp(a: SftpArgs) -> Result<ExitCode> {
     }
     let mut cmd = s.command("sftp");
     cmd.arg(format!("{user}{}", s.host(id)));
-    run(cmd)
+    run(cmd).await
 }
 
 pub async fn scp(a: ScpArgs) -> Result<ExitCode> {
@@ -128,7 +133,7 @@ pub async fn scp(a: ScpArgs) -> Result<ExitCode> {
     }
     let mut cmd = s.command("scp");
     cmd.args(&args);
-    run(cmd)
+    run(cmd).await
 }
 
 pub async fn forward(a: ForwardArgs) -> Result<ExitCode> {
@@ -142,5 +147,5 @@ pub async fn forward(a: ForwardArgs) -> Result<ExitCode> {
     let mut cmd = s.command("ssh");
     cmd.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L", &format!("{local}:{id}:{port}"), "burrow-pivot"]);
     eprintln!("forwarding {local} to {id}:{port}; Ctrl-C to stop");
-    run(cmd)
+    run(cmd).await
 }

@@ -53,14 +53,21 @@ impl Shards {
     }
 
     /// Stops the threads; tasks still on them are dropped.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.cancel();
-        let threads = self.threads;
+        let threads = std::mem::take(&mut self.threads);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
             }
         })
         .await;
+    }
+}
+
+impl Drop for Shards {
+    /// If the pivot's future is dropped before `stop`, the threads still end.
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

@@ -22,20 +22,24 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Largest low-water mark we ask for; a packet longer than this is read in
-/// more than one wake-up, which is correct, only slower.
-const MAX_LOWAT: usize = 256 * 1024;
+/// more than one wake-up, which is correct, only slower. Kept near one
+/// OpenSSH packet (32 KiB plus framing) so the mark never has to grow the
+/// socket's receive buffer much (Linux >= 4.18 grows it to fit the mark).
+const MAX_LOWAT: usize = 64 * 1024;
 
 pub(crate) struct PacketStream {
     inner: TcpStream,
     /// The version line has been read; every read from now on is exact.
     exact: bool,
+    /// Bytes read so far, until `exact`; `usize::MAX` once marks are given up.
+    seen: usize,
     /// The low-water mark currently set on the socket.
     lowat: usize,
 }
 
 impl PacketStream {
     pub fn new(inner: TcpStream) -> Self {
-        PacketStream { inner, exact: false, lowat: 1 }
+        PacketStream { inner, exact: false, seen: 0, lowat: 1 }
     }
 
     #[cfg(target_os = "linux")]
@@ -56,10 +60,33 @@ impl PacketStream {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        // On failure the mark stays where it was, which is always safe for
-        // an exact read that still wants more than it.
         if rc == 0 {
             self.lowat = want;
+        } else {
+            // The mark left from an earlier, longer read could exceed what
+            // this one needs: stop using marks rather than risk waiting on it.
+            self.exact = false;
+            self.seen = usize::MAX; // never again on this connection
+            self.reset_lowat();
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn reset_lowat(&mut self) {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.inner.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            self.lowat = 1;
         }
     }
 
@@ -78,8 +105,15 @@ impl AsyncRead for PacketStream {
             match this.inner.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
-                    if !this.exact && buf.filled()[filled..].contains(&b'\n') {
-                        this.exact = true;
+                    if !this.exact && this.seen != usize::MAX {
+                        // A newline ends the version line, except as the very
+                        // first byte (russh does not count that as a line).
+                        let new = &buf.filled()[filled..];
+                        let skip = usize::from(this.seen == 0);
+                        if new.iter().skip(skip).any(|&b| b == b'\n') {
+                            this.exact = true;
+                        }
+                        this.seen = this.seen.saturating_add(new.len());
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -166,6 +200,18 @@ mod tests {
         let (s, packet) = reader.await.unwrap();
         assert_eq!(&packet, b"1234567890");
         assert_eq!(lowat(&s.inner), 5, "waited for exactly the 5 bytes still missing");
+    }
+
+    #[tokio::test]
+    async fn a_leading_newline_does_not_end_the_version_line() {
+        let (mut s, mut c) = pair().await;
+        c.write_all(b"\n").await.unwrap();
+        let mut line = [0u8; 256];
+        assert_eq!(s.read(&mut line).await.unwrap(), 1);
+        assert!(!s.exact, "russh is still reading its version line");
+        c.write_all(b"SSH-2.0-x\r\n").await.unwrap();
+        s.read(&mut line).await.unwrap();
+        assert!(s.exact);
     }
 
     #[tokio::test]
