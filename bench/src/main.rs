@@ -161,16 +161,8 @@ async fn wake(samples: usize) -> Result<()> {
 /// idle tunnel for each on the pivot at `port`, for `seconds`. For profiling a
 /// pivot started by hand (e.g. under valgrind's massif).
 async fn hold(data_dir: &str, port: u16, count: usize, seconds: u64) -> Result<()> {
-    let registry = burrow_server::Registry::open(std::path::Path::new(data_dir)).await?;
-    let tag = std::process::id();
-    let mut keys = Vec::with_capacity(count);
-    for i in 0..count {
-        let key = burrow_core::keys::generate_ed25519();
-        let id = burrow_core::Id::parse(&format!("hold-{tag}-{i}"))?;
-        registry.add_device(&id, key.public_key(), &Default::default()).await?;
-        keys.push((id.to_string(), Arc::new(key)));
-    }
-    registry.close().await;
+    let prefix = format!("hold-{}", std::process::id());
+    let keys = vs_openssh::register_devices(std::path::Path::new(data_dir), &prefix, count).await?;
     let mut held = Vec::with_capacity(count);
     for (id, key) in keys {
         held.push(vs_openssh::tunnel(port, id.clone(), key, id, 22).await?);

@@ -422,15 +422,7 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     let max_tunnels = o.tunnels.iter().copied().max().unwrap_or(0);
     let total = max_tunnels + o.rate_connections;
     eprintln!("registering {total} devices…");
-    let registry = burrow_server::Registry::open(burrow.data.path()).await?;
-    let mut keys = Vec::with_capacity(total);
-    for i in 0..total {
-        let k = burrow_core::keys::generate_ed25519();
-        let id = burrow_core::Id::parse(&format!("load-{i}"))?;
-        registry.add_device(&id, k.public_key(), &BTreeMap::new()).await?;
-        keys.push((id.to_string(), Arc::new(k)));
-    }
-    registry.close().await;
+    let keys = register_devices(burrow.data.path(), "load", total).await?;
     let devk = Arc::new(russh::keys::load_secret_key(&dev.private, None)?);
 
     // 5. Connection rate: handshake + auth + forward, then hang up.
@@ -555,6 +547,25 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     drop(dev_b);
     drop(dev_o);
     Ok(())
+}
+
+/// Registers `count` devices named `{prefix}-{i}`, each with a fresh key, in
+/// the registry under `data_dir`; returns (id, key) pairs.
+pub(crate) async fn register_devices(
+    data_dir: &Path,
+    prefix: &str,
+    count: usize,
+) -> Result<Vec<(String, Arc<PrivateKey>)>> {
+    let registry = burrow_server::Registry::open(data_dir).await?;
+    let mut keys = Vec::with_capacity(count);
+    for i in 0..count {
+        let key = burrow_core::keys::generate_ed25519();
+        let id = burrow_core::Id::parse(&format!("{prefix}-{i}"))?;
+        registry.add_device(&id, key.public_key(), &BTreeMap::new()).await?;
+        keys.push((id.to_string(), Arc::new(key)));
+    }
+    registry.close().await;
+    Ok(keys)
 }
 
 /// Incompressible bytes, fast.

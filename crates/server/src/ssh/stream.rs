@@ -44,12 +44,27 @@ impl PacketStream {
 
     #[cfg(target_os = "linux")]
     fn set_lowat(&mut self, want: usize) {
-        use std::os::fd::AsRawFd;
         let want = want.clamp(1, MAX_LOWAT);
         if want == self.lowat {
             return;
         }
-        let value = want as libc::c_int;
+        if self.setsockopt_lowat(want) {
+            self.lowat = want;
+        } else {
+            // The mark left from an earlier, longer read could exceed what
+            // this one needs: stop using marks rather than risk waiting on it.
+            self.exact = false;
+            self.seen = usize::MAX; // never again on this connection
+            if self.setsockopt_lowat(1) {
+                self.lowat = 1;
+            }
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn setsockopt_lowat(&self, value: usize) -> bool {
+        use std::os::fd::AsRawFd;
+        let value = value as libc::c_int;
         // SAFETY: a valid socket descriptor and a c_int option of the right size.
         let rc = unsafe {
             libc::setsockopt(
@@ -60,34 +75,7 @@ impl PacketStream {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        if rc == 0 {
-            self.lowat = want;
-        } else {
-            // The mark left from an earlier, longer read could exceed what
-            // this one needs: stop using marks rather than risk waiting on it.
-            self.exact = false;
-            self.seen = usize::MAX; // never again on this connection
-            self.reset_lowat();
-        }
-    }
-
-    #[cfg(target_os = "linux")]
-    fn reset_lowat(&mut self) {
-        use std::os::fd::AsRawFd;
-        let one: libc::c_int = 1;
-        // SAFETY: as above.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.inner.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            self.lowat = 1;
-        }
+        rc == 0
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -210,7 +198,8 @@ mod tests {
         assert_eq!(s.read(&mut line).await.unwrap(), 1);
         assert!(!s.exact, "russh is still reading its version line");
         c.write_all(b"SSH-2.0-x\r\n").await.unwrap();
-        s.read(&mut line).await.unwrap();
+        let n = s.read(&mut line).await.unwrap();
+        assert_eq!(&line[..n], b"SSH-2.0-x\r\n");
         assert!(s.exact);
     }
 
