@@ -150,11 +150,15 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn lowat(s: &TcpStream) -> i32 {
+        lowat_fd(s.as_raw_fd())
+    }
+
+    fn lowat_fd(fd: std::os::fd::RawFd) -> i32 {
         let mut v: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: valid socket, buffer of the right size.
         let rc = unsafe {
-            libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut v as *mut i32).cast(), &mut len)
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut v as *mut i32).cast(), &mut len)
         };
         assert_eq!(rc, 0);
         v
@@ -178,12 +182,19 @@ mod tests {
 
         // A 10-byte exact read whose bytes arrive in two pieces.
         c.write_all(b"12345").await.unwrap();
+        let fd = s.inner.as_raw_fd();
         let reader = tokio::spawn(async move {
             let mut packet = [0u8; 10];
             s.read_exact(&mut packet).await.unwrap();
             (s, packet)
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The reader got the first half, found the socket empty and set the
+        // mark to what it still misses before waiting.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while lowat_fd(fd) != 5 {
+            assert!(tokio::time::Instant::now() < deadline, "the mark was never set");
+            tokio::task::yield_now().await;
+        }
         c.write_all(b"67890").await.unwrap();
         let (s, packet) = reader.await.unwrap();
         assert_eq!(&packet, b"1234567890");
@@ -211,7 +222,6 @@ mod tests {
             let n = s.read(&mut line).await.unwrap();
             line[..n].to_vec()
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         c.write_all(b"SSH-2.0-x\r\n").await.unwrap();
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader).await.unwrap().unwrap();
         assert_eq!(got, b"SSH-2.0-x\r\n");
