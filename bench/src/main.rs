@@ -21,12 +21,11 @@ mod vs_openssh;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use burrow_testkit::{KeyPair, Sshd, TestAgent, TestPivot};
 use russh::keys::PrivateKeyWithHashAlg;
-use russh::ChannelMsg;
 
 fn burrow_bin() -> Result<String> {
     if let Ok(bin) = std::env::var("BURROW_BIN") {
@@ -62,19 +61,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Opens `id:22`, returning (time to confirmation, time to the sshd banner).
 async fn open_once(handle: &russh::client::Handle<Client>, id: &str) -> Result<(Duration, Duration)> {
-    let t0 = Instant::now();
-    let mut ch = handle.channel_open_direct_tcpip(id, 22, "127.0.0.1", 40000).await?;
-    let confirmed = t0.elapsed();
-    loop {
-        match ch.wait().await {
-            Some(ChannelMsg::Data { data }) if data.starts_with(b"SSH-") => break,
-            Some(_) => {}
-            None => bail!("channel closed before the banner"),
-        }
-    }
-    let banner = t0.elapsed();
-    ch.close().await?;
-    Ok((confirmed, banner))
+    vs_openssh::open_timed(handle, id, 22).await
 }
 
 fn report(name: &str, samples: &mut [Duration]) -> (Duration, Duration) {

@@ -155,19 +155,53 @@ pub(crate) async fn tunnel(
     Ok(h)
 }
 
-async fn open_to_banner(h: &Handle, host: &str, port: u32) -> Result<Duration> {
+/// Opens a `direct-tcpip` channel to `host:port`: (time to confirmation,
+/// time to the sshd banner).
+pub(crate) async fn open_timed(h: &Handle, host: &str, port: u32) -> Result<(Duration, Duration)> {
     let t0 = Instant::now();
     let mut ch = h.channel_open_direct_tcpip(host, port, "127.0.0.1", 40000).await?;
+    let confirmed = t0.elapsed();
     loop {
         match ch.wait().await {
             Some(ChannelMsg::Data { data }) if data.starts_with(b"SSH-") => break,
             Some(_) => {}
-            None => bail!("closed before the banner"),
+            None => bail!("channel closed before the banner"),
         }
     }
-    let t = t0.elapsed();
+    let banner = t0.elapsed();
     let _ = ch.close().await;
-    Ok(t)
+    Ok((confirmed, banner))
+}
+
+async fn open_to_banner(h: &Handle, host: &str, port: u32) -> Result<Duration> {
+    Ok(open_timed(h, host, port).await?.1)
+}
+
+/// Opens `n` tunnels with `open(i)`, `at_once` at a time: (held, errors).
+async fn open_tunnels<F, Fut>(n: usize, at_once: usize, open: F) -> (Vec<Handle>, usize)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Handle>> + Send + 'static,
+{
+    let sem = Arc::new(Semaphore::new(at_once));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await.expect("never closed");
+        let opening = open(i);
+        tasks.push(tokio::spawn(async move {
+            let r = opening.await;
+            drop(permit);
+            r
+        }));
+    }
+    let (mut held, mut errors) = (Vec::with_capacity(n), 0);
+    for t in tasks {
+        match t.await {
+            Ok(Ok(h)) => held.push(h),
+            _ => errors += 1,
+        }
+    }
+    (held, errors)
 }
 
 struct Side {
@@ -483,24 +517,13 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     let mut tunnels = o.tunnels.clone();
     tunnels.sort();
     for n in tunnels {
-        let sem = Arc::new(Semaphore::new(64));
-        let mut tasks = Vec::new();
-        for (id, key) in keys[held_b.len()..n].iter().cloned() {
-            let permit = sem.clone().acquire_owned().await.expect("open");
-            let port = sides[0].port;
-            tasks.push(tokio::spawn(async move {
-                let r = tunnel(port, id.clone(), key, id, 22).await;
-                drop(permit);
-                r
-            }));
-        }
-        let mut errors = 0;
-        for t in tasks {
-            match t.await {
-                Ok(Ok(h)) => held_b.push(h),
-                _ => errors += 1,
-            }
-        }
+        let (port, new) = (sides[0].port, &keys[held_b.len()..n]);
+        let (more, errors) = open_tunnels(new.len(), 64, |i| {
+            let (id, key) = new[i].clone();
+            tunnel(port, id.clone(), key, id, 22)
+        })
+        .await;
+        held_b.extend(more);
         tokio::time::sleep(Duration::from_secs(3)).await;
         let still = held_b.iter().filter(|h| !h.is_closed()).count();
         let after = pss_kib(sides[0].pid);
@@ -510,25 +533,9 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     }
     drop(held_b);
     let base_o = pss_kib(sides[1].pid);
-    let mut held_o = Vec::new();
-    let sem = Arc::new(Semaphore::new(16));
-    let mut tasks = Vec::new();
-    for _ in 0..o.openssh_tunnels {
-        let permit = sem.clone().acquire_owned().await.expect("open");
-        let (port, devk) = (sides[1].port, devk.clone());
-        tasks.push(tokio::spawn(async move {
-            let r = tunnel(port, "root".into(), devk, "127.0.0.1".into(), 0).await;
-            drop(permit);
-            r
-        }));
-    }
-    let mut errors = 0;
-    for t in tasks {
-        match t.await {
-            Ok(Ok(h)) => held_o.push(h),
-            _ => errors += 1,
-        }
-    }
+    let port = sides[1].port;
+    let (held_o, errors) =
+        open_tunnels(o.openssh_tunnels, 16, |_| tunnel(port, "root".into(), devk.clone(), "127.0.0.1".into(), 0)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after_o = pss_kib(sides[1].pid);
     let n = o.openssh_tunnels;

@@ -166,16 +166,7 @@ fn stock_openssh_device_with_ssh_dash_r() {
     pivot.add_device("cam-42", &dev_key);
     op.trust_device("cam-42", &sshd);
     // The device has nothing but the OpenSSH client.
-    let mut cmd = op.bare_ssh(&pivot, &dev_key);
-    cmd.args([
-        "-N",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-R",
-        &format!("cam-42:22:{}", sshd.target()),
-        "cam-42@127.0.0.1",
-    ]);
-    let _device = Proc::spawn("device ssh -R", &mut cmd, sshd.dir.path().join("device-ssh.log"));
+    let _device = op.stock_device(&pivot, "cam-42", &dev_key, &sshd, "device-ssh.log");
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
     let out = op.ssh_device("cam-42", "echo stock-ok");
     assert!(out.status.success(), "{}", stderr(&out));

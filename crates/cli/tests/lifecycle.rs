@@ -61,19 +61,6 @@ fn removed_device_loses_its_tunnel() {
     assert!(stderr(&out).contains("unknown device 'cam-42'"), "{}", stderr(&out));
 }
 
-fn stock_device(pivot: &TestPivot, op: &Operator, key: &KeyPair, sshd: &Sshd, log: &str) -> Proc {
-    let mut cmd = op.bare_ssh(pivot, key);
-    cmd.args([
-        "-N",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-R",
-        &format!("cam-42:22:{}", sshd.target()),
-        "cam-42@127.0.0.1",
-    ]);
-    Proc::spawn(log, &mut cmd, sshd.dir.path().join(log))
-}
-
 #[test]
 fn a_new_connection_of_the_same_device_replaces_the_old_one() {
     let (pivot, op) = pivot_with_operator(&[]);
@@ -81,9 +68,9 @@ fn a_new_connection_of_the_same_device_replaces_the_old_one() {
     let key = KeyPair::generate(sshd.dir.path(), "device");
     pivot.add_device("cam-42", &key);
     op.trust_device("cam-42", &sshd);
-    let mut first = stock_device(&pivot, &op, &key, &sshd, "first.log");
+    let mut first = op.stock_device(&pivot, "cam-42", &key, &sshd, "first.log");
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
-    let mut second = stock_device(&pivot, &op, &key, &sshd, "second.log");
+    let mut second = op.stock_device(&pivot, "cam-42", &key, &sshd, "second.log");
     assert!(wait_until(Duration::from_secs(10), || !first.is_running()), "old connection was not replaced");
     assert!(first.log_text().contains("replaced by a newer connection"), "{}", first.log_text());
     assert!(second.is_running());

@@ -432,6 +432,17 @@ impl Operator {
         cmd
     }
 
+    /// A device that has nothing but the OpenSSH client: `ssh -N -R
+    /// ID:22:<sshd>` into the pivot as `id` with `key`, logging to `log` in
+    /// the sshd's directory.
+    pub fn stock_device(&self, pivot: &TestPivot, id: &str, key: &KeyPair, sshd: &Sshd, log: &str) -> Proc {
+        let mut cmd = self.bare_ssh(pivot, key);
+        cmd.args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+            .arg(format!("{id}:22:{}", sshd.target()))
+            .arg(format!("{id}@127.0.0.1"));
+        Proc::spawn(log, &mut cmd, sshd.dir.path().join(log))
+    }
+
     pub fn ssh_cmdline(&self) -> String {
         format!("ssh -F {} -J pivot", self.config.display())
     }

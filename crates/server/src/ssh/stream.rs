@@ -157,9 +157,8 @@ mod tests {
         let mut v: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: valid socket, buffer of the right size.
-        let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut v as *mut i32).cast(), &mut len)
-        };
+        let rc =
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&mut v as *mut i32).cast(), &mut len) };
         assert_eq!(rc, 0);
         v
     }
