@@ -10,8 +10,8 @@
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn tune() {
     const MIB: libc::c_int = 1 << 20;
-    // SAFETY: mallopt only changes allocator parameters. It is called first
-    // thing in main, before the runtime or any other thread exists.
+    // SAFETY: mallopt only changes allocator parameters. main calls it right
+    // after parsing arguments, before the runtime or any other thread exists.
     unsafe {
         // A fixed threshold also turns off glibc's dynamic one, which would
         // otherwise move the trim threshold back down.

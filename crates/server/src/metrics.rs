@@ -48,18 +48,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
 
 /// 200 when the registry answers; the body lists each check.
 async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let registry = match tokio::time::timeout(Duration::from_secs(2), shared.registry.ping()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("{e}")),
-        Err(_) => Err("no answer within 2s".to_string()),
+    let failure = match tokio::time::timeout(Duration::from_secs(2), shared.registry.ping()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("no answer within 2s".to_string()),
     };
     let signaling = match &shared.signal {
         None => "disabled".to_string(),
         Some(s) => s.unavailable().map(|why| format!("unavailable: {why}")).unwrap_or_else(|| "ok".into()),
     };
-    let (status, registry) = match registry {
-        Ok(()) => (StatusCode::OK, "ok".to_string()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {e}")),
+    let (status, registry) = match failure {
+        None => (StatusCode::OK, "ok".to_string()),
+        Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {e}")),
     };
     (status, format!("registry: {registry}\nsignaling: {signaling}\n"))
 }

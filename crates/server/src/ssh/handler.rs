@@ -12,7 +12,7 @@ use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Sessi
 use russh::Channel;
 use tracing::{debug, info, warn};
 
-use super::route::{open_for_operator, Refusal, Request};
+use super::route::{open_for_operator, refuse, Refusal, Request};
 use super::rpc;
 use crate::admin::Caller;
 use crate::registry::{Identity, RegistryError};
@@ -111,8 +111,7 @@ impl Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.shared.metrics.refused(Refusal::NoShell.kind());
-        Box::pin(reply.reject(Refusal::NoShell.into_failure())).await;
+        Box::pin(refuse(&self.shared, reply, Refusal::NoShell)).await;
         Ok(())
     }
 
@@ -139,8 +138,7 @@ impl Handler for Connection {
             Some(Identity::Operator { name, .. }) => name.clone(),
             other => {
                 warn!(peer = %self.peer, identity = ?other, host_to_connect, "direct-tcpip refused: not an operator");
-                self.shared.metrics.refused(Refusal::DeviceForbidden.kind());
-                Box::pin(reply.reject(Refusal::DeviceForbidden.into_failure())).await;
+                Box::pin(refuse(&self.shared, reply, Refusal::DeviceForbidden)).await;
                 return Ok(());
             }
         };

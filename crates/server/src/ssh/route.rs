@@ -40,8 +40,7 @@ pub(crate) async fn open_for_operator(
             Ok(found) => found,
             Err(refusal) => {
                 info!(operator = %req.operator, host = %req.host, port = req.port, "refused: {refusal}");
-                shared.metrics.refused(refusal.kind());
-                reply.reject(refusal.into_failure()).await;
+                refuse(&shared, reply, refusal).await;
                 return;
             }
         };
@@ -62,8 +61,7 @@ pub(crate) async fn open_for_operator(
             }
         };
         warn!(operator = %req.operator, device = %id, port = req.port, "refused: {refusal}");
-        shared.metrics.refused(refusal.kind());
-        reply.reject(refusal.into_failure()).await;
+        refuse(&shared, reply, refusal).await;
         return;
     };
     let _active = tunnel.activity.enter();
@@ -74,6 +72,12 @@ pub(crate) async fn open_for_operator(
     relay(channel, device_channel, &m.bytes_to_device, &m.bytes_to_operator).await;
     m.channels_closed.fetch_add(1, Ordering::Relaxed);
     info!(operator = %req.operator, device = %id, port = req.port, "channel closed");
+}
+
+/// Rejects an operator's channel with `refusal`'s text, counted by reason.
+pub(crate) async fn refuse(shared: &Shared, reply: ChannelOpenHandle, refusal: Refusal) {
+    shared.metrics.refused(refusal.kind());
+    reply.reject(refusal.into_failure()).await;
 }
 
 async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal> {
