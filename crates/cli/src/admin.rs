@@ -34,7 +34,7 @@ pub enum DeviceCommand {
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
         /// How long the enrollment token stays valid.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = crate::parse_duration)]
         ttl: Duration,
         /// The pivot's HOST:PORT to put in the token [default: the address the pivot advertises].
         #[arg(long)]
@@ -103,11 +103,64 @@ pub enum OperatorCommand {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("label '{s}' is not k=v"))?;
-    if k.is_empty() {
-        return Err(format!("label '{s}' has an empty key"));
-    }
-    Ok((k.to_string(), v.to_string()))
+    burrow_core::label::parse_label(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand)]
+pub enum BanCommand {
+    /// List bans in force.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Ban an address or CIDR; its connections are dropped at accept.
+    Add {
+        /// IP address or CIDR, e.g. 203.0.113.7 or 203.0.113.0/24.
+        net: String,
+        /// How long the ban lasts.
+        #[arg(long = "for", default_value = "1h", value_parser = crate::parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Lift a ban.
+    Remove {
+        /// The address or CIDR as banned.
+        net: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct AuditArgs {
+    /// Only records from this long ago on (e.g. 1h, 7d) [default: 24h].
+    #[arg(long, value_parser = crate::parse_duration)]
+    since: Option<Duration>,
+    /// Only records up to this long ago (e.g. 10m).
+    #[arg(long, value_parser = crate::parse_duration)]
+    until: Option<Duration>,
+    /// Only records about this device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Only records about this operator.
+    #[arg(long)]
+    operator: Option<String>,
+    /// Only records from this source address.
+    #[arg(long)]
+    source: Option<String>,
+    /// Only this kind of event (auth, tunnel_up, channel_open, ban, device_add, …).
+    #[arg(long)]
+    event: Option<String>,
+    /// At most this many records (the newest).
+    #[arg(long, default_value_t = 1000)]
+    limit: u32,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    data: DataDir,
 }
 
 /// Runs a request on the local registry, or on the pivot when `remote` is set.
@@ -121,7 +174,8 @@ pub async fn send(remote: Option<&Remote>, data: &DataDir, req: Request) -> Resu
         Registry::open(dir).await.with_context(|| format!("cannot open the registry in {}", dir.display()))?;
     let host_key =
         read_public_key(&dir.join("host_key.pub")).map(|k| burrow_core::keys::openssh_line(&k)).unwrap_or_default();
-    let ctx = admin::Context { registry: &registry, host_key };
+    let origin = admin::Origin { actor: Caller::Local.actor(), ..Default::default() };
+    let ctx = admin::Context { registry: &registry, host_key, origin };
     let resp = admin::execute(&ctx, &Caller::Local, req).await;
     registry.close().await;
     if resp.ok {
@@ -225,12 +279,95 @@ pub async fn operator(cmd: OperatorCommand, remote: Option<&Remote>) -> Result<(
     Ok(())
 }
 
-fn str_of(v: &Value) -> &str {
-    v.as_str().unwrap_or("")
+pub async fn ban(cmd: BanCommand, remote: Option<&Remote>) -> Result<()> {
+    match cmd {
+        BanCommand::List { json, data } => {
+            let out = send(remote, &data, Request::BanList).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
+            println!("{:<40} {:<21} {:<24} REASON", "NET", "UNTIL", "BY");
+            for b in out.as_array().into_iter().flatten() {
+                println!("{:<40} {:<21} {:<24} {}", str_of(&b["net"]), str_of(&b["until"]), str_of(&b["by"]), str_of(&b["reason"]));
+            }
+        }
+        BanCommand::Add { net, duration, data } => {
+            let out = send(remote, &data, Request::BanAdd { net, secs: duration.as_secs().max(1) }).await?;
+            println!("banned {} until {}", str_of(&out["net"]), str_of(&out["until"]));
+        }
+        BanCommand::Remove { net, data } => {
+            let out = send(remote, &data, Request::BanRemove { net }).await?;
+            println!("unbanned {}", str_of(&out["net"]));
+        }
+    }
+    Ok(())
 }
 
-fn opt(v: &Value) -> &str {
-    v.as_str().unwrap_or("-")
+pub async fn audit(a: AuditArgs, remote: Option<&Remote>) -> Result<()> {
+    let now = burrow_core::time::now_unix();
+    let ago = |d: Duration| now.saturating_sub(d.as_secs() as i64);
+    let req = Request::Audit {
+        since: Some(ago(a.since.unwrap_or(Duration::from_secs(24 * 3600)))),
+        until: a.until.map(ago),
+        device: a.device,
+        operator: a.operator,
+        source: a.source,
+        event: a.event,
+        limit: Some(a.limit),
+    };
+    let out = send(remote, &a.data, req).await?;
+    let records = out.as_array().map(Vec::as_slice).unwrap_or_default();
+    if a.json {
+        for r in records {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!("{:<20} {:<17} {:<8} {:<22} {:<20} DETAIL", "TIME", "EVENT", "OUTCOME", "SOURCE", "WHO");
+    for r in records {
+        let who = [&r["operator"], &r["device"], &r["actor"]]
+            .iter()
+            .find_map(|v| v.as_str())
+            .or_else(|| r["fingerprint"].as_str())
+            .unwrap_or("-");
+        let mut detail = Vec::new();
+        for key in ["target", "reason", "ban", "user", "cipher", "kex", "bytes_to_device", "bytes_to_operator", "count"] {
+            match &r[key] {
+                Value::Null => {}
+                Value::String(s) => detail.push(format!("{key}={s}")),
+                v => detail.push(format!("{key}={v}")),
+            }
+        }
+        if let Some(args) = r.get("args").filter(|v| !v.is_null()) {
+            detail.push(format!("args={args}"));
+        }
+        let time = r["at"].as_i64().map(burrow_core::time::format_unix).unwrap_or_default();
+        println!(
+            "{:<20} {:<17} {:<8} {:<22} {:<20} {}",
+            time.trim_end_matches('Z'),
+            str_of(&r["event"]),
+            opt(&r["outcome"]),
+            opt(&r["source"]),
+            safe(who),
+            safe(&detail.join(" "))
+        );
+    }
+    Ok(())
+}
+
+/// Text from the registry, escaped so that it cannot forge table rows or
+/// reach the terminal as control sequences.
+fn safe(s: &str) -> String {
+    burrow_core::text::printable(s).into_owned()
+}
+
+fn str_of(v: &Value) -> String {
+    safe(v.as_str().unwrap_or(""))
+}
+
+fn opt(v: &Value) -> String {
+    safe(v.as_str().unwrap_or("-"))
 }
 
 fn print_device_table(devices: &[Value]) {
@@ -271,5 +408,5 @@ fn ports_text(ports: &Value) -> String {
 
 fn labels_text(labels: &Value) -> String {
     let Some(map) = labels.as_object().filter(|m| !m.is_empty()) else { return "-".into() };
-    map.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
+    map.iter().map(|(k, v)| format!("{}={}", safe(k), str_of(v))).collect::<Vec<_>>().join(",")
 }

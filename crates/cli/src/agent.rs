@@ -88,7 +88,7 @@ pub struct AgentArgs {
     #[command(flatten)]
     mqtt: MqttClientArgs,
     /// Keepalive period to the pivot and the broker; three missed mean reconnect.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
     keepalive: std::time::Duration,
 }
 

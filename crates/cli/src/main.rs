@@ -44,6 +44,11 @@ struct Cli {
     command: Command,
 }
 
+/// `30s`, `10m`, `24h`, `90d`: positive and at most 100 years.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    burrow_core::time::parse_duration(s).map_err(|e| e.to_string())
+}
+
 /// Where the pivot keeps its host key and registry.
 #[derive(clap::Args, Clone)]
 pub struct DataDir {
@@ -63,6 +68,11 @@ enum Command {
     /// Manage operators (locally on the pivot host, or with --pivot).
     #[command(subcommand)]
     Operator(admin::OperatorCommand),
+    /// Ban and unban source addresses (admin; locally or with --pivot).
+    #[command(subcommand)]
+    Ban(admin::BanCommand),
+    /// Query the audit trail (admin; locally or with --pivot).
+    Audit(admin::AuditArgs),
     /// Write OpenSSH config and known_hosts for ID.burrow names.
     Login(login::LoginArgs),
     /// ssh to a device, after checking it can be reached.
@@ -121,6 +131,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Agent(cmd) => agent::run(cmd, shutdown_on_signal()).await?,
         Command::Device(cmd) => admin::device(cmd, remote.as_ref()).await?,
         Command::Operator(cmd) => admin::operator(cmd, remote.as_ref()).await?,
+        Command::Ban(cmd) => admin::ban(cmd, remote.as_ref()).await?,
+        Command::Audit(args) => admin::audit(args, remote.as_ref()).await?,
         Command::Login(args) => login::run(args, identity).await?,
         Command::Ssh(a) => return wrappers::ssh(a).await,
         Command::Scp(a) => return wrappers::scp(a).await,

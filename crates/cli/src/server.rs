@@ -1,11 +1,16 @@
 //! `burrow server`.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use burrow_core::mqtt_url::MqttUrl;
+use burrow_server::algorithms::Algorithms;
+use burrow_server::bans::{parse_net, BanConfig, IpNet};
 use burrow_server::host_key;
+use burrow_server::limits::{Limits, MaxStartups};
 use burrow_server::signal::{BrokerConfig, SignalConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -30,7 +35,7 @@ pub struct ServerArgs {
     #[arg(long, default_value = "burrow")]
     host_suffix: String,
     /// Keepalive period on every connection; two missed keepalives drop it.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
     keepalive: Duration,
     /// Serve `/healthz` and `/metrics` (Prometheus text) over HTTP on this address.
     #[arg(long, env = "BURROW_HTTP_LISTEN")]
@@ -41,7 +46,90 @@ pub struct ServerArgs {
     ssh_threads: Option<usize>,
     #[command(flatten)]
     mqtt: MqttArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    bans: BanArgs,
+    #[command(flatten)]
+    algorithms: AlgorithmArgs,
+    /// Also append every audit record to FILE as JSON lines.
+    #[arg(long, env = "BURROW_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Prune audit records older than this (at least 90d); 0 keeps them forever.
+    #[arg(long, default_value = "90d", value_parser = parse_retention)]
+    audit_retention: Retention,
 }
+
+/// What one peer may cost the pivot (OpenSSH's equivalents in brackets).
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Time from accept to authentication, key exchange included [LoginGraceTime].
+    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+    login_grace_time: Duration,
+    /// Authentication attempts per connection [MaxAuthTries].
+    #[arg(long, default_value_t = 6)]
+    max_auth_tries: usize,
+    /// Unauthenticated connections: START:RATE:FULL random early drop [MaxStartups].
+    #[arg(long, default_value = "10:30:100")]
+    max_startups: MaxStartups,
+    /// Unauthenticated connections from one source address [PerSourceMaxStartups].
+    #[arg(long, default_value_t = 10)]
+    per_source_max_startups: usize,
+    /// Channels one operator connection may hold open (enrollment keys get 2).
+    #[arg(long, default_value_t = 64)]
+    max_channels: usize,
+    /// Ports one device connection may forward.
+    #[arg(long, default_value_t = 16)]
+    max_forwards: usize,
+    /// Bytes of admin requests buffered across the whole pivot.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    admin_buffer: usize,
+    /// File descriptors held back for registered peers, the registry and MQTT.
+    #[arg(long, default_value_t = 128)]
+    fd_reserve: u64,
+}
+
+/// Bans after repeated failures, as fail2ban's sshd jail.
+#[derive(clap::Args)]
+struct BanArgs {
+    /// Failures from one source that ban it (1-19).
+    #[arg(long, default_value_t = 5)]
+    ban_maxretry: u32,
+    /// Window in which failures are counted (at least 60s).
+    #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
+    ban_findtime: Duration,
+    /// How long a ban lasts (at least --ban-findtime).
+    #[arg(long, default_value = "1h", value_parser = crate::parse_duration)]
+    ban_bantime: Duration,
+    /// Never ban these addresses or CIDRs; must include 127.0.0.1 (repeatable).
+    #[arg(long, value_parser = parse_net, default_values = ["127.0.0.1/8", "::1/128"])]
+    ban_ignoreip: Vec<IpNet>,
+}
+
+/// SSH algorithms offered, in order; only names from a known-good set are accepted.
+#[derive(clap::Args)]
+struct AlgorithmArgs {
+    /// Key exchange algorithms, comma-separated [default: curve25519, mlkem768x25519, ecdh-sha2-nistp*].
+    #[arg(long)]
+    kex_algorithms: Option<String>,
+    /// Ciphers, comma-separated [default: aes-gcm, chacha20-poly1305, aes-ctr].
+    #[arg(long)]
+    ciphers: Option<String>,
+    /// MACs for the CTR ciphers, comma-separated [default: hmac-sha2-256/512, etm first].
+    #[arg(long)]
+    macs: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+struct Retention(Option<Duration>);
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    if s.trim() == "0" {
+        return Ok(Retention(None));
+    }
+    crate::parse_duration(s).map(|d| Retention(Some(d)))
+}
+
 
 #[derive(clap::Args)]
 struct MqttArgs {
@@ -54,10 +142,10 @@ struct MqttArgs {
     #[command(flatten)]
     client: MqttClientArgs,
     /// How long an operator's request waits for a sleeping device to dial in.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = crate::parse_duration)]
     wake_timeout: Duration,
     /// An on-demand tunnel closes after this long without channels.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
     idle_timeout: Duration,
     /// Serve always-on tunnels only: no broker, no wake-ups.
     #[arg(long)]
@@ -66,7 +154,42 @@ struct MqttArgs {
 
 pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     let dir = &args.data.data_dir;
+    let mut config = burrow_server::Config::new(dir.clone());
+    let l = &args.limits;
+    config.limits = Limits {
+        login_grace: l.login_grace_time,
+        max_auth_tries: l.max_auth_tries,
+        max_startups: l.max_startups,
+        per_source_startups: l.per_source_max_startups,
+        max_channels: l.max_channels,
+        max_forwards: l.max_forwards,
+        admin_buffer: l.admin_buffer,
+        fd_reserve: l.fd_reserve,
+    };
+    config.bans = BanConfig {
+        maxretry: args.bans.ban_maxretry,
+        findtime: args.bans.ban_findtime,
+        bantime: args.bans.ban_bantime,
+        ignoreip: args.bans.ban_ignoreip.clone(),
+    };
+    let a = &args.algorithms;
+    let defaults = Algorithms::default();
+    config.algorithms = Algorithms {
+        kex: a.kex_algorithms.as_deref().map(Algorithms::list).unwrap_or(defaults.kex),
+        ciphers: a.ciphers.as_deref().map(Algorithms::list).unwrap_or(defaults.ciphers),
+        macs: a.macs.as_deref().map(Algorithms::list).unwrap_or(defaults.macs),
+    };
+    config.audit_log = args.audit_log.clone();
+    config.audit_retention = args.audit_retention.0;
+    // Refuse a bad configuration before touching anything.
+    burrow_server::check_config(&config)?;
+    // The data dir holds the host key, every registered key and the audit:
+    // private to the pivot's user, and so is everything created in it.
+    // SAFETY: umask only sets this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make data dir {} private (chmod 700)", dir.display()))?;
     let key = host_key::load_or_create(dir).context("cannot load the host key")?;
     let ssh = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -120,7 +243,6 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
         _ => println!("mqtt disabled: always-on tunnels only"),
     }
 
-    let mut config = burrow_server::Config::new(dir.clone());
     config.pivot_name = args.pivot_name;
     config.host_suffix = args.host_suffix;
     config.keepalive_interval = args.keepalive;

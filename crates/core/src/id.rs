@@ -1,30 +1,52 @@
 //! Names of devices and operators.
 //!
-//! A device id is a virtual name routed inside the pivot, never a port, so the
-//! only rules are the ones that keep it safe in shells, logs, DNS labels and
-//! ssh_config host patterns.
+//! A device id is a virtual name routed inside the pivot, never a port, and
+//! operators also reach a device as `ID.burrow`. So an id is exactly one DNS
+//! label that no resolver mistakes for an address: 1 to 63 characters of
+//! `[a-z0-9_-]`, starting with a letter or digit, with no '.', and not a
+//! number (`1234`, `0x7f`), which `inet_aton` reads as an IPv4 address. That
+//! also keeps it safe in shells, logs and ssh_config host patterns.
 
 use std::fmt;
 use std::str::FromStr;
 
+use crate::text::excerpt;
+
 /// The longest id: one DNS label.
 pub const MAX_LEN: usize = 63;
 
-/// A validated device or operator name: 1 to 63 characters of `[a-z0-9._-]`,
-/// starting with a letter or digit.
+/// A validated device or operator name: 1 to 63 characters of `[a-z0-9_-]`,
+/// starting with a lowercase letter or digit, and not a number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Id(String);
 
+/// Why a string is not an id. The fields hold the raw input; the messages
+/// quote it escaped and clipped, since it may come from anyone.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdError {
-    #[error("id is empty; use 1-{MAX_LEN} characters of [a-z0-9._-]")]
+    #[error("id is empty; use 1-{MAX_LEN} characters of [a-z0-9_-], e.g. cam-42")]
     Empty,
-    #[error("id '{0}' is longer than {MAX_LEN} characters")]
+    #[error("id '{}' is longer than {MAX_LEN} characters", excerpt(.0, 24))]
     TooLong(String),
-    #[error("id '{0}' must start with a lowercase letter or a digit")]
+    #[error("id '{}' must start with a lowercase letter or a digit", excerpt(.0, MAX_LEN))]
     BadStart(String),
-    #[error("id '{id}' contains '{ch}'; only lowercase letters, digits, '.', '_' and '-' are allowed")]
+    #[error(
+        "id '{}' contains '.'; an id is one DNS label because the pivot is addressed as ID.burrow, so use '-' instead",
+        excerpt(.0, MAX_LEN)
+    )]
+    Dot(String),
+    #[error(
+        "id '{}' contains '{}'; only lowercase letters, digits, '_' and '-' are allowed",
+        excerpt(id, MAX_LEN),
+        excerpt(&ch.to_string(), 1)
+    )]
     BadChar { id: String, ch: char },
+    #[error(
+        "id '{}' is a number, which resolvers read as an IPv4 address; add a letter, e.g. 'dev-{}'",
+        excerpt(.0, MAX_LEN),
+        excerpt(.0, MAX_LEN)
+    )]
+    Numeric(String),
 }
 
 impl Id {
@@ -36,16 +58,33 @@ impl Id {
         if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
             return Err(IdError::BadStart(s.to_string()));
         }
-        if let Some(ch) =
-            s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')))
-        {
+        if s.contains('.') {
+            return Err(IdError::Dot(s.to_string()));
+        }
+        if let Some(ch) = s.chars().find(|c| !is_id_char(*c)) {
             return Err(IdError::BadChar { id: s.to_string(), ch });
+        }
+        if is_number(s) {
+            return Err(IdError::Numeric(s.to_string()));
         }
         Ok(Id(s.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// `[a-z0-9_-]`.
+pub fn is_id_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')
+}
+
+/// What `inet_aton` takes for a whole IPv4 address: decimal, octal or `0x` hex.
+fn is_number(s: &str) -> bool {
+    match s.strip_prefix("0x") {
+        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => s.bytes().all(|b| b.is_ascii_digit()),
     }
 }
 
@@ -74,7 +113,7 @@ mod tests {
 
     #[test]
     fn accepts_valid_ids() {
-        for ok in ["cam-42", "a", "0", "dev.site_1", &"x".repeat(63)] {
+        for ok in ["cam-42", "a", "42a", "dev_site-1", "0xg1", "cafe", &"x".repeat(63)] {
             assert_eq!(Id::parse(ok).unwrap().as_str(), ok);
         }
     }
@@ -89,5 +128,30 @@ mod tests {
         assert!(matches!(Id::parse("cam 42"), Err(IdError::BadChar { ch: ' ', .. })));
         assert!(matches!(Id::parse("cam:42"), Err(IdError::BadChar { ch: ':', .. })));
         assert!(matches!(Id::parse("caM"), Err(IdError::BadChar { ch: 'M', .. })));
+        assert!(matches!(Id::parse("cam\u{1b}[2J"), Err(IdError::BadChar { ch: '\u{1b}', .. })));
+    }
+
+    #[test]
+    fn rejects_what_resolves_as_an_address() {
+        for dotted in ["127.0.0.1", "x.burrow", "dev.site_1", "cam."] {
+            assert_eq!(Id::parse(dotted), Err(IdError::Dot(dotted.into())));
+        }
+        for number in ["0", "42", "2130706433", "017700000001", "0x7f000001", "0x"] {
+            assert_eq!(Id::parse(number), Err(IdError::Numeric(number.into())));
+        }
+        let msg = Id::parse("x.burrow").unwrap_err().to_string();
+        assert!(msg.contains("ID.burrow") && msg.contains("'-'"), "{msg}");
+        assert_eq!(
+            Id::parse("42").unwrap_err().to_string(),
+            "id '42' is a number, which resolvers read as an IPv4 address; add a letter, e.g. 'dev-42'"
+        );
+    }
+
+    #[test]
+    fn messages_escape_the_input() {
+        let msg = Id::parse("a\nforged log line").unwrap_err().to_string();
+        assert!(!msg.contains('\n'), "{msg}");
+        let msg = Id::parse(&"é".repeat(1000)).unwrap_err().to_string();
+        assert!(msg.len() < 200, "{msg}");
     }
 }

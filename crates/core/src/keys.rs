@@ -16,7 +16,7 @@ pub enum KeyError {
     },
     #[error("{what} is not an OpenSSH public key (expected a line like 'ssh-ed25519 AAAA... comment')")]
     Malformed { what: String },
-    #[error("'{0}' is neither a public key file nor a fingerprint like SHA256:...")]
+    #[error("'{}' is neither a public key file nor a fingerprint like SHA256:... (43 base64 characters)", crate::text::excerpt(.0, 80))]
     BadPin(String),
 }
 
@@ -72,6 +72,9 @@ pub fn write_private_key(path: &Path, key: &PrivateKey) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Unpadded base64 of a SHA-256 digest.
+const SHA256_B64_LEN: usize = 43;
+
 /// What a client trusts the pivot's host key to be.
 #[derive(Clone, PartialEq, Eq)]
 pub enum HostKeyPin {
@@ -80,13 +83,15 @@ pub enum HostKeyPin {
 }
 
 impl HostKeyPin {
-    /// Accepts `SHA256:...` or the path of a public key file.
+    /// Accepts `SHA256:...` as OpenSSH prints it (43 base64 characters, with
+    /// or without the trailing '=') or the path of a public key file.
     pub fn parse(arg: &str) -> Result<Self, KeyError> {
         if let Some(b64) = arg.strip_prefix("SHA256:") {
-            if b64.is_empty() || !b64.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/') {
+            let b64 = b64.strip_suffix('=').unwrap_or(b64);
+            if b64.len() != SHA256_B64_LEN || !b64.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/') {
                 return Err(KeyError::BadPin(arg.to_string()));
             }
-            return Ok(HostKeyPin::Fingerprint(arg.trim_end_matches('=').to_string()));
+            return Ok(HostKeyPin::Fingerprint(format!("SHA256:{b64}")));
         }
         let path = Path::new(arg);
         if !path.exists() {
@@ -128,6 +133,7 @@ mod tests {
         let fp = fingerprint(&k);
         assert!(fp.starts_with("SHA256:"));
         assert!(HostKeyPin::parse(&fp).unwrap().matches(&k));
+        assert!(HostKeyPin::parse(&format!("{fp}=")).unwrap().matches(&k));
         assert!(HostKeyPin::Key(k.clone()).matches(&k));
         assert_eq!(openssh_line(&k), KEY.rsplit_once(' ').unwrap().0);
     }
@@ -137,6 +143,8 @@ mod tests {
         assert!(matches!(parse_public_key("not a key", "x"), Err(KeyError::Malformed { .. })));
         assert!(matches!(parse_public_key("", "x"), Err(KeyError::Malformed { .. })));
         assert!(matches!(HostKeyPin::parse("SHA256:"), Err(KeyError::BadPin(_))));
+        assert!(matches!(HostKeyPin::parse("SHA256:abc"), Err(KeyError::BadPin(_))));
+        assert!(matches!(HostKeyPin::parse(&format!("SHA256:{}", "A".repeat(44))), Err(KeyError::BadPin(_))));
         assert!(matches!(HostKeyPin::parse("/nonexistent/file"), Err(KeyError::BadPin(_))));
     }
 }

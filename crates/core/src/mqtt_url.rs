@@ -4,6 +4,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::host::split_host_port;
+use crate::text::excerpt;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttUrl {
     pub host: String,
@@ -13,13 +16,14 @@ pub struct MqttUrl {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MqttUrlError {
-    #[error("'{0}' is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")]
+    #[error("'{}' is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (IPv6 in brackets)", excerpt(.0, 80))]
     Shape(String),
 }
 
 impl FromStr for MqttUrl {
     type Err = MqttUrlError;
 
+    /// The host is kept without brackets; the port defaults to 1883 or 8883.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || MqttUrlError::Shape(s.to_string());
         let (tls, rest) = if let Some(r) = s.strip_prefix("mqtts://") {
@@ -29,16 +33,10 @@ impl FromStr for MqttUrl {
         } else {
             return Err(bad());
         };
-        let rest = rest.trim_end_matches('/');
-        let default_port = if tls { 8883 } else { 1883 };
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse::<u16>().map_err(|_| bad())?),
-            _ => (rest, default_port),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err(bad());
-        }
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = split_host_port(rest).ok_or_else(bad)?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let port = port.unwrap_or(if tls { 8883 } else { 1883 });
         Ok(MqttUrl { host: host.to_string(), port, tls })
     }
 }
@@ -46,7 +44,11 @@ impl FromStr for MqttUrl {
 impl fmt::Display for MqttUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        write!(f, "{scheme}://{}:{}", self.host, self.port)
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -99,5 +101,13 @@ mod tests {
         assert!("http://x".parse::<MqttUrl>().is_err());
         assert!("mqtt://:1883".parse::<MqttUrl>().is_err());
         assert!("mqtt://h:notaport".parse::<MqttUrl>().is_err());
+        let v6: MqttUrl = "mqtts://[::1]".parse().unwrap();
+        assert_eq!(v6, MqttUrl { host: "::1".into(), port: 8883, tls: true });
+        assert_eq!(v6.to_string(), "mqtts://[::1]:8883");
+        assert_eq!(v6.to_string().parse(), Ok(v6));
+        assert_eq!("mqtt://[::1]:1884/".parse::<MqttUrl>().unwrap().port, 1884);
+        for bad in ["mqtt://::1", "mqtt://h:0", "mqtt://h:+1", "mqtt://u@h", "mqtt://h/x", "mqtt://h h", "mqtt://h\n"] {
+            assert!(bad.parse::<MqttUrl>().is_err(), "{bad:?}");
+        }
     }
 }

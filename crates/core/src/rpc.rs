@@ -7,14 +7,20 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::label::{deserialize_labels, validate_label, MAX_LABELS};
+use crate::text::excerpt;
+use crate::time::MAX_DURATION;
 
 pub const RPC_HOST: &str = "@burrow";
 pub const RPC_PORT: u32 = 1;
 /// SSH user name a device uses to present an enrollment token with its new key.
 pub const ENROLL_USER: &str = "enroll";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One admin request. Labels and the token lifetime are checked while
+/// parsing, so a request that parses carries only valid ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     DeviceList,
@@ -25,7 +31,10 @@ pub enum Request {
         id: String,
         /// OpenSSH public key line; without it the pivot issues an enrollment token.
         key: Option<String>,
+        #[serde(deserialize_with = "deserialize_labels")]
         labels: BTreeMap<String, String>,
+        /// Lifetime of the enrollment token: 1 s to [`MAX_DURATION`].
+        #[serde(default, deserialize_with = "deserialize_ttl")]
         ttl_secs: Option<u64>,
         /// Pivot address to put in the token, if the pivot does not know its own.
         address: Option<String>,
@@ -62,6 +71,33 @@ pub enum Request {
         proof: String,
     },
     Whoami,
+    /// Bans in force (admin).
+    BanList,
+    /// Ban `net` (an address or CIDR) for `secs` seconds (admin).
+    BanAdd {
+        net: String,
+        secs: u64,
+    },
+    BanRemove {
+        net: String,
+    },
+    /// Audit records matching every filter given (admin).
+    Audit {
+        #[serde(default)]
+        since: Option<i64>,
+        #[serde(default)]
+        until: Option<i64>,
+        #[serde(default)]
+        device: Option<String>,
+        #[serde(default)]
+        operator: Option<String>,
+        #[serde(default)]
+        source: Option<String>,
+        #[serde(default)]
+        event: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
 }
 
 impl Request {
@@ -75,6 +111,10 @@ impl Request {
                 | Request::OperatorAdd { .. }
                 | Request::OperatorList
                 | Request::OperatorRemove { .. }
+                | Request::BanList
+                | Request::BanAdd { .. }
+                | Request::BanRemove { .. }
+                | Request::Audit { .. }
         )
     }
 }
@@ -98,6 +138,17 @@ impl Response {
     }
 }
 
+fn deserialize_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let ttl = Option::<u64>::deserialize(d)?;
+    match ttl {
+        Some(secs) if secs == 0 || secs > MAX_DURATION.as_secs() => Err(serde::de::Error::custom(format!(
+            "ttl_secs {secs} is outside 1..={} (100 years)",
+            MAX_DURATION.as_secs()
+        ))),
+        _ => Ok(ttl),
+    }
+}
+
 /// `sshsig` namespace of key-rotation proofs.
 pub const ROTATE_NAMESPACE: &str = "rotate@burrow";
 
@@ -106,20 +157,28 @@ pub fn rotate_message(id: &str, old_fingerprint: &str) -> String {
     format!("{id}\n{old_fingerprint}")
 }
 
-/// An operator's label selector, `k=v[,k=v...]`: a device matches if it has every pair.
+/// An operator's label selector, `k=v[,k=v...]`: a device matches if it has
+/// every pair. Each pair passes [`validate_label`], no name appears twice, and
+/// there are at most [`MAX_LABELS`] pairs (a device has no more labels).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selector(pub BTreeMap<String, String>);
 
 impl std::str::FromStr for Selector {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let shown = || excerpt(s, 80);
         let mut pairs = BTreeMap::new();
         for part in s.split(',') {
-            let (k, v) = part.split_once('=').ok_or_else(|| format!("selector '{s}' is not k=v[,k=v...]"))?;
-            if k.is_empty() {
-                return Err(format!("selector '{s}' has an empty label name"));
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("selector '{}' is not k=v[,k=v...], e.g. site=berlin,rack=3", shown()))?;
+            validate_label(k, v).map_err(|e| format!("selector '{}': {e}", shown()))?;
+            if pairs.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(format!("selector '{}' names label '{k}' twice; a device has one value per label", shown()));
             }
-            pairs.insert(k.to_string(), v.to_string());
+            if pairs.len() > MAX_LABELS {
+                return Err(format!("selector '{}' has more than {MAX_LABELS} pairs", shown()));
+            }
         }
         Ok(Selector(pairs))
     }
@@ -158,6 +217,33 @@ mod tests {
         assert!(allowed(&[], &labels));
         assert!(allowed(&["site=paris".parse().unwrap(), "rack=3".parse().unwrap()], &labels));
         assert!("nope".parse::<Selector>().is_err());
+    }
+
+    #[test]
+    fn selectors_refuse_what_labels_refuse() {
+        assert!("site=".parse::<Selector>().is_ok(), "an empty value is a value");
+        for bad in ["", "=x", "site=a,", "site=a,,rack=3", "site=a=b", "Site=a", "site=\x1b[31m", "site=a,site=b"] {
+            let err = bad.parse::<Selector>().unwrap_err();
+            assert!(!err.contains('\x1b'), "{err}");
+        }
+        let too_many: Vec<String> = (0..=MAX_LABELS).map(|i| format!("k{i}=v")).collect();
+        assert!(too_many.join(",").parse::<Selector>().is_err());
+        let s: Selector = "rack=3,site=berlin".parse().unwrap();
+        assert_eq!(s.to_string().parse::<Selector>().unwrap(), s);
+    }
+
+    #[test]
+    fn device_add_checks_labels_and_ttl() {
+        let add = |labels: &str, ttl: &str| {
+            serde_json::from_str::<Request>(&format!(r#"{{"op":"device_add","id":"cam-42","labels":{labels}{ttl}}}"#))
+        };
+        assert!(add(r#"{"site":"berlin"}"#, "").is_ok());
+        assert!(add(r#"{"site":"berlin"}"#, r#","ttl_secs":null"#).is_ok());
+        assert!(add(r#"{"site":"berlin"}"#, r#","ttl_secs":86400"#).is_ok());
+        assert!(add(r#"{"site":"\u001b[2J"}"#, "").is_err());
+        assert!(add(r#"{"":"x"}"#, "").is_err());
+        assert!(add("{}", r#","ttl_secs":0"#).is_err());
+        assert!(add("{}", r#","ttl_secs":18446744073709551615"#).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use ssh_key::{HashAlg, LineEnding, PrivateKey, PublicKey, SshSig};
 
 use crate::keys::HostKeyPin;
+use crate::time::MAX_UNIX;
 use crate::Id;
 
 /// `sshsig` namespace of wake requests.
@@ -22,6 +23,10 @@ pub const LOGIN_NAMESPACE: &str = "mqtt-login@burrow";
 /// Longest validity a wake request may claim, and the clock skew tolerated.
 pub const MAX_WAKE_TTL: i64 = 300;
 pub const MAX_SKEW: i64 = 300;
+/// Largest signed wake request or login token; real ones are under 1 KiB.
+pub const MAX_SIGNED_LEN: usize = 8 * 1024;
+/// Longest nonce a status may echo; the pivot's are 32 hex digits.
+pub const MAX_NONCE_LEN: usize = 64;
 
 /// Topic names under a configurable prefix (default `burrow`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +119,7 @@ impl WakeRequest {
             pivot: pivot.to_string(),
             nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
             issued_at: now,
-            expires_at: now + ttl.clamp(1, MAX_WAKE_TTL),
+            expires_at: now.saturating_add(ttl.clamp(1, MAX_WAKE_TTL)),
         }
     }
 
@@ -131,6 +136,9 @@ impl WakeRequest {
     /// Checks signature, signer, addressee and time window. Replays are the
     /// caller's [`ReplayGuard`]'s job.
     pub fn verify(payload: &[u8], pin: &HostKeyPin, me: &Id, now: i64) -> Result<WakeRequest, SignalError> {
+        if payload.len() > MAX_SIGNED_LEN {
+            return Err(SignalError::Shape);
+        }
         let signed: Signed = serde_json::from_slice(payload).map_err(|_| SignalError::Shape)?;
         let sig = SshSig::from_pem(signed.sig.as_bytes()).map_err(|_| SignalError::BadSignature)?;
         let signer = PublicKey::from(sig.public_key().clone());
@@ -142,10 +150,9 @@ impl WakeRequest {
         if req.device != me.as_str() {
             return Err(SignalError::OtherDevice(req.device));
         }
-        if req.expires_at < req.issued_at
-            || req.expires_at - req.issued_at > MAX_WAKE_TTL
-            || req.issued_at > now + MAX_SKEW
-        {
+        // Checked arithmetic: the fields are any i64 the signer chose.
+        let window = req.expires_at.checked_sub(req.issued_at);
+        if !matches!(window, Some(0..=MAX_WAKE_TTL)) || req.issued_at > now.saturating_add(MAX_SKEW) {
             return Err(SignalError::BadWindow);
         }
         if now > req.expires_at {
@@ -166,7 +173,7 @@ impl ReplayGuard {
     /// Records the request's nonce; fails if it was seen before.
     pub fn check(&mut self, req: &WakeRequest, now: i64) -> Result<(), SignalError> {
         // Bounded: only unexpired nonces stay, and each lives at most MAX_WAKE_TTL.
-        self.seen.retain(|_, exp| *exp + MAX_SKEW >= now);
+        self.seen.retain(|_, exp| exp.saturating_add(MAX_SKEW) >= now);
         if self.seen.contains_key(&req.nonce) {
             return Err(SignalError::Replayed);
         }
@@ -175,8 +182,10 @@ impl ReplayGuard {
     }
 }
 
-/// Retained on the presence topic.
+/// Retained on the presence topic. Parsing refuses a `state` other than
+/// "online" or "offline" and an `at` outside 1970..=9999.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawPresence")]
 pub struct Presence {
     /// "online" or "offline".
     pub state: String,
@@ -202,7 +211,11 @@ impl Presence {
 }
 
 /// Published on the status topic when a wake-up did not produce a tunnel.
+/// Parsing refuses a nonce longer than [`MAX_NONCE_LEN`] and an `at`
+/// outside 1970..=9999. `reason` is the device's own text: pass it through
+/// [`crate::text::excerpt`] before logging or showing it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawStatus")]
 pub struct Status {
     /// Nonce of the request this answers.
     pub nonce: String,
@@ -212,6 +225,55 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub at: i64,
+}
+
+// What the wire carries, checked into `Presence` and `Status`.
+#[derive(Deserialize)]
+struct RawPresence {
+    state: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    at: Option<i64>,
+}
+
+impl TryFrom<RawPresence> for Presence {
+    type Error = String;
+    fn try_from(r: RawPresence) -> Result<Self, String> {
+        if !matches!(r.state.as_str(), "online" | "offline") {
+            return Err("presence state is neither online nor offline".into());
+        }
+        check_at(r.at)?;
+        Ok(Presence { state: r.state, mode: r.mode, at: r.at })
+    }
+}
+
+#[derive(Deserialize)]
+struct RawStatus {
+    nonce: String,
+    pivot: String,
+    state: String,
+    #[serde(default)]
+    reason: Option<String>,
+    at: i64,
+}
+
+impl TryFrom<RawStatus> for Status {
+    type Error = String;
+    fn try_from(r: RawStatus) -> Result<Self, String> {
+        if r.nonce.len() > MAX_NONCE_LEN {
+            return Err(format!("status nonce is longer than {MAX_NONCE_LEN} bytes"));
+        }
+        check_at(Some(r.at))?;
+        Ok(Status { nonce: r.nonce, pivot: r.pivot, state: r.state, reason: r.reason, at: r.at })
+    }
+}
+
+fn check_at(at: Option<i64>) -> Result<(), String> {
+    match at {
+        Some(t) if !(0..=MAX_UNIX).contains(&t) => Err(format!("timestamp {t} is outside 1970..=9999")),
+        _ => Ok(()),
+    }
 }
 
 /// The MQTT password a device presents to the embedded broker: a timestamp
@@ -227,9 +289,16 @@ pub fn login_token(key: &PrivateKey, client_id: &str, now: i64) -> Result<String
 
 /// Checks a login token against the device's registered key.
 pub fn verify_login(token: &str, client_id: &str, key: &PublicKey, now: i64) -> Result<(), SignalError> {
+    if token.len() > MAX_SIGNED_LEN {
+        return Err(SignalError::Shape);
+    }
     let (ts, pem) = token.split_once('\n').ok_or(SignalError::Shape)?;
+    if ts.is_empty() || ts.len() > 20 || !ts.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(SignalError::Shape);
+    }
     let ts: i64 = ts.parse().map_err(|_| SignalError::Shape)?;
-    if (now - ts).abs() > MAX_SKEW {
+    // Checked: `ts` is whatever the client sent, and |now - ts| can overflow.
+    if now.checked_sub(ts).is_none_or(|d| d.unsigned_abs() > MAX_SKEW as u64) {
         return Err(SignalError::Expired(ts));
     }
     let sig = SshSig::from_pem(pem.as_bytes()).map_err(|_| SignalError::BadSignature)?;
@@ -296,6 +365,47 @@ mod tests {
         assert!(verify_login(&token, "cam-43", k.public_key(), 5010).is_err());
         assert!(verify_login(&token, "cam-42", key().public_key(), 5010).is_err());
         assert!(verify_login(&token, "cam-42", k.public_key(), 5000 + MAX_SKEW + 1).is_err());
+    }
+
+    #[test]
+    fn extreme_times_are_refused_not_overflowed() {
+        let k = key();
+        let token = login_token(&k, "cam-42", 5000).unwrap();
+        let (_, pem) = token.split_once('\n').unwrap();
+        for ts in ["-9223372036854775808", "9223372036854775807", "+5000", " 5000", ""] {
+            assert!(verify_login(&format!("{ts}\n{pem}"), "cam-42", k.public_key(), 5000).is_err(), "{ts}");
+        }
+        assert!(verify_login(&token, "cam-42", k.public_key(), i64::MIN).is_err());
+        assert!(verify_login(&token, "cam-42", k.public_key(), i64::MAX).is_err());
+
+        let pin = HostKeyPin::Key(k.public_key().clone());
+        let id = Id::parse("cam-42").unwrap();
+        for (issued_at, expires_at) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (i64::MAX - 1, i64::MAX)] {
+            let req = WakeRequest { device: "cam-42".into(), pivot: "p:22".into(), nonce: "n".into(), issued_at, expires_at };
+            let payload = req.sign(&k).unwrap();
+            for now in [0, i64::MIN, 1_795_428_251] {
+                assert!(WakeRequest::verify(&payload, &pin, &id, now).is_err());
+            }
+        }
+        let mut guard = ReplayGuard::default();
+        let req = WakeRequest::new(&id, "p:22", i64::MAX, 30);
+        guard.check(&req, i64::MAX).unwrap();
+        assert_eq!(guard.check(&req, i64::MAX), Err(SignalError::Replayed));
+    }
+
+    #[test]
+    fn presence_and_status_refuse_implausible_fields() {
+        let p = |s: &str| serde_json::from_str::<Presence>(s);
+        assert_eq!(p(r#"{"state":"offline"}"#).unwrap(), Presence::offline());
+        assert_eq!(p(r#"{"state":"online","mode":"on-demand","at":5}"#).unwrap(), Presence::online("on-demand", 5));
+        assert!(p(r#"{"state":"sleeping"}"#).is_err());
+        assert!(p(r#"{"state":"online","at":9223372036854775807}"#).is_err());
+        assert!(p(r#"{"state":"online","at":-1}"#).is_err());
+        let st = |s: &str| serde_json::from_str::<Status>(s);
+        assert!(st(r#"{"nonce":"ab","pivot":"p:22","state":"error","reason":"refused","at":5}"#).is_ok());
+        assert!(st(r#"{"nonce":"ab","pivot":"p:22","state":"error","at":-5}"#).is_err());
+        let long = format!(r#"{{"nonce":"{}","pivot":"p:22","state":"error","at":5}}"#, "a".repeat(MAX_NONCE_LEN + 1));
+        assert!(st(&long).is_err());
     }
 
     #[test]

@@ -6,11 +6,15 @@
 use burrow_core::enroll::EnrollToken;
 use burrow_core::keys::{fingerprint, parse_public_key, PublicKey};
 use burrow_core::rpc::{allowed, rotate_message, Request, Response, Selector, ROTATE_NAMESPACE};
-use burrow_core::time::{format_unix, now_unix};
+use std::time::Duration;
+
+use burrow_core::text::printable;
+use burrow_core::time::{expires_at, format_unix, now_unix};
 use burrow_core::Id;
 use russh::keys::ssh_key::SshSig;
 use serde_json::{json, Value};
 
+use crate::audit::AuditRecord;
 use crate::refusal::Refusal;
 use crate::registry::{DeviceRecord, Identity, Registry};
 
@@ -29,6 +33,16 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// How the audit names the caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Local => format!("local:{}", local_user()),
+            Caller::Operator { name, .. } => format!("operator:{name}"),
+            Caller::Device(id) => format!("device:{id}"),
+            Caller::Enrollee(key) => format!("enrollee:{}", fingerprint(key)),
+        }
+    }
+
     pub fn from_identity(identity: &Identity) -> Caller {
         match identity {
             Identity::Device(id) => Caller::Device(id.clone()),
@@ -37,11 +51,38 @@ impl Caller {
     }
 }
 
+/// The Unix user running this process, for audit records of local commands.
+pub fn local_user() -> String {
+    // SAFETY: getuid cannot fail; getpwuid returns NULL or a valid entry
+    // that is read before any other passwd call on this thread.
+    let uid = unsafe { libc::getuid() };
+    let name = unsafe {
+        let pw = libc::getpwuid(uid);
+        if pw.is_null() || (*pw).pw_name.is_null() {
+            None
+        } else {
+            std::ffi::CStr::from_ptr((*pw).pw_name).to_str().ok().map(str::to_string)
+        }
+    };
+    name.unwrap_or_else(|| format!("uid {uid}"))
+}
+
+/// Who made a request and from where, for the audit.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub actor: String,
+    pub source: Option<String>,
+    pub session: Option<String>,
+    /// The pivot that took the request; `None` for a local command.
+    pub pivot: Option<String>,
+}
+
 /// What the pivot knows about itself, for enrollment tokens.
 pub struct Context<'a> {
     pub registry: &'a Registry,
     /// The pivot's public host key, OpenSSH line (empty if unknown).
     pub host_key: String,
+    pub origin: Origin,
 }
 
 impl Context<'_> {
@@ -70,9 +111,83 @@ pub enum AdminError {
 }
 
 pub async fn execute(ctx: &Context<'_>, caller: &Caller, req: Request) -> Response {
-    match run(ctx, caller, req).await {
+    let event = audit_event(&req);
+    let args = event.map(|_| audit_args(&req));
+    let result = run(ctx, caller, req).await;
+    if let (Some(event), Some(mut args)) = (event, args) {
+        if let Ok(v) = &result {
+            // What a removal deleted stays in the audit trail.
+            if let Some(removed) = v.get("removed") {
+                args["removed"] = removed.clone();
+            }
+        }
+        let mut rec = AuditRecord::new(event)
+            .outcome(result.is_ok(), result.as_ref().err().map(|e| printable(&e.to_string()).into_owned()));
+        rec.actor = Some(ctx.origin.actor.clone());
+        rec.source = ctx.origin.source.clone();
+        rec.session = ctx.origin.session.clone();
+        rec.pivot = Some(ctx.origin.pivot.clone().unwrap_or_else(|| "cli".into()));
+        match caller {
+            Caller::Operator { name, .. } => rec.operator = Some(name.to_string()),
+            Caller::Device(id) => rec.device = Some(id.to_string()),
+            _ => {}
+        }
+        if let Some(id) = args.get("id").and_then(Value::as_str) {
+            rec.device = Some(id.to_string());
+        }
+        if let Some(name) = args.get("name").and_then(Value::as_str) {
+            rec.target = Some(format!("operator:{name}"));
+        }
+        rec.args = Some(args);
+        if let Err(e) = ctx.registry.insert_audit(&[rec]).await {
+            tracing::warn!(error = %e, "cannot write the audit record of an admin change");
+        }
+    }
+    match result {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e),
+    }
+}
+
+/// The audit event of a request that changes something; `None` for reads.
+fn audit_event(req: &Request) -> Option<&'static str> {
+    Some(match req {
+        Request::DeviceAdd { .. } => "device_add",
+        Request::DeviceRemove { .. } => "device_remove",
+        Request::DeviceRevoke { .. } => "device_revoke",
+        Request::OperatorAdd { .. } => "operator_add",
+        Request::OperatorRemove { .. } => "operator_remove",
+        Request::Enroll { .. } => "enroll",
+        Request::RotateKey { .. } => "rotate_key",
+        Request::BanAdd { .. } => "ban",
+        Request::BanRemove { .. } => "unban",
+        _ => return None,
+    })
+}
+
+/// A request's arguments as the audit keeps them: keys by fingerprint,
+/// never a token or a signature.
+fn audit_args(req: &Request) -> Value {
+    let fp = |line: &str| parse_public_key(line, "key").map(|k| fingerprint(&k)).unwrap_or_else(|_| "unreadable key".into());
+    match req {
+        Request::DeviceAdd { id, key, labels, ttl_secs, address } => json!({
+            "id": printable(id), "fingerprint": key.as_deref().map(fp), "labels": labels,
+            "enrollment_token": key.is_none(), "ttl_secs": ttl_secs, "address": address.as_deref().map(printable),
+        }),
+        Request::DeviceRemove { id } | Request::DeviceRevoke { id } => json!({"id": printable(id)}),
+        Request::OperatorAdd { name, key, admin, allow } => json!({
+            "name": printable(name), "fingerprint": fp(key), "role": role(*admin),
+            "allow": allow.iter().map(|a| printable(a).into_owned()).collect::<Vec<_>>(),
+        }),
+        Request::OperatorRemove { name } => json!({"name": printable(name)}),
+        Request::Enroll { token, host_keys } => json!({
+            "id": EnrollToken::decode(token).map(|t| printable(&t.device).into_owned()).ok(),
+            "host_keys": host_keys.len(),
+        }),
+        Request::RotateKey { new_key, .. } => json!({"new_fingerprint": fp(new_key)}),
+        Request::BanAdd { net, secs } => json!({"net": printable(net), "secs": secs}),
+        Request::BanRemove { net } => json!({"net": printable(net)}),
+        _ => Value::Null,
     }
 }
 
@@ -111,17 +226,21 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             let selectors = selectors_of(reg, caller).await?;
             match reg.device(&id).await? {
                 Some(d) if allowed(&selectors, &d.labels) => Ok(device_json(&d)),
+                // Unknown and not allowed read alike to a restricted operator.
                 Some(_) => Err(Refusal::NotAllowed(id).into()),
+                None if !selectors.is_empty() => Err(Refusal::NotAllowed(id).into()),
                 None => Err(Refusal::Unknown(id.to_string()).into()),
             }
         }
         Request::Check { id: name, port } => {
             let id = id(&name)?;
             let selectors = selectors_of(reg, caller).await?;
-            let dev = reg.device(&id).await?.ok_or_else(|| Refusal::Unknown(id.to_string()))?;
-            if !allowed(&selectors, &dev.labels) {
-                return Err(Refusal::NotAllowed(id).into());
-            }
+            let dev = match reg.device(&id).await? {
+                Some(dev) if allowed(&selectors, &dev.labels) => dev,
+                Some(_) => return Err(Refusal::NotAllowed(id).into()),
+                None if !selectors.is_empty() => return Err(Refusal::NotAllowed(id).into()),
+                None => return Err(Refusal::Unknown(id.to_string()).into()),
+            };
             check(&id, &dev, port)?;
             Ok(device_json(&dev))
         }
@@ -142,8 +261,8 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                             )
                         })?,
                     };
-                    let ttl = ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL);
-                    let expires_at = now_unix() + ttl as i64;
+                    let ttl = Duration::from_secs(ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL));
+                    let expires_at = expires_at(now_unix(), ttl).map_err(|e| AdminError::Invalid(e.to_string()))?;
                     let token = EnrollToken::new(&pivot, &ctx.host_fingerprint()?, id.as_str());
                     reg.add_pending_device(&id, &labels, &token.digest(), expires_at).await?;
                     Ok(json!({
@@ -157,10 +276,11 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
         }
         Request::DeviceRemove { id: name } => {
             let id = id(&name)?;
+            let removed = reg.device(&id).await?.map(|d| device_json(&d));
             if !reg.remove_device(&id).await? {
                 return Err(Refusal::Unknown(id.to_string()).into());
             }
-            Ok(json!({"id": id.as_str()}))
+            Ok(json!({"id": id.as_str(), "removed": removed}))
         }
         Request::DeviceRevoke { id: name } => {
             let id = id(&name)?;
@@ -180,28 +300,15 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             Ok(json!({"name": name.as_str(), "role": role(admin), "fingerprint": fingerprint(&k), "allow": allow}))
         }
         Request::OperatorList => {
-            let list: Vec<Value> = reg
-                .operators()
-                .await?
-                .iter()
-                .map(|o| {
-                    json!({
-                        "name": o.name,
-                        "role": role(o.admin),
-                        "fingerprint": o.fingerprint,
-                        "allow": o.allow,
-                        "added": format_unix(o.created_at),
-                    })
-                })
-                .collect();
-            Ok(Value::Array(list))
+            Ok(Value::Array(reg.operators().await?.iter().map(operator_json).collect()))
         }
         Request::OperatorRemove { name } => {
             let name = id(&name)?;
+            let removed = reg.operator(&name).await?.map(|o| operator_json(&o));
             if !reg.remove_operator(&name).await? {
                 return Err(AdminError::Invalid(format!("unknown operator '{name}'")));
             }
-            Ok(json!({"name": name.as_str()}))
+            Ok(json!({"name": name.as_str(), "removed": removed}))
         }
         Request::Enroll { token, host_keys } => {
             let Caller::Enrollee(device_key) = caller else { unreachable!("authorized above") };
@@ -213,6 +320,40 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             }
             reg.enroll(&token.digest(), &id, device_key, &lines).await?;
             Ok(json!({"id": id.as_str(), "fingerprint": fingerprint(device_key), "host_keys": lines.len()}))
+        }
+        Request::BanList => {
+            let list: Vec<Value> = reg
+                .bans()
+                .await?
+                .iter()
+                .map(|b| {
+                    json!({
+                        "net": b.net, "until": format_unix(b.until), "reason": printable(&b.reason),
+                        "by": printable(&b.actor), "added": format_unix(b.created_at),
+                    })
+                })
+                .collect();
+            Ok(Value::Array(list))
+        }
+        Request::BanAdd { net, secs } => {
+            let net = crate::bans::parse_net(&net).map_err(AdminError::Invalid)?;
+            if secs == 0 {
+                return Err(AdminError::Invalid("a ban must last at least 1s".into()));
+            }
+            let until = expires_at(now_unix(), Duration::from_secs(secs)).map_err(|e| AdminError::Invalid(e.to_string()))?;
+            reg.add_ban(&net.to_string(), until, "added by hand", &ctx.origin.actor).await?;
+            Ok(json!({"net": net.to_string(), "until": format_unix(until)}))
+        }
+        Request::BanRemove { net } => {
+            let net = crate::bans::parse_net(&net).map_err(AdminError::Invalid)?;
+            if !reg.remove_ban(&net.to_string()).await? {
+                return Err(AdminError::Invalid(format!("{net} is not banned")));
+            }
+            Ok(json!({"net": net.to_string()}))
+        }
+        Request::Audit { since, until, device, operator, source, event, limit } => {
+            let q = crate::audit::AuditQuery { since, until, device, operator, source, event, limit };
+            Ok(serde_json::to_value(reg.audit(&q).await?).unwrap_or_default())
         }
         Request::RotateKey { new_key, proof } => {
             let Caller::Device(id) = caller else { unreachable!("authorized above") };
@@ -280,6 +421,16 @@ fn check(id: &Id, dev: &DeviceRecord, port: u32) -> Result<(), Refusal> {
         return Ok(());
     }
     Err(Refusal::Offline { id: id.clone(), last_seen: dev.last_seen })
+}
+
+fn operator_json(o: &crate::registry::OperatorRecord) -> Value {
+    json!({
+        "name": o.name,
+        "role": role(o.admin),
+        "fingerprint": o.fingerprint,
+        "allow": o.allow,
+        "added": format_unix(o.created_at),
+    })
 }
 
 /// The JSON shape of a device in `device list --json` and `device show`.

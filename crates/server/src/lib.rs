@@ -6,13 +6,21 @@
 //! - [`registry`]: devices, operators and tunnel state in SQLite.
 //! - [`admin`]: the admin commands, run locally or over SSH (the `@burrow` channel).
 //! - [`refusal`]: the reasons an operator cannot reach a device.
+//! - [`limits`]: what a peer may cost before and after authenticating.
+//! - [`bans`]: fail2ban-style bans of sources that keep failing.
+//! - [`audit`]: the append-only audit trail and its writer.
+//! - [`algorithms`]: the SSH algorithms offered, from a known-good set.
 //! - `router`: in-memory map of device id to tunnel, and of live sessions.
 //! - `ssh`: accept loop, russh handler, routing of operator channels, byte relay.
 //! - `watch`: applies registry changes (removals) to live connections.
 //! - [`signal`]: MQTT signaling for on-demand tunnels (embedded broker, gate, wake-ups).
 
 pub mod admin;
+pub mod algorithms;
+pub mod audit;
+pub mod bans;
 pub mod host_key;
+pub mod limits;
 mod metrics;
 pub mod refusal;
 pub mod registry;
@@ -47,10 +55,16 @@ pub struct Config {
     /// `keepalive_max` in a row is dropped (30 s x 2 = offline within 90 s).
     pub keepalive_interval: Duration,
     pub keepalive_max: usize,
-    /// Deadline for the SSH banner and for authentication.
-    pub auth_timeout: Duration,
     /// Connections served at once; further ones wait in the listen backlog.
+    /// Lowered at start to what the descriptor limit allows.
     pub max_connections: usize,
+    pub limits: limits::Limits,
+    pub bans: bans::BanConfig,
+    pub algorithms: algorithms::Algorithms,
+    /// Audit records older than this are pruned; `None` keeps them forever.
+    pub audit_retention: Option<Duration>,
+    /// Also append every audit record to this file as JSON lines.
+    pub audit_log: Option<PathBuf>,
     /// How often the registry is checked for removed identities.
     pub watch_interval: Duration,
     /// How long shutdown waits for connections to close.
@@ -73,8 +87,12 @@ impl Config {
             host_suffix: "burrow".into(),
             keepalive_interval: Duration::from_secs(30),
             keepalive_max: 2,
-            auth_timeout: Duration::from_secs(30),
             max_connections: 50_000,
+            limits: Default::default(),
+            bans: Default::default(),
+            algorithms: Default::default(),
+            audit_retention: Some(DEFAULT_AUDIT_RETENTION),
+            audit_log: None,
             watch_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             advertise: None,
@@ -84,8 +102,13 @@ impl Config {
     }
 }
 
+/// Audit records are kept 90 days by default (and at least that long).
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("cannot load the host key")]
     HostKey(#[from] host_key::HostKeyError),
     #[error("cannot open the registry")]
@@ -116,11 +139,47 @@ pub(crate) struct Shared {
     /// The public host key (OpenSSH line), for enrollment tokens and `whoami`.
     pub host_key: String,
     pub metrics: metrics::Metrics,
+    pub preauth: Arc<limits::PreAuth>,
+    /// Bytes of `@burrow` requests buffered now, across the pivot.
+    pub admin_buffered: Arc<limits::Counter>,
+    pub bans: bans::Bans,
+    pub audit: Arc<audit::Audit>,
+    /// Names this run of the pivot in session ids (start time, hex).
+    pub boot: String,
+    pub ssh_lists: Arc<ssh::kexinit::ServerLists>,
+}
+
+impl Shared {
+    /// A connection's id in audit records, unique across restarts.
+    pub fn session_id(&self, conn: u64) -> String {
+        format!("{}-{conn}", self.boot)
+    }
+}
+
+/// Checks everything that can be checked before binding or opening anything;
+/// `burrow server` calls it first. Returns the descriptors now available.
+pub fn check_config(config: &Config) -> Result<u64, ServerError> {
+    config.bans.check().map_err(ServerError::Config)?;
+    config.algorithms.check().map_err(ServerError::Config)?;
+    if let Some(r) = config.audit_retention {
+        if r < DEFAULT_AUDIT_RETENTION {
+            return Err(ServerError::Config(format!(
+                "--audit-retention {} is under the 90 days audit logs must be kept",
+                humantime::format_duration(r)
+            )));
+        }
+    }
+    let nofile = limits::raise_nofile();
+    config.limits.check(nofile, config.max_connections).map_err(ServerError::Config)?;
+    Ok(nofile)
 }
 
 /// Serves SSH on `listener` until `shutdown` is cancelled, then closes every
 /// connection and waits (up to `drain_timeout`) for their tasks.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run(mut config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let nofile = check_config(&config)?;
+    config.max_connections = config.limits.check(nofile, config.max_connections).map_err(ServerError::Config)?;
+    info!(nofile, max_connections = config.max_connections, "descriptor limit");
     let key = host_key::load_or_create(&config.data_dir)?;
     let registry = Registry::open(&config.data_dir).await?;
     registry.clear_tunnels(&config.pivot_name).await?;
@@ -135,8 +194,27 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
         None => (None, None),
     };
-    let ssh = ssh::ssh_config(&config, key);
+    let (ssh, ssh_lists) = ssh::ssh_config(&config, key).map_err(ServerError::Config)?;
+    // The audit writer outlives the connections: it stops after the drain.
+    let audit_stop = CancellationToken::new();
+    let audit_tasks = TaskTracker::new();
+    let audit = audit::Audit::start(
+        registry.clone(),
+        config.pivot_name.clone(),
+        config.audit_retention,
+        config.audit_log.clone(),
+        audit_stop.clone(),
+        &audit_tasks,
+    );
+    let bans = bans::Bans::new(config.bans.clone());
+    bans.reload(watch::active_bans(&registry).await.unwrap_or_default());
     let shared = Arc::new(Shared {
+        preauth: limits::PreAuth::new(&config.limits),
+        admin_buffered: Default::default(),
+        bans,
+        audit,
+        boot: format!("{:x}", burrow_core::time::now_unix()),
+        ssh_lists,
         config,
         registry,
         router: router::Router::default(),
@@ -163,6 +241,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         warn!("connections still open after {:?}; exiting anyway", shared.config.drain_timeout);
     }
     shards.stop().await;
+    audit_stop.cancel();
+    audit_tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), audit_tasks.wait()).await;
     shared.registry.clear_tunnels(&shared.config.pivot_name).await?;
     shared.registry.close().await;
     Ok(())

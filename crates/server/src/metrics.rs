@@ -30,11 +30,27 @@ pub(crate) struct Metrics {
     pub bytes_to_device: AtomicU64,
     pub bytes_to_operator: AtomicU64,
     refusals: Mutex<BTreeMap<&'static str, u64>>,
+    pub auth_failures: AtomicU64,
+    pub bans: AtomicU64,
+    dropped: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
     pub fn refused(&self, kind: &'static str) {
         *self.refusals.lock().unwrap().entry(kind).or_default() += 1;
+    }
+
+    /// A connection closed at accept (banned source, or no pre-auth slot).
+    pub fn dropped(&self, kind: &'static str) {
+        *self.dropped.lock().unwrap().entry(kind).or_default() += 1;
+    }
+
+    pub fn auth_failed(&self) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn banned(&self) {
+        self.bans.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -124,5 +140,35 @@ fn render(shared: &Shared) -> String {
         m.refusals.lock().unwrap().iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect();
     let refusals: Vec<(&str, u64)> = refusals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     metric("burrow_refusals_total", "counter", "Operator channels refused, by reason.", &refusals);
+    metric(
+        "burrow_auth_failures_total",
+        "counter",
+        "Failed logins: unknown or refused keys, grace time expired, protocol errors, refused enrollment tokens.",
+        &[("", m.auth_failures.load(Ordering::Relaxed))],
+    );
+    metric("burrow_bans_total", "counter", "Sources banned by this pivot.", &[("", m.bans.load(Ordering::Relaxed))]);
+    metric("burrow_banned_sources", "gauge", "Bans in force.", &[("", shared.bans.active() as u64)]);
+    metric(
+        "burrow_preauth_connections",
+        "gauge",
+        "Connections not authenticated yet.",
+        &[("", shared.preauth.in_use() as u64)],
+    );
+    let dropped: Vec<(String, u64)> =
+        m.dropped.lock().unwrap().iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect();
+    let dropped: Vec<(&str, u64)> = dropped.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    metric("burrow_connections_dropped_total", "counter", "Connections closed at accept, by reason.", &dropped);
+    metric(
+        "burrow_admin_buffered_bytes",
+        "gauge",
+        "Bytes of admin requests buffered now.",
+        &[("", shared.admin_buffered.get() as u64)],
+    );
+    metric(
+        "burrow_audit_dropped_total",
+        "counter",
+        "Audit records lost because the writer fell behind.",
+        &[("", shared.audit.dropped.load(Ordering::Relaxed))],
+    );
     out
 }

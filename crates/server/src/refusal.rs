@@ -37,6 +37,8 @@ pub enum Refusal {
     CouldNotConnect { id: Id, reason: String },
     #[error("signaling unavailable: {0}")]
     Signaling(String),
+    #[error("too many channels open on this connection (limit {0}); close some or open another connection")]
+    TooManyChannels(usize),
 }
 
 fn last_seen_text(t: Option<i64>) -> String {
@@ -64,6 +66,7 @@ impl Refusal {
             Refusal::NoAnswer { .. } => "no_answer",
             Refusal::CouldNotConnect { .. } => "could_not_connect",
             Refusal::Signaling(_) => "signaling",
+            Refusal::TooManyChannels(_) => "too_many_channels",
         }
     }
 
@@ -72,7 +75,7 @@ impl Refusal {
             Refusal::DeviceForbidden | Refusal::NoShell | Refusal::NotAllowed(_) => {
                 ChannelOpenFailure::AdministrativelyProhibited.code()
             }
-            Refusal::Registry => ChannelOpenFailure::ResourceShortage.code(),
+            Refusal::Registry | Refusal::TooManyChannels(_) => ChannelOpenFailure::ResourceShortage.code(),
             _ => ChannelOpenFailure::ConnectFailed.code(),
         };
         ChannelOpenFailure::Other { code, reason: self.to_string() }

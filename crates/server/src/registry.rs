@@ -44,6 +44,8 @@ pub enum RegistryError {
     NoSuchDevice(String),
     #[error("the device key changed meanwhile; retry")]
     KeyChanged,
+    #[error("cannot create or protect the registry file")]
+    Io(#[from] std::io::Error),
 }
 
 /// Who a key belongs to.
@@ -140,6 +142,24 @@ const SCHEMA: &[&str] = &[
         used_at INTEGER
     )",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS bans (
+        net TEXT PRIMARY KEY,
+        until INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    )",
+    // Append-only: nothing but the retention prune deletes from it.
+    "CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        source_ip TEXT,
+        device TEXT,
+        operator TEXT,
+        record TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS audit_at ON audit (at)",
     "CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO revision (id, n) VALUES (1, 0)",
     "CREATE TRIGGER IF NOT EXISTS devices_ins AFTER INSERT ON devices BEGIN UPDATE revision SET n = n + 1; END",
@@ -153,6 +173,7 @@ const SCHEMA: &[&str] = &[
 impl Registry {
     /// Opens (creating if needed) the registry in `data_dir`.
     pub async fn open(data_dir: &Path) -> Result<Self, RegistryError> {
+        private_files(data_dir)?;
         let opts = SqliteConnectOptions::from_str("sqlite://")?
             .filename(data_dir.join(DB_FILE))
             .create_if_missing(true)
@@ -166,7 +187,10 @@ impl Registry {
         let mut attempt = 0;
         loop {
             match Self::connect(opts.clone()).await {
-                Ok(pool) => return Ok(Registry { pool }),
+                Ok(pool) => {
+                    private_files(data_dir)?;
+                    return Ok(Registry { pool });
+                }
                 Err(e) if attempt < 100 && is_busy(&e) => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -512,6 +536,26 @@ impl Registry {
     }
 }
 
+/// The registry holds every key and the audit trail: only its owner may
+/// read it. Creates the database file 0600 (SQLite gives its WAL and shm
+/// files the database's mode) and tightens files an older version left open.
+fn private_files(data_dir: &Path) -> Result<(), RegistryError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let db = data_dir.join(DB_FILE);
+    if !db.exists() {
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&db)?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let path = data_dir.join(format!("{DB_FILE}{suffix}"));
+        if let Ok(meta) = std::fs::metadata(&path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn is_busy(e: &sqlx::Error) -> bool {
     let text = e.to_string();
     text.contains("locked") || text.contains("busy")
@@ -545,4 +589,141 @@ fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> DeviceRecord {
         ports: serde_json::from_str(r.get::<&str, _>("ports")).unwrap_or_default(),
         presence: r.get("presence"),
     }
+}
+
+/// A ban as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct BanRecord {
+    pub net: String,
+    pub until: i64,
+    pub reason: String,
+    pub actor: String,
+    pub created_at: i64,
+}
+
+impl Registry {
+    /// Whether any device (revoked ones included) or operator has this key.
+    pub async fn key_registered(&self, fp: &str) -> Result<bool, RegistryError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM devices WHERE fingerprint = ?1 UNION ALL SELECT 1 FROM operators WHERE fingerprint = ?1",
+        )
+        .bind(fp)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    /// Bans `net` until `until`, replacing an earlier ban of the same net.
+    pub async fn add_ban(&self, net: &str, until: i64, reason: &str, actor: &str) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO bans (net, until, reason, actor, created_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(net) DO UPDATE SET until = excluded.until, reason = excluded.reason,
+             actor = excluded.actor, created_at = excluded.created_at",
+        )
+        .bind(net)
+        .bind(until)
+        .bind(reason)
+        .bind(actor)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// True if the ban existed (and was still active).
+    pub async fn remove_ban(&self, net: &str) -> Result<bool, RegistryError> {
+        let r = sqlx::query("DELETE FROM bans WHERE net = ? AND until > ?")
+            .bind(net)
+            .bind(now_unix())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Bans still in force, newest first; expired ones are deleted.
+    pub async fn bans(&self) -> Result<Vec<BanRecord>, RegistryError> {
+        let now = now_unix();
+        sqlx::query("DELETE FROM bans WHERE until <= ?").bind(now).execute(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM bans WHERE until > ? ORDER BY created_at DESC, net")
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| BanRecord {
+                net: r.get("net"),
+                until: r.get("until"),
+                reason: r.get("reason"),
+                actor: r.get("actor"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    /// Appends audit records in one transaction.
+    pub async fn insert_audit(&self, records: &[crate::audit::AuditRecord]) -> Result<(), RegistryError> {
+        let mut tx = self.write_tx().await?;
+        for r in records {
+            sqlx::query("INSERT INTO audit (at, event, source_ip, device, operator, record) VALUES (?, ?, ?, ?, ?, ?)")
+                .bind(r.at)
+                .bind(&r.event)
+                .bind(r.source_ip())
+                .bind(&r.device)
+                .bind(&r.operator)
+                .bind(serde_json::to_string(r).unwrap_or_default())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records matching `q`, oldest first (the newest `limit` of them).
+    pub async fn audit(&self, q: &crate::audit::AuditQuery) -> Result<Vec<crate::audit::AuditRecord>, RegistryError> {
+        let limit = q.limit.unwrap_or(1000).min(100_000) as i64;
+        let rows = sqlx::query(
+            "SELECT seq, record FROM audit WHERE at >= ?1 AND at <= ?2
+             AND (?3 IS NULL OR device = ?3) AND (?4 IS NULL OR operator = ?4)
+             AND (?5 IS NULL OR source_ip = ?5) AND (?6 IS NULL OR event = ?6)
+             ORDER BY seq DESC LIMIT ?7",
+        )
+        .bind(q.since.unwrap_or(i64::MIN))
+        .bind(q.until.unwrap_or(i64::MAX))
+        .bind(&q.device)
+        .bind(&q.operator)
+        .bind(&q.source)
+        .bind(&q.event)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<_> = rows.iter().filter_map(audit_from_row).collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Up to `limit` records after row `seq`, for the JSON-lines export.
+    pub async fn audit_after(&self, seq: i64, limit: i64) -> Result<Vec<crate::audit::AuditRecord>, RegistryError> {
+        let rows = sqlx::query("SELECT seq, record FROM audit WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(seq)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().filter_map(audit_from_row).collect())
+    }
+
+    pub async fn audit_last_seq(&self) -> Result<i64, RegistryError> {
+        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM audit").fetch_one(&self.pool).await?)
+    }
+
+    /// Deletes records older than `before` (retention); returns how many.
+    pub async fn prune_audit(&self, before: i64) -> Result<u64, RegistryError> {
+        let r = sqlx::query("DELETE FROM audit WHERE at < ?").bind(before).execute(&self.pool).await?;
+        Ok(r.rows_affected())
+    }
+}
+
+fn audit_from_row(r: &sqlx::sqlite::SqliteRow) -> Option<crate::audit::AuditRecord> {
+    let mut rec: crate::audit::AuditRecord = serde_json::from_str(r.get::<&str, _>("record")).ok()?;
+    rec.seq = Some(r.get("seq"));
+    Some(rec)
 }

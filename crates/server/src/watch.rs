@@ -1,4 +1,4 @@
-//! Applies registry changes to a running pivot: a removed device or operator
+//! Applies registry changes to a running pivot: bans, and a removed device or operator
 //! loses its open connections within one poll interval. Also keeps the
 //! devices' last-seen time fresh while their tunnels stay up.
 
@@ -23,6 +23,10 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // Bans made by a CLI command or another pivot hold here within a tick.
+        if let Some(bans) = active_bans(&shared.registry).await {
+            shared.bans.reload(bans);
         }
         match shared.registry.revision().await {
             Ok(rev) if seen != Some(rev) => {
@@ -71,4 +75,16 @@ pub(crate) async fn enforce(shared: &Shared) {
 
 async fn revoked(shared: &Shared, id: &burrow_core::Id) -> bool {
     matches!(shared.registry.device(id).await, Ok(Some(d)) if d.revoked_at.is_some())
+}
+
+/// The registry's bans in force, for [`crate::bans::Bans::reload`].
+/// `None` if the registry could not be read (the bans in force then stay).
+pub(crate) async fn active_bans(registry: &crate::Registry) -> Option<Vec<(crate::bans::IpNet, i64)>> {
+    match registry.bans().await {
+        Ok(list) => Some(list.iter().filter_map(|b| Some((b.net.parse().ok()?, b.until))).collect()),
+        Err(e) => {
+            warn!(error = %e, "cannot read bans");
+            None
+        }
+    }
 }

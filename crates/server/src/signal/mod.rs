@@ -217,7 +217,10 @@ async fn on_publish(shared: &Shared, signal: &Signal, p: &rumqttc::Publish) {
         "status" => {
             let Ok(status) = serde_json::from_slice::<Status>(&p.payload) else { return };
             if status.state == "error" {
+                // Device-supplied text: escaped so it cannot forge log lines
+                // or terminal output, and clipped.
                 let reason = status.reason.unwrap_or_else(|| "unknown error".into());
+                let reason = burrow_core::text::clip(&burrow_core::text::printable(&reason), 200);
                 info!(device = %id, "device could not connect: {reason}");
                 signal.fail(&id, &status.nonce, reason);
             }

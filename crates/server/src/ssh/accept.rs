@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use russh::server::Config as SshConfig;
 use tokio::net::{TcpListener, TcpStream};
@@ -12,8 +12,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::handler::{Authenticated, Connection};
+use super::handler::{ConnState, Connection};
+use super::kexinit::Sniffer;
 use super::stream::PacketStream;
+use crate::audit::AuditRecord;
 use crate::registry::Identity;
 use crate::shards::Shards;
 use crate::Shared;
@@ -46,7 +48,24 @@ pub(crate) async fn serve(
             },
         };
         backoff = Duration::from_millis(10);
+        let accepted = Instant::now();
         shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        // A banned source gets not a byte: the socket closes unanswered.
+        if shared.bans.banned(peer.ip()) {
+            shared.metrics.dropped("banned");
+            continue;
+        }
+        let slot = match shared.preauth.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                shared.metrics.dropped(why.kind());
+                debug!(%peer, reason = why.kind(), "connection dropped before authentication");
+                let mut rec = AuditRecord::new("connection_dropped").outcome(false, Some(why.kind().into()));
+                rec.source = Some(peer.to_string());
+                shared.audit.failure(peer.ip(), rec);
+                continue;
+            }
+        };
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", conn, %peer);
         // Re-registered on its shard's reactor in `handle`: a socket polled by
@@ -58,7 +77,8 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let task = handle(shared.clone(), ssh.clone(), stream, peer, conn, shutdown.child_token());
+        let state = Arc::new(ConnState::new(slot, stream.try_clone().ok()));
+        let task = handle(shared.clone(), ssh.clone(), stream, peer, conn, state, accepted, shutdown.child_token());
         shards.spawn(
             &shared.tracker,
             async move {
@@ -70,12 +90,15 @@ pub(crate) async fn serve(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     shared: Arc<Shared>,
     ssh: Arc<SshConfig>,
     stream: std::net::TcpStream,
     peer: SocketAddr,
     conn: u64,
+    state: Arc<ConnState>,
+    accepted: Instant,
     cancel: CancellationToken,
 ) {
     let stream = match TcpStream::from_std(stream) {
@@ -86,51 +109,81 @@ async fn handle(
         }
     };
     let _ = stream.set_nodelay(true);
-    let authenticated: Authenticated = Default::default();
-    let handler = Connection::new(shared.clone(), conn, peer, authenticated.clone());
-    let deadline = shared.config.auth_timeout;
+    let handler = Connection::new(shared.clone(), conn, peer, state.clone());
+    let grace = shared.config.limits.login_grace;
+    let deadline = tokio::time::Instant::from_std(accepted + grace);
+    let stream = PacketStream::new(stream).sniffing(Sniffer::new(shared.ssh_lists.clone(), state.negotiated.clone()));
     // Boxed: the handshake future is large and would otherwise stay inside
     // this task for the whole life of an idle tunnel.
-    let handshake = Box::pin(russh::server::run_stream(ssh, PacketStream::new(stream), handler));
-    let running = match tokio::time::timeout(deadline, handshake).await {
+    let handshake = Box::pin(russh::server::run_stream(ssh, stream, handler));
+    let running = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(running)) => running,
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");
+            failed(&shared, &state, peer, conn, format!("protocol error: {e}"));
             return;
         }
         Err(_) => {
-            debug!("no SSH banner within {deadline:?}");
+            info!("no SSH version line within {grace:?}; closing");
+            failed(&shared, &state, peer, conn, "login grace time expired before the version line".into());
             return;
         }
     };
-    let handle = running.handle();
     tokio::pin!(running);
-    let auth_deadline = tokio::time::sleep(deadline);
-    tokio::pin!(auth_deadline);
-    let mut auth_checked = false;
+    let grace_over = tokio::time::sleep_until(deadline);
+    tokio::pin!(grace_over);
+    let mut grace_checked = false;
     let result = loop {
         tokio::select! {
             r = &mut running => break r,
-            _ = &mut auth_deadline, if !auth_checked => {
-                auth_checked = true;
-                if authenticated.get().is_none() {
-                    info!("not authenticated within {deadline:?}; closing");
-                    let _ = Box::pin(handle.disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), "en".into())).await;
+            _ = &mut grace_over, if !grace_checked => {
+                grace_checked = true;
+                if state.identity.get().is_none() {
+                    // Key exchange may still be running, and russh handles
+                    // no disconnect request until it is done: close the
+                    // socket under it instead.
+                    info!("not authenticated within {grace:?}; closing");
+                    state.kill();
+                    failed(&shared, &state, peer, conn, "login grace time expired".into());
+                    state.counted.store(true, Ordering::Relaxed);
                 }
             }
             _ = cancel.cancelled() => {
+                let handle = running.handle();
                 let _ = Box::pin(handle.disconnect(russh::Disconnect::ByApplication, "pivot shutting down".into(), "en".into())).await;
+                state.kill();
                 break tokio::time::timeout(Duration::from_secs(5), &mut running).await.unwrap_or(Ok(()));
             }
         }
     };
-    if let Err(e) = result {
+    if let Err(e) = &result {
         debug!(error = %e, "connection ended with error");
     }
+    let identity = state.identity.get();
+    if identity.is_none() && !state.counted.load(Ordering::Relaxed) && !cancel.is_cancelled() {
+        // Rejected keys count only for connections that never got in: a
+        // client trying its keys in turn before the right one is no attack.
+        let rejected = state.take_rejected();
+        if rejected.is_empty() {
+            if let Err(e) = result {
+                failed(&shared, &state, peer, conn, format!("protocol error: {e}"));
+            }
+        }
+        for r in rejected {
+            failed(&shared, &state, peer, conn, r);
+        }
+    }
     shared.router.remove_session(conn);
-    if let Some(Identity::Device(id)) = authenticated.get() {
+    if let Some(Identity::Device(id)) = identity {
         if shared.router.drop_tunnel(id, conn) {
             info!(device = %id, "tunnel closed");
+            let mut rec = AuditRecord::new("tunnel_down");
+            rec.device = Some(id.to_string());
+            rec.source = Some(peer.to_string());
+            rec.session = Some(shared.session_id(conn));
+            rec.started = state.tunnel_since.get().copied();
+            rec.ended = Some(rec.at);
+            shared.audit.record(rec);
             // Boxed: a query's future is large, and this task's size is paid
             // by every idle tunnel for as long as it is up.
             if let Err(e) = Box::pin(shared.registry.tunnel_down(id, &shared.config.pivot_name)).await {
@@ -138,7 +191,34 @@ async fn handle(
             }
         }
     }
-    if let Some(identity) = authenticated.get() {
-        info!("{identity} disconnected");
+    if let Some(identity) = identity {
+        info!(duration_s = accepted.elapsed().as_secs(), "{identity} disconnected");
+    }
+}
+
+/// One failure from `peer`: logged, counted, audited, and banned at `maxretry`.
+pub(crate) fn failed(shared: &Arc<Shared>, state: &ConnState, peer: SocketAddr, conn: u64, reason: String) {
+    let reason = burrow_core::text::printable(&reason).into_owned();
+    info!(%peer, conn, "authentication failed: {reason}");
+    shared.metrics.auth_failed();
+    let mut rec = AuditRecord::new("auth").outcome(false, Some(reason));
+    rec.source = Some(peer.to_string());
+    rec.session = Some(shared.session_id(conn));
+    rec.method = Some("publickey".into());
+    if let Some((user, fp)) = state.last_attempt() {
+        rec.user = Some(user);
+        rec.fingerprint = fp;
+    }
+    if let Some(n) = state.negotiated.get() {
+        rec.cipher = Some(n.cipher.clone());
+        rec.kex = Some(n.kex.clone());
+    }
+    let ban = shared.bans.failure(peer.ip());
+    if let Some(ban) = &ban {
+        rec.ban = Some(format!("banned {} until {}", ban.net, burrow_core::time::format_unix(ban.until)));
+    }
+    shared.audit.failure(peer.ip(), rec);
+    if let Some(ban) = ban {
+        crate::bans::record(shared, ban);
     }
 }

@@ -4,17 +4,22 @@
 //! forwarding to grant, because no session channel is ever opened.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use burrow_core::fingerprint;
-use russh::keys::ssh_key::PublicKey;
+use burrow_core::text::printable;
+use russh::keys::ssh_key::{Algorithm, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::Channel;
 use tracing::{debug, info, warn};
 
 use super::route::{open_for_operator, refuse, Refusal, Request};
+use super::kexinit::NegotiatedSlot;
 use super::rpc;
 use crate::admin::Caller;
+use crate::audit::AuditRecord;
+use crate::limits::{Counter, PreAuthSlot, ENROLL_CHANNELS};
 use crate::registry::{Identity, RegistryError};
 use crate::router::{Bind, ConnId, Session as RouterSession};
 use crate::Shared;
@@ -28,27 +33,121 @@ pub(crate) enum HandlerError {
     Registry(#[from] RegistryError),
 }
 
-/// Who authenticated on a connection; set once, read by the accept task for cleanup.
-pub(crate) type Authenticated = Arc<OnceLock<Identity>>;
+/// What the accept task and the handler both know about one connection.
+pub(crate) struct ConnState {
+    /// Who authenticated; set once.
+    pub identity: OnceLock<Identity>,
+    /// The algorithms negotiated, once the client's KEXINIT went by.
+    pub negotiated: NegotiatedSlot,
+    /// When this connection's tunnel came up (devices).
+    pub tunnel_since: OnceLock<i64>,
+    /// Failures of this connection were already counted.
+    pub counted: AtomicBool,
+    // std Mutexes: each is taken for a field update, never across .await.
+    /// Until authentication: the connection's unauthenticated slot, and a
+    /// duplicate of its socket to close it with when the grace time ends
+    /// (russh owns the socket itself).
+    preauth: Mutex<Option<(PreAuthSlot, Option<std::net::TcpStream>)>>,
+    /// Why keys were refused, and the last user name and key tried.
+    attempts: Mutex<Attempts>,
+}
+
+#[derive(Default)]
+struct Attempts {
+    rejected: Vec<String>,
+    last: Option<(String, Option<String>)>,
+}
+
+impl ConnState {
+    pub fn new(slot: PreAuthSlot, killer: Option<std::net::TcpStream>) -> Self {
+        ConnState {
+            identity: OnceLock::new(),
+            negotiated: Default::default(),
+            tunnel_since: OnceLock::new(),
+            counted: AtomicBool::new(false),
+            preauth: Mutex::new(Some((slot, killer))),
+            attempts: Mutex::default(),
+        }
+    }
+
+    /// Closes the socket under russh, ending the session.
+    pub fn kill(&self) {
+        if let Some((_, Some(sock))) = self.preauth.lock().unwrap().take() {
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn take_rejected(&self) -> Vec<String> {
+        std::mem::take(&mut self.attempts.lock().unwrap().rejected)
+    }
+
+    pub fn last_attempt(&self) -> Option<(String, Option<String>)> {
+        self.attempts.lock().unwrap().last.clone()
+    }
+
+    fn attempt(&self, user: &str, fp: &str) {
+        self.attempts.lock().unwrap().last = Some((printable(user).into_owned(), Some(fp.to_string())));
+    }
+
+    fn reject(&self, why: String) {
+        let mut a = self.attempts.lock().unwrap();
+        // russh ends the connection after max_auth_attempts; this bounds the list too.
+        if a.rejected.len() < 100 {
+            a.rejected.push(why);
+        }
+    }
+}
 
 pub(crate) struct Connection {
     pub shared: Arc<Shared>,
     pub conn: ConnId,
     pub peer: SocketAddr,
-    pub authenticated: Authenticated,
+    pub state: Arc<ConnState>,
     /// Set after the signature check, before `auth_succeeded`.
     pending: Option<(Identity, String)>,
     /// An unregistered key that authenticated as the enrollment user.
     enrollee: Option<PublicKey>,
+    /// The key and user name that got in, for the audit.
+    authed: Option<(String, String)>,
+    /// Channels open now on this connection.
+    channels: Arc<Counter>,
 }
 
 impl Connection {
-    pub(crate) fn new(shared: Arc<Shared>, conn: ConnId, peer: SocketAddr, authenticated: Authenticated) -> Self {
-        Connection { shared, conn, peer, authenticated, pending: None, enrollee: None }
+    pub(crate) fn new(shared: Arc<Shared>, conn: ConnId, peer: SocketAddr, state: Arc<ConnState>) -> Self {
+        Connection {
+            shared,
+            conn,
+            peer,
+            state,
+            pending: None,
+            enrollee: None,
+            authed: None,
+            channels: Default::default(),
+        }
     }
 
     fn identity(&self) -> Option<&Identity> {
-        self.authenticated.get()
+        self.state.identity.get()
+    }
+
+    /// Logs a refused key now; it counts as a failure if the connection never gets in.
+    fn refuse_key(&self, user: &str, fp: &str, why: &str) -> Auth {
+        info!(peer = %self.peer, conn = self.conn, user = %printable(user), fingerprint = fp, "key refused: {why}");
+        self.state.reject(format!("{why} ({fp})"));
+        Auth::reject()
+    }
+
+    fn audit(&self, event: &str) -> AuditRecord {
+        let mut rec = AuditRecord::new(event);
+        rec.source = Some(self.peer.to_string());
+        rec.session = Some(self.shared.session_id(self.conn));
+        match self.identity() {
+            Some(Identity::Device(id)) => rec.device = Some(id.to_string()),
+            Some(Identity::Operator { name, .. }) => rec.operator = Some(name.to_string()),
+            None => {}
+        }
+        rec
     }
 
     async fn lookup(&self, key: &PublicKey) -> Result<Option<(Identity, String)>, HandlerError> {
@@ -64,35 +163,50 @@ impl Handler for Connection {
     type Error = HandlerError;
 
     async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        let fp = fingerprint(offer.public_key);
+        self.state.attempt(user, &fp);
+        if *offer.algorithm == (Algorithm::Rsa { hash: None }) {
+            return Ok(self.refuse_key(user, &fp, "ssh-rsa (SHA-1) signatures are not accepted; use rsa-sha2-256 or an ed25519 key"));
+        }
         Ok(match self.lookup(offer.public_key).await? {
             Some(_) => Auth::Accept,
             None if user == ENROLL_USER => Auth::Accept,
-            None => Auth::reject(),
+            None => self.refuse_key(user, &fp, "unknown key"),
         })
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        let fp = fingerprint(key.public_key);
+        if *key.algorithm == (Algorithm::Rsa { hash: None }) {
+            return Ok(self.refuse_key(user, &fp, "ssh-rsa (SHA-1) signatures are not accepted"));
+        }
         match self.lookup(key.public_key).await? {
             Some(found) => {
                 debug!(user, identity = %found.0, "public key accepted");
+                self.authed = Some((printable(user).into_owned(), fp));
                 self.pending = Some(found);
                 Ok(Auth::Accept)
             }
             // A device enrolling proves it holds its new key; it may then
-            // present a token on the `@burrow` channel and nothing else.
+            // present a token on the `@burrow` channel and nothing else. A
+            // key registered to anyone (a revoked device's, say) may not.
             None if user == ENROLL_USER => {
-                info!(peer = %self.peer, fingerprint = %fingerprint(key.public_key), "enrollment key authenticated");
+                if Box::pin(self.shared.registry.key_registered(&fp)).await? {
+                    return Ok(self.refuse_key(user, &fp, "a registered or revoked key may not enroll"));
+                }
+                info!(peer = %self.peer, fingerprint = %fp, "enrollment key authenticated");
+                self.authed = Some((ENROLL_USER.to_string(), fp));
                 self.enrollee = Some(key.public_key.clone());
+                self.state.preauth.lock().unwrap().take();
                 Ok(Auth::Accept)
             }
-            None => {
-                info!(peer = %self.peer, fingerprint = %fingerprint(key.public_key), "unknown key refused");
-                Ok(Auth::reject())
-            }
+            None => Ok(self.refuse_key(user, &fp, "unknown key")),
         }
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        // The unauthenticated slot and the socket duplicate go back now.
+        self.state.preauth.lock().unwrap().take();
         let Some((identity, fp)) = self.pending.take() else {
             return Ok(());
         };
@@ -101,7 +215,18 @@ impl Handler for Connection {
             self.conn,
             RouterSession { identity: identity.clone(), fingerprint: fp, handle: session.handle() },
         );
-        let _ = self.authenticated.set(identity);
+        let _ = self.state.identity.set(identity);
+        let mut rec = self.audit("auth").outcome(true, None);
+        rec.method = Some("publickey".into());
+        if let Some((user, fp)) = self.authed.take() {
+            rec.user = Some(user);
+            rec.fingerprint = Some(fp);
+        }
+        if let Some(n) = self.state.negotiated.get() {
+            rec.cipher = Some(n.cipher.clone());
+            rec.kex = Some(n.kex.clone());
+        }
+        self.shared.audit.record(rec);
         Ok(())
     }
 
@@ -125,13 +250,24 @@ impl Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let limit = match (self.identity(), &self.enrollee) {
+            (Some(_), _) => self.shared.config.limits.max_channels,
+            (None, Some(_)) => ENROLL_CHANNELS,
+            (None, None) => return Ok(()),
+        };
+        let Some(open) = self.channels.try_add(1, limit) else {
+            info!(peer = %self.peer, conn = self.conn, limit, "channel refused: too many open on this connection");
+            Box::pin(refuse(&self.shared, reply, Refusal::TooManyChannels(limit))).await;
+            return Ok(());
+        };
         if host_to_connect == RPC_HOST && port_to_connect == RPC_PORT {
             let caller = match (self.identity(), &self.enrollee) {
                 (Some(identity), _) => Caller::from_identity(identity),
                 (None, Some(key)) => Caller::Enrollee(key.clone()),
                 (None, None) => return Ok(()),
             };
-            self.shared.tracker.spawn(rpc::serve(self.shared.clone(), caller, channel, reply));
+            let from = rpc::From { peer: self.peer, conn: self.conn, state: self.state.clone() };
+            self.shared.tracker.spawn(rpc::serve(self.shared.clone(), caller, from, channel, reply, open));
             return Ok(());
         }
         let operator = match self.identity() {
@@ -147,10 +283,16 @@ impl Handler for Connection {
             host: host_to_connect.to_string(),
             port: port_to_connect,
             originator: (originator_address.to_string(), originator_port),
+            peer: self.peer,
+            conn: self.conn,
         };
         // Resolving may wait on the registry or the device; never block this
         // connection's other channels on it.
-        self.shared.tracker.spawn(open_for_operator(self.shared.clone(), req, channel, reply));
+        let shared = self.shared.clone();
+        self.shared.tracker.spawn(async move {
+            open_for_operator(shared, req, channel, reply).await;
+            drop(open);
+        });
         Ok(())
     }
 
@@ -168,7 +310,12 @@ impl Handler for Connection {
             }
         };
         if address != id.as_str() || *port == 0 || *port > u16::MAX as u32 {
-            warn!(device = %id, address, port = *port, "tcpip-forward refused: a device may forward only its own id and a fixed port");
+            warn!(device = %id, address = %printable(address), port = *port, "tcpip-forward refused: a device may forward only its own id and a fixed port");
+            return Ok(false);
+        }
+        let max = self.shared.config.limits.max_forwards;
+        if self.shared.router.tunnel(&id).is_some_and(|t| t.conn == self.conn && t.ports.len() >= max && !t.ports.contains(port)) {
+            warn!(device = %id, port = *port, max, "tcpip-forward refused: too many ports forwarded on this connection");
             return Ok(false);
         }
         let (bind, ports) = self.shared.router.bind(&id, self.conn, &session.handle(), *port);
@@ -185,6 +332,11 @@ impl Handler for Connection {
             });
         }
         info!(device = %id, port = *port, "tunnel port open");
+        let _ = self.state.tunnel_since.set(burrow_core::time::now_unix());
+        let mut rec = self.audit("tunnel_up");
+        rec.target = Some(format!("{id}:{port}"));
+        rec.started = self.state.tunnel_since.get().copied();
+        self.shared.audit.record(rec);
         Box::pin(self.shared.registry.tunnel_up(&id, &self.shared.config.pivot_name, &ports)).await?;
         if let Some(signal) = &self.shared.signal {
             signal.tunnel_bound(&id);

@@ -5,9 +5,11 @@
 //! - [`route`]: turning an operator's `direct-tcpip` into a device channel, or a refusal.
 //! - [`relay`]: copying bytes between two channels under SSH flow control.
 //! - [`rpc`]: the `@burrow` admin channel.
+//! - [`kexinit`]: the algorithms a connection negotiated, for the audit.
 
 pub(crate) mod accept;
 pub(crate) mod handler;
+pub(crate) mod kexinit;
 pub(crate) mod relay;
 pub(crate) mod route;
 pub(crate) mod rpc;
@@ -20,7 +22,10 @@ use russh::keys::ssh_key::PrivateKey;
 use russh::server::Config as SshConfig;
 use std::borrow::Cow;
 
-use russh::{cipher, compression, MethodKind, MethodSet, Preferred, SshId};
+use russh::keys::ssh_key::{Algorithm, EcdsaCurve, HashAlg};
+use russh::{compression, MethodKind, MethodSet, Preferred, SshId};
+
+use kexinit::ServerLists;
 
 use crate::Config;
 
@@ -32,24 +37,31 @@ const MAX_PACKET: u32 = 32 * 1024;
 /// Messages queued per channel before russh stops reading the socket.
 const CHANNEL_BUFFER: usize = 64;
 
-/// AES-GCM first: with AES-NI it moves bytes at a fraction of
-/// chacha20-poly1305's CPU cost, and the pivot decrypts and re-encrypts every
-/// byte it relays. Clients choose; these are what we offer, in order.
-const CIPHERS: &[cipher::Name] = &[
-    cipher::AES_128_GCM,
-    cipher::AES_256_GCM,
-    cipher::CHACHA20_POLY1305,
-    cipher::AES_256_CTR,
-    cipher::AES_192_CTR,
-    cipher::AES_128_CTR,
-];
-
 /// Relayed bytes are an encrypted inner session: compressing them again is
 /// pure cost, so the pivot offers none.
 const COMPRESSION: &[compression::Name] = &[compression::NONE];
 
-pub(crate) fn ssh_config(config: &Config, host_key: PrivateKey) -> Arc<SshConfig> {
-    Arc::new(SshConfig {
+/// Host-key and user-key signature algorithms. `ssh-rsa` (RSA with SHA-1)
+/// is left out: an RSA key must sign with SHA-2.
+const KEY_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::Ed25519,
+    Algorithm::Ecdsa { curve: EcdsaCurve::NistP256 },
+    Algorithm::Ecdsa { curve: EcdsaCurve::NistP384 },
+    Algorithm::Ecdsa { curve: EcdsaCurve::NistP521 },
+    Algorithm::Rsa { hash: Some(HashAlg::Sha512) },
+    Algorithm::Rsa { hash: Some(HashAlg::Sha256) },
+];
+
+/// The russh config and the lists the audit's algorithm report needs.
+/// `config.algorithms` was checked at start-up.
+pub(crate) fn ssh_config(config: &Config, host_key: PrivateKey) -> Result<(Arc<SshConfig>, Arc<ServerLists>), String> {
+    let (kex, ciphers, macs) = config.algorithms.resolve()?;
+    let lists = ServerLists {
+        kex: kex.iter().map(|k| k.as_ref().to_string()).collect(),
+        cipher: ciphers.iter().map(|c| c.as_ref().to_string()).collect(),
+        mac: macs.iter().map(|m| m.as_ref().to_string()).collect(),
+    };
+    let ssh = SshConfig {
         server_id: SshId::Standard(format!("SSH-2.0-burrow_{}", env!("CARGO_PKG_VERSION")).into()),
         // Keys only: password, keyboard-interactive and none are never offered.
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -59,7 +71,7 @@ pub(crate) fn ssh_config(config: &Config, host_key: PrivateKey) -> Arc<SshConfig
         window_size: WINDOW_SIZE,
         maximum_packet_size: MAX_PACKET,
         channel_buffer_size: CHANNEL_BUFFER,
-        max_auth_attempts: 6,
+        max_auth_attempts: config.limits.max_auth_tries,
         // Idle tunnels are the normal state of a device; liveness comes from
         // keepalives, not from traffic.
         inactivity_timeout: None,
@@ -67,10 +79,14 @@ pub(crate) fn ssh_config(config: &Config, host_key: PrivateKey) -> Arc<SshConfig
         keepalive_max: config.keepalive_max,
         nodelay: true,
         preferred: Preferred {
-            cipher: Cow::Borrowed(CIPHERS),
+            kex: Cow::Owned(kex),
+            key: Cow::Borrowed(KEY_ALGORITHMS),
+            cipher: Cow::Owned(ciphers),
+            mac: Cow::Owned(macs),
             compression: Cow::Borrowed(COMPRESSION),
             ..Preferred::DEFAULT
         },
         ..Default::default()
-    })
+    };
+    Ok((Arc::new(ssh), Arc::new(lists)))
 }

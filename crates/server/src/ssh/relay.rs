@@ -14,23 +14,27 @@ use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 /// closing side takes no more data, and each pump forwards everything that
 /// arrived before the close it saw. (russh does not report the peer's answer
 /// to our own close, so waiting for it would hang.)
-/// Bytes moved from `a` to `b` are added to `a_to_b`, the others to `b_to_a`.
-pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>, a_to_b: &AtomicU64, b_to_a: &AtomicU64) {
+/// Bytes moved from `a` to `b` are added to `a_to_b`, the others to
+/// `b_to_a`; returns this relay's own totals, `(a to b, b to a)`.
+pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> (u64, u64) {
     let (a_read, a_write) = a.split();
     let (b_read, b_write) = b.split();
+    let (mut ab, mut ba) = (0, 0);
     tokio::select! {
-        _ = pump(a_read, &b_write, a_to_b) => {}
-        _ = pump(b_read, &a_write, b_to_a) => {}
+        _ = pump(a_read, &b_write, a_to_b, &mut ab) => {}
+        _ = pump(b_read, &a_write, b_to_a, &mut ba) => {}
     }
     let _ = a_write.close().await;
     let _ = b_write.close().await;
+    (ab, ba)
 }
 
-async fn pump(mut from: ChannelReadHalf, to: &ChannelWriteHalf<Msg>, moved: &AtomicU64) {
+async fn pump(mut from: ChannelReadHalf, to: &ChannelWriteHalf<Msg>, moved: &AtomicU64, mine: &mut u64) {
     while let Some(msg) = from.wait().await {
         let go_on = match msg {
             ChannelMsg::Data { data } => {
                 moved.fetch_add(data.len() as u64, Ordering::Relaxed);
+                *mine += data.len() as u64;
                 to.data_bytes(data).await.is_ok()
             }
             ChannelMsg::Eof => to.eof().await.is_ok(),

@@ -8,7 +8,11 @@ use burrow_core::rpc::{allowed, Selector};
 use burrow_core::Id;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::Channel;
+use burrow_core::text::printable;
+use std::time::Instant;
 use tracing::{info, warn};
+
+use crate::audit::AuditRecord;
 
 use super::relay::relay;
 pub(crate) use crate::refusal::Refusal;
@@ -20,6 +24,19 @@ pub(crate) struct Request {
     pub host: String,
     pub port: u32,
     pub originator: (String, u32),
+    pub peer: std::net::SocketAddr,
+    pub conn: u64,
+}
+
+impl Request {
+    fn audit(&self, shared: &Shared, event: &str) -> AuditRecord {
+        let mut rec = AuditRecord::new(event);
+        rec.source = Some(self.peer.to_string());
+        rec.session = Some(shared.session_id(self.conn));
+        rec.operator = Some(self.operator.to_string());
+        rec.target = Some(format!("{}:{}", printable(&self.host), self.port));
+        rec
+    }
 }
 
 /// Resolves the request, then relays until the channel closes.
@@ -39,8 +56,8 @@ pub(crate) async fn open_for_operator(
         let (id, tunnel) = match resolve(&shared, &req).await {
             Ok(found) => found,
             Err(refusal) => {
-                info!(operator = %req.operator, host = %req.host, port = req.port, "refused: {refusal}");
-                refuse(&shared, reply, refusal).await;
+                info!(operator = %req.operator, peer = %req.peer, conn = req.conn, host = %printable(&req.host), port = req.port, "refused: {refusal}");
+                refused(&shared, &req, reply, refusal).await;
                 return;
             }
         };
@@ -60,18 +77,46 @@ pub(crate) async fn open_for_operator(
                 Refusal::TunnelFailed { id: id.clone(), reason: other.to_string() }
             }
         };
-        warn!(operator = %req.operator, device = %id, port = req.port, "refused: {refusal}");
-        refuse(&shared, reply, refusal).await;
+        warn!(operator = %req.operator, peer = %req.peer, conn = req.conn, device = %id, port = req.port, "refused: {refusal}");
+        refused(&shared, &req, reply, refusal).await;
         return;
     };
     let _active = tunnel.activity.enter();
     reply.accept().await;
-    info!(operator = %req.operator, device = %id, port = req.port, "channel open");
+    let started = Instant::now();
+    info!(operator = %req.operator, peer = %req.peer, conn = req.conn, device = %id, port = req.port, "channel open");
+    let mut rec = req.audit(&shared, "channel_open").outcome(true, None);
+    rec.device = Some(id.to_string());
+    rec.started = Some(rec.at);
+    let opened_at = rec.at;
+    shared.audit.record(rec);
     let m = &shared.metrics;
     m.channels_opened.fetch_add(1, Ordering::Relaxed);
-    relay(channel, device_channel, &m.bytes_to_device, &m.bytes_to_operator).await;
+    let (up, down) = relay(channel, device_channel, &m.bytes_to_device, &m.bytes_to_operator).await;
     m.channels_closed.fetch_add(1, Ordering::Relaxed);
-    info!(operator = %req.operator, device = %id, port = req.port, "channel closed");
+    let ms = started.elapsed().as_millis() as u64;
+    info!(
+        operator = %req.operator, peer = %req.peer, conn = req.conn, device = %id, port = req.port,
+        bytes_to_device = up, bytes_to_operator = down, duration_ms = ms,
+        "channel closed"
+    );
+    let mut rec = req.audit(&shared, "channel_close");
+    rec.device = Some(id.to_string());
+    rec.started = Some(opened_at);
+    rec.ended = Some(rec.at);
+    rec.bytes_to_device = Some(up);
+    rec.bytes_to_operator = Some(down);
+    shared.audit.record(rec);
+}
+
+/// Refuses and audits an operator's channel.
+async fn refused(shared: &Shared, req: &Request, reply: ChannelOpenHandle, refusal: Refusal) {
+    let mut rec = req.audit(shared, "channel_refused").outcome(false, Some(refusal.to_string()));
+    if let Refusal::NotAllowed(id) | Refusal::Offline { id, .. } | Refusal::Revoked(id) = &refusal {
+        rec.device = Some(id.to_string());
+    }
+    shared.audit.record(rec);
+    refuse(shared, reply, refusal).await;
 }
 
 /// Rejects an operator's channel with `refusal`'s text, counted by reason.
@@ -82,7 +127,10 @@ pub(crate) async fn refuse(shared: &Shared, reply: ChannelOpenHandle, refusal: R
 
 async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal> {
     let name = strip_suffix(&req.host, &shared.config.host_suffix);
-    let id = Id::parse(name).map_err(|_| Refusal::Unknown(name.to_string()))?;
+    let id = match Id::parse(name) {
+        Ok(id) => id,
+        Err(_) => return Err(Refusal::Unknown(printable(name).into_owned())),
+    };
     check_allowed(shared, &req.operator, &id).await?;
     if let Some(tunnel) = shared.router.tunnel(&id) {
         if tunnel.ports.contains(&req.port) {
@@ -118,8 +166,11 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
             return Err(Refusal::Offline { id, last_seen });
         }
     }
-    let tunnel = signal.wake(shared, &id, req.port).await?;
-    Ok((id, tunnel))
+    let woken = signal.wake(shared, &id, req.port).await;
+    let mut rec = req.audit(shared, "wake").outcome(woken.is_ok(), woken.as_ref().err().map(|r| r.to_string()));
+    rec.device = Some(id.to_string());
+    shared.audit.record(rec);
+    Ok((id, woken?))
 }
 
 /// Operators limited by label selectors reach only matching devices.
@@ -131,10 +182,11 @@ async fn check_allowed(shared: &Shared, operator: &Id, id: &Id) -> Result<(), Re
     if selectors.is_empty() {
         return Ok(());
     }
+    // An id that does not exist gets the same refusal as one that is not
+    // allowed: a restricted operator must not learn what else is registered.
     match reg.device(id).await.map_err(|_| Refusal::Registry)? {
         Some(dev) if allowed(&selectors, &dev.labels) => Ok(()),
-        Some(_) => Err(Refusal::NotAllowed(id.clone())),
-        None => Err(Refusal::Unknown(id.to_string())),
+        _ => Err(Refusal::NotAllowed(id.clone())),
     }
 }
 

@@ -1,38 +1,70 @@
 //! The `@burrow` channel: one admin request per channel, answered by
 //! [`crate::admin::execute`] with the caller's identity.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use burrow_core::text::printable;
 
 use burrow_core::rpc::{Request, Response};
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelMsg};
 use tracing::info;
 
+use super::accept::failed;
+use super::handler::ConnState;
 use crate::admin::{self, Caller};
+use crate::limits::{Counted, MAX_ADMIN_REQUEST};
 use crate::Shared;
 
-/// Requests are small; anything bigger is refused.
-const MAX_REQUEST: usize = 256 * 1024;
+/// Where a request came from, for failures and the audit.
+pub(crate) struct From {
+    pub peer: SocketAddr,
+    pub conn: u64,
+    pub state: Arc<ConnState>,
+}
 
-pub(crate) async fn serve(shared: Arc<Shared>, caller: Caller, mut channel: Channel<Msg>, reply: ChannelOpenHandle) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    caller: Caller,
+    from: From,
+    mut channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    _open: Counted,
+) {
     reply.accept().await;
     let mut buf = Vec::new();
+    // What this request holds of the pivot-wide admin buffer.
+    let mut held: Option<Counted> = None;
+    let limit = shared.config.limits.admin_buffer;
     let (response, mutated) = loop {
         match channel.wait().await {
             Some(ChannelMsg::Data { data }) => {
-                buf.extend_from_slice(&data);
-                if buf.len() > MAX_REQUEST {
-                    break (Response::err("request too large"), false);
+                if buf.len() + data.len() > MAX_ADMIN_REQUEST {
+                    break (Response::err(format!("request too large (limit {MAX_ADMIN_REQUEST} bytes)")), false);
                 }
+                let reserved = match &mut held {
+                    Some(h) => h.grow(data.len(), limit),
+                    None => {
+                        held = shared.admin_buffered.try_add(data.len(), limit);
+                        held.is_some()
+                    }
+                };
+                if !reserved {
+                    break (Response::err("pivot busy: too many admin requests in progress; retry shortly"), false);
+                }
+                buf.extend_from_slice(&data);
                 if let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                    break handle(&shared, &caller, &buf[..end]).await;
+                    break handle(&shared, &caller, &from, &buf[..end]).await;
                 }
             }
-            Some(ChannelMsg::Eof) => break handle(&shared, &caller, &buf).await,
+            Some(ChannelMsg::Eof) => break handle(&shared, &caller, &from, &buf).await,
             Some(_) => {}
             None => return,
         }
     };
+    drop(buf);
+    drop(held);
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
     let _ = channel.data(&out[..]).await;
@@ -46,16 +78,30 @@ pub(crate) async fn serve(shared: Arc<Shared>, caller: Caller, mut channel: Chan
 }
 
 /// Answers one request; also says whether it changed the registry.
-async fn handle(shared: &Shared, caller: &Caller, line: &[u8]) -> (Response, bool) {
+async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8]) -> (Response, bool) {
     let req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => return (Response::err(format!("malformed request: {e}")), false),
     };
     let mutates = req.is_admin() || matches!(req, Request::Enroll { .. } | Request::RotateKey { .. });
+    let enrolling = matches!(req, Request::Enroll { .. });
     let what = serde_json::to_value(&req).ok().and_then(|v| v.get("op").cloned()).unwrap_or_default();
-    let ctx = admin::Context { registry: &shared.registry, host_key: shared.host_key.clone() };
+    let origin = admin::Origin {
+        actor: caller.actor(),
+        source: Some(from.peer.to_string()),
+        session: Some(shared.session_id(from.conn)),
+        pivot: Some(shared.config.pivot_name.clone()),
+    };
+    let ctx = admin::Context { registry: &shared.registry, host_key: shared.host_key.clone(), origin };
     let response = admin::execute(&ctx, caller, req).await;
-    info!(?caller, op = %what, ok = response.ok, error = response.error.as_deref().unwrap_or(""), "admin request");
+    info!(
+        ?caller, peer = %from.peer, conn = from.conn, op = %what, ok = response.ok,
+        error = %printable(response.error.as_deref().unwrap_or("")), "admin request"
+    );
+    if enrolling && !response.ok {
+        // A refused token counts toward a ban like a refused key.
+        failed(shared, &from.state, from.peer, from.conn, format!("enrollment refused: {}", response.error.as_deref().unwrap_or("")));
+    }
     let mutated = mutates && response.ok;
     (response, mutated)
 }

@@ -29,6 +29,8 @@ const MAX_LOWAT: usize = 64 * 1024;
 
 pub(crate) struct PacketStream {
     inner: TcpStream,
+    /// Watches the client's first KEXINIT, then is dropped.
+    sniffer: Option<Box<super::kexinit::Sniffer>>,
     /// The version line has been read; every read from now on is exact.
     exact: bool,
     /// Bytes read so far, until `exact`; `usize::MAX` once marks are given up.
@@ -39,7 +41,13 @@ pub(crate) struct PacketStream {
 
 impl PacketStream {
     pub fn new(inner: TcpStream) -> Self {
-        PacketStream { inner, exact: false, seen: 0, lowat: 1 }
+        PacketStream { inner, sniffer: None, exact: false, seen: 0, lowat: 1 }
+    }
+
+    /// Also reports the algorithms the client's first KEXINIT leads to.
+    pub fn sniffing(mut self, sniffer: super::kexinit::Sniffer) -> Self {
+        self.sniffer = Some(Box::new(sniffer));
+        self
     }
 
     #[cfg(target_os = "linux")]
@@ -93,6 +101,11 @@ impl AsyncRead for PacketStream {
             match this.inner.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
+                    if let Some(s) = &mut this.sniffer {
+                        if s.feed(&buf.filled()[filled..]) {
+                            this.sniffer = None;
+                        }
+                    }
                     if !this.exact && this.seen != usize::MAX {
                         // A newline ends the version line, except as the very
                         // first byte (russh does not count that as a line).

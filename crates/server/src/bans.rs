@@ -1,0 +1,221 @@
+//! Bans with fail2ban's semantics, kept in process: failures are counted per
+//! source address, `maxretry` of them within `findtime` ban the source for
+//! `bantime`, and a banned source is dropped at accept before a byte is sent.
+//! Bans live in the registry, so they survive restarts and hold on every
+//! pivot sharing it; each pivot reloads them every watch tick.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use burrow_core::time::now_unix;
+pub use ipnet::IpNet;
+
+/// Sources counted at once; past this, the oldest counts are forgotten
+/// first, so a spread-out attack cannot grow this map without bound.
+const MAX_TRACKED: usize = 65_536;
+
+#[derive(Debug, Clone)]
+pub struct BanConfig {
+    pub maxretry: u32,
+    pub findtime: Duration,
+    pub bantime: Duration,
+    /// Never banned.
+    pub ignoreip: Vec<IpNet>,
+}
+
+impl Default for BanConfig {
+    fn default() -> Self {
+        BanConfig {
+            maxretry: 5,
+            findtime: Duration::from_secs(600),
+            bantime: Duration::from_secs(3600),
+            ignoreip: vec!["127.0.0.1/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        }
+    }
+}
+
+impl BanConfig {
+    /// The validation rules of a hardened fail2ban jail; the message names the rule broken.
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..20).contains(&self.maxretry) {
+            return Err(format!("--ban-maxretry {} breaks the rule 0 < maxretry < 20", self.maxretry));
+        }
+        if self.findtime < Duration::from_secs(60) {
+            return Err(format!(
+                "--ban-findtime {} breaks the rule findtime >= 60s",
+                humantime::format_duration(self.findtime)
+            ));
+        }
+        if self.bantime < self.findtime {
+            return Err(format!(
+                "--ban-bantime {} breaks the rule bantime >= findtime ({})",
+                humantime::format_duration(self.bantime),
+                humantime::format_duration(self.findtime)
+            ));
+        }
+        let localhost: IpAddr = [127, 0, 0, 1].into();
+        if !self.ignoreip.iter().any(|n| n.contains(&localhost)) {
+            return Err("--ban-ignoreip breaks the rule that it must include localhost (127.0.0.1)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `IP` or `IP/PREFIX`; a bare address is a single-host network.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("'{s}' is not an IP address or CIDR (e.g. 203.0.113.7 or 203.0.113.0/24)"))
+}
+
+/// A ban just decided by counting.
+#[derive(Debug, Clone)]
+pub struct NewBan {
+    pub net: IpNet,
+    pub until: i64,
+    pub failures: u32,
+}
+
+pub(crate) struct Bans {
+    config: BanConfig,
+    // A std Mutex: every critical section is a map or list update.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Active bans and their end (Unix seconds).
+    active: Vec<(IpNet, i64)>,
+    failures: HashMap<IpAddr, VecDeque<Instant>>,
+}
+
+impl Bans {
+    pub fn new(config: BanConfig) -> Self {
+        Bans { config, state: Mutex::default() }
+    }
+
+    pub fn config(&self) -> &BanConfig {
+        &self.config
+    }
+
+    pub fn ignored(&self, ip: IpAddr) -> bool {
+        self.config.ignoreip.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Whether `ip` is banned now.
+    pub fn banned(&self, ip: IpAddr) -> bool {
+        let now = now_unix();
+        self.state.lock().unwrap().active.iter().any(|(net, until)| *until > now && net.contains(&ip))
+    }
+
+    /// Bans in force now.
+    pub fn active(&self) -> usize {
+        let now = now_unix();
+        self.state.lock().unwrap().active.iter().filter(|(_, until)| *until > now).count()
+    }
+
+    /// Replaces the active bans with the registry's list.
+    pub fn reload(&self, active: Vec<(IpNet, i64)>) {
+        self.state.lock().unwrap().active = active;
+    }
+
+    /// Counts one failure from `ip`; returns the ban it triggers, if any.
+    pub fn failure(&self, ip: IpAddr) -> Option<NewBan> {
+        if self.ignored(ip) {
+            return None;
+        }
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap();
+        if st.failures.len() >= MAX_TRACKED && !st.failures.contains_key(&ip) {
+            let window = self.config.findtime;
+            st.failures.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < window));
+            if st.failures.len() >= MAX_TRACKED {
+                return None;
+            }
+        }
+        let times = st.failures.entry(ip).or_default();
+        times.push_back(now);
+        while times.front().is_some_and(|t| now.duration_since(*t) >= self.config.findtime) {
+            times.pop_front();
+        }
+        let count = times.len() as u32;
+        if count < self.config.maxretry {
+            return None;
+        }
+        st.failures.remove(&ip);
+        let until = now_unix().saturating_add(self.config.bantime.as_secs() as i64);
+        let net = IpNet::from(ip);
+        st.active.push((net, until));
+        Some(NewBan { net, until, failures: count })
+    }
+}
+
+/// Stores a ban decided by counting, and audits it.
+pub(crate) fn record(shared: &std::sync::Arc<crate::Shared>, ban: NewBan) {
+    let until = burrow_core::time::format_unix(ban.until);
+    tracing::warn!(net = %ban.net, failures = ban.failures, "banned until {until}");
+    shared.metrics.banned();
+    let mut rec = crate::audit::AuditRecord::new("ban");
+    rec.source = Some(ban.net.addr().to_string());
+    rec.reason = Some(format!("{} failures within {}", ban.failures, humantime::format_duration(shared.bans.config().findtime)));
+    rec.ban = Some(format!("banned {} until {until}", ban.net));
+    rec.actor = Some(format!("pivot:{}", shared.config.pivot_name));
+    shared.audit.record(rec);
+    let shared = shared.clone();
+    shared.tracker.clone().spawn(async move {
+        let reason = format!("{} authentication failures", ban.failures);
+        let actor = format!("pivot:{}", shared.config.pivot_name);
+        if let Err(e) = shared.registry.add_ban(&ban.net.to_string(), ban.until, &reason, &actor).await {
+            tracing::warn!(net = %ban.net, error = %e, "cannot store the ban; it holds on this pivot until restart");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_rules_are_enforced() {
+        assert!(BanConfig::default().check().is_ok());
+        let bad = [
+            BanConfig { maxretry: 0, ..Default::default() },
+            BanConfig { maxretry: 20, ..Default::default() },
+            BanConfig { findtime: Duration::from_secs(59), ..Default::default() },
+            BanConfig { bantime: Duration::from_secs(300), ..Default::default() },
+            BanConfig { ignoreip: vec!["10.0.0.0/8".parse().unwrap()], ..Default::default() },
+        ];
+        for b in bad {
+            assert!(b.check().is_err(), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn maxretry_failures_ban_a_source_but_never_an_ignored_one() {
+        let bans = Bans::new(BanConfig { maxretry: 3, ignoreip: vec!["127.0.0.1/32".parse().unwrap()], ..Default::default() });
+        let bad: IpAddr = "198.51.100.9".parse().unwrap();
+        assert!(bans.failure(bad).is_none());
+        assert!(bans.failure(bad).is_none());
+        let ban = bans.failure(bad).expect("third failure bans");
+        assert_eq!(ban.net.to_string(), "198.51.100.9/32");
+        assert!(bans.banned(bad));
+        assert!(!bans.banned("198.51.100.10".parse().unwrap()));
+        let me: IpAddr = "127.0.0.1".parse().unwrap();
+        for _ in 0..10 {
+            assert!(bans.failure(me).is_none());
+        }
+        assert!(!bans.banned(me));
+    }
+
+    #[test]
+    fn nets_parse_from_addresses_and_cidrs() {
+        assert_eq!(parse_net("203.0.113.7").unwrap().to_string(), "203.0.113.7/32");
+        assert_eq!(parse_net("203.0.113.7/24").unwrap().to_string(), "203.0.113.0/24");
+        assert_eq!(parse_net("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
+        assert!(parse_net("cam-42").is_err());
+    }
+}
