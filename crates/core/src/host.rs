@@ -61,7 +61,8 @@ mod tests {
         assert_eq!(split_host_port("127.0.0.1"), Some(("127.0.0.1", None)));
         assert_eq!(split_host_port("[::1]:22"), Some(("[::1]", Some(22))));
         assert_eq!(split_host_port("[::1]"), Some(("[::1]", None)));
-        for bad in ["", ":22", "::1:22", "[::1]22", "[nope]:22", "h:0", "h:+22", "h:65536", "h :22", "h\n:22", "a/b:1"] {
+        for bad in ["", ":22", "::1:22", "[::1]22", "[nope]:22", "h:0", "h:+22", "h:65536", "h :22", "h\n:22", "a/b:1"]
+        {
             assert_eq!(split_host_port(bad), None, "{bad:?}");
         }
     }

@@ -3,9 +3,10 @@
 //! A device id is a virtual name routed inside the pivot, never a port, and
 //! operators also reach a device as `ID.burrow`. So an id is exactly one DNS
 //! label that no resolver mistakes for an address: 1 to 63 characters of
-//! `[a-z0-9_-]`, starting with a letter or digit, with no '.', and not a
-//! number (`1234`, `0x7f`), which `inet_aton` reads as an IPv4 address. That
-//! also keeps it safe in shells, logs and ssh_config host patterns.
+//! `[a-z0-9_-]`, starting with a letter or digit, with no '.', with at least
+//! one letter (`1234` and `017` are IPv4 addresses to `inet_aton`) and not
+//! `0x` hex (`0x7f` is one too). That also keeps it safe in shells, logs and
+//! ssh_config host patterns.
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,7 +17,8 @@ use crate::text::excerpt;
 pub const MAX_LEN: usize = 63;
 
 /// A validated device or operator name: 1 to 63 characters of `[a-z0-9_-]`,
-/// starting with a lowercase letter or digit, and not a number.
+/// starting with a lowercase letter or digit, with at least one letter, and
+/// not a `0x` hex number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Id(String);
 
@@ -42,7 +44,13 @@ pub enum IdError {
     )]
     BadChar { id: String, ch: char },
     #[error(
-        "id '{}' is a number, which resolvers read as an IPv4 address; add a letter, e.g. 'dev-{}'",
+        "id '{}' has no letter; an id needs one so that no resolver reads it as an IPv4 address, e.g. 'dev-{}'",
+        excerpt(.0, MAX_LEN),
+        excerpt(.0, MAX_LEN)
+    )]
+    NoLetter(String),
+    #[error(
+        "id '{}' reads as a hex number, which resolvers take for an IPv4 address; prefix it, e.g. 'dev-{}'",
         excerpt(.0, MAX_LEN),
         excerpt(.0, MAX_LEN)
     )]
@@ -64,7 +72,10 @@ impl Id {
         if let Some(ch) = s.chars().find(|c| !is_id_char(*c)) {
             return Err(IdError::BadChar { id: s.to_string(), ch });
         }
-        if is_number(s) {
+        if !s.bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(IdError::NoLetter(s.to_string()));
+        }
+        if is_hex_number(s) {
             return Err(IdError::Numeric(s.to_string()));
         }
         Ok(Id(s.to_string()))
@@ -80,12 +91,10 @@ pub fn is_id_char(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')
 }
 
-/// What `inet_aton` takes for a whole IPv4 address: decimal, octal or `0x` hex.
-fn is_number(s: &str) -> bool {
-    match s.strip_prefix("0x") {
-        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
-        None => s.bytes().all(|b| b.is_ascii_digit()),
-    }
+/// `0x` and hex digits, which `inet_aton` takes for a whole IPv4 address.
+/// (Decimal and octal numbers have no letter, so the letter rule refuses them.)
+fn is_hex_number(s: &str) -> bool {
+    s.strip_prefix("0x").is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl FromStr for Id {
@@ -136,14 +145,17 @@ mod tests {
         for dotted in ["127.0.0.1", "x.burrow", "dev.site_1", "cam."] {
             assert_eq!(Id::parse(dotted), Err(IdError::Dot(dotted.into())));
         }
-        for number in ["0", "42", "2130706433", "017700000001", "0x7f000001", "0x"] {
-            assert_eq!(Id::parse(number), Err(IdError::Numeric(number.into())));
+        for number in ["0", "42", "2130706433", "017700000001", "0-", "1_2", "12-34"] {
+            assert_eq!(Id::parse(number), Err(IdError::NoLetter(number.into())));
+        }
+        for hex in ["0x7f000001", "0xdeadbeef", "0x"] {
+            assert_eq!(Id::parse(hex), Err(IdError::Numeric(hex.into())));
         }
         let msg = Id::parse("x.burrow").unwrap_err().to_string();
         assert!(msg.contains("ID.burrow") && msg.contains("'-'"), "{msg}");
         assert_eq!(
             Id::parse("42").unwrap_err().to_string(),
-            "id '42' is a number, which resolvers read as an IPv4 address; add a letter, e.g. 'dev-42'"
+            "id '42' has no letter; an id needs one so that no resolver reads it as an IPv4 address, e.g. 'dev-42'"
         );
     }
 

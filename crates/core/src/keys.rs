@@ -88,7 +88,8 @@ impl HostKeyPin {
     pub fn parse(arg: &str) -> Result<Self, KeyError> {
         if let Some(b64) = arg.strip_prefix("SHA256:") {
             let b64 = b64.strip_suffix('=').unwrap_or(b64);
-            if b64.len() != SHA256_B64_LEN || !b64.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/') {
+            if b64.len() != SHA256_B64_LEN || !b64.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+            {
                 return Err(KeyError::BadPin(arg.to_string()));
             }
             return Ok(HostKeyPin::Fingerprint(format!("SHA256:{b64}")));

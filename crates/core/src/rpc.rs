@@ -174,7 +174,10 @@ impl std::str::FromStr for Selector {
                 .ok_or_else(|| format!("selector '{}' is not k=v[,k=v...], e.g. site=berlin,rack=3", shown()))?;
             validate_label(k, v).map_err(|e| format!("selector '{}': {e}", shown()))?;
             if pairs.insert(k.to_string(), v.to_string()).is_some() {
-                return Err(format!("selector '{}' names label '{k}' twice; a device has one value per label", shown()));
+                return Err(format!(
+                    "selector '{}' names label '{k}' twice; a device has one value per label",
+                    shown()
+                ));
             }
             if pairs.len() > MAX_LABELS {
                 return Err(format!("selector '{}' has more than {MAX_LABELS} pairs", shown()));

@@ -381,7 +381,8 @@ mod tests {
         let pin = HostKeyPin::Key(k.public_key().clone());
         let id = Id::parse("cam-42").unwrap();
         for (issued_at, expires_at) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (i64::MAX - 1, i64::MAX)] {
-            let req = WakeRequest { device: "cam-42".into(), pivot: "p:22".into(), nonce: "n".into(), issued_at, expires_at };
+            let req =
+                WakeRequest { device: "cam-42".into(), pivot: "p:22".into(), nonce: "n".into(), issued_at, expires_at };
             let payload = req.sign(&k).unwrap();
             for now in [0, i64::MIN, 1_795_428_251] {
                 assert!(WakeRequest::verify(&payload, &pin, &id, now).is_err());

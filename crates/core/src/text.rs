@@ -42,14 +42,9 @@ pub fn printable(s: &str) -> Cow<'_, str> {
 fn needs_escape(c: char) -> bool {
     c == '\\'
         || c.is_control()
-        || matches!(
-            c,
-            '\u{061c}'                    // arabic letter mark
-            | '\u{200e}' | '\u{200f}'     // left-to-right and right-to-left marks
-            | '\u{2028}' | '\u{2029}'     // line and paragraph separators
-            | '\u{202a}'..='\u{202e}'     // bidi embeddings and overrides
-            | '\u{2066}'..='\u{2069}' // bidi isolates
-        )
+        // Bidi marks, embeddings, overrides and isolates; line and paragraph separators.
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 /// At most `max` characters of `s`: when `s` is longer, its first `max - 1`

@@ -123,6 +123,7 @@ proptest! {
                 prop_assert!(s.bytes().any(|b| b.is_ascii_lowercase()));
                 prop_assert!(!s.starts_with(['-', '_']));
                 prop_assert!(!s.contains('.'));
+                prop_assert!(!s.strip_prefix("0x").is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())));
             }
             Err(e) => prop_assert!(!e.to_string().chars().any(is_unsafe_for_display), "{}", e),
         }
@@ -532,8 +533,20 @@ fn request() -> impl Strategy<Value = Request> {
         s().prop_map(|id| Request::DeviceRevoke { id }),
         s().prop_map(|name| Request::OperatorRemove { name }),
         (s(), any::<u32>()).prop_map(|(id, port)| Request::Check { id, port }),
-        (s(), prop::option::of(s()), valid_labels(), prop::option::of(1..=MAX_DURATION.as_secs()), prop::option::of(s()))
-            .prop_map(|(id, key, labels, ttl_secs, address)| Request::DeviceAdd { id, key, labels, ttl_secs, address }),
+        (
+            s(),
+            prop::option::of(s()),
+            valid_labels(),
+            prop::option::of(1..=MAX_DURATION.as_secs()),
+            prop::option::of(s())
+        )
+            .prop_map(|(id, key, labels, ttl_secs, address)| Request::DeviceAdd {
+                id,
+                key,
+                labels,
+                ttl_secs,
+                address
+            }),
         (s(), s(), any::<bool>(), prop::collection::vec(s(), 0..3))
             .prop_map(|(name, key, admin, allow)| Request::OperatorAdd { name, key, admin, allow }),
         (s(), prop::collection::vec(s(), 0..3)).prop_map(|(token, host_keys)| Request::Enroll { token, host_keys }),
@@ -558,12 +571,34 @@ fn request_like_json() -> impl Strategy<Value = serde_json::Value> {
         ]
     });
     let op = prop::sample::select(vec![
-        "device_list", "device_show", "device_add", "device_remove", "device_revoke", "operator_add",
-        "operator_list", "operator_remove", "check", "enroll", "rotate_key", "whoami", "nope",
+        "device_list",
+        "device_show",
+        "device_add",
+        "device_remove",
+        "device_revoke",
+        "operator_add",
+        "operator_list",
+        "operator_remove",
+        "check",
+        "enroll",
+        "rotate_key",
+        "whoami",
+        "nope",
     ]);
     let field = prop::sample::select(vec![
-        "id", "key", "labels", "ttl_secs", "address", "name", "admin", "allow", "port", "token", "host_keys",
-        "new_key", "proof",
+        "id",
+        "key",
+        "labels",
+        "ttl_secs",
+        "address",
+        "name",
+        "admin",
+        "allow",
+        "port",
+        "token",
+        "host_keys",
+        "new_key",
+        "proof",
     ]);
     (op, prop::collection::btree_map(field, value, 0..6)).prop_map(|(op, fields)| {
         let mut obj: serde_json::Map<String, serde_json::Value> =

@@ -328,3 +328,60 @@ async fn exporter(registry: Registry, path: PathBuf, shutdown: CancellationToken
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(event: &str, at: i64, source: &str) -> AuditRecord {
+        AuditRecord { at, source: Some(source.into()), ..AuditRecord::new(event) }
+    }
+
+    #[tokio::test]
+    async fn records_are_queried_by_filter_and_pruned_past_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path()).await.unwrap();
+        let now = now_unix();
+        let mut old = rec("auth", now - 100 * 86_400, "203.0.113.7:5000");
+        old.device = Some("cam-42".into());
+        reg.insert_audit(&[old, rec("auth", now, "203.0.113.7:5001"), rec("ban", now, "198.51.100.1:1")])
+            .await
+            .unwrap();
+        let q = |f: AuditQuery| {
+            let reg = reg.clone();
+            async move { reg.audit(&f).await.unwrap() }
+        };
+        assert_eq!(q(AuditQuery::default()).await.len(), 3);
+        assert_eq!(q(AuditQuery { source: Some("203.0.113.7".into()), ..Default::default() }).await.len(), 2);
+        assert_eq!(q(AuditQuery { event: Some("ban".into()), ..Default::default() }).await.len(), 1);
+        assert_eq!(q(AuditQuery { device: Some("cam-42".into()), ..Default::default() }).await.len(), 1);
+        assert_eq!(q(AuditQuery { since: Some(now - 60), ..Default::default() }).await.len(), 2);
+        let pruned = reg.prune_audit(now - crate::DEFAULT_AUDIT_RETENTION.as_secs() as i64).await.unwrap();
+        assert_eq!(pruned, 1);
+        assert_eq!(q(AuditQuery::default()).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_flood_from_one_source_is_summarised() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path()).await.unwrap();
+        let stop = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let audit = Audit::start(reg.clone(), "p".into(), None, None, stop.clone(), &tasks);
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        for _ in 0..1000 {
+            audit.failure(ip, rec("auth", now_unix(), "203.0.113.7:1"));
+        }
+        audit.record(rec("tunnel_up", now_unix(), "192.0.2.1:1"));
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        let all = reg.audit(&AuditQuery::default()).await.unwrap();
+        let full = all.iter().filter(|r| r.event == "auth").count();
+        let summary: Vec<_> = all.iter().filter(|r| r.event == "auth_failures").collect();
+        assert_eq!(full, FLOOD_FULL as usize);
+        assert_eq!(summary.len(), 1);
+        assert_eq!(summary[0].count, Some(1000 - FLOOD_FULL as u64));
+        assert!(all.iter().any(|r| r.event == "tunnel_up"));
+    }
+}
