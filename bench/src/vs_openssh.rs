@@ -246,7 +246,15 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
         &[&dev, &op],
         "AllowTcpForwarding yes\nMaxStartups 2000:30:4000\nClientAliveInterval 30\nClientAliveCountMax 2\nUseDNS no\n",
     );
-    let burrow = TestPivot::start_with(bin, &["--no-mqtt"]);
+    // The same pre-authentication allowance OpenSSH gets above: the load
+    // generator opens many connections at once from one address. (A binary
+    // from before the limits existed has no such flags.)
+    let help = Command::new(bin).args(["server", "--help"]).output()?;
+    let mut args = vec!["--no-mqtt"];
+    if String::from_utf8_lossy(&help.stdout).contains("--per-source-max-startups") {
+        args.extend(["--max-startups", "2000:30:4000", "--per-source-max-startups", "4000"]);
+    }
+    let burrow = TestPivot::start_with(bin, &args);
     burrow.add_operator("bench", &op);
     burrow.add_device("dev", &dev);
     let fwd_port = free_port();

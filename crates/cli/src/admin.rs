@@ -26,6 +26,7 @@ pub enum DeviceCommand {
     /// Register a device. With --key, its public key; without, print a
     /// one-time enrollment token for `burrow agent enroll`.
     Add {
+        /// The device id (e.g. cam-42).
         id: Id,
         /// The device's public key file (.pub).
         #[arg(long)]
@@ -44,6 +45,7 @@ pub enum DeviceCommand {
     },
     /// List devices: id, presence, tunnel, last seen, labels, exposed ports.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -51,7 +53,9 @@ pub enum DeviceCommand {
     },
     /// Show one device.
     Show {
+        /// The device id (e.g. cam-42).
         id: Id,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -59,12 +63,14 @@ pub enum DeviceCommand {
     },
     /// Remove a device; its open tunnel closes within seconds.
     Remove {
+        /// The device id (e.g. cam-42).
         id: Id,
         #[command(flatten)]
         data: DataDir,
     },
     /// Revoke a device: disconnect it now and refuse its key from then on.
     Revoke {
+        /// The device id (e.g. cam-42).
         id: Id,
         #[command(flatten)]
         data: DataDir,
@@ -75,7 +81,9 @@ pub enum DeviceCommand {
 pub enum OperatorCommand {
     /// Register an operator and their public key.
     Add {
+        /// The operator name (e.g. alice).
         name: Id,
+        /// The operator's public key file (.pub).
         #[arg(long)]
         key: PathBuf,
         /// May manage devices and operators.
@@ -89,6 +97,7 @@ pub enum OperatorCommand {
     },
     /// List operators.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -96,6 +105,7 @@ pub enum OperatorCommand {
     },
     /// Remove an operator; their open connections close within seconds.
     Remove {
+        /// The operator name (e.g. alice).
         name: Id,
         #[command(flatten)]
         data: DataDir,
@@ -110,6 +120,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 pub enum BanCommand {
     /// List bans in force.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -136,31 +147,44 @@ pub enum BanCommand {
 
 #[derive(clap::Args)]
 pub struct AuditArgs {
-    /// Only records from this long ago on (e.g. 1h, 7d) [default: 24h].
-    #[arg(long, value_parser = crate::parse_duration)]
-    since: Option<Duration>,
-    /// Only records up to this long ago (e.g. 10m).
-    #[arg(long, value_parser = crate::parse_duration)]
-    until: Option<Duration>,
+    /// From this time on: a duration ago (1h, 7d) or RFC 3339 (2026-12-01T10:00:00Z) [default: 24h].
+    #[arg(long, value_parser = parse_when)]
+    since: Option<i64>,
+    /// Up to this time: a duration ago (10m) or RFC 3339.
+    #[arg(long, value_parser = parse_when)]
+    until: Option<i64>,
     /// Only records about this device.
     #[arg(long)]
     device: Option<String>,
     /// Only records about this operator.
     #[arg(long)]
     operator: Option<String>,
-    /// Only records from this source address.
+    /// Only records from this source address (IP, or IP:PORT as shown).
     #[arg(long)]
     source: Option<String>,
-    /// Only this kind of event (auth, tunnel_up, channel_open, ban, device_add, …).
+    /// Only this event: auth, auth_failures, connection_dropped, tunnel_up, tunnel_down, wake,
+    /// channel_open, channel_refused, channel_close, ban, ban_add, ban_remove, device_add,
+    /// device_remove, device_revoke, operator_add, operator_remove, enroll, rotate_key, admin_denied.
     #[arg(long)]
     event: Option<String>,
     /// At most this many records (the newest).
     #[arg(long, default_value_t = 1000)]
     limit: u32,
+    /// One JSON object per line instead of a table.
+    /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     data: DataDir,
+}
+
+/// `1h` (that long ago) or an RFC 3339 time, as Unix seconds.
+fn parse_when(s: &str) -> Result<i64, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+    }
+    let d = crate::parse_duration(s).map_err(|e| format!("{e}; or give an RFC 3339 time such as 2026-12-01T10:00:00Z"))?;
+    Ok(burrow_core::time::now_unix().saturating_sub(d.as_secs() as i64))
 }
 
 /// Runs a request on the local registry, or on the pivot when `remote` is set.
@@ -189,7 +213,13 @@ pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
     match cmd {
         DeviceCommand::Add { id, key, labels, ttl, address, data } => {
             let key = key.map(|k| read_public_key(&k).map(|k| burrow_core::keys::openssh_line(&k))).transpose()?;
-            let labels: BTreeMap<_, _> = labels.into_iter().collect();
+            let mut map = BTreeMap::new();
+            for (k, v) in labels {
+                if map.insert(k.clone(), v).is_some() {
+                    bail!("label '{k}' is given twice");
+                }
+            }
+            let labels = map;
             let with_key = key.is_some();
             let req = Request::DeviceAdd { id: id.to_string(), key, labels, ttl_secs: Some(ttl.as_secs()), address };
             let out = send(remote, &data, req).await?;
@@ -305,11 +335,9 @@ pub async fn ban(cmd: BanCommand, remote: Option<&Remote>) -> Result<()> {
 }
 
 pub async fn audit(a: AuditArgs, remote: Option<&Remote>) -> Result<()> {
-    let now = burrow_core::time::now_unix();
-    let ago = |d: Duration| now.saturating_sub(d.as_secs() as i64);
     let req = Request::Audit {
-        since: Some(ago(a.since.unwrap_or(Duration::from_secs(24 * 3600)))),
-        until: a.until.map(ago),
+        since: Some(a.since.unwrap_or_else(|| burrow_core::time::now_unix() - 24 * 3600)),
+        until: a.until,
         device: a.device,
         operator: a.operator,
         source: a.source,
@@ -324,33 +352,48 @@ pub async fn audit(a: AuditArgs, remote: Option<&Remote>) -> Result<()> {
         }
         return Ok(());
     }
-    println!("{:<20} {:<17} {:<8} {:<22} {:<20} DETAIL", "TIME", "EVENT", "OUTCOME", "SOURCE", "WHO");
+    println!("{:<20} {:<18} {:<8} {:<22} {:<24} DETAIL", "TIME", "EVENT", "OUTCOME", "SOURCE", "WHO");
     for r in records {
-        let who = [&r["operator"], &r["device"], &r["actor"]]
-            .iter()
-            .find_map(|v| v.as_str())
-            .or_else(|| r["fingerprint"].as_str())
-            .unwrap_or("-");
+        // Who acted: the admin for changes, else the peer's identity.
+        let who = match (r["actor"].as_str(), r["operator"].as_str(), r["device"].as_str()) {
+            (Some(actor), _, _) => actor.to_string(),
+            (None, Some(op), _) => format!("operator:{op}"),
+            (None, None, Some(dev)) => format!("device:{dev}"),
+            _ => "-".into(),
+        };
+        // key=value pairs; a value with spaces is quoted, so the line splits cleanly.
         let mut detail = Vec::new();
-        for key in ["target", "reason", "ban", "user", "cipher", "kex", "bytes_to_device", "bytes_to_operator", "count"] {
-            match &r[key] {
-                Value::Null => {}
-                Value::String(s) => detail.push(format!("{key}={s}")),
-                v => detail.push(format!("{key}={v}")),
+        for key in [
+            "device", "target", "reason", "ban", "user", "fingerprint", "cipher", "kex", "bytes_to_device",
+            "bytes_to_operator", "count", "session",
+        ] {
+            let text = match &r[key] {
+                Value::Null => continue,
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            if key == "device" && who == format!("device:{text}") {
+                continue;
+            }
+            let text = safe(&text);
+            if text.contains(char::is_whitespace) || text.is_empty() {
+                detail.push(format!("{key}={}", Value::String(text)));
+            } else {
+                detail.push(format!("{key}={text}"));
             }
         }
         if let Some(args) = r.get("args").filter(|v| !v.is_null()) {
-            detail.push(format!("args={args}"));
+            detail.push(format!("args={}", safe(&args.to_string())));
         }
         let time = r["at"].as_i64().map(burrow_core::time::format_unix).unwrap_or_default();
         println!(
-            "{:<20} {:<17} {:<8} {:<22} {:<20} {}",
-            time.trim_end_matches('Z'),
+            "{:<20} {:<18} {:<8} {:<22} {:<24} {}",
+            time,
             str_of(&r["event"]),
             opt(&r["outcome"]),
             opt(&r["source"]),
-            safe(who),
-            safe(&detail.join(" "))
+            safe(&who),
+            detail.join(" ")
         );
     }
     Ok(())

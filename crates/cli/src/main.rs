@@ -52,6 +52,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 /// Where the pivot keeps its host key and registry.
 #[derive(clap::Args, Clone)]
 pub struct DataDir {
+    /// The pivot's data dir: host key and registry.
     #[arg(long, env = "BURROW_DATA_DIR", default_value = "/var/lib/burrow")]
     pub data_dir: PathBuf,
 }
@@ -146,6 +147,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Server(_) | Command::Agent(_)) {
+        // A command whose output goes to `| head` ends quietly when the pipe
+        // closes, as other Unix tools do. (Long-running ones keep Rust's
+        // default of ignoring SIGPIPE: their sockets must never kill them.)
+        // SAFETY: restoring a signal's default disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if matches!(cli.command, Command::Server(_)) {
         // Only the pivot relays at rates where this matters; an agent on a
         // small device keeps glibc's frugal defaults. No thread exists yet.

@@ -69,7 +69,7 @@ struct LimitArgs {
     /// Authentication attempts per connection [MaxAuthTries].
     #[arg(long, default_value_t = 6)]
     max_auth_tries: usize,
-    /// Unauthenticated connections: START:RATE:FULL random early drop [MaxStartups].
+    /// Unauthenticated connections: START:RATE:FULL random early drop, or one cap [MaxStartups].
     #[arg(long, default_value = "10:30:100")]
     max_startups: MaxStartups,
     /// Unauthenticated connections from one source address [PerSourceMaxStartups].
@@ -101,7 +101,7 @@ struct BanArgs {
     /// How long a ban lasts (at least --ban-findtime).
     #[arg(long, default_value = "1h", value_parser = crate::parse_duration)]
     ban_bantime: Duration,
-    /// Never ban these addresses or CIDRs; must include 127.0.0.1 (repeatable).
+    /// Never ban these addresses or CIDRs (repeatable; replaces the default, must include 127.0.0.1).
     #[arg(long, value_parser = parse_net, default_values = ["127.0.0.1/8", "::1/128"])]
     ban_ignoreip: Vec<IpNet>,
 }
@@ -109,15 +109,24 @@ struct BanArgs {
 /// SSH algorithms offered, in order; only names from a known-good set are accepted.
 #[derive(clap::Args)]
 struct AlgorithmArgs {
-    /// Key exchange algorithms, comma-separated [default: curve25519, mlkem768x25519, ecdh-sha2-nistp*].
-    #[arg(long)]
-    kex_algorithms: Option<String>,
-    /// Ciphers, comma-separated [default: aes-gcm, chacha20-poly1305, aes-ctr].
-    #[arg(long)]
-    ciphers: Option<String>,
-    /// MACs for the CTR ciphers, comma-separated [default: hmac-sha2-256/512, etm first].
-    #[arg(long)]
-    macs: Option<String>,
+    /// Key exchange algorithms offered, comma-separated, best first.
+    #[arg(
+        long,
+        default_value = "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521"
+    )]
+    kex_algorithms: String,
+    /// Ciphers offered, comma-separated, best first.
+    #[arg(
+        long,
+        default_value = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-ctr,aes192-ctr,aes128-ctr"
+    )]
+    ciphers: String,
+    /// MACs offered for the CTR ciphers, comma-separated, best first.
+    #[arg(
+        long,
+        default_value = "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512"
+    )]
+    macs: String,
 }
 
 #[derive(Clone, Copy)]
@@ -173,11 +182,10 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
         ignoreip: args.bans.ban_ignoreip.clone(),
     };
     let a = &args.algorithms;
-    let defaults = Algorithms::default();
     config.algorithms = Algorithms {
-        kex: a.kex_algorithms.as_deref().map(Algorithms::list).unwrap_or(defaults.kex),
-        ciphers: a.ciphers.as_deref().map(Algorithms::list).unwrap_or(defaults.ciphers),
-        macs: a.macs.as_deref().map(Algorithms::list).unwrap_or(defaults.macs),
+        kex: Algorithms::list(&a.kex_algorithms),
+        ciphers: Algorithms::list(&a.ciphers),
+        macs: Algorithms::list(&a.macs),
     };
     config.audit_log = args.audit_log.clone();
     config.audit_retention = args.audit_retention.0;

@@ -149,7 +149,7 @@ fn an_enrollment_key_holds_two_channels_and_admin_bytes_are_bounded_pivot_wide()
         // 60 KB of a request, unfinished, on the first channel.
         let (_a, _) = rpc_raw(&h, &vec![b' '; 60_000], false).await.unwrap();
         let (_b, _) = rpc_raw(&h, b"", false).await.unwrap();
-        let third = rpc_raw(&h, b"", false).await.err().expect("a third channel is refused");
+        let third = rpc_raw(&h, b"", false).await.expect_err("a third channel is refused");
         assert_resource_shortage(third);
 
         // A second connection's 60 KB no longer fit in the pivot's 100 KB.
@@ -189,7 +189,7 @@ fn operator_channels_are_capped_per_connection() {
         for _ in 0..3 {
             open.push(rpc_raw(&h, b"", false).await.unwrap().0);
         }
-        let e = rpc_raw(&h, b"", false).await.err().expect("the fourth channel is refused");
+        let e = rpc_raw(&h, b"", false).await.expect_err("the fourth channel is refused");
         assert_resource_shortage(e);
         assert!(pivot.proc.log_text().contains("too many open on this connection"));
         open.pop().unwrap().close().await.unwrap();
@@ -350,7 +350,7 @@ fn failed_logins_are_logged_audited_counted_and_banned() {
         let mut s = connect_from("127.0.0.2", pivot.addr);
         !closed_within(&mut s, Duration::from_millis(500))
     }));
-    let unban = audit(&pivot, &["--event", "unban"]);
+    let unban = audit(&pivot, &["--event", "ban_remove"]);
     assert_eq!(unban.len(), 1, "{unban:?}");
     assert!(unban[0]["actor"].as_str().unwrap().starts_with("local:"));
 }

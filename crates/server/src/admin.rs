@@ -111,8 +111,12 @@ pub enum AdminError {
 }
 
 pub async fn execute(ctx: &Context<'_>, caller: &Caller, req: Request) -> Response {
-    let event = audit_event(&req);
-    let args = event.map(|_| audit_args(&req));
+    // Changes are audited whatever their outcome; reads only when refused.
+    let event = audit_event(&req).or_else(|| authorize(caller, &req).is_err().then_some("admin_denied"));
+    let args = event.map(|_| match audit_args(&req) {
+        Value::Null => json!({"op": serde_json::to_value(&req).ok().and_then(|v| v.get("op").cloned())}),
+        args => args,
+    });
     let result = run(ctx, caller, req).await;
     if let (Some(event), Some(mut args)) = (event, args) {
         if let Ok(v) = &result {
@@ -159,8 +163,8 @@ fn audit_event(req: &Request) -> Option<&'static str> {
         Request::OperatorRemove { .. } => "operator_remove",
         Request::Enroll { .. } => "enroll",
         Request::RotateKey { .. } => "rotate_key",
-        Request::BanAdd { .. } => "ban",
-        Request::BanRemove { .. } => "unban",
+        Request::BanAdd { .. } => "ban_add",
+        Request::BanRemove { .. } => "ban_remove",
         _ => return None,
     })
 }
@@ -337,11 +341,14 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
         }
         Request::BanAdd { net, secs } => {
             let net = crate::bans::parse_net(&net).map_err(AdminError::Invalid)?;
+            crate::bans::check_manual(&net).map_err(AdminError::Invalid)?;
             if secs == 0 {
                 return Err(AdminError::Invalid("a ban must last at least 1s".into()));
             }
             let until = expires_at(now_unix(), Duration::from_secs(secs)).map_err(|e| AdminError::Invalid(e.to_string()))?;
             reg.add_ban(&net.to_string(), until, "added by hand", &ctx.origin.actor).await?;
+            // An earlier, longer ban of the same net stays as it was.
+            let until = reg.bans().await?.into_iter().find(|b| b.net == net.to_string()).map_or(until, |b| b.until);
             Ok(json!({"net": net.to_string(), "until": format_unix(until)}))
         }
         Request::BanRemove { net } => {
@@ -352,6 +359,17 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             Ok(json!({"net": net.to_string()}))
         }
         Request::Audit { since, until, device, operator, source, event, limit } => {
+            if let Some(e) = event.as_deref().filter(|e| !crate::audit::EVENTS.contains(e)) {
+                let known = crate::audit::EVENTS.join(", ");
+                return Err(AdminError::Invalid(format!("unknown event '{}'; events are: {known}", printable(e))));
+            }
+            if let (Some(s), Some(u)) = (since, until) {
+                if s > u {
+                    return Err(AdminError::Invalid("--since is later than --until".into()));
+                }
+            }
+            // `ip:port` as the SOURCE column shows it means its address.
+            let source = source.map(|s| s.parse::<std::net::SocketAddr>().map(|a| a.ip().to_string()).unwrap_or(s));
             let q = crate::audit::AuditQuery { since, until, device, operator, source, event, limit };
             Ok(serde_json::to_value(reg.audit(&q).await?).unwrap_or_default())
         }

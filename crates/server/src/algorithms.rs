@@ -39,6 +39,9 @@ const MACS: &[mac::Name] =
 /// the strict-kex countermeasure to Terrapin); always sent.
 const KEX_MARKERS: &[kex::Name] = &[kex::EXTENSION_SUPPORT_AS_SERVER, kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER];
 
+/// The russh names of checked lists: key exchanges, ciphers, MACs.
+pub(crate) type Resolved = (Vec<kex::Name>, Vec<cipher::Name>, Vec<mac::Name>);
+
 /// The lists offered, in order of preference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Algorithms {
@@ -81,7 +84,7 @@ impl Algorithms {
         self.resolve().map(|_| ())
     }
 
-    pub(crate) fn resolve(&self) -> Result<(Vec<kex::Name>, Vec<cipher::Name>, Vec<mac::Name>), String> {
+    pub(crate) fn resolve(&self) -> Result<Resolved, String> {
         let mut kex = pick("key exchange", "--kex-algorithms", &self.kex, KEX)?;
         kex.extend_from_slice(KEX_MARKERS);
         Ok((kex, pick("cipher", "--ciphers", &self.ciphers, CIPHERS)?, pick("MAC", "--macs", &self.macs, MACS)?))
@@ -100,6 +103,15 @@ mod tests {
     #[test]
     fn defaults_are_known_good() {
         Algorithms::default().check().unwrap();
+    }
+
+    /// `burrow server --help` spells the defaults out; they must stay equal.
+    #[test]
+    fn defaults_match_the_cli_text() {
+        let d = Algorithms::default();
+        assert_eq!(d.kex.join(","), "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521");
+        assert_eq!(d.ciphers.join(","), "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-ctr,aes192-ctr,aes128-ctr");
+        assert_eq!(d.macs.join(","), "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512");
     }
 
     #[test]

@@ -116,6 +116,30 @@ impl AuditRecord {
     }
 }
 
+/// Every event kind the audit writes.
+pub const EVENTS: &[&str] = &[
+    "auth",
+    "auth_failures",
+    "connection_dropped",
+    "tunnel_up",
+    "tunnel_down",
+    "wake",
+    "channel_open",
+    "channel_refused",
+    "channel_close",
+    "ban",
+    "ban_add",
+    "ban_remove",
+    "device_add",
+    "device_remove",
+    "device_revoke",
+    "operator_add",
+    "operator_remove",
+    "enroll",
+    "rotate_key",
+    "admin_denied",
+];
+
 /// Which records `burrow audit` wants.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AuditQuery {

@@ -72,6 +72,18 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("'{s}' is not an IP address or CIDR (e.g. 203.0.113.7 or 203.0.113.0/24)"))
 }
 
+/// Refuses bans that would lock out everyone or the pivot host itself.
+pub fn check_manual(net: &IpNet) -> Result<(), String> {
+    if net.prefix_len() == 0 {
+        return Err(format!("{net} would ban every address"));
+    }
+    let loopback: [IpAddr; 2] = [[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()];
+    if loopback.iter().any(|l| net.contains(l)) {
+        return Err(format!("{net} contains localhost, which is never banned"));
+    }
+    Ok(())
+}
+
 /// A ban just decided by counting.
 #[derive(Debug, Clone)]
 pub struct NewBan {
@@ -106,8 +118,12 @@ impl Bans {
         self.config.ignoreip.iter().any(|n| n.contains(&ip))
     }
 
-    /// Whether `ip` is banned now.
+    /// Whether `ip` is banned now. `ignoreip` wins over any ban, including
+    /// one added by hand.
     pub fn banned(&self, ip: IpAddr) -> bool {
+        if self.ignored(ip) {
+            return false;
+        }
         let now = now_unix();
         self.state.lock().unwrap().active.iter().any(|(net, until)| *until > now && net.contains(&ip))
     }

@@ -613,11 +613,12 @@ impl Registry {
         Ok(found.is_some())
     }
 
-    /// Bans `net` until `until`, replacing an earlier ban of the same net.
+    /// Bans `net` until `until`; a ban of the same net already in force is
+    /// only ever lengthened (lift it with `remove_ban` to shorten it).
     pub async fn add_ban(&self, net: &str, until: i64, reason: &str, actor: &str) -> Result<(), RegistryError> {
         sqlx::query(
             "INSERT INTO bans (net, until, reason, actor, created_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT(net) DO UPDATE SET until = excluded.until, reason = excluded.reason,
+             ON CONFLICT(net) DO UPDATE SET until = MAX(until, excluded.until), reason = excluded.reason,
              actor = excluded.actor, created_at = excluded.created_at",
         )
         .bind(net)

@@ -220,7 +220,7 @@ async fn on_publish(shared: &Shared, signal: &Signal, p: &rumqttc::Publish) {
                 // Device-supplied text: escaped so it cannot forge log lines
                 // or terminal output, and clipped.
                 let reason = status.reason.unwrap_or_else(|| "unknown error".into());
-                let reason = burrow_core::text::clip(&burrow_core::text::printable(&reason), 200);
+                let reason = burrow_core::text::excerpt(&reason, 200);
                 info!(device = %id, "device could not connect: {reason}");
                 signal.fail(&id, &status.nonce, reason);
             }

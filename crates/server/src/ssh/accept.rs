@@ -53,6 +53,10 @@ pub(crate) async fn serve(
         // A banned source gets not a byte: the socket closes unanswered.
         if shared.bans.banned(peer.ip()) {
             shared.metrics.dropped("banned");
+            debug!(%peer, "connection from a banned address dropped");
+            let mut rec = AuditRecord::new("connection_dropped").outcome(false, Some("banned".into()));
+            rec.source = Some(peer.to_string());
+            shared.audit.failure(peer.ip(), rec);
             continue;
         }
         let slot = match shared.preauth.admit(peer.ip()) {
@@ -165,8 +169,19 @@ async fn handle(
         // client trying its keys in turn before the right one is no attack.
         let rejected = state.take_rejected();
         if rejected.is_empty() {
-            if let Err(e) = result {
-                failed(&shared, &state, peer, conn, format!("protocol error: {e}"));
+            // A client that agreed on algorithms and left without trying a
+            // key (ssh-keyscan, or a user whose ssh refused our host key) is
+            // no failure; garbage, or nothing in common, is.
+            let why = match (state.negotiated.get(), &result) {
+                (None, Err(e)) => Some(format!("protocol error before key exchange: {e}")),
+                (Some(n), _) if n.disagrees() => Some(format!(
+                    "no algorithm in common (kex: {}, cipher: {}, mac: {})",
+                    n.kex, n.cipher, n.mac
+                )),
+                _ => None,
+            };
+            if let Some(why) = why {
+                failed(&shared, &state, peer, conn, why);
             }
         }
         for r in rejected {

@@ -20,6 +20,15 @@ pub(crate) struct Negotiated {
     pub mac: String,
 }
 
+impl Negotiated {
+    /// Some kind of algorithm had nothing in common: the handshake failed.
+    pub fn disagrees(&self) -> bool {
+        [&self.kex, &self.cipher, &self.mac].iter().any(|n| n.as_str() == NONE_IN_COMMON)
+    }
+}
+
+const NONE_IN_COMMON: &str = "none in common";
+
 /// The server's side of the negotiation.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ServerLists {
@@ -94,12 +103,12 @@ fn negotiate(payload: &[u8], server: &ServerLists) -> Option<Negotiated> {
         rest = &rest[4 + len..];
     }
     let pick = |client: &[String], ours: &[String]| client.iter().find(|c| ours.contains(c)).cloned();
-    let kex = pick(&lists[0], &server.kex).unwrap_or_else(|| "none in common".into());
-    let cipher = pick(&lists[2], &server.cipher).unwrap_or_else(|| "none in common".into());
+    let kex = pick(&lists[0], &server.kex).unwrap_or_else(|| NONE_IN_COMMON.into());
+    let cipher = pick(&lists[2], &server.cipher).unwrap_or_else(|| NONE_IN_COMMON.into());
     let mac = if cipher.contains("gcm") || cipher.contains("poly1305") {
         "implicit".to_string()
     } else {
-        pick(&lists[4], &server.mac).unwrap_or_else(|| "none in common".into())
+        pick(&lists[4], &server.mac).unwrap_or_else(|| NONE_IN_COMMON.into())
     };
     Some(Negotiated { kex, cipher, mac })
 }
