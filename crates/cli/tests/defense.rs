@@ -690,3 +690,165 @@ fn a_status_reason_from_the_broker_cannot_forge_log_lines() {
     }
     assert!(!log.contains('\u{1b}'), "an escape sequence reached the log");
 }
+
+// Review: an enrollment key kept its connection past the grace time and
+// outside the per-source cap, and could loop requests on one connection.
+#[test]
+fn enrollment_connections_keep_the_grace_time_the_per_source_cap_and_few_requests() {
+    let pivot = TestPivot::start_with(BURROW, &["--login-grace-time", "2s", "--per-source-max-startups", "3"]);
+    let dir = tempfile::tempdir().unwrap();
+    let key = load_key(&KeyPair::generate(dir.path(), "stranger"));
+    runtime().block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            if let Ok(Some(h)) = login(pivot.addr, "127.0.0.2", "enroll", &key).await {
+                held.push(h);
+            }
+        }
+        assert_eq!(held.len(), 3, "enrollment connections escaped the per-source cap");
+        // Three requests, then no more channels on this connection.
+        for _ in 0..3 {
+            let (_, a) = rpc_raw(&held[0], b"{}\n", true).await.unwrap();
+            assert_eq!(a.unwrap()["ok"], false);
+        }
+        assert_resource_shortage(rpc_raw(&held[0], b"", false).await.expect_err("a fourth request was served"));
+        // The grace time ends them all.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        for h in &held {
+            assert!(h.is_closed(), "an enrollment connection outlived the grace time");
+        }
+    });
+}
+
+// Review: partial admin requests held the pivot-wide buffer for ever, and one
+// operator connection could take all of it.
+#[test]
+fn partial_admin_requests_time_out_and_one_connection_gets_only_its_share() {
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
+    let key = load_key(&op.key);
+    runtime().block_on(async {
+        let h = login(pivot.addr, "127.0.0.1", "alice", &key).await.unwrap().unwrap();
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            open.push(rpc_raw(&h, &vec![b' '; 60_000], false).await.unwrap().0);
+        }
+        let (_, a) = rpc_raw(&h, &vec![b' '; 60_000], true).await.unwrap();
+        assert!(a.unwrap()["error"].as_str().unwrap().starts_with("pivot busy"), "one connection took more than its share");
+        // Another connection is not affected.
+        let h2 = login(pivot.addr, "127.0.0.1", "alice", &key).await.unwrap().unwrap();
+        let (_, a) = rpc_raw(&h2, &request_line(&Request::Whoami), true).await.unwrap();
+        assert_eq!(a.unwrap()["ok"], true);
+        // The unfinished requests are answered, and their bytes given back, after 10 s.
+        let mut first = open.remove(0);
+        let answer = tokio::time::timeout(Duration::from_secs(15), async {
+            let mut buf = Vec::new();
+            while let Some(msg) = first.wait().await {
+                match msg {
+                    russh::ChannelMsg::Data { data } => buf.extend_from_slice(&data),
+                    russh::ChannelMsg::Eof | russh::ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            buf
+        })
+        .await
+        .expect("an unfinished request was held for ever");
+        let a: Value = serde_json::from_slice(&answer).unwrap();
+        assert!(a["error"].as_str().unwrap().contains("not complete within"), "{a}");
+    });
+}
+
+// Review: every rejected key counted as a failure (a full ssh-agent got its
+// owner banned), and so did a bare TCP connect-and-close (health checks).
+#[test]
+fn a_client_with_many_keys_or_a_health_check_is_not_banned() {
+    let args = ["--ban-ignoreip", "127.0.0.1/32", "--ban-maxretry", "3"];
+    let (pivot, op) = TestPivot::with_operator(BURROW, &args);
+    let first = KeyPair::generate(op.dir.path(), "k0");
+    let mut cmd = op.bare_ssh(&pivot, &first);
+    for i in 1..6 {
+        let k = KeyPair::generate(op.dir.path(), &format!("k{i}"));
+        cmd.arg("-i").arg(&k.private);
+    }
+    let out = cmd.args(["-b", "127.0.0.2", "mallory@127.0.0.1", "true"]).stderr(Stdio::piped()).output().unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("Permission denied") || err.contains("Too many authentication attempts"), "{err}");
+    for _ in 0..5 {
+        drop(connect_from("127.0.0.2", pivot.addr));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut s = connect_from("127.0.0.2", pivot.addr);
+    assert!(!closed_within(&mut s, Duration::from_millis(500)), "127.0.0.2 was banned");
+    assert_eq!(pivot.admin_ok(&["ban", "list", "--json"]).trim(), "[]");
+}
+
+// Review: a huge user name was copied whole into every failure record.
+#[test]
+fn a_huge_user_name_is_clipped_in_logs_and_audit() {
+    let pivot = TestPivot::start(BURROW);
+    let dir = tempfile::tempdir().unwrap();
+    let key = load_key(&KeyPair::generate(dir.path(), "stranger"));
+    let name = "\u{202e}".repeat(20_000);
+    runtime().block_on(async {
+        assert!(login(pivot.addr, "127.0.0.1", &name, &key).await.unwrap().is_none());
+    });
+    let rec = wait_audit(&pivot, &["--event", "auth"], |r| !r.is_empty());
+    let user = rec[0]["user"].as_str().unwrap();
+    assert!(user.len() < 1000, "user name kept at {} bytes", user.len());
+    assert!(!user.contains('\u{202e}'), "a bidi override reached the audit");
+}
+
+// Review: a device could loop forward/cancel requests, each an audit row and
+// a registry write.
+#[test]
+fn a_device_cannot_loop_forward_requests() {
+    let pivot = TestPivot::start_with(BURROW, &["--max-forwards", "2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let dev = KeyPair::generate(dir.path(), "dev");
+    pivot.add_device("cam-42", &dev);
+    let key = load_key(&dev);
+    runtime().block_on(async {
+        let h = login(pivot.addr, "127.0.0.1", "cam-42", &key).await.unwrap().unwrap();
+        let mut granted = 0;
+        for _ in 0..20 {
+            if h.tcpip_forward("cam-42", 22).await.is_ok() {
+                granted += 1;
+            }
+            let _ = h.cancel_tcpip_forward("cam-42", 22).await;
+        }
+        assert!(granted <= 4, "{granted} forwards granted for 2 ports");
+    });
+    let ups = wait_audit(&pivot, &["--event", "tunnel_up"], |r| !r.is_empty());
+    assert_eq!(ups.len(), 1, "{ups:?}");
+}
+
+// Review: a device's MQTT topic with a newline forged a log line.
+#[test]
+fn a_device_topic_cannot_forge_log_lines() {
+    let pivot = TestPivot::start(BURROW);
+    let dir = tempfile::tempdir().unwrap();
+    let dev = KeyPair::generate(dir.path(), "dev");
+    pivot.add_device("cam-42", &dev);
+    let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
+    let token = burrow_core::signal::login_token(&key, "cam-42", burrow_core::time::now_unix()).unwrap();
+    let port = pivot.mqtt_addr.unwrap().port();
+    runtime().block_on(async {
+        let mut opts = rumqttc::MqttOptions::new("cam-42", "127.0.0.1", port);
+        opts.set_credentials("cam-42", token);
+        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, ev.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => {
+                    client.try_publish("x\n2026 WARN FAKE banned", rumqttc::QoS::AtMostOnce, false, "x").unwrap();
+                }
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    });
+    assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("FAKE")));
+    for line in pivot.proc.log_text().lines().filter(|l| l.contains("FAKE")) {
+        assert!(line.contains("x\\n2026"), "forged line: {line}");
+    }
+}

@@ -110,7 +110,21 @@ pub enum AdminError {
     Refused(#[from] Refusal),
 }
 
+/// Runs a request from a local command: its audit record goes straight
+/// into the registry.
 pub async fn execute(ctx: &Context<'_>, caller: &Caller, req: Request) -> Response {
+    let (response, record) = execute_audited(ctx, caller, req).await;
+    if let Some(rec) = record {
+        if let Err(e) = ctx.registry.insert_audit(&[rec]).await {
+            tracing::warn!(error = %e, "cannot write the audit record of an admin change");
+        }
+    }
+    response
+}
+
+/// Runs a request; also returns the audit record it calls for, which the
+/// caller writes (the pivot through its batched, flood-summarising writer).
+pub async fn execute_audited(ctx: &Context<'_>, caller: &Caller, req: Request) -> (Response, Option<AuditRecord>) {
     // Changes are audited whatever their outcome; reads only when refused.
     let event = audit_event(&req).or_else(|| authorize(caller, &req).is_err().then_some("admin_denied"));
     let args = event.map(|_| match audit_args(&req) {
@@ -118,6 +132,7 @@ pub async fn execute(ctx: &Context<'_>, caller: &Caller, req: Request) -> Respon
         args => args,
     });
     let result = run(ctx, caller, req).await;
+    let mut record = None;
     if let (Some(event), Some(mut args)) = (event, args) {
         if let Ok(v) = &result {
             // What a removal deleted stays in the audit trail.
@@ -143,14 +158,13 @@ pub async fn execute(ctx: &Context<'_>, caller: &Caller, req: Request) -> Respon
             rec.target = Some(format!("operator:{name}"));
         }
         rec.args = Some(args);
-        if let Err(e) = ctx.registry.insert_audit(&[rec]).await {
-            tracing::warn!(error = %e, "cannot write the audit record of an admin change");
-        }
+        record = Some(rec);
     }
-    match result {
+    let response = match result {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e),
-    }
+    };
+    (response, record)
 }
 
 /// The audit event of a request that changes something; `None` for reads.

@@ -249,9 +249,12 @@ async fn writer(
         if !open {
             return;
         }
-        if let Some(keep) = retention {
-            if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
-                last_prune = Some(Instant::now());
+        if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+            last_prune = Some(Instant::now());
+            if let Err(e) = registry.prune_bans().await {
+                warn!(error = %e, "cannot delete expired bans");
+            }
+            if let Some(keep) = retention {
                 let before = now_unix().saturating_sub(keep.as_secs() as i64);
                 match registry.prune_audit(before).await {
                     Ok(0) => {}

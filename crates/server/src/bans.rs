@@ -100,8 +100,11 @@ pub(crate) struct Bans {
 
 #[derive(Default)]
 struct State {
-    /// Active bans and their end (Unix seconds).
+    /// Active bans and their end (Unix seconds), as last read from the registry.
     active: Vec<(IpNet, i64)>,
+    /// Bans this pivot decided that the registry did not show yet: they
+    /// hold here even if storing them is slow or fails.
+    local: Vec<(IpNet, i64)>,
     failures: HashMap<IpAddr, VecDeque<Instant>>,
 }
 
@@ -121,36 +124,50 @@ impl Bans {
     /// Whether `ip` is banned now. `ignoreip` wins over any ban, including
     /// one added by hand.
     pub fn banned(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         if self.ignored(ip) {
             return false;
         }
         let now = now_unix();
-        self.state.lock().unwrap().active.iter().any(|(net, until)| *until > now && net.contains(&ip))
+        let st = self.state.lock().unwrap();
+        st.active.iter().chain(&st.local).any(|(net, until)| *until > now && net.contains(&ip))
     }
 
     /// Bans in force now.
     pub fn active(&self) -> usize {
         let now = now_unix();
-        self.state.lock().unwrap().active.iter().filter(|(_, until)| *until > now).count()
+        let st = self.state.lock().unwrap();
+        st.active.iter().chain(&st.local).filter(|(_, until)| *until > now).count()
     }
 
-    /// Replaces the active bans with the registry's list.
+    /// Takes the registry's list of bans in force (a ban lifted there is
+    /// lifted here); bans decided here stay until the registry has them.
     pub fn reload(&self, active: Vec<(IpNet, i64)>) {
-        self.state.lock().unwrap().active = active;
+        let mut st = self.state.lock().unwrap();
+        let now = now_unix();
+        st.local.retain(|(net, until)| *until > now && !active.iter().any(|(n, _)| n == net));
+        st.active = active;
     }
 
-    /// Counts one failure from `ip`; returns the ban it triggers, if any.
-    pub fn failure(&self, ip: IpAddr) -> Option<NewBan> {
-        if self.ignored(ip) {
+    /// Counts one failure from `ip`, whose counts are kept per `source`
+    /// (see [`crate::limits::source_of`]); returns the ban it triggers, if any.
+    pub fn failure(&self, ip: IpAddr, source: IpAddr) -> Option<NewBan> {
+        if self.ignored(ip.to_canonical()) {
             return None;
         }
+        let ip = source;
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
         if st.failures.len() >= MAX_TRACKED && !st.failures.contains_key(&ip) {
+            // Forget counts that ran out, then (a spread-out attack) the
+            // oldest half: new sources are always counted.
             let window = self.config.findtime;
             st.failures.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < window));
             if st.failures.len() >= MAX_TRACKED {
-                return None;
+                let mut last: Vec<Instant> = st.failures.values().filter_map(|t| t.back().copied()).collect();
+                last.sort_unstable();
+                let cut = last[last.len() / 2];
+                st.failures.retain(|_, times| times.back().is_some_and(|t| *t > cut));
             }
         }
         let times = st.failures.entry(ip).or_default();
@@ -164,8 +181,12 @@ impl Bans {
         }
         st.failures.remove(&ip);
         let until = now_unix().saturating_add(self.config.bantime.as_secs() as i64);
-        let net = IpNet::from(ip);
-        st.active.push((net, until));
+        // IPv6 sources are counted, and banned, as their /64.
+        let net = match ip {
+            IpAddr::V6(_) => IpNet::new(ip, 64).unwrap_or(IpNet::from(ip)),
+            IpAddr::V4(_) => IpNet::from(ip),
+        };
+        st.local.push((net, until));
         Some(NewBan { net, until, failures: count })
     }
 }
@@ -214,17 +235,37 @@ mod tests {
     fn maxretry_failures_ban_a_source_but_never_an_ignored_one() {
         let bans = Bans::new(BanConfig { maxretry: 3, ignoreip: vec!["127.0.0.1/32".parse().unwrap()], ..Default::default() });
         let bad: IpAddr = "198.51.100.9".parse().unwrap();
-        assert!(bans.failure(bad).is_none());
-        assert!(bans.failure(bad).is_none());
-        let ban = bans.failure(bad).expect("third failure bans");
+        assert!(bans.failure(bad, bad).is_none());
+        assert!(bans.failure(bad, bad).is_none());
+        let ban = bans.failure(bad, bad).expect("third failure bans");
         assert_eq!(ban.net.to_string(), "198.51.100.9/32");
         assert!(bans.banned(bad));
         assert!(!bans.banned("198.51.100.10".parse().unwrap()));
         let me: IpAddr = "127.0.0.1".parse().unwrap();
         for _ in 0..10 {
-            assert!(bans.failure(me).is_none());
+            assert!(bans.failure(me, me).is_none());
         }
         assert!(!bans.banned(me));
+    }
+
+    #[test]
+    fn ipv6_sources_are_banned_by_their_64_and_reloads_keep_local_bans() {
+        let bans = Bans::new(BanConfig { maxretry: 1, ..Default::default() });
+        let a: IpAddr = "2001:db8:1:2::5".parse().unwrap();
+        let source = crate::limits::source_of(a);
+        let ban = bans.failure(a, source).unwrap();
+        assert_eq!(ban.net.to_string(), "2001:db8:1:2::/64");
+        assert!(bans.banned("2001:db8:1:2:ffff::1".parse().unwrap()));
+        assert!(!bans.banned("2001:db8:1:3::1".parse().unwrap()));
+        // The registry has not stored it yet: a reload keeps it.
+        bans.reload(Vec::new());
+        assert!(bans.banned(a));
+        // Mapped IPv4 addresses match IPv4 bans.
+        bans.reload(vec![("203.0.113.7/32".parse().unwrap(), now_unix() + 60)]);
+        assert!(bans.banned("::ffff:203.0.113.7".parse().unwrap()));
+        // localhost is never banned, whatever the list says.
+        bans.reload(vec![("127.0.0.0/8".parse().unwrap(), now_unix() + 60)]);
+        assert!(!bans.banned("127.0.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -75,6 +75,13 @@ pub struct Limits {
 
 /// Channels an unregistered key (the enrollment user) may hold open.
 pub const ENROLL_CHANNELS: usize = 2;
+/// `@burrow` requests an enrollment key may make on one connection.
+pub const ENROLL_REQUESTS: usize = 3;
+/// Bytes of admin requests one connection may buffer at once (an
+/// enrollment key: one request's worth).
+pub const CONN_ADMIN_BUFFER: usize = 4 * MAX_ADMIN_REQUEST;
+/// How long one `@burrow` request may take to arrive.
+pub const ADMIN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The largest single `@burrow` request.
 pub const MAX_ADMIN_REQUEST: usize = 64 * 1024;
 
@@ -123,6 +130,18 @@ impl Limits {
             ));
         }
         Ok(max_connections.min(usable - self.max_startups.full))
+    }
+}
+
+/// The address limits and bans count by: IPv4 (an IPv4-mapped IPv6 address
+/// counts as its IPv4 address), or an IPv6 /64, which one host usually owns whole.
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -316,6 +335,15 @@ mod tests {
         drop(s1);
         assert_eq!(gate.in_use(), 3);
         assert!(gate.admit(c).is_ok());
+    }
+
+    #[test]
+    fn sources_are_ipv4_or_an_ipv6_64() {
+        let s = |a: &str| source_of(a.parse().unwrap()).to_string();
+        assert_eq!(s("::ffff:203.0.113.7"), "203.0.113.7");
+        assert_eq!(s("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(s("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::");
+        assert_eq!(s("198.51.100.1"), "198.51.100.1");
     }
 
     #[test]

@@ -641,10 +641,15 @@ impl Registry {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Bans still in force, newest first; expired ones are deleted.
+    /// Deletes bans that ran out.
+    pub async fn prune_bans(&self) -> Result<(), RegistryError> {
+        sqlx::query("DELETE FROM bans WHERE until <= ?").bind(now_unix()).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Bans still in force, newest first.
     pub async fn bans(&self) -> Result<Vec<BanRecord>, RegistryError> {
         let now = now_unix();
-        sqlx::query("DELETE FROM bans WHERE until <= ?").bind(now).execute(&self.pool).await?;
         let rows = sqlx::query("SELECT * FROM bans WHERE until > ? ORDER BY created_at DESC, net")
             .bind(now)
             .fetch_all(&self.pool)

@@ -77,13 +77,26 @@ pub(crate) async fn serve(
                 }
             },
         };
+        // Devices' MQTT shares the SSH side's bans and unauthenticated slots:
+        // a source cannot hold descriptors here that SSH needs.
+        if shared.bans.banned(peer.ip()) {
+            shared.metrics.dropped("banned");
+            continue;
+        }
+        let slot = match shared.preauth.admit(crate::limits::source_of(peer.ip())) {
+            Ok(slot) => slot,
+            Err(why) => {
+                shared.metrics.dropped(why.kind());
+                continue;
+            }
+        };
         let (shared, upstream, topics, cancel) =
             (shared.clone(), upstream.clone(), topics.clone(), shutdown.child_token());
         let span = tracing::info_span!("mqtt", %peer);
         shared.clone().tracker.spawn(
             async move {
                 tokio::select! {
-                    r = client(&shared, stream, &upstream, &topics) => {
+                    r = client(&shared, stream, &upstream, &topics, slot) => {
                         if let Err(e) = r {
                             debug!("mqtt client closed: {e}");
                         }
@@ -96,7 +109,13 @@ pub(crate) async fn serve(
     }
 }
 
-async fn client(shared: &Shared, mut down: TcpStream, upstream: &Upstream, topics: &Topics) -> Result<(), GateError> {
+async fn client(
+    shared: &Shared,
+    mut down: TcpStream,
+    upstream: &Upstream,
+    topics: &Topics,
+    slot: crate::limits::PreAuthSlot,
+) -> Result<(), GateError> {
     let _ = down.set_nodelay(true);
     let (kind, body) =
         tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut down)).await.map_err(|_| GateError::NotConnect)??;
@@ -112,6 +131,7 @@ async fn client(shared: &Shared, mut down: TcpStream, upstream: &Upstream, topic
             return Err(e);
         }
     };
+    drop(slot);
     let allowed = Allowed {
         id: id.to_string(),
         presence: topics.presence(id.as_str()),
@@ -154,7 +174,8 @@ async fn client(shared: &Shared, mut down: TcpStream, upstream: &Upstream, topic
     };
     info!(device = %id, "mqtt client disconnected");
     if let Err(GateError::Denied { .. }) = &result {
-        warn!(device = %id, "{}", result.as_ref().unwrap_err());
+        let why = result.as_ref().unwrap_err().to_string();
+        warn!(device = %id, "{}", burrow_core::text::printable(&why));
     }
     result
 }

@@ -16,6 +16,7 @@ use super::handler::{ConnState, Connection};
 use super::kexinit::Sniffer;
 use super::stream::PacketStream;
 use crate::audit::AuditRecord;
+use crate::limits::source_of;
 use crate::registry::Identity;
 use crate::shards::Shards;
 use crate::Shared;
@@ -50,23 +51,24 @@ pub(crate) async fn serve(
         backoff = Duration::from_millis(10);
         let accepted = Instant::now();
         shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        let source = source_of(peer.ip());
         // A banned source gets not a byte: the socket closes unanswered.
         if shared.bans.banned(peer.ip()) {
             shared.metrics.dropped("banned");
             debug!(%peer, "connection from a banned address dropped");
             let mut rec = AuditRecord::new("connection_dropped").outcome(false, Some("banned".into()));
             rec.source = Some(peer.to_string());
-            shared.audit.failure(peer.ip(), rec);
+            shared.audit.failure(source, rec);
             continue;
         }
-        let slot = match shared.preauth.admit(peer.ip()) {
+        let slot = match shared.preauth.admit(source) {
             Ok(slot) => slot,
             Err(why) => {
                 shared.metrics.dropped(why.kind());
                 debug!(%peer, reason = why.kind(), "connection dropped before authentication");
                 let mut rec = AuditRecord::new("connection_dropped").outcome(false, Some(why.kind().into()));
                 rec.source = Some(peer.to_string());
-                shared.audit.failure(peer.ip(), rec);
+                shared.audit.failure(source, rec);
                 continue;
             }
         };
@@ -81,7 +83,13 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let state = Arc::new(ConnState::new(slot, stream.try_clone().ok()));
+        // The grace time closes the socket through this duplicate; without
+        // one (no descriptor left) the connection cannot be served safely.
+        let Ok(killer) = stream.try_clone() else {
+            shared.metrics.dropped("no_descriptor");
+            continue;
+        };
+        let state = Arc::new(ConnState::new(slot, killer));
         let task = handle(shared.clone(), ssh.clone(), stream, peer, conn, state, accepted, shutdown.child_token());
         shards.spawn(
             &shared.tracker,
@@ -116,7 +124,8 @@ async fn handle(
     let handler = Connection::new(shared.clone(), conn, peer, state.clone());
     let grace = shared.config.limits.login_grace;
     let deadline = tokio::time::Instant::from_std(accepted + grace);
-    let stream = PacketStream::new(stream).sniffing(Sniffer::new(shared.ssh_lists.clone(), state.negotiated.clone()));
+    let sniffer = Sniffer::new(shared.ssh_lists.clone(), state.negotiated.clone(), state.spoke.clone());
+    let stream = PacketStream::new(stream).sniffing(sniffer);
     // Boxed: the handshake future is large and would otherwise stay inside
     // this task for the whole life of an idle tunnel.
     let handshake = Box::pin(russh::server::run_stream(ssh, stream, handler));
@@ -124,7 +133,10 @@ async fn handle(
         Ok(Ok(running)) => running,
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");
-            failed(&shared, &state, peer, conn, format!("protocol error: {e}"));
+            // A bare connect-and-close (a health check, `nc -z`) is no failure.
+            if state.spoke.load(Ordering::Relaxed) {
+                failed(&shared, &state, peer, conn, format!("protocol error: {e}"));
+            }
             return;
         }
         Err(_) => {
@@ -184,8 +196,10 @@ async fn handle(
                 failed(&shared, &state, peer, conn, why);
             }
         }
-        for r in rejected {
-            failed(&shared, &state, peer, conn, r);
+        // One failure per connection, however many keys it tried: a client
+        // with a full ssh-agent is not five attackers.
+        if !rejected.is_empty() {
+            failed(&shared, &state, peer, conn, rejected.join("; "));
         }
     }
     shared.router.remove_session(conn);
@@ -228,11 +242,13 @@ pub(crate) fn failed(shared: &Arc<Shared>, state: &ConnState, peer: SocketAddr, 
         rec.cipher = Some(n.cipher.clone());
         rec.kex = Some(n.kex.clone());
     }
-    let ban = shared.bans.failure(peer.ip());
+    let source = source_of(peer.ip());
+    // Already banned (its live connections finishing): nothing more to count.
+    let ban = if shared.bans.banned(peer.ip()) { None } else { shared.bans.failure(peer.ip(), source) };
     if let Some(ban) = &ban {
         rec.ban = Some(format!("banned {} until {}", ban.net, burrow_core::time::format_unix(ban.until)));
     }
-    shared.audit.failure(peer.ip(), rec);
+    shared.audit.failure(source, rec);
     if let Some(ban) = ban {
         crate::bans::record(shared, ban);
     }

@@ -4,11 +4,11 @@
 //! forwarding to grant, because no session channel is ever opened.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burrow_core::fingerprint;
-use burrow_core::text::printable;
+use burrow_core::text::{excerpt, printable};
 use russh::keys::ssh_key::{Algorithm, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::Channel;
@@ -19,7 +19,11 @@ use super::kexinit::NegotiatedSlot;
 use super::rpc;
 use crate::admin::Caller;
 use crate::audit::AuditRecord;
-use crate::limits::{Counter, PreAuthSlot, ENROLL_CHANNELS};
+use crate::limits::{Counter, PreAuthSlot, ENROLL_CHANNELS, ENROLL_REQUESTS};
+
+/// Forward and cancel requests allowed per forwardable port, over a
+/// connection's life: a device binds its ports once, not in a loop.
+const FORWARD_REQUESTS_PER_PORT: usize = 4;
 use crate::registry::{Identity, RegistryError};
 use crate::router::{Bind, ConnId, Session as RouterSession};
 use crate::Shared;
@@ -43,6 +47,14 @@ pub(crate) struct ConnState {
     pub tunnel_since: OnceLock<i64>,
     /// Failures of this connection were already counted.
     pub counted: AtomicBool,
+    /// The peer sent at least one byte (a bare connect-and-close is no failure).
+    pub spoke: Arc<AtomicBool>,
+    /// Bytes of `@burrow` requests this connection has buffered now.
+    pub admin_buffered: Arc<Counter>,
+    /// `@burrow` channels an enrollment key has opened, ever.
+    pub enroll_requests: AtomicUsize,
+    /// `tcpip-forward` and cancel requests, ever.
+    pub forward_requests: AtomicUsize,
     // std Mutexes: each is taken for a field update, never across .await.
     /// Until authentication: the connection's unauthenticated slot, and a
     /// duplicate of its socket to close it with when the grace time ends
@@ -59,12 +71,17 @@ struct Attempts {
 }
 
 impl ConnState {
-    pub fn new(slot: PreAuthSlot, killer: Option<std::net::TcpStream>) -> Self {
+    pub fn new(slot: PreAuthSlot, killer: std::net::TcpStream) -> Self {
+        let killer = Some(killer);
         ConnState {
             identity: OnceLock::new(),
             negotiated: Default::default(),
             tunnel_since: OnceLock::new(),
             counted: AtomicBool::new(false),
+            spoke: Default::default(),
+            admin_buffered: Default::default(),
+            enroll_requests: AtomicUsize::new(0),
+            forward_requests: AtomicUsize::new(0),
             preauth: Mutex::new(Some((slot, killer))),
             attempts: Mutex::default(),
         }
@@ -86,7 +103,7 @@ impl ConnState {
     }
 
     fn attempt(&self, user: &str, fp: &str) {
-        self.attempts.lock().unwrap().last = Some((printable(user).into_owned(), Some(fp.to_string())));
+        self.attempts.lock().unwrap().last = Some((excerpt(user, 64), Some(fp.to_string())));
     }
 
     fn reject(&self, why: String) {
@@ -133,7 +150,7 @@ impl Connection {
 
     /// Logs a refused key now; it counts as a failure if the connection never gets in.
     fn refuse_key(&self, user: &str, fp: &str, why: &str) -> Auth {
-        info!(peer = %self.peer, conn = self.conn, user = %printable(user), fingerprint = fp, "key refused: {why}");
+        info!(peer = %self.peer, conn = self.conn, user = %excerpt(user, 64), fingerprint = fp, "key refused: {why}");
         self.state.reject(format!("{why} ({fp})"));
         Auth::reject()
     }
@@ -183,7 +200,7 @@ impl Handler for Connection {
         match self.lookup(key.public_key).await? {
             Some(found) => {
                 debug!(user, identity = %found.0, "public key accepted");
-                self.authed = Some((printable(user).into_owned(), fp));
+                self.authed = Some((excerpt(user, 64), fp));
                 self.pending = Some(found);
                 Ok(Auth::Accept)
             }
@@ -194,10 +211,11 @@ impl Handler for Connection {
                 if Box::pin(self.shared.registry.key_registered(&fp)).await? {
                     return Ok(self.refuse_key(user, &fp, "a registered or revoked key may not enroll"));
                 }
+                // It keeps its unauthenticated slot and grace time: it must
+                // enroll and leave within them.
                 info!(peer = %self.peer, fingerprint = %fp, "enrollment key authenticated");
                 self.authed = Some((ENROLL_USER.to_string(), fp));
                 self.enrollee = Some(key.public_key.clone());
-                self.state.preauth.lock().unwrap().take();
                 Ok(Auth::Accept)
             }
             None => Ok(self.refuse_key(user, &fp, "unknown key")),
@@ -205,11 +223,12 @@ impl Handler for Connection {
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
-        // The unauthenticated slot and the socket duplicate go back now.
-        self.state.preauth.lock().unwrap().take();
         let Some((identity, fp)) = self.pending.take() else {
             return Ok(());
         };
+        // A registered peer gives its unauthenticated slot and the socket
+        // duplicate back now.
+        self.state.preauth.lock().unwrap().take();
         info!(peer = %self.peer, conn = self.conn, "{identity} authenticated");
         self.shared.router.add_session(
             self.conn,
@@ -261,6 +280,11 @@ impl Handler for Connection {
             return Ok(());
         };
         if host_to_connect == RPC_HOST && port_to_connect == RPC_PORT {
+            if self.identity().is_none() && self.state.enroll_requests.fetch_add(1, Ordering::Relaxed) >= ENROLL_REQUESTS {
+                info!(peer = %self.peer, conn = self.conn, "enrollment channel refused: {ENROLL_REQUESTS} requests already made");
+                Box::pin(refuse(&self.shared, reply, Refusal::TooManyChannels(ENROLL_REQUESTS))).await;
+                return Ok(());
+            }
             let caller = match (self.identity(), &self.enrollee) {
                 (Some(identity), _) => Caller::from_identity(identity),
                 (None, Some(key)) => Caller::Enrollee(key.clone()),
@@ -314,6 +338,10 @@ impl Handler for Connection {
             return Ok(false);
         }
         let max = self.shared.config.limits.max_forwards;
+        if self.state.forward_requests.fetch_add(1, Ordering::Relaxed) >= max * FORWARD_REQUESTS_PER_PORT {
+            warn!(device = %id, "tcpip-forward refused: too many forward requests on this connection");
+            return Ok(false);
+        }
         if self.shared.router.tunnel(&id).is_some_and(|t| t.conn == self.conn && t.ports.len() >= max && !t.ports.contains(port)) {
             warn!(device = %id, port = *port, max, "tcpip-forward refused: too many ports forwarded on this connection");
             return Ok(false);
@@ -332,11 +360,13 @@ impl Handler for Connection {
             });
         }
         info!(device = %id, port = *port, "tunnel port open");
-        let _ = self.state.tunnel_since.set(burrow_core::time::now_unix());
-        let mut rec = self.audit("tunnel_up");
-        rec.target = Some(format!("{id}:{port}"));
-        rec.started = self.state.tunnel_since.get().copied();
-        self.shared.audit.record(rec);
+        // One record per connection's tunnel, not per forward request.
+        if self.state.tunnel_since.set(burrow_core::time::now_unix()).is_ok() {
+            let mut rec = self.audit("tunnel_up");
+            rec.target = Some(format!("{id}:{port}"));
+            rec.started = self.state.tunnel_since.get().copied();
+            self.shared.audit.record(rec);
+        }
         Box::pin(self.shared.registry.tunnel_up(&id, &self.shared.config.pivot_name, &ports)).await?;
         if let Some(signal) = &self.shared.signal {
             signal.tunnel_bound(&id);
@@ -354,6 +384,10 @@ impl Handler for Connection {
             return Ok(false);
         };
         if address != id.as_str() {
+            return Ok(false);
+        }
+        let max = self.shared.config.limits.max_forwards;
+        if self.state.forward_requests.fetch_add(1, Ordering::Relaxed) >= max * FORWARD_REQUESTS_PER_PORT {
             return Ok(false);
         }
         let Some(left) = self.shared.router.unbind(&id, self.conn, port) else {

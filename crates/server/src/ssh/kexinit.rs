@@ -6,6 +6,7 @@
 //! the client's list that the server also supports. [`Sniffer`] copies the
 //! bytes up to the end of that packet, then frees itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// The longest first packet we look at; OpenSSH's KEXINIT is about 1.5 KiB.
@@ -43,15 +44,20 @@ pub(crate) struct Sniffer {
     buf: Vec<u8>,
     lists: Arc<ServerLists>,
     out: NegotiatedSlot,
+    /// Set once the client sent anything at all.
+    spoke: Arc<AtomicBool>,
 }
 
 impl Sniffer {
-    pub fn new(lists: Arc<ServerLists>, out: NegotiatedSlot) -> Self {
-        Sniffer { buf: Vec::new(), lists, out }
+    pub fn new(lists: Arc<ServerLists>, out: NegotiatedSlot, spoke: Arc<AtomicBool>) -> Self {
+        Sniffer { buf: Vec::new(), lists, out, spoke }
     }
 
     /// Takes bytes read from the client; true once done (found, or given up).
     pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        if !bytes.is_empty() {
+            self.spoke.store(true, Ordering::Relaxed);
+        }
         let room = MAX_CAPTURE.saturating_sub(self.buf.len());
         self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
         match first_packet(&self.buf) {
@@ -157,7 +163,7 @@ mod tests {
             "",
         ]));
         let out: NegotiatedSlot = Default::default();
-        let mut s = Sniffer::new(lists(), out.clone());
+        let mut s = Sniffer::new(lists(), out.clone(), Default::default());
         // Byte by byte: a packet split across reads.
         let mut done = false;
         for b in &bytes {
@@ -176,10 +182,10 @@ mod tests {
     #[test]
     fn garbage_gives_up_without_a_result() {
         let out: NegotiatedSlot = Default::default();
-        let mut s = Sniffer::new(lists(), out.clone());
+        let mut s = Sniffer::new(lists(), out.clone(), Default::default());
         assert!(s.feed(b"SSH-2.0-x\r\n\xff\xff\xff\xff"));
         assert!(out.get().is_none());
-        let mut s = Sniffer::new(lists(), out.clone());
+        let mut s = Sniffer::new(lists(), out.clone(), Default::default());
         assert!(!s.feed(b"GET / HTTP/1.1\r\n"));
         assert!(s.feed(&vec![b'a'; MAX_CAPTURE]));
     }

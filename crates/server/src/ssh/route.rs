@@ -8,7 +8,7 @@ use burrow_core::rpc::{allowed, Selector};
 use burrow_core::Id;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::Channel;
-use burrow_core::text::printable;
+use burrow_core::text::excerpt;
 use std::time::Instant;
 use tracing::{info, warn};
 
@@ -34,7 +34,7 @@ impl Request {
         rec.source = Some(self.peer.to_string());
         rec.session = Some(shared.session_id(self.conn));
         rec.operator = Some(self.operator.to_string());
-        rec.target = Some(format!("{}:{}", printable(&self.host), self.port));
+        rec.target = Some(format!("{}:{}", excerpt(&self.host, 80), self.port));
         rec
     }
 }
@@ -56,7 +56,7 @@ pub(crate) async fn open_for_operator(
         let (id, tunnel) = match resolve(&shared, &req).await {
             Ok(found) => found,
             Err(refusal) => {
-                info!(operator = %req.operator, peer = %req.peer, conn = req.conn, host = %printable(&req.host), port = req.port, "refused: {refusal}");
+                info!(operator = %req.operator, peer = %req.peer, conn = req.conn, host = %excerpt(&req.host, 80), port = req.port, "refused: {refusal}");
                 refused(&shared, &req, reply, refusal).await;
                 return;
             }
@@ -129,7 +129,7 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
     let name = strip_suffix(&req.host, &shared.config.host_suffix);
     let id = match Id::parse(name) {
         Ok(id) => id,
-        Err(_) => return Err(Refusal::Unknown(printable(name).into_owned())),
+        Err(_) => return Err(Refusal::Unknown(excerpt(name, 80))),
     };
     check_allowed(shared, &req.operator, &id).await?;
     if let Some(tunnel) = shared.router.tunnel(&id) {

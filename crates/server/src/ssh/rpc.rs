@@ -14,7 +14,18 @@ use tracing::info;
 use super::accept::failed;
 use super::handler::ConnState;
 use crate::admin::{self, Caller};
-use crate::limits::{Counted, MAX_ADMIN_REQUEST};
+use crate::limits::{source_of, Counted, Counter, ADMIN_REQUEST_TIMEOUT, CONN_ADMIN_BUFFER, MAX_ADMIN_REQUEST};
+
+/// Takes `n` more bytes of `counter` (up to `max`) into `held`.
+fn reserve(held: &mut Option<Counted>, counter: &Arc<Counter>, n: usize, max: usize) -> bool {
+    match held {
+        Some(h) => h.grow(n, max),
+        None => {
+            *held = counter.try_add(n, max);
+            held.is_some()
+        }
+    }
+}
 use crate::Shared;
 
 /// Where a request came from, for failures and the audit.
@@ -35,23 +46,28 @@ pub(crate) async fn serve(
     reply.accept().await;
     let mut buf = Vec::new();
     // What this request holds of the pivot-wide admin buffer.
+    // What this request holds of the pivot-wide buffer, and of its connection's share.
     let mut held: Option<Counted> = None;
+    let mut mine: Option<Counted> = None;
     let limit = shared.config.limits.admin_buffer;
+    let share = if matches!(caller, Caller::Enrollee(_)) { MAX_ADMIN_REQUEST } else { CONN_ADMIN_BUFFER };
+    let deadline = tokio::time::Instant::now() + ADMIN_REQUEST_TIMEOUT;
+    let busy = || (Response::err("pivot busy: too many admin requests in progress; retry shortly"), false);
     let (response, mutated) = loop {
-        match channel.wait().await {
+        let msg = match tokio::time::timeout_at(deadline, channel.wait()).await {
+            Ok(msg) => msg,
+            Err(_) => break (Response::err(format!("request not complete within {ADMIN_REQUEST_TIMEOUT:?}")), false),
+        };
+        match msg {
             Some(ChannelMsg::Data { data }) => {
                 if buf.len() + data.len() > MAX_ADMIN_REQUEST {
                     break (Response::err(format!("request too large (limit {MAX_ADMIN_REQUEST} bytes)")), false);
                 }
-                let reserved = match &mut held {
-                    Some(h) => h.grow(data.len(), limit),
-                    None => {
-                        held = shared.admin_buffered.try_add(data.len(), limit);
-                        held.is_some()
-                    }
-                };
-                if !reserved {
-                    break (Response::err("pivot busy: too many admin requests in progress; retry shortly"), false);
+                if !reserve(&mut mine, &from.state.admin_buffered, data.len(), share) {
+                    break busy();
+                }
+                if !reserve(&mut held, &shared.admin_buffered, data.len(), limit) {
+                    break busy();
                 }
                 buf.extend_from_slice(&data);
                 if let Some(end) = buf.iter().position(|b| *b == b'\n') {
@@ -64,7 +80,7 @@ pub(crate) async fn serve(
         }
     };
     drop(buf);
-    drop(held);
+    drop((held, mine));
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
     let _ = channel.data(&out[..]).await;
@@ -93,14 +109,23 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
         pivot: Some(shared.config.pivot_name.clone()),
     };
     let ctx = admin::Context { registry: &shared.registry, host_key: shared.host_key.clone(), origin };
-    let response = admin::execute(&ctx, caller, req).await;
+    let (response, record) = admin::execute_audited(&ctx, caller, req).await;
+    if let Some(rec) = record {
+        // Refusals are summarised per source like failed logins, so that a
+        // request loop cannot fill the audit.
+        match response.ok {
+            true => shared.audit.record(rec),
+            false => shared.audit.failure(source_of(from.peer.ip()), rec),
+        }
+    }
     info!(
         ?caller, peer = %from.peer, conn = from.conn, op = %what, ok = response.ok,
         error = %printable(response.error.as_deref().unwrap_or("")), "admin request"
     );
     if enrolling && !response.ok {
         // A refused token counts toward a ban like a refused key.
-        failed(shared, &from.state, from.peer, from.conn, format!("enrollment refused: {}", response.error.as_deref().unwrap_or("")));
+        let why = format!("enrollment refused: {}", response.error.as_deref().unwrap_or(""));
+        failed(shared, &from.state, from.peer, from.conn, why);
     }
     let mutated = mutates && response.ok;
     (response, mutated)
