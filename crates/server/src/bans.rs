@@ -268,6 +268,16 @@ mod tests {
         assert!(!bans.banned("127.0.0.1".parse().unwrap()));
     }
 
+    proptest::proptest! {
+        /// Any text: no panic; a parsed net contains its own address.
+        #[test]
+        fn nets_never_panic(s in "\\PC{0,45}") {
+            if let Ok(net) = parse_net(&s) {
+                proptest::prop_assert!(net.contains(&net.addr()));
+            }
+        }
+    }
+
     #[test]
     fn nets_parse_from_addresses_and_cidrs() {
         assert_eq!(parse_net("203.0.113.7").unwrap().to_string(), "203.0.113.7/32");

@@ -309,6 +309,17 @@ impl Drop for Counted {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any text: no panic; whatever parses prints back the same.
+        #[test]
+        fn max_startups_never_panics_and_round_trips(s in "\\PC{0,20}|[0-9]{1,5}(:[0-9]{1,3}:[0-9]{1,5})?") {
+            if let Ok(m) = s.parse::<MaxStartups>() {
+                proptest::prop_assert_eq!(m.to_string().parse::<MaxStartups>().unwrap(), m);
+                proptest::prop_assert!(m.start <= m.full && m.rate <= 100);
+            }
+        }
+    }
+
     #[test]
     fn max_startups_parses_like_openssh() {
         assert_eq!("10:30:100".parse::<MaxStartups>().unwrap(), MaxStartups { start: 10, rate: 30, full: 100 });

@@ -369,6 +369,34 @@ fn subscribe_filters(body: &[u8]) -> Result<Vec<String>, GateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever a device sends, the gate's parsers answer without
+        /// panicking, and a packet is never bigger than MAX_PACKET.
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Connect::parse(&bytes);
+            let _ = publish_topic(&bytes);
+            let _ = subscribe_filters(&bytes);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            if let Ok((_, body)) = rt.block_on(read_packet(&mut &bytes[..])) {
+                prop_assert!(body.len() <= MAX_PACKET);
+            }
+        }
+
+        /// encode_packet and read_packet agree for every length.
+        #[test]
+        fn packets_round_trip(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let wire = encode_packet(kind, &body);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (k, b) = rt.block_on(read_packet(&mut &wire[..])).unwrap();
+            prop_assert_eq!(k, kind);
+            prop_assert_eq!(b, body);
+        }
+    }
 
     #[test]
     fn connect_round_trips_with_new_credentials() {

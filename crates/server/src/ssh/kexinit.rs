@@ -179,6 +179,43 @@ mod tests {
         assert_eq!(n.mac, "hmac-sha2-256");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes, split anywhere: no panic, and the same answer as whole.
+        #[test]
+        fn any_bytes_split_anywhere_give_the_same_answer(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            cut in 0usize..2000,
+        ) {
+            let whole: NegotiatedSlot = Default::default();
+            Sniffer::new(lists(), whole.clone(), Default::default()).feed(&bytes);
+            let split: NegotiatedSlot = Default::default();
+            let mut s = Sniffer::new(lists(), split.clone(), Default::default());
+            let cut = cut.min(bytes.len());
+            if !s.feed(&bytes[..cut]) {
+                s.feed(&bytes[cut..]);
+            }
+            proptest::prop_assert_eq!(whole.get(), split.get());
+        }
+
+        /// A real KEXINIT with random name lists always yields an answer
+        /// drawn from the lists.
+        #[test]
+        fn kexinit_with_any_names_negotiates_within_the_lists(
+            names in proptest::collection::vec("[a-z0-9@.-]{1,20}(,[a-z0-9@.-]{1,20}){0,4}", 10),
+        ) {
+            let mut bytes = b"SSH-2.0-x\r\n".to_vec();
+            let lists10: [&str; 10] = std::array::from_fn(|i| names[i].as_str());
+            bytes.extend(kexinit(lists10));
+            let out: NegotiatedSlot = Default::default();
+            proptest::prop_assert!(Sniffer::new(lists(), out.clone(), Default::default()).feed(&bytes));
+            let n = out.get().expect("parsed");
+            proptest::prop_assert!(n.kex == NONE_IN_COMMON || lists().kex.contains(&n.kex));
+            proptest::prop_assert!(n.cipher == NONE_IN_COMMON || lists().cipher.contains(&n.cipher));
+        }
+    }
+
     #[test]
     fn garbage_gives_up_without_a_result() {
         let out: NegotiatedSlot = Default::default();
