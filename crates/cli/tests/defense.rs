@@ -852,3 +852,44 @@ fn a_device_topic_cannot_forge_log_lines() {
         assert!(line.contains("x\\n2026"), "forged line: {line}");
     }
 }
+
+#[test]
+fn ban_and_audit_commands_are_for_admins_locally_and_over_ssh() {
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
+    let admin = KeyPair::generate(op.dir.path(), "admin");
+    pivot.admin_ok(&["operator", "add", "root-admin", "--admin", "--key", admin.public.to_str().unwrap()]);
+    let remote = |key: &KeyPair, args: &[&str]| {
+        Command::new(BURROW)
+            .args(["--pivot", &pivot.addr.to_string(), "--identity", key.private.to_str().unwrap()])
+            .args(["--pivot-fingerprint", pivot.host_key_pub().to_str().unwrap()])
+            .args(args)
+            .env("HOME", op.dir.path())
+            .output()
+            .unwrap()
+    };
+    // A plain operator may not, and the refusal itself is audited.
+    for args in [&["ban", "list"][..], &["audit"], &["ban", "add", "203.0.113.7"]] {
+        let out = remote(&op.key, args);
+        assert!(stderr(&out).contains("does not have the admin role"), "{args:?}: {}", stderr(&out));
+    }
+    wait_audit(&pivot, &["--event", "admin_denied", "--operator", "alice"], |r| r.len() >= 2);
+    // An admin may, remotely.
+    let out = remote(&admin, &["ban", "add", "203.0.113.0/24", "--for", "2h"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("banned 203.0.113.0/24 until "), "{}", stdout(&out));
+    let out = remote(&admin, &["ban", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["net"], "203.0.113.0/24");
+    assert_eq!(list[0]["by"], "operator:root-admin");
+    // Bans of everyone or of localhost are refused.
+    for net in ["0.0.0.0/0", "127.0.0.1", "::/0"] {
+        let out = remote(&admin, &["ban", "add", net]);
+        assert!(!out.status.success(), "{net} was banned");
+    }
+    let out = remote(&admin, &["audit", "--json", "--event", "ban_add"]);
+    assert!(stdout(&out).contains("203.0.113.0/24"), "{}", stdout(&out));
+    let out = remote(&admin, &["ban", "remove", "203.0.113.0/24"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = remote(&admin, &["audit", "--event", "bogus"]);
+    assert!(stderr(&out).contains("unknown event 'bogus'"), "{}", stderr(&out));
+}

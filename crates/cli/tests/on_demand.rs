@@ -144,6 +144,12 @@ fn ssh_through_a_sleeping_device(broker: Broker) {
     assert_eq!(stdout(&out).trim(), "woke");
     assert!(f.pivot.is_online("cam-42"));
     assert!(f.agent_log().contains("wake request; dialing the pivot"));
+    // The wake-up and its outcome are in the audit trail.
+    let woke = wait_until(Duration::from_secs(5), || {
+        let out = f.pivot.admin_ok(&["audit", "--json", "--event", "wake", "--device", "cam-42"]);
+        out.lines().any(|l| l.contains("\"outcome\":\"success\"") && l.contains("\"operator\":\"alice\""))
+    });
+    assert!(woke, "no wake record");
 }
 
 fn tunnel_closes_after_the_idle_grace(broker: Broker) {
@@ -262,6 +268,11 @@ fn silent_device_did_not_answer(broker: Broker) {
     let _ = Command::new("kill").args(["-CONT", &pid]).status();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("device 'cam-42' did not answer within 2s"), "{}", stderr(&out));
+    let failed = wait_until(Duration::from_secs(5), || {
+        let out = f.pivot.admin_ok(&["audit", "--json", "--event", "wake", "--device", "cam-42"]);
+        out.lines().any(|l| l.contains("\"outcome\":\"failure\"") && l.contains("did not answer"))
+    });
+    assert!(failed, "no failed wake record");
 }
 
 /// A raw MQTT client on Mosquitto, standing in for an attacker with broker access.
