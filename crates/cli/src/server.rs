@@ -81,6 +81,9 @@ struct LimitArgs {
     /// Ports one device connection may forward.
     #[arg(long, default_value_t = 16)]
     max_forwards: usize,
+    /// Connections one key (operator or device) may hold at once.
+    #[arg(long, default_value_t = 32)]
+    max_sessions_per_key: usize,
     /// Bytes of admin requests buffered across the whole pivot.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     admin_buffer: usize,
@@ -172,6 +175,7 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
         per_source_startups: l.per_source_max_startups,
         max_channels: l.max_channels,
         max_forwards: l.max_forwards,
+        max_sessions_per_key: l.max_sessions_per_key,
         admin_buffer: l.admin_buffer,
         fd_reserve: l.fd_reserve,
     };

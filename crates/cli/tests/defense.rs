@@ -893,3 +893,75 @@ fn ban_and_audit_commands_are_for_admins_locally_and_over_ssh() {
     let out = remote(&admin, &["audit", "--event", "bogus"]);
     assert!(stderr(&out).contains("unknown event 'bogus'"), "{}", stderr(&out));
 }
+
+// Second review: an answer the client never read (its window kept at 0)
+// parked the request task, and with it the connection's unauthenticated
+// slot, after the connection was gone.
+#[test]
+fn an_unread_admin_answer_does_not_keep_the_unauthenticated_slot() {
+    let pivot = TestPivot::start_with(BURROW, &["--per-source-max-startups", "3", "--login-grace-time", "3s"]);
+    let dir = tempfile::tempdir().unwrap();
+    let key = load_key(&KeyPair::generate(dir.path(), "stranger"));
+    runtime().block_on(async {
+        for _ in 0..5 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let tcp = sock.connect(pivot.addr).await.unwrap();
+            let config = client::Config { window_size: 0, ..Default::default() };
+            let mut h = client::connect_stream(Arc::new(config), tcp, Anything).await.unwrap();
+            let r = h.authenticate_publickey("enroll", PrivateKeyWithHashAlg::new(key.clone(), None)).await.unwrap();
+            assert!(r.success());
+            let ch = h.channel_open_direct_tcpip(RPC_HOST, RPC_PORT, "127.0.0.1", 0).await.unwrap();
+            ch.data(&b"x\n"[..]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(h);
+        }
+        // The source still gets served: its slots came back with its connections.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(login(pivot.addr, "127.0.0.2", "enroll", &key).await.unwrap().is_some(), "slots leaked");
+    });
+}
+
+// Second review: one registered key could take every connection.
+#[test]
+fn one_key_holds_a_bounded_number_of_connections_and_is_not_banned_for_it() {
+    let args = ["--max-sessions-per-key", "3", "--ban-ignoreip", "127.0.0.1/32", "--ban-maxretry", "2"];
+    let (pivot, op) = TestPivot::with_operator(BURROW, &args);
+    let key = load_key(&op.key);
+    runtime().block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(login(pivot.addr, "127.0.0.2", "alice", &key).await.unwrap().expect("within the limit"));
+        }
+        for _ in 0..3 {
+            assert!(login(pivot.addr, "127.0.0.2", "alice", &key).await.unwrap().is_none(), "past the limit");
+        }
+        held.pop().unwrap().disconnect(russh::Disconnect::ByApplication, "", "en").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(login(pivot.addr, "127.0.0.2", "alice", &key).await.unwrap().is_some(), "a freed place was not reusable");
+    });
+    assert!(pivot.proc.log_text().contains("the key already holds 3 connections"));
+    assert_eq!(pivot.admin_ok(&["ban", "list", "--json"]).trim(), "[]", "hitting the limit is no failure");
+}
+
+// Second review: garbage on the devices' MQTT port never counted toward a ban.
+#[test]
+fn mqtt_garbage_counts_toward_a_ban_like_ssh_garbage() {
+    let pivot = TestPivot::start_with(BURROW, &["--ban-ignoreip", "127.0.0.1/32", "--ban-maxretry", "3"]);
+    let mqtt = pivot.mqtt_addr.unwrap();
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.2", mqtt);
+        s.write_all(&[0x30, 0x00]).unwrap(); // a PUBLISH where CONNECT must come first
+        assert!(closed_within(&mut s, Duration::from_secs(5)));
+    }
+    // A bare connect-and-close is not counted; the three above are.
+    drop(connect_from("127.0.0.3", mqtt));
+    assert!(wait_until(Duration::from_secs(5), || {
+        let mut s = connect_from("127.0.0.2", pivot.addr);
+        closed_within(&mut s, Duration::from_secs(1))
+    }));
+    let bans = pivot.admin_ok(&["ban", "list"]);
+    assert!(bans.contains("127.0.0.2/32") && !bans.contains("127.0.0.3"), "{bans}");
+    let recs = wait_audit(&pivot, &["--source", "127.0.0.2", "--event", "auth"], |r| r.len() >= 3);
+    assert!(recs.iter().all(|r| r["method"] == "mqtt"), "{recs:?}");
+}

@@ -64,12 +64,23 @@ impl BanConfig {
 }
 
 /// Parses `IP` or `IP/PREFIX`; a bare address is a single-host network.
+/// An IPv4-mapped IPv6 net (`::ffff:a.b.c.d/n`) becomes the IPv4 net it
+/// means, since peers' addresses are compared in that form.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net.trunc());
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => s
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("'{s}' is not an IP address or CIDR (e.g. 203.0.113.7 or 203.0.113.0/24)"))?,
+    };
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            return IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).map(|n| n.trunc()).map_err(|e| e.to_string());
+        }
     }
-    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("'{s}' is not an IP address or CIDR (e.g. 203.0.113.7 or 203.0.113.0/24)"))
+    Ok(net)
 }
 
 /// Refuses bans that would lock out everyone or the pivot host itself.
@@ -284,5 +295,7 @@ mod tests {
         assert_eq!(parse_net("203.0.113.7/24").unwrap().to_string(), "203.0.113.0/24");
         assert_eq!(parse_net("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
         assert!(parse_net("cam-42").is_err());
+        assert_eq!(parse_net("::ffff:203.0.113.7").unwrap().to_string(), "203.0.113.7/32");
+        assert_eq!(parse_net("::ffff:203.0.113.0/120").unwrap().to_string(), "203.0.113.0/24");
     }
 }

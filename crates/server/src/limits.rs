@@ -66,6 +66,8 @@ pub struct Limits {
     pub max_channels: usize,
     /// Ports one device connection may forward.
     pub max_forwards: usize,
+    /// Connections one key may hold at once.
+    pub max_sessions_per_key: usize,
     /// Bytes of `@burrow` requests buffered across the whole pivot.
     pub admin_buffer: usize,
     /// Descriptors held back from connections, for the registry, the
@@ -94,6 +96,7 @@ impl Default for Limits {
             per_source_startups: 10,
             max_channels: 64,
             max_forwards: 16,
+            max_sessions_per_key: 32,
             admin_buffer: 4 * 1024 * 1024,
             fd_reserve: 128,
         }
@@ -113,8 +116,8 @@ impl Limits {
         if self.per_source_startups == 0 {
             return Err("--per-source-max-startups must be at least 1".into());
         }
-        if self.max_channels == 0 || self.max_forwards == 0 {
-            return Err("--max-channels and --max-forwards must be at least 1".into());
+        if self.max_channels == 0 || self.max_forwards == 0 || self.max_sessions_per_key == 0 {
+            return Err("--max-channels, --max-forwards and --max-sessions-per-key must be at least 1".into());
         }
         if self.admin_buffer < MAX_ADMIN_REQUEST {
             return Err(format!("--admin-buffer must be at least {MAX_ADMIN_REQUEST} bytes (one request)"));

@@ -85,7 +85,14 @@ pub enum Bind {
 #[derive(Default)]
 pub struct Router {
     tunnels: Mutex<HashMap<Id, Tunnel>>,
-    sessions: Mutex<HashMap<ConnId, Session>>,
+    sessions: Mutex<Sessions>,
+}
+
+#[derive(Default)]
+struct Sessions {
+    by_conn: HashMap<ConnId, Session>,
+    /// Connections per key fingerprint.
+    per_key: HashMap<String, usize>,
 }
 
 impl Router {
@@ -140,14 +147,37 @@ impl Router {
     }
 
     pub fn add_session(&self, conn: ConnId, session: Session) {
-        self.sessions.lock().unwrap().insert(conn, session);
+        let mut s = self.sessions.lock().unwrap();
+        *s.per_key.entry(session.fingerprint.clone()).or_default() += 1;
+        if let Some(old) = s.by_conn.insert(conn, session) {
+            s.forget_key(&old.fingerprint);
+        }
     }
 
     pub fn remove_session(&self, conn: ConnId) {
-        self.sessions.lock().unwrap().remove(&conn);
+        let mut s = self.sessions.lock().unwrap();
+        if let Some(old) = s.by_conn.remove(&conn) {
+            s.forget_key(&old.fingerprint);
+        }
+    }
+
+    /// Connections authenticated with the key of this fingerprint.
+    pub fn sessions_of(&self, fingerprint: &str) -> usize {
+        self.sessions.lock().unwrap().per_key.get(fingerprint).copied().unwrap_or(0)
     }
 
     pub fn sessions(&self) -> Vec<(ConnId, Session)> {
-        self.sessions.lock().unwrap().iter().map(|(c, s)| (*c, s.clone())).collect()
+        self.sessions.lock().unwrap().by_conn.iter().map(|(c, s)| (*c, s.clone())).collect()
+    }
+}
+
+impl Sessions {
+    fn forget_key(&mut self, fingerprint: &str) {
+        if let Some(n) = self.per_key.get_mut(fingerprint) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_key.remove(fingerprint);
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! and status topics. Anything else closes the connection.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::audit::AuditRecord;
 use crate::Shared;
 
 /// Devices send small control messages; anything bigger is abuse.
@@ -95,10 +97,22 @@ pub(crate) async fn serve(
         let span = tracing::info_span!("mqtt", %peer);
         shared.clone().tracker.spawn(
             async move {
+                let authed = AtomicBool::new(false);
                 tokio::select! {
-                    r = client(&shared, stream, &upstream, &topics, slot) => {
+                    r = client(&shared, stream, &upstream, &topics, slot, &authed) => {
                         if let Err(e) = r {
                             debug!("mqtt client closed: {e}");
+                            // Before login, anything but a plain hang-up
+                            // counts toward a ban, as on the SSH port.
+                            let before_login = !authed.load(Ordering::Relaxed);
+                            if before_login && !matches!(e, GateError::Io(_)) {
+                                let why = burrow_core::text::excerpt(&format!("mqtt: {e}"), 200);
+                                info!(%peer, "mqtt login failed: {why}");
+                                let mut rec = AuditRecord::new("auth").outcome(false, Some(why));
+                                rec.source = Some(peer.to_string());
+                                rec.method = Some("mqtt".into());
+                                crate::ssh::accept::count_failure(&shared, peer, rec);
+                            }
                         }
                     }
                     _ = cancel.cancelled() => {}
@@ -115,6 +129,7 @@ async fn client(
     upstream: &Upstream,
     topics: &Topics,
     slot: crate::limits::PreAuthSlot,
+    authed: &AtomicBool,
 ) -> Result<(), GateError> {
     let _ = down.set_nodelay(true);
     let (kind, body) =
@@ -132,6 +147,7 @@ async fn client(
         }
     };
     drop(slot);
+    authed.store(true, Ordering::Relaxed);
     let allowed = Allowed {
         id: id.to_string(),
         presence: topics.presence(id.as_str()),

@@ -175,6 +175,9 @@ async fn handle(
     if let Err(e) = &result {
         debug!(error = %e, "connection ended with error");
     }
+    // The slot and the socket duplicate go back with the connection, whatever
+    // task may still hold its state.
+    state.release_preauth();
     let identity = state.identity.get();
     if identity.is_none() && !state.counted.load(Ordering::Relaxed) && !cancel.is_cancelled() {
         // Rejected keys count only for connections that never got in: a
@@ -225,11 +228,11 @@ async fn handle(
     }
 }
 
-/// One failure from `peer`: logged, counted, audited, and banned at `maxretry`.
+/// One failure of an SSH connection from `peer`: logged, counted, audited,
+/// and banned at `maxretry`.
 pub(crate) fn failed(shared: &Arc<Shared>, state: &ConnState, peer: SocketAddr, conn: u64, reason: String) {
     let reason = burrow_core::text::printable(&reason).into_owned();
     info!(%peer, conn, "authentication failed: {reason}");
-    shared.metrics.auth_failed();
     let mut rec = AuditRecord::new("auth").outcome(false, Some(reason));
     rec.source = Some(peer.to_string());
     rec.session = Some(shared.session_id(conn));
@@ -242,6 +245,13 @@ pub(crate) fn failed(shared: &Arc<Shared>, state: &ConnState, peer: SocketAddr, 
         rec.cipher = Some(n.cipher.clone());
         rec.kex = Some(n.kex.clone());
     }
+    count_failure(shared, peer, rec);
+}
+
+/// Counts a failure (SSH or devices' MQTT) toward a ban and audits it,
+/// summarised per source.
+pub(crate) fn count_failure(shared: &Arc<Shared>, peer: SocketAddr, mut rec: AuditRecord) {
+    shared.metrics.auth_failed();
     let source = source_of(peer.ip());
     // Already banned (its live connections finishing): nothing more to count.
     let ban = if shared.bans.banned(peer.ip()) { None } else { shared.bans.failure(peer.ip(), source) };

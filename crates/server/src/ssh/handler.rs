@@ -94,6 +94,11 @@ impl ConnState {
         }
     }
 
+    /// Gives back the unauthenticated slot and the socket duplicate.
+    pub fn release_preauth(&self) {
+        self.preauth.lock().unwrap().take();
+    }
+
     pub fn take_rejected(&self) -> Vec<String> {
         std::mem::take(&mut self.attempts.lock().unwrap().rejected)
     }
@@ -199,6 +204,14 @@ impl Handler for Connection {
         }
         match self.lookup(key.public_key).await? {
             Some(found) => {
+                // One key may hold only so many connections: a stolen key
+                // cannot take every connection the pivot has. Not a failure.
+                let limit = self.shared.config.limits.max_sessions_per_key;
+                let held = self.shared.router.sessions_of(&found.1);
+                if held >= limit {
+                    info!(peer = %self.peer, conn = self.conn, identity = %found.0, limit, "login refused: the key already holds {held} connections");
+                    return Ok(Auth::reject());
+                }
                 debug!(user, identity = %found.0, "public key accepted");
                 self.authed = Some((excerpt(user, 64), fp));
                 self.pending = Some(found);

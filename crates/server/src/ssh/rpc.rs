@@ -83,9 +83,14 @@ pub(crate) async fn serve(
     drop((held, mine));
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
-    let _ = channel.data(&out[..]).await;
-    let _ = channel.eof().await;
-    let _ = channel.close().await;
+    // A peer that never opens its window would park this write (and what it
+    // holds) for ever: the answer gets as long as a request.
+    let reply = async {
+        channel.data(&out[..]).await?;
+        channel.eof().await?;
+        channel.close().await
+    };
+    let _ = tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, reply).await;
     if mutated {
         // Removals, revocations and rotations take effect now, not at the
         // next poll; after the answer, since the caller may be among them.
