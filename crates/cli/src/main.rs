@@ -60,9 +60,9 @@ pub struct DataDir {
 #[derive(Subcommand)]
 enum Command {
     /// Run the pivot: the SSH server devices dial and operators jump through.
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Run the device agent, or enroll this device (`agent enroll`).
-    Agent(agent::AgentCmd),
+    Agent(Box<agent::AgentCmd>),
     /// Manage devices (locally on the pivot host, or with --pivot).
     #[command(subcommand)]
     Device(admin::DeviceCommand),
@@ -130,8 +130,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
     let identity = cli.identity.clone();
     match cli.command {
-        Command::Server(args) => server::run(args, shutdown_on_signal()).await?,
-        Command::Agent(cmd) => agent::run(cmd, shutdown_on_signal()).await?,
+        Command::Server(args) => server::run(*args, shutdown_on_signal()).await?,
+        Command::Agent(cmd) => agent::run(*cmd, shutdown_on_signal()).await?,
         Command::Device(cmd) => admin::device(cmd, remote.as_ref()).await?,
         Command::Operator(cmd) => admin::operator(cmd, remote.as_ref()).await?,
         Command::Ban(cmd) => admin::ban(cmd, remote.as_ref()).await?,
