@@ -965,3 +965,35 @@ fn mqtt_garbage_counts_toward_a_ban_like_ssh_garbage() {
     let recs = wait_audit(&pivot, &["--source", "127.0.0.2", "--event", "auth"], |r| r.len() >= 3);
     assert!(recs.iter().all(|r| r["method"] == "mqtt"), "{recs:?}");
 }
+
+// A retained presence carries a time only the device vouches for; it must
+// not move "last seen" (issue 10 found one set to year 10000).
+#[test]
+fn a_retained_presence_cannot_set_last_seen_in_the_future() {
+    let mosquitto = Mosquitto::start();
+    let port: u16 = mosquitto.url().rsplit(':').next().unwrap().parse().unwrap();
+    let future = burrow_core::time::now_unix() + 10 * 365 * 86_400;
+    let presence = serde_json::json!({"state": "online", "mode": "on-demand", "at": future});
+    runtime().block_on(async {
+        let mut opts = rumqttc::MqttOptions::new("cam-42", "127.0.0.1", port);
+        opts.set_credentials("pivot", "");
+        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+        let topic = burrow_core::signal::Topics::new("burrow").presence("cam-42");
+        client.publish(topic, rumqttc::QoS::AtLeastOnce, true, presence.to_string()).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("publish failed: {other:?}"),
+            }
+        }
+    });
+    let args = ["--mqtt-url", &mosquitto.url(), "--mqtt-username", "pivot"];
+    let mut pivot = TestPivot::start_with(BURROW, &args);
+    let dir = tempfile::tempdir().unwrap();
+    pivot.add_device("cam-42", &KeyPair::generate(dir.path(), "k"));
+    pivot.restart();
+    assert!(wait_until(Duration::from_secs(10), || pivot.is_present("cam-42")), "retained presence not heard");
+    let d = pivot.device_json("cam-42").unwrap();
+    assert!(d["last_seen"].is_null(), "a device-supplied time became last seen: {d}");
+}

@@ -445,3 +445,15 @@ fn mosquitto_over_tls_with_client_certificates() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "over-tls");
 }
+
+#[test]
+fn revocation_closes_the_devices_mqtt_session() {
+    let f = Fleet::start(Broker::Embedded, &[]);
+    let pid = f.agent.proc.pid();
+    let port = f.pivot.mqtt_addr.unwrap().port();
+    assert!(wait_until(Duration::from_secs(5), || connections_to(pid, port) == 1));
+    f.pivot.admin_ok(&["device", "revoke", "cam-42"]);
+    // Within the watch interval (1 s) plus a margin; the agent's retries are refused.
+    assert!(wait_until(Duration::from_secs(3), || f.pivot.proc.log_text().contains("closing its MQTT session")));
+    assert!(wait_until(Duration::from_secs(3), || connections_to(pid, port) == 0), "the revoked device kept its MQTT session");
+}

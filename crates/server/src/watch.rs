@@ -49,6 +49,7 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// Disconnects every session whose key no longer maps to the same identity.
 pub(crate) async fn enforce(shared: &Shared) {
+    enforce_mqtt(shared).await;
     for (conn, session) in shared.router.sessions() {
         let now = match shared.registry.identify(&session.fingerprint).await {
             Ok(now) => now,
@@ -70,6 +71,25 @@ pub(crate) async fn enforce(shared: &Shared) {
         info!(conn, "{why}; disconnecting");
         shared.router.remove_session(conn);
         let _ = session.handle.disconnect(russh::Disconnect::ByApplication, why, "en".into()).await;
+    }
+}
+
+/// Ends MQTT sessions of devices that were revoked or removed, or whose key
+/// changed, since they logged in.
+async fn enforce_mqtt(shared: &Shared) {
+    let Some(signal) = &shared.signal else { return };
+    for (id, fingerprint, token) in signal.mqtt_sessions.list() {
+        match shared.registry.identify(&fingerprint).await {
+            Ok(Some(Identity::Device(now))) if now == id => {}
+            Ok(_) => {
+                info!(device = %id, "device revoked, removed or re-keyed; closing its MQTT session");
+                token.cancel();
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot re-check MQTT sessions");
+                return;
+            }
+        }
     }
 }
 

@@ -138,8 +138,8 @@ async fn client(
         return Err(GateError::NotConnect);
     }
     let connect = Connect::parse(&body)?;
-    let id = match authenticate(shared, &connect).await {
-        Ok(id) => id,
+    let (id, fingerprint) = match authenticate(shared, &connect).await {
+        Ok(found) => found,
         Err(e) => {
             // CONNACK "bad user name or password", then close.
             let _ = down.write_all(&[0x20, 2, 0, 4]).await;
@@ -148,6 +148,14 @@ async fn client(
     };
     drop(slot);
     authed.store(true, Ordering::Relaxed);
+    // Revocation or removal ends this session (see `watch::enforce`).
+    let live = shared.signal.as_ref().map(|s| s.mqtt_sessions.open(&id, &fingerprint));
+    let revoked = async {
+        match &live {
+            Some(l) => l.token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     let allowed = Allowed {
         id: id.to_string(),
         presence: topics.presence(id.as_str()),
@@ -187,6 +195,7 @@ async fn client(
     let result = tokio::select! {
         r = to_device => r.map(|_| ()).map_err(GateError::from),
         r = from_device => r,
+        _ = revoked => Err(GateError::Login(format!("device '{id}' was revoked or removed"))),
     };
     info!(device = %id, "mqtt client disconnected");
     if let Err(GateError::Denied { .. }) = &result {
@@ -196,7 +205,8 @@ async fn client(
     result
 }
 
-async fn authenticate(shared: &Shared, c: &Connect) -> Result<Id, GateError> {
+/// The device and the fingerprint of the key it logged in with.
+async fn authenticate(shared: &Shared, c: &Connect) -> Result<(Id, String), GateError> {
     let (Some(user), Some(password)) = (&c.username, &c.password) else {
         return Err(GateError::Login("anonymous clients are not allowed".into()));
     };
@@ -217,7 +227,7 @@ async fn authenticate(shared: &Shared, c: &Connect) -> Result<Id, GateError> {
     let key = parse_public_key(&registered, "registered key").map_err(|e| GateError::Login(e.to_string()))?;
     let token = std::str::from_utf8(password).map_err(|_| GateError::Login("password is not a login token".into()))?;
     verify_login(token, &c.client_id, &key, now_unix()).map_err(|e| GateError::Login(format!("device '{id}': {e}")))?;
-    Ok(id)
+    Ok((id, burrow_core::fingerprint(&key)))
 }
 
 struct Allowed {

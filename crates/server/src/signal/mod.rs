@@ -86,6 +86,43 @@ pub(crate) struct Signal {
     /// Only devices that published presence; bounded by the fleet size.
     presence: Mutex<HashMap<String, Seen>>,
     wakes: Mutex<HashMap<Id, PendingWake>>,
+    /// Devices' sessions on the embedded broker, so revocation can end them.
+    pub mqtt_sessions: MqttSessions,
+}
+
+/// Live device sessions on the devices' MQTT listener.
+#[derive(Default)]
+pub(crate) struct MqttSessions {
+    next: std::sync::atomic::AtomicU64,
+    // A std Mutex: map updates only, never across .await.
+    by_n: Mutex<HashMap<u64, (Id, String, CancellationToken)>>,
+}
+
+/// One device's session; forgotten on drop.
+pub(crate) struct MqttSession<'a> {
+    sessions: &'a MqttSessions,
+    n: u64,
+    pub token: CancellationToken,
+}
+
+impl MqttSessions {
+    pub fn open(&self, id: &Id, fingerprint: &str) -> MqttSession<'_> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.by_n.lock().unwrap().insert(n, (id.clone(), fingerprint.to_string(), token.clone()));
+        MqttSession { sessions: self, n, token }
+    }
+
+    /// `(device, key fingerprint, token)` of every live session.
+    pub fn list(&self) -> Vec<(Id, String, CancellationToken)> {
+        self.by_n.lock().unwrap().values().cloned().collect()
+    }
+}
+
+impl Drop for MqttSession<'_> {
+    fn drop(&mut self) {
+        self.sessions.by_n.lock().unwrap().remove(&self.n);
+    }
 }
 
 /// Builds the client; `drive` must run for it to connect.
@@ -129,6 +166,7 @@ pub(crate) fn setup(
         last_error: Mutex::new("not connected to the broker yet".into()),
         presence: Mutex::new(HashMap::new()),
         wakes: Mutex::new(HashMap::new()),
+        mqtt_sessions: Default::default(),
     };
     Ok((signal, eventloop, upstream))
 }
@@ -204,8 +242,10 @@ async fn on_publish(shared: &Shared, signal: &Signal, p: &rumqttc::Publish) {
                 debug!(device = %id, "unreadable presence");
                 return;
             };
-            // A retained message tells an old state; a live one happens now.
-            let at = if p.retain { presence.at } else { Some(now_unix()) };
+            // A live message happens now, by the pivot's clock. A retained
+            // one tells an old state at a time only the device claims: not
+            // trusted, so it moves no "last seen".
+            let at = if p.retain { None } else { Some(now_unix()) };
             let seen =
                 Seen { online: presence.is_online(), on_demand: presence.mode.as_deref() == Some("on-demand"), at };
             debug!(device = %id, online = seen.online, "presence");
