@@ -457,3 +457,50 @@ fn revocation_closes_the_devices_mqtt_session() {
     assert!(wait_until(Duration::from_secs(3), || f.pivot.proc.log_text().contains("closing its MQTT session")));
     assert!(wait_until(Duration::from_secs(3), || connections_to(pid, port) == 0), "the revoked device kept its MQTT session");
 }
+
+/// Issue 10: a wake request the device missed was never sent again while
+/// operators kept waiting. A stand-in device on Mosquitto claims presence
+/// and ignores every request; the pivot must publish fresh ones, bounded.
+#[test]
+fn an_unanswered_wake_request_is_published_again_with_a_fresh_nonce() {
+    let m = Mosquitto::start();
+    let url = m.url();
+    let args = ["--mqtt-url", url.as_str(), "--mqtt-username", "pivot", "--wake-timeout", "8s"];
+    let (pivot, op, _sshd, _key) = pivot_and_device(&args);
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let listener = thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let topics = Topics::new("burrow");
+            let mut opts = rumqttc::MqttOptions::new("cam-42-standin", "127.0.0.1", port);
+            opts.set_credentials("pivot", "");
+            let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+            client.subscribe(topics.request("cam-42"), rumqttc::QoS::AtLeastOnce).await.unwrap();
+            let online = serde_json::json!({"state": "online", "mode": "on-demand", "at": now_unix()});
+            client.publish(topics.presence("cam-42"), rumqttc::QoS::AtLeastOnce, true, online.to_string()).await.unwrap();
+            let mut payloads = std::collections::BTreeSet::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(14);
+            let mut told = false;
+            loop {
+                match tokio::time::timeout_at(deadline, ev.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                        payloads.insert(p.payload.to_vec());
+                    }
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) if !told => {
+                        told = true;
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => return payloads.len(),
+                }
+            }
+        })
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || pivot.is_present("cam-42")));
+    let out = op.ssh_device("cam-42", "true");
+    assert!(stderr(&out).contains("did not answer within 8s"), "{}", stderr(&out));
+    let distinct = listener.join().unwrap();
+    assert!((2..=4).contains(&distinct), "{distinct} distinct wake requests in 8 s");
+}

@@ -75,7 +75,14 @@ enum WakeEvent {
 struct PendingWake {
     nonce: String,
     tx: watch::Sender<WakeEvent>,
+    /// When the current request went out.
+    published: Instant,
 }
+
+/// How long a wake request may go unanswered before it is published again
+/// (with a fresh nonce) for the operators still waiting: a device that
+/// missed one (its MQTT session was being replaced, say) gets another.
+const WAKE_ATTEMPT: Duration = Duration::from_secs(4);
 
 pub(crate) struct Signal {
     config: SignalConfig,
@@ -309,7 +316,7 @@ impl Signal {
                 None => {
                     let req = WakeRequest::new(id, &self.config.advertise, now_unix(), timeout.as_secs() as i64 + 5);
                     let (tx, rx) = watch::channel(WakeEvent::Waiting);
-                    wakes.insert(id.clone(), PendingWake { nonce: req.nonce.clone(), tx });
+                    wakes.insert(id.clone(), PendingWake { nonce: req.nonce.clone(), tx, published: Instant::now() });
                     (rx, Some(req))
                 }
             }
@@ -327,6 +334,12 @@ impl Signal {
                     return Ok(t);
                 }
             }
+            if let Some(req) = self.due_again(id, timeout) {
+                info!(device = %id, "no answer to the wake request yet; publishing it again");
+                if let Err(why) = self.publish_request(&req).await {
+                    debug!(device = %id, "cannot publish the wake request again: {why}");
+                }
+            }
             let event = rx.borrow_and_update().clone();
             match event {
                 WakeEvent::Failed(reason) if reason.is_empty() => {
@@ -342,7 +355,10 @@ impl Signal {
                     continue;
                 }
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
+            // Wake up for the next attempt too, not only for news.
+            let until = deadline.min(tokio::time::Instant::now() + WAKE_ATTEMPT);
+            match tokio::time::timeout_at(until, rx.changed()).await {
+                Err(_) if until < deadline => continue,
                 Ok(Ok(())) => {}
                 // The wake-up ended (bound or failed) and its sender is gone: poll the router.
                 Ok(Err(_)) => {
@@ -358,6 +374,20 @@ impl Signal {
             wakes.remove(id);
         }
         Err(Refusal::NoAnswer { id: id.clone(), secs: timeout.as_secs() })
+    }
+
+    /// A fresh request for `id` if its current one went unanswered for
+    /// [`WAKE_ATTEMPT`]; at most one per attempt, whoever is waiting.
+    fn due_again(&self, id: &Id, timeout: Duration) -> Option<WakeRequest> {
+        let mut wakes = self.wakes.lock().unwrap();
+        let p = wakes.get_mut(id)?;
+        if p.published.elapsed() < WAKE_ATTEMPT || !matches!(*p.tx.borrow(), WakeEvent::Waiting) {
+            return None;
+        }
+        let req = WakeRequest::new(id, &self.config.advertise, now_unix(), timeout.as_secs() as i64 + 5);
+        p.nonce = req.nonce.clone();
+        p.published = Instant::now();
+        Some(req)
     }
 
     async fn publish_request(&self, req: &WakeRequest) -> Result<(), String> {
