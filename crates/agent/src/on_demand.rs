@@ -37,7 +37,14 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     // One tunnel at a time, so one result in flight.
     let (done_tx, mut done_rx) = mpsc::channel::<TunnelEnd>(1);
-    let mut replay = ReplayGuard::default();
+    // Kept next to the key, so a request captured off the broker cannot be
+    // replayed after the agent restarts either.
+    let replay_file = config.key_path.as_ref().map(|k| k.with_extension("replay"));
+    let mut replay = replay_file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .map(|t| ReplayGuard::from_json(&t))
+        .unwrap_or_default();
     let mut tunnel: Option<CancellationToken> = None;
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     info!(device = %id, broker = %signal.url, "waiting for wake-ups over MQTT");
@@ -70,7 +77,12 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                     let req = match WakeRequest::verify(&p.payload, &config.pivot_host_key, &config.id, now)
                         .and_then(|req| replay.check(&req, now).map(|()| req))
                     {
-                        Ok(req) => req,
+                        Ok(req) => {
+                            if let Some(f) = &replay_file {
+                                save_replay(f, &replay);
+                            }
+                            req
+                        }
                         Err(e) => {
                             warn!("ignored wake request: {e}");
                             continue;
@@ -145,4 +157,23 @@ fn mqtt_options(config: &Config, signal: &SignalConfig) -> Result<MqttOptions, A
         opts.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
     }
     Ok(opts)
+}
+
+/// Writes the replay guard (0600, replaced atomically); a failure is logged
+/// and the guard still holds in memory.
+fn save_replay(path: &std::path::Path, guard: &ReplayGuard) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("replay.tmp");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(guard.to_json().as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        warn!(path = %path.display(), error = %e, "cannot save the replay guard; it holds until restart only");
+    }
 }

@@ -2,6 +2,7 @@
 //! when an operator asks. Each scenario runs against the embedded broker and
 //! against a real Mosquitto.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -503,4 +504,34 @@ fn an_unanswered_wake_request_is_published_again_with_a_fresh_nonce() {
     assert!(stderr(&out).contains("did not answer within 8s"), "{}", stderr(&out));
     let distinct = listener.join().unwrap();
     assert!((2..=4).contains(&distinct), "{distinct} distinct wake requests in 8 s");
+}
+
+/// Issue 10: the replay guard lived in memory only, so a captured request
+/// worked again after the agent restarted, within its lifetime.
+#[test]
+fn a_captured_wake_request_is_refused_after_the_agent_restarts() {
+    let mosquitto = Mosquitto::start();
+    let url = mosquitto.url();
+    let args = ["--mqtt-url", url.as_str(), "--mqtt-username", "pivot", "--idle-timeout", "1s"];
+    let (pivot, _op, sshd, key) = pivot_and_device(&args);
+    let agent = start_agent(&pivot, &key, &sshd, &url, &[]);
+    assert!(pivot.wait_online_present("cam-42", Duration::from_secs(10)));
+    let id = Id::parse("cam-42").unwrap();
+    let topics = Topics::new("burrow");
+    let good = WakeRequest::new(&id, &pivot.addr.to_string(), now_unix(), 60).sign(&pivot_key(&pivot)).unwrap();
+    inject(&url, "pivot-replayer", &topics.request("cam-42"), good.clone());
+    assert!(pivot.wait_online("cam-42", true, Duration::from_secs(10)), "{}", agent.proc.log_text());
+    assert!(pivot.wait_online("cam-42", false, Duration::from_secs(10)), "idle tunnel did not close");
+    let saved = key.private.with_extension("replay");
+    assert!(saved.exists(), "the replay guard was not saved next to the key");
+    assert_eq!(std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // A new agent process, same key: the same request is refused.
+    drop(agent);
+    let agent = start_agent(&pivot, &key, &sshd, &url, &[]);
+    assert!(wait_until(Duration::from_secs(10), || agent.proc.log_text().contains("waiting for wake-ups")));
+    std::thread::sleep(Duration::from_millis(500));
+    inject(&url, "attacker", &topics.request("cam-42"), good);
+    assert!(wait_until(Duration::from_secs(10), || agent.proc.log_text().contains("nonce was already used")), "{}", agent.proc.log_text());
+    assert!(!agent.proc.log_text().contains("dialing the pivot"), "the replayed request made the device dial");
 }

@@ -163,13 +163,30 @@ impl WakeRequest {
 }
 
 /// Remembers the nonces of accepted requests until they expire, so a request
-/// captured off the broker cannot be replayed.
-#[derive(Debug, Default)]
+/// captured off the broker cannot be replayed. Its JSON form lets the agent
+/// keep it across restarts.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ReplayGuard {
     seen: HashMap<String, i64>,
 }
 
+/// Nonces a saved guard may bring back; more means the file is not ours.
+const MAX_SAVED_NONCES: usize = 10_000;
+
 impl ReplayGuard {
+    /// A guard saved by [`ReplayGuard::to_json`]; anything unreadable or
+    /// oversized gives an empty guard.
+    pub fn from_json(text: &str) -> Self {
+        match serde_json::from_str::<ReplayGuard>(text) {
+            Ok(g) if g.seen.len() <= MAX_SAVED_NONCES => g,
+            _ => ReplayGuard::default(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
     /// Records the request's nonce; fails if it was seen before.
     pub fn check(&mut self, req: &WakeRequest, now: i64) -> Result<(), SignalError> {
         // Bounded: only unexpired nonces stay, and each lives at most MAX_WAKE_TTL.
@@ -328,6 +345,18 @@ mod tests {
         assert_eq!(WakeRequest::verify(&payload, &pin, &id, 1001).unwrap(), req);
         let fp_pin = HostKeyPin::Fingerprint(crate::fingerprint(k.public_key()));
         assert!(WakeRequest::verify(&payload, &fp_pin, &id, 1001).is_ok());
+    }
+
+    #[test]
+    fn a_saved_replay_guard_still_refuses_its_nonces() {
+        let id = Id::parse("cam-42").unwrap();
+        let now = 1_800_000_000;
+        let req = WakeRequest::new(&id, "pivot:443", now, 30);
+        let mut guard = ReplayGuard::default();
+        guard.check(&req, now).unwrap();
+        let mut back = ReplayGuard::from_json(&guard.to_json());
+        assert!(matches!(back.check(&req, now + 1), Err(SignalError::Replayed)));
+        assert!(ReplayGuard::from_json("not json").check(&req, now).is_ok());
     }
 
     #[test]

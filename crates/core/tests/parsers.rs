@@ -640,3 +640,11 @@ proptest! {
         prop_assert_eq!(serde_json::from_str::<Request>(&json).is_ok(), validate_label(&k, &v).is_ok());
     }
 }
+
+proptest! {
+    /// A saved replay guard read back from any text: no panic.
+    #[test]
+    fn replay_guards_load_from_any_text(text in "\\PC{0,200}") {
+        let _ = burrow_core::signal::ReplayGuard::from_json(&text);
+    }
+}
