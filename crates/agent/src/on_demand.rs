@@ -145,6 +145,7 @@ fn mqtt_options(config: &Config, signal: &SignalConfig) -> Result<MqttOptions, A
     let id = config.id.to_string();
     let mut opts = MqttOptions::new(id.clone(), signal.url.host.clone(), signal.url.port);
     opts.set_keep_alive(config.keepalive_interval);
+    opts.set_max_packet_size(burrow_core::signal::MAX_MQTT_PACKET, burrow_core::signal::MAX_MQTT_PACKET);
     opts.set_clean_session(true);
     let user = signal.username.clone().unwrap_or_else(|| id.clone());
     let password = match &signal.password {

@@ -997,3 +997,71 @@ fn a_retained_presence_cannot_set_last_seen_in_the_future() {
     let d = pivot.device_json("cam-42").unwrap();
     assert!(d["last_seen"].is_null(), "a device-supplied time became last seen: {d}");
 }
+
+/// Issue 10 asks: no value from a device can make any command panic. Extreme
+/// presence and status values go in over the broker, then every listing
+/// command runs and must succeed.
+#[test]
+fn extreme_device_values_leave_every_listing_command_working() {
+    let mosquitto = Mosquitto::start();
+    let port: u16 = mosquitto.url().rsplit(':').next().unwrap().parse().unwrap();
+    let args = ["--mqtt-url", &mosquitto.url(), "--mqtt-username", "pivot"];
+    let pivot = TestPivot::start_with(BURROW, &args);
+    assert!(wait_until(Duration::from_secs(10), || pivot.proc.log_text().contains("connected to the MQTT broker")));
+    let dir = tempfile::tempdir().unwrap();
+    for id in ["cam-1", "cam-2", "cam-3"] {
+        pivot.add_device(id, &KeyPair::generate(dir.path(), id));
+    }
+    let topics = burrow_core::signal::Topics::new("burrow");
+    let weird = format!("\u{0}\u{1b}[2J\u{202e}{}\n\r", "\u{fffd}x".repeat(3000));
+    let messages: Vec<(String, bool, String)> = vec![
+        (topics.presence("cam-1"), true, serde_json::json!({"state": "online", "at": i64::MAX}).to_string()),
+        (topics.presence("cam-2"), false, serde_json::json!({"state": "online", "at": i64::MIN, "mode": weird}).to_string()),
+        (topics.presence("cam-3"), true, "\u{ff}\u{fe}not json".to_string()),
+        (topics.status("cam-1"), false, serde_json::json!({"nonce": weird, "pivot": weird, "state": "error", "reason": weird, "at": -1}).to_string()),
+        (topics.status("cam-2"), false, serde_json::json!({"nonce": "n", "pivot": "p", "state": "error", "reason": weird, "at": 1}).to_string()),
+        (topics.status("cam-3"), false, serde_json::json!({"nonce": "n", "pivot": "p", "state": "error", "reason": "\u{1b}[2J\u{202e}boom\n", "at": 1}).to_string()),
+    ];
+    runtime().block_on(async {
+        let mut opts = rumqttc::MqttOptions::new("weird-device", "127.0.0.1", port);
+        opts.set_credentials("pivot", "");
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+        for (topic, retain, payload) in &messages {
+            client.publish(topic, rumqttc::QoS::AtLeastOnce, *retain, payload.clone()).await.unwrap();
+        }
+        let mut acks = 0;
+        while acks < messages.len() {
+            match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acks += 1,
+                Ok(Ok(_)) => {}
+                other => panic!("publish failed: {other:?}"),
+            }
+        }
+    });
+    assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("device could not connect")));
+    for args in [
+        &["device", "list"][..],
+        &["device", "list", "--json"],
+        &["device", "show", "cam-1"],
+        &["device", "show", "cam-2", "--json"],
+        &["operator", "list"],
+        &["ban", "list"],
+        &["audit"],
+        &["audit", "--json"],
+    ] {
+        let out = pivot.admin(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(!stdout(&out).contains('\u{1b}'), "{args:?} printed an escape sequence");
+    }
+    let list: Vec<Value> = serde_json::from_str(&pivot.admin_ok(&["device", "list", "--json"])).unwrap();
+    for d in &list {
+        if let Some(seen) = d["last_seen"].as_str() {
+            assert!(seen < "2100", "{d}");
+        }
+    }
+    // The pivot is still up and serving.
+    assert!(pivot.admin(&["device", "list"]).status.success());
+    let mut p = pivot;
+    assert!(p.proc.is_running(), "the pivot died");
+}

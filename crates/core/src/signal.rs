@@ -162,6 +162,12 @@ impl WakeRequest {
     }
 }
 
+/// The largest MQTT packet any burrow endpoint accepts or sends: the
+/// devices' listener, the pivot's client and the agent's client all use it,
+/// so a packet one side lets through never makes another side drop its
+/// connection.
+pub const MAX_MQTT_PACKET: usize = 64 * 1024;
+
 /// Remembers the nonces of accepted requests until they expire, so a request
 /// captured off the broker cannot be replayed. Its JSON form lets the agent
 /// keep it across restarts.

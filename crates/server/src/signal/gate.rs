@@ -26,7 +26,7 @@ use crate::audit::AuditRecord;
 use crate::Shared;
 
 /// Devices send small control messages; anything bigger is abuse.
-const MAX_PACKET: usize = 64 * 1024;
+const MAX_PACKET: usize = burrow_core::signal::MAX_MQTT_PACKET;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 const CONNECT: u8 = 1;

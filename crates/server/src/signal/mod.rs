@@ -162,6 +162,9 @@ pub(crate) fn setup(
         }
     };
     opts.set_keep_alive(Duration::from_secs(15));
+    // The same limit as the devices' listener: rumqttc's 10 KiB default made
+    // one larger publish cost the whole fleet a reconnect.
+    opts.set_max_packet_size(burrow_core::signal::MAX_MQTT_PACKET, burrow_core::signal::MAX_MQTT_PACKET);
     opts.set_clean_session(true);
     // Bounded request queue between the pivot and the MQTT event loop.
     let (client, eventloop) = AsyncClient::new(opts, 256);
