@@ -183,7 +183,8 @@ fn parse_when(s: &str) -> Result<i64, String> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
     }
-    let d = crate::parse_duration(s).map_err(|e| format!("{e}; or give an RFC 3339 time such as 2026-12-01T10:00:00Z"))?;
+    let d =
+        crate::parse_duration(s).map_err(|e| format!("{e}; or give an RFC 3339 time such as 2026-12-01T10:00:00Z"))?;
     Ok(burrow_core::time::now_unix().saturating_sub(d.as_secs() as i64))
 }
 
@@ -319,7 +320,13 @@ pub async fn ban(cmd: BanCommand, remote: Option<&Remote>) -> Result<()> {
             }
             println!("{:<40} {:<21} {:<24} REASON", "NET", "UNTIL", "BY");
             for b in out.as_array().into_iter().flatten() {
-                println!("{:<40} {:<21} {:<24} {}", str_of(&b["net"]), str_of(&b["until"]), str_of(&b["by"]), str_of(&b["reason"]));
+                println!(
+                    "{:<40} {:<21} {:<24} {}",
+                    str_of(&b["net"]),
+                    str_of(&b["until"]),
+                    str_of(&b["by"]),
+                    str_of(&b["reason"])
+                );
             }
         }
         BanCommand::Add { net, duration, data } => {
@@ -364,8 +371,18 @@ pub async fn audit(a: AuditArgs, remote: Option<&Remote>) -> Result<()> {
         // key=value pairs; a value with spaces is quoted, so the line splits cleanly.
         let mut detail = Vec::new();
         for key in [
-            "device", "target", "reason", "ban", "user", "fingerprint", "cipher", "kex", "bytes_to_device",
-            "bytes_to_operator", "count", "session",
+            "device",
+            "target",
+            "reason",
+            "ban",
+            "user",
+            "fingerprint",
+            "cipher",
+            "kex",
+            "bytes_to_device",
+            "bytes_to_operator",
+            "count",
+            "session",
         ] {
             let text = match &r[key] {
                 Value::Null => continue,

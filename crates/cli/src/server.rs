@@ -142,7 +142,6 @@ fn parse_retention(s: &str) -> Result<Retention, String> {
     crate::parse_duration(s).map(|d| Retention(Some(d)))
 }
 
-
 #[derive(clap::Args)]
 struct MqttArgs {
     /// Where the embedded MQTT broker listens for devices.

@@ -53,7 +53,11 @@ async fn login(
 }
 
 /// Opens an `@burrow` channel, sends `bytes` and, with `finish`, reads the answer.
-async fn rpc_raw(h: &client::Handle<Anything>, bytes: &[u8], finish: bool) -> Result<(russh::Channel<client::Msg>, Option<Value>), russh::Error> {
+async fn rpc_raw(
+    h: &client::Handle<Anything>,
+    bytes: &[u8],
+    finish: bool,
+) -> Result<(russh::Channel<client::Msg>, Option<Value>), russh::Error> {
     let mut ch = h.channel_open_direct_tcpip(RPC_HOST, RPC_PORT, "127.0.0.1", 0).await?;
     if !bytes.is_empty() {
         ch.data(bytes).await?;
@@ -209,9 +213,15 @@ fn a_revoked_device_key_cannot_authenticate_as_the_enrollment_user() {
     let key = load_key(&dev);
     runtime().block_on(async {
         assert!(login(pivot.addr, "127.0.0.1", "cam-42", &key).await.unwrap().is_none());
-        assert!(login(pivot.addr, "127.0.0.1", "enroll", &key).await.unwrap().is_none(), "revoked key got in as enroll");
+        assert!(
+            login(pivot.addr, "127.0.0.1", "enroll", &key).await.unwrap().is_none(),
+            "revoked key got in as enroll"
+        );
     });
-    assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("a registered or revoked key may not enroll")));
+    assert!(wait_until(Duration::from_secs(5), || pivot
+        .proc
+        .log_text()
+        .contains("a registered or revoked key may not enroll")));
 }
 
 // Finding 2: a connection that sends only a banner survived the grace time.
@@ -289,14 +299,7 @@ fn with_descriptors_scarce_a_flood_of_idle_connections_cannot_lock_out_an_operat
 #[test]
 fn failed_logins_are_logged_audited_counted_and_banned() {
     let http = free_port();
-    let args = [
-        "--ban-ignoreip",
-        "127.0.0.1/32",
-        "--ban-maxretry",
-        "3",
-        "--http-listen",
-        &format!("127.0.0.1:{http}"),
-    ];
+    let args = ["--ban-ignoreip", "127.0.0.1/32", "--ban-maxretry", "3", "--http-listen", &format!("127.0.0.1:{http}")];
     let (mut pivot, op) = TestPivot::with_operator(BURROW, &args);
     let dir = tempfile::tempdir().unwrap();
     let stranger = KeyPair::generate(dir.path(), "stranger");
@@ -470,7 +473,8 @@ fn channel_lines_and_audit_carry_connection_peer_bytes_duration_and_algorithms()
     assert!(wait_until(Duration::from_secs(10), || pivot.proc.log_text().contains("channel closed")));
     let log = pivot.proc.log_text();
     let line = log.lines().find(|l| l.contains("channel closed")).unwrap();
-    for field in ["conn=", "peer=127.0.0.1:", "bytes_to_device=", "bytes_to_operator=", "duration_ms=", "device=cam-42"] {
+    for field in ["conn=", "peer=127.0.0.1:", "bytes_to_device=", "bytes_to_operator=", "duration_ms=", "device=cam-42"]
+    {
         assert!(line.contains(field), "{field} missing in: {line}");
     }
 
@@ -613,7 +617,8 @@ fn weak_algorithms_offered_by_a_stock_client_are_refused() {
 
     // An RSA user key that signs with SHA-1 only.
     let rsa = op.dir.path().join("rsa");
-    let gen = Command::new("ssh-keygen").args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"]).arg(&rsa).output().unwrap();
+    let gen =
+        Command::new("ssh-keygen").args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"]).arg(&rsa).output().unwrap();
     assert!(gen.status.success());
     pivot.admin_ok(&["operator", "add", "rsa-user", "--key", rsa.with_extension("pub").to_str().unwrap()]);
     let rsa_key = KeyPair { private: rsa.clone(), public: rsa.with_extension("pub") };
@@ -733,7 +738,10 @@ fn partial_admin_requests_time_out_and_one_connection_gets_only_its_share() {
             open.push(rpc_raw(&h, &vec![b' '; 60_000], false).await.unwrap().0);
         }
         let (_, a) = rpc_raw(&h, &vec![b' '; 60_000], true).await.unwrap();
-        assert!(a.unwrap()["error"].as_str().unwrap().starts_with("pivot busy"), "one connection took more than its share");
+        assert!(
+            a.unwrap()["error"].as_str().unwrap().starts_with("pivot busy"),
+            "one connection took more than its share"
+        );
         // Another connection is not affected.
         let h2 = login(pivot.addr, "127.0.0.1", "alice", &key).await.unwrap().unwrap();
         let (_, a) = rpc_raw(&h2, &request_line(&Request::Whoami), true).await.unwrap();
@@ -938,7 +946,10 @@ fn one_key_holds_a_bounded_number_of_connections_and_is_not_banned_for_it() {
         }
         held.pop().unwrap().disconnect(russh::Disconnect::ByApplication, "", "en").await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(login(pivot.addr, "127.0.0.2", "alice", &key).await.unwrap().is_some(), "a freed place was not reusable");
+        assert!(
+            login(pivot.addr, "127.0.0.2", "alice", &key).await.unwrap().is_some(),
+            "a freed place was not reusable"
+        );
     });
     assert!(pivot.proc.log_text().contains("the key already holds 3 connections"));
     assert_eq!(pivot.admin_ok(&["ban", "list", "--json"]).trim(), "[]", "hitting the limit is no failure");

@@ -456,7 +456,10 @@ fn revocation_closes_the_devices_mqtt_session() {
     f.pivot.admin_ok(&["device", "revoke", "cam-42"]);
     // Within the watch interval (1 s) plus a margin; the agent's retries are refused.
     assert!(wait_until(Duration::from_secs(3), || f.pivot.proc.log_text().contains("closing its MQTT session")));
-    assert!(wait_until(Duration::from_secs(3), || connections_to(pid, port) == 0), "the revoked device kept its MQTT session");
+    assert!(
+        wait_until(Duration::from_secs(3), || connections_to(pid, port) == 0),
+        "the revoked device kept its MQTT session"
+    );
 }
 
 /// Issue 10: a wake request the device missed was never sent again while
@@ -479,7 +482,10 @@ fn an_unanswered_wake_request_is_published_again_with_a_fresh_nonce() {
             let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
             client.subscribe(topics.request("cam-42"), rumqttc::QoS::AtLeastOnce).await.unwrap();
             let online = serde_json::json!({"state": "online", "mode": "on-demand", "at": now_unix()});
-            client.publish(topics.presence("cam-42"), rumqttc::QoS::AtLeastOnce, true, online.to_string()).await.unwrap();
+            client
+                .publish(topics.presence("cam-42"), rumqttc::QoS::AtLeastOnce, true, online.to_string())
+                .await
+                .unwrap();
             let mut payloads = std::collections::BTreeSet::new();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(14);
             let mut told = false;
@@ -532,6 +538,10 @@ fn a_captured_wake_request_is_refused_after_the_agent_restarts() {
     assert!(wait_until(Duration::from_secs(10), || agent.proc.log_text().contains("waiting for wake-ups")));
     std::thread::sleep(Duration::from_millis(500));
     inject(&url, "attacker", &topics.request("cam-42"), good);
-    assert!(wait_until(Duration::from_secs(10), || agent.proc.log_text().contains("nonce was already used")), "{}", agent.proc.log_text());
+    assert!(
+        wait_until(Duration::from_secs(10), || agent.proc.log_text().contains("nonce was already used")),
+        "{}",
+        agent.proc.log_text()
+    );
     assert!(!agent.proc.log_text().contains("dialing the pivot"), "the replayed request made the device dial");
 }

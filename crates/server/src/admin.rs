@@ -186,7 +186,8 @@ fn audit_event(req: &Request) -> Option<&'static str> {
 /// A request's arguments as the audit keeps them: keys by fingerprint,
 /// never a token or a signature.
 fn audit_args(req: &Request) -> Value {
-    let fp = |line: &str| parse_public_key(line, "key").map(|k| fingerprint(&k)).unwrap_or_else(|_| "unreadable key".into());
+    let fp =
+        |line: &str| parse_public_key(line, "key").map(|k| fingerprint(&k)).unwrap_or_else(|_| "unreadable key".into());
     match req {
         Request::DeviceAdd { id, key, labels, ttl_secs, address } => json!({
             "id": printable(id), "fingerprint": key.as_deref().map(fp), "labels": labels,
@@ -317,9 +318,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             reg.add_operator(&name, &k, admin, &allow).await?;
             Ok(json!({"name": name.as_str(), "role": role(admin), "fingerprint": fingerprint(&k), "allow": allow}))
         }
-        Request::OperatorList => {
-            Ok(Value::Array(reg.operators().await?.iter().map(operator_json).collect()))
-        }
+        Request::OperatorList => Ok(Value::Array(reg.operators().await?.iter().map(operator_json).collect())),
         Request::OperatorRemove { name } => {
             let name = id(&name)?;
             let removed = reg.operator(&name).await?.map(|o| operator_json(&o));
@@ -359,7 +358,8 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             if secs == 0 {
                 return Err(AdminError::Invalid("a ban must last at least 1s".into()));
             }
-            let until = expires_at(now_unix(), Duration::from_secs(secs)).map_err(|e| AdminError::Invalid(e.to_string()))?;
+            let until =
+                expires_at(now_unix(), Duration::from_secs(secs)).map_err(|e| AdminError::Invalid(e.to_string()))?;
             reg.add_ban(&net.to_string(), until, "added by hand", &ctx.origin.actor).await?;
             // An earlier, longer ban of the same net stays as it was.
             let until = reg.bans().await?.into_iter().find(|b| b.net == net.to_string()).map_or(until, |b| b.until);

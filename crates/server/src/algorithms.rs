@@ -32,8 +32,7 @@ const CIPHERS: &[cipher::Name] = &[
 ];
 
 /// MACs for the CTR ciphers (AEAD ciphers carry their own).
-const MACS: &[mac::Name] =
-    &[mac::HMAC_SHA256_ETM, mac::HMAC_SHA512_ETM, mac::HMAC_SHA256, mac::HMAC_SHA512];
+const MACS: &[mac::Name] = &[mac::HMAC_SHA256_ETM, mac::HMAC_SHA512_ETM, mac::HMAC_SHA256, mac::HMAC_SHA512];
 
 /// russh's markers that ride on the kex list (extension negotiation and
 /// the strict-kex countermeasure to Terrapin); always sent.
@@ -111,7 +110,10 @@ mod tests {
         let d = Algorithms::default();
         assert_eq!(d.kex.join(","), "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521");
         assert_eq!(d.ciphers.join(","), "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-ctr,aes192-ctr,aes128-ctr");
-        assert_eq!(d.macs.join(","), "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512");
+        assert_eq!(
+            d.macs.join(","),
+            "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512"
+        );
     }
 
     #[test]

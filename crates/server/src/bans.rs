@@ -209,7 +209,8 @@ pub(crate) fn record(shared: &std::sync::Arc<crate::Shared>, ban: NewBan) {
     shared.metrics.banned();
     let mut rec = crate::audit::AuditRecord::new("ban");
     rec.source = Some(ban.net.addr().to_string());
-    rec.reason = Some(format!("{} failures within {}", ban.failures, humantime::format_duration(shared.bans.config().findtime)));
+    rec.reason =
+        Some(format!("{} failures within {}", ban.failures, humantime::format_duration(shared.bans.config().findtime)));
     rec.ban = Some(format!("banned {} until {until}", ban.net));
     rec.actor = Some(format!("pivot:{}", shared.config.pivot_name));
     shared.audit.record(rec);
@@ -244,7 +245,8 @@ mod tests {
 
     #[test]
     fn maxretry_failures_ban_a_source_but_never_an_ignored_one() {
-        let bans = Bans::new(BanConfig { maxretry: 3, ignoreip: vec!["127.0.0.1/32".parse().unwrap()], ..Default::default() });
+        let bans =
+            Bans::new(BanConfig { maxretry: 3, ignoreip: vec!["127.0.0.1/32".parse().unwrap()], ..Default::default() });
         let bad: IpAddr = "198.51.100.9".parse().unwrap();
         assert!(bans.failure(bad, bad).is_none());
         assert!(bans.failure(bad, bad).is_none());

@@ -334,8 +334,11 @@ mod tests {
 
     #[test]
     fn slots_are_capped_per_source_and_in_total() {
-        let limits =
-            Limits { max_startups: MaxStartups { start: 4, rate: 100, full: 4 }, per_source_startups: 2, ..Default::default() };
+        let limits = Limits {
+            max_startups: MaxStartups { start: 4, rate: 100, full: 4 },
+            per_source_startups: 2,
+            ..Default::default()
+        };
         let gate = PreAuth::new(&limits);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();

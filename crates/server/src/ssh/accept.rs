@@ -189,10 +189,9 @@ async fn handle(
             // no failure; garbage, or nothing in common, is.
             let why = match (state.negotiated.get(), &result) {
                 (None, Err(e)) => Some(format!("protocol error before key exchange: {e}")),
-                (Some(n), _) if n.disagrees() => Some(format!(
-                    "no algorithm in common (kex: {}, cipher: {}, mac: {})",
-                    n.kex, n.cipher, n.mac
-                )),
+                (Some(n), _) if n.disagrees() => {
+                    Some(format!("no algorithm in common (kex: {}, cipher: {}, mac: {})", n.kex, n.cipher, n.mac))
+                }
                 _ => None,
             };
             if let Some(why) = why {

@@ -14,8 +14,8 @@ use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Sessi
 use russh::Channel;
 use tracing::{debug, info, warn};
 
-use super::route::{open_for_operator, refuse, Refusal, Request};
 use super::kexinit::NegotiatedSlot;
+use super::route::{open_for_operator, refuse, Refusal, Request};
 use super::rpc;
 use crate::admin::Caller;
 use crate::audit::AuditRecord;
@@ -188,7 +188,11 @@ impl Handler for Connection {
         let fp = fingerprint(offer.public_key);
         self.state.attempt(user, &fp);
         if *offer.algorithm == (Algorithm::Rsa { hash: None }) {
-            return Ok(self.refuse_key(user, &fp, "ssh-rsa (SHA-1) signatures are not accepted; use rsa-sha2-256 or an ed25519 key"));
+            return Ok(self.refuse_key(
+                user,
+                &fp,
+                "ssh-rsa (SHA-1) signatures are not accepted; use rsa-sha2-256 or an ed25519 key",
+            ));
         }
         Ok(match self.lookup(offer.public_key).await? {
             Some(_) => Auth::Accept,
@@ -293,7 +297,9 @@ impl Handler for Connection {
             return Ok(());
         };
         if host_to_connect == RPC_HOST && port_to_connect == RPC_PORT {
-            if self.identity().is_none() && self.state.enroll_requests.fetch_add(1, Ordering::Relaxed) >= ENROLL_REQUESTS {
+            if self.identity().is_none()
+                && self.state.enroll_requests.fetch_add(1, Ordering::Relaxed) >= ENROLL_REQUESTS
+            {
                 info!(peer = %self.peer, conn = self.conn, "enrollment channel refused: {ENROLL_REQUESTS} requests already made");
                 Box::pin(refuse(&self.shared, reply, Refusal::TooManyChannels(ENROLL_REQUESTS))).await;
                 return Ok(());
@@ -355,7 +361,12 @@ impl Handler for Connection {
             warn!(device = %id, "tcpip-forward refused: too many forward requests on this connection");
             return Ok(false);
         }
-        if self.shared.router.tunnel(&id).is_some_and(|t| t.conn == self.conn && t.ports.len() >= max && !t.ports.contains(port)) {
+        if self
+            .shared
+            .router
+            .tunnel(&id)
+            .is_some_and(|t| t.conn == self.conn && t.ports.len() >= max && !t.ports.contains(port))
+        {
             warn!(device = %id, port = *port, max, "tcpip-forward refused: too many ports forwarded on this connection");
             return Ok(false);
         }

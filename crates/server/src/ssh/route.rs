@@ -5,10 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use burrow_core::rpc::{allowed, Selector};
+use burrow_core::text::excerpt;
 use burrow_core::Id;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::Channel;
-use burrow_core::text::excerpt;
 use std::time::Instant;
 use tracing::{info, warn};
 
