@@ -77,6 +77,27 @@ async fn rpc_raw(
     Ok((ch, serde_json::from_slice(&buf).ok()))
 }
 
+/// Step between polls of [`eventually`].
+const POLL: Duration = Duration::from_millis(50);
+
+/// Retries `attempt` until it gives `Some`, for at most `within`: the async
+/// counterpart of `wait_until`, for conditions only a client can observe.
+async fn eventually<T, Fut: std::future::Future<Output = Option<T>>>(
+    within: Duration,
+    mut attempt: impl FnMut() -> Fut,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = attempt().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 fn request_line(req: &Request) -> Vec<u8> {
     let mut line = serde_json::to_vec(req).unwrap();
     line.push(b'\n');
@@ -166,15 +187,13 @@ fn an_enrollment_key_holds_two_channels_and_admin_bytes_are_bounded_pivot_wide()
         // same 60 KB now fit, and get the parser's answer instead.
         drop((_a, _b));
         h.disconnect(russh::Disconnect::ByApplication, "", "en").await.unwrap();
-        let mut answer = String::new();
-        for _ in 0..50 {
+        let answer = eventually(Duration::from_secs(5), || async {
             let (_, a) = rpc_raw(&h2, &vec![b' '; 60_000], true).await.unwrap();
-            answer = a.unwrap()["error"].as_str().unwrap_or_default().to_string();
-            if !answer.starts_with("pivot busy") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let answer = a.unwrap()["error"].as_str().unwrap_or_default().to_string();
+            (!answer.starts_with("pivot busy")).then_some(answer)
+        })
+        .await
+        .expect("the first connection's bytes were never given back");
         assert!(answer.starts_with("malformed request"), "{answer}");
 
         // One request may not exceed 64 KiB.
@@ -197,9 +216,12 @@ fn operator_channels_are_capped_per_connection() {
         assert_resource_shortage(e);
         assert!(pivot.proc.log_text().contains("too many open on this connection"));
         open.pop().unwrap().close().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (_, a) = rpc_raw(&h, &request_line(&Request::Whoami), true).await.unwrap();
-        assert_eq!(a.unwrap()["data"]["name"], "alice", "a closed channel frees its place");
+        let a = eventually(Duration::from_secs(5), || async {
+            rpc_raw(&h, &request_line(&Request::Whoami), true).await.ok().and_then(|(_, a)| a)
+        })
+        .await
+        .expect("a closed channel frees its place");
+        assert_eq!(a["data"]["name"], "alice");
     });
 }
 
@@ -673,21 +695,8 @@ fn a_status_reason_from_the_broker_cannot_forge_log_lines() {
     assert!(wait_until(Duration::from_secs(10), || pivot.proc.log_text().contains("connected to the MQTT broker")));
     let forged = "boom\n2026-12-01T00:00:00Z  INFO burrow_server: FAKE operator 'root' authenticated\u{1b}[2J";
     let status = serde_json::json!({"nonce": "n", "pivot": "p", "state": "error", "reason": forged, "at": 1});
-    let port: u16 = mosquitto.url().rsplit(':').next().unwrap().parse().unwrap();
-    runtime().block_on(async {
-        let mut opts = rumqttc::MqttOptions::new("cam-42", "127.0.0.1", port);
-        opts.set_credentials("pivot", "");
-        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
-        let topic = burrow_core::signal::Topics::new("burrow").status("cam-42");
-        client.publish(topic, rumqttc::QoS::AtLeastOnce, false, status.to_string()).await.unwrap();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
-                Ok(Ok(_)) => {}
-                other => panic!("publish failed: {other:?}"),
-            }
-        }
-    });
+    let topic = burrow_core::signal::Topics::new("burrow").status("cam-42");
+    mqtt_publish(&mosquitto.url(), "cam-42", &[(topic, false, status.to_string().into_bytes())]);
     assert!(wait_until(Duration::from_secs(10), || pivot.proc.log_text().contains("device could not connect")));
     let log = pivot.proc.log_text();
     for line in log.lines().filter(|l| l.contains("FAKE")) {
@@ -717,11 +726,9 @@ fn enrollment_connections_keep_the_grace_time_the_per_source_cap_and_few_request
             assert_eq!(a.unwrap()["ok"], false);
         }
         assert_resource_shortage(rpc_raw(&held[0], b"", false).await.expect_err("a fourth request was served"));
-        // The grace time ends them all.
-        tokio::time::sleep(Duration::from_millis(3000)).await;
-        for h in &held {
-            assert!(h.is_closed(), "an enrollment connection outlived the grace time");
-        }
+        // The grace time (2 s) ends them all.
+        let closed = eventually(Duration::from_secs(6), || async { held.iter().all(|h| h.is_closed()).then_some(()) });
+        assert!(closed.await.is_some(), "an enrollment connection outlived the grace time");
     });
 }
 
@@ -784,7 +791,8 @@ fn a_client_with_many_keys_or_a_health_check_is_not_banned() {
     for _ in 0..5 {
         drop(connect_from("127.0.0.2", pivot.addr));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The key-trying connection is counted once it has ended: its audit record shows it.
+    wait_audit(&pivot, &["--source", "127.0.0.2", "--event", "auth"], |r| !r.is_empty());
     let mut s = connect_from("127.0.0.2", pivot.addr);
     assert!(!closed_within(&mut s, Duration::from_millis(500)), "127.0.0.2 was banned");
     assert_eq!(pivot.admin_ok(&["ban", "list", "--json"]).trim(), "[]");
@@ -919,14 +927,20 @@ fn an_unread_admin_answer_does_not_keep_the_unauthenticated_slot() {
             let mut h = client::connect_stream(Arc::new(config), tcp, Anything).await.unwrap();
             let r = h.authenticate_publickey("enroll", PrivateKeyWithHashAlg::new(key.clone(), None)).await.unwrap();
             assert!(r.success());
+            let answered = pivot.proc.log_text().matches("admin request").count();
             let ch = h.channel_open_direct_tcpip(RPC_HOST, RPC_PORT, "127.0.0.1", 0).await.unwrap();
-            ch.data(&b"x\n"[..]).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            ch.data(&request_line(&Request::Whoami)[..]).await.unwrap();
+            // Gone once the pivot has its answer ready (and no window to send it in).
+            let handled =
+                || async { (pivot.proc.log_text().matches("admin request").count() > answered).then_some(()) };
+            assert!(eventually(Duration::from_secs(5), handled).await.is_some());
             drop(h);
         }
         // The source still gets served: its slots came back with its connections.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(login(pivot.addr, "127.0.0.2", "enroll", &key).await.unwrap().is_some(), "slots leaked");
+        let served = eventually(Duration::from_secs(5), || async {
+            login(pivot.addr, "127.0.0.2", "enroll", &key).await.ok().flatten()
+        });
+        assert!(served.await.is_some(), "slots leaked");
     });
 }
 
@@ -945,11 +959,10 @@ fn one_key_holds_a_bounded_number_of_connections_and_is_not_banned_for_it() {
             assert!(login(pivot.addr, "127.0.0.2", "alice", &key).await.unwrap().is_none(), "past the limit");
         }
         held.pop().unwrap().disconnect(russh::Disconnect::ByApplication, "", "en").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            login(pivot.addr, "127.0.0.2", "alice", &key).await.unwrap().is_some(),
-            "a freed place was not reusable"
-        );
+        let again = eventually(Duration::from_secs(5), || async {
+            login(pivot.addr, "127.0.0.2", "alice", &key).await.ok().flatten()
+        });
+        assert!(again.await.is_some(), "a freed place was not reusable");
     });
     assert!(pivot.proc.log_text().contains("the key already holds 3 connections"));
     assert_eq!(pivot.admin_ok(&["ban", "list", "--json"]).trim(), "[]", "hitting the limit is no failure");
@@ -982,23 +995,10 @@ fn mqtt_garbage_counts_toward_a_ban_like_ssh_garbage() {
 #[test]
 fn a_retained_presence_cannot_set_last_seen_in_the_future() {
     let mosquitto = Mosquitto::start();
-    let port: u16 = mosquitto.url().rsplit(':').next().unwrap().parse().unwrap();
     let future = burrow_core::time::now_unix() + 10 * 365 * 86_400;
     let presence = serde_json::json!({"state": "online", "mode": "on-demand", "at": future});
-    runtime().block_on(async {
-        let mut opts = rumqttc::MqttOptions::new("cam-42", "127.0.0.1", port);
-        opts.set_credentials("pivot", "");
-        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
-        let topic = burrow_core::signal::Topics::new("burrow").presence("cam-42");
-        client.publish(topic, rumqttc::QoS::AtLeastOnce, true, presence.to_string()).await.unwrap();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
-                Ok(Ok(_)) => {}
-                other => panic!("publish failed: {other:?}"),
-            }
-        }
-    });
+    let topic = burrow_core::signal::Topics::new("burrow").presence("cam-42");
+    mqtt_publish(&mosquitto.url(), "cam-42", &[(topic, true, presence.to_string().into_bytes())]);
     let args = ["--mqtt-url", &mosquitto.url(), "--mqtt-username", "pivot"];
     let mut pivot = TestPivot::start_with(BURROW, &args);
     let dir = tempfile::tempdir().unwrap();
@@ -1015,7 +1015,6 @@ fn a_retained_presence_cannot_set_last_seen_in_the_future() {
 #[test]
 fn extreme_device_values_leave_every_listing_command_working() {
     let mosquitto = Mosquitto::start();
-    let port: u16 = mosquitto.url().rsplit(':').next().unwrap().parse().unwrap();
     let args = ["--mqtt-url", &mosquitto.url(), "--mqtt-username", "pivot"];
     let pivot = TestPivot::start_with(BURROW, &args);
     assert!(wait_until(Duration::from_secs(10), || pivot.proc.log_text().contains("connected to the MQTT broker")));
@@ -1033,23 +1032,8 @@ fn extreme_device_values_leave_every_listing_command_working() {
         (topics.status("cam-2"), false, serde_json::json!({"nonce": "n", "pivot": "p", "state": "error", "reason": weird, "at": 1}).to_string()),
         (topics.status("cam-3"), false, serde_json::json!({"nonce": "n", "pivot": "p", "state": "error", "reason": "\u{1b}[2J\u{202e}boom\n", "at": 1}).to_string()),
     ];
-    runtime().block_on(async {
-        let mut opts = rumqttc::MqttOptions::new("weird-device", "127.0.0.1", port);
-        opts.set_credentials("pivot", "");
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
-        for (topic, retain, payload) in &messages {
-            client.publish(topic, rumqttc::QoS::AtLeastOnce, *retain, payload.clone()).await.unwrap();
-        }
-        let mut acks = 0;
-        while acks < messages.len() {
-            match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acks += 1,
-                Ok(Ok(_)) => {}
-                other => panic!("publish failed: {other:?}"),
-            }
-        }
-    });
+    let messages: Vec<_> = messages.into_iter().map(|(t, r, p)| (t, r, p.into_bytes())).collect();
+    mqtt_publish(&mosquitto.url(), "weird-device", &messages);
     assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("device could not connect")));
     for args in [
         &["device", "list"][..],

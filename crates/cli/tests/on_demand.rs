@@ -278,22 +278,7 @@ fn silent_device_did_not_answer(broker: Broker) {
 
 /// A raw MQTT client on Mosquitto, standing in for an attacker with broker access.
 fn inject(url: &str, client_id: &str, topic: &str, payload: Vec<u8>) {
-    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
-        opts.set_credentials("pivot", "");
-        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
-        client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match tokio::time::timeout_at(deadline, ev.poll()).await {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
-                Ok(Ok(_)) => {}
-                other => panic!("publish failed: {other:?}"),
-            }
-        }
-    });
+    mqtt_publish(url, client_id, &[(topic.to_string(), false, payload)]);
 }
 
 fn pivot_key(pivot: &TestPivot) -> russh::keys::PrivateKey {
@@ -535,9 +520,13 @@ fn a_captured_wake_request_is_refused_after_the_agent_restarts() {
     // A new agent process, same key: the same request is refused.
     drop(agent);
     let agent = start_agent(&pivot, &key, &sshd, &url, &[]);
-    assert!(wait_until(Duration::from_secs(10), || agent.proc.log_text().contains("waiting for wake-ups")));
-    std::thread::sleep(Duration::from_millis(500));
-    inject(&url, "attacker", &topics.request("cam-42"), good);
+    assert!(wait_until(Duration::from_secs(10), || agent.proc.log_text().contains("connected to the MQTT broker")));
+    // Sent until the new agent, once subscribed, has seen and judged it.
+    let judged = wait_until(Duration::from_secs(10), || {
+        inject(&url, "attacker", &topics.request("cam-42"), good.clone());
+        wait_until(Duration::from_secs(1), || agent.proc.log_text().contains("ignored wake request"))
+    });
+    assert!(judged, "{}", agent.proc.log_text());
     assert!(
         wait_until(Duration::from_secs(10), || agent.proc.log_text().contains("nonce was already used")),
         "{}",

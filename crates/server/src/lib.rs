@@ -157,8 +157,9 @@ impl Shared {
 }
 
 /// Checks everything that can be checked before binding or opening anything;
-/// `burrow server` calls it first. Returns the descriptors now available.
-pub fn check_config(config: &Config) -> Result<u64, ServerError> {
+/// `burrow server` calls it first. Returns how many connections the pivot
+/// may hold at once under the descriptor limit now in force.
+pub fn check_config(config: &Config) -> Result<usize, ServerError> {
     config.bans.check().map_err(ServerError::Config)?;
     config.algorithms.check().map_err(ServerError::Config)?;
     if let Some(r) = config.audit_retention {
@@ -170,16 +171,15 @@ pub fn check_config(config: &Config) -> Result<u64, ServerError> {
         }
     }
     let nofile = limits::raise_nofile();
-    config.limits.check(nofile, config.max_connections).map_err(ServerError::Config)?;
-    Ok(nofile)
+    let connections = config.limits.check(nofile, config.max_connections).map_err(ServerError::Config)?;
+    info!(nofile, max_connections = connections, "descriptor limit");
+    Ok(connections)
 }
 
 /// Serves SSH on `listener` until `shutdown` is cancelled, then closes every
 /// connection and waits (up to `drain_timeout`) for their tasks.
 pub async fn run(mut config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
-    let nofile = check_config(&config)?;
-    config.max_connections = config.limits.check(nofile, config.max_connections).map_err(ServerError::Config)?;
-    info!(nofile, max_connections = config.max_connections, "descriptor limit");
+    config.max_connections = check_config(&config)?;
     let key = host_key::load_or_create(&config.data_dir)?;
     let registry = Registry::open(&config.data_dir).await?;
     registry.clear_tunnels(&config.pivot_name).await?;

@@ -29,20 +29,35 @@ pub(crate) struct Metrics {
     pub channels_closed: AtomicU64,
     pub bytes_to_device: AtomicU64,
     pub bytes_to_operator: AtomicU64,
-    refusals: Mutex<BTreeMap<&'static str, u64>>,
+    refusals: ByReason,
     pub auth_failures: AtomicU64,
     pub bans: AtomicU64,
-    dropped: Mutex<BTreeMap<&'static str, u64>>,
+    dropped: ByReason,
+}
+
+/// A counter per reason, exported with a `reason` label.
+#[derive(Default)]
+struct ByReason(Mutex<BTreeMap<&'static str, u64>>);
+
+impl ByReason {
+    fn bump(&self, reason: &'static str) {
+        *self.0.lock().unwrap().entry(reason).or_default() += 1;
+    }
+
+    /// `({reason="…"}, count)` pairs.
+    fn samples(&self) -> Vec<(String, u64)> {
+        self.0.lock().unwrap().iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect()
+    }
 }
 
 impl Metrics {
     pub fn refused(&self, kind: &'static str) {
-        *self.refusals.lock().unwrap().entry(kind).or_default() += 1;
+        self.refusals.bump(kind);
     }
 
     /// A connection closed at accept (banned source, or no pre-auth slot).
     pub fn dropped(&self, kind: &'static str) {
-        *self.dropped.lock().unwrap().entry(kind).or_default() += 1;
+        self.dropped.bump(kind);
     }
 
     pub fn auth_failed(&self) {
@@ -136,10 +151,8 @@ fn render(shared: &Shared) -> String {
             ("{direction=\"to_operator\"}", m.bytes_to_operator.load(Ordering::Relaxed)),
         ],
     );
-    let refusals: Vec<(String, u64)> =
-        m.refusals.lock().unwrap().iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect();
-    let refusals: Vec<(&str, u64)> = refusals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    metric("burrow_refusals_total", "counter", "Operator channels refused, by reason.", &refusals);
+    let refusals = m.refusals.samples();
+    metric("burrow_refusals_total", "counter", "Operator channels refused, by reason.", &labelled(&refusals));
     metric(
         "burrow_auth_failures_total",
         "counter",
@@ -154,10 +167,13 @@ fn render(shared: &Shared) -> String {
         "Connections not authenticated yet.",
         &[("", shared.preauth.in_use() as u64)],
     );
-    let dropped: Vec<(String, u64)> =
-        m.dropped.lock().unwrap().iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect();
-    let dropped: Vec<(&str, u64)> = dropped.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    metric("burrow_connections_dropped_total", "counter", "Connections closed at accept, by reason.", &dropped);
+    let dropped = m.dropped.samples();
+    metric(
+        "burrow_connections_dropped_total",
+        "counter",
+        "Connections closed at accept, by reason.",
+        &labelled(&dropped),
+    );
     metric(
         "burrow_admin_buffered_bytes",
         "gauge",
@@ -171,4 +187,8 @@ fn render(shared: &Shared) -> String {
         &[("", shared.audit.dropped.load(Ordering::Relaxed))],
     );
     out
+}
+
+fn labelled(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
+    samples.iter().map(|(k, v)| (k.as_str(), *v)).collect()
 }

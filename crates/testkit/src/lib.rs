@@ -695,3 +695,29 @@ pub fn connections_to(pid: u32, port: u16) -> usize {
         .filter(|l| l.split_whitespace().nth(3).is_some_and(|peer| peer.ends_with(&format!(":{port}"))))
         .count()
 }
+
+/// Publishes `messages` (topic, retained, payload) at QoS 1 to the broker at
+/// `url` (`mqtt://HOST:PORT`) as its user `pivot`, waiting for every PUBACK:
+/// an MQTT client with broker access, for tests that inject what a device or
+/// an attacker could send.
+pub fn mqtt_publish(url: &str, client_id: &str, messages: &[(String, bool, Vec<u8>)]) {
+    let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("mqtt://HOST:PORT");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_credentials("pivot", "");
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+        for (topic, retain, payload) in messages {
+            client.publish(topic, rumqttc::QoS::AtLeastOnce, *retain, payload.clone()).await.unwrap();
+        }
+        let mut acks = 0;
+        while acks < messages.len() {
+            match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acks += 1,
+                Ok(Ok(_)) => {}
+                other => panic!("publish failed: {other:?}"),
+            }
+        }
+    });
+}
