@@ -86,6 +86,7 @@ pub async fn enroll(e: Enrollment) -> Result<AgentFile, EnrollError> {
         pivot_host_key: token.fingerprint,
         expose: e.expose.iter().map(Expose::to_string).collect(),
         mqtt_url: e.mqtt_url,
+        mqtt_fingerprint: token.mqtt_fingerprint,
         always_on: e.always_on,
     };
     file.save(&e.config_path)?;

@@ -15,6 +15,7 @@ pub mod enroll;
 mod forward;
 mod on_demand;
 pub mod pivot_client;
+pub mod tls;
 mod session;
 
 use std::sync::Arc;
@@ -40,6 +41,9 @@ pub struct SignalConfig {
     /// Defaults to a login token signed with the device key (what the
     /// embedded broker expects).
     pub password: Option<String>,
+    /// For `mqtts://`: trust only this certificate (a pivot's embedded
+    /// broker) instead of the CA in `tls`.
+    pub pin: Option<burrow_core::mqtt_url::CertPin>,
 }
 
 #[derive(Debug, Clone)]

@@ -46,6 +46,7 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
         .map(|t| ReplayGuard::from_json(&t))
         .unwrap_or_default();
     let mut tunnel: Option<CancellationToken> = None;
+    let mut refusals = OncePerSecond::default();
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     info!(device = %id, broker = %signal.url, "waiting for wake-ups over MQTT");
 
@@ -84,7 +85,15 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                             req
                         }
                         Err(e) => {
-                            warn!("ignored wake request: {e}");
+                            warn!("refused a wake request: {e}");
+                            // Tell the waiting operator why, at most once a
+                            // second: a refusal costs this device a publish.
+                            let replay = matches!(e, burrow_core::signal::SignalError::Replayed);
+                            if let (Some(nonce), false) = (WakeRequest::claimed_nonce(&p.payload), replay || !refusals.allow()) {
+                                let status = Status { nonce, pivot: String::new(), state: "refused".into(), reason: Some(e.to_string()), at: now };
+                                let payload = serde_json::to_vec(&status).expect("status serializes");
+                                let _ = client.try_publish(topics.status(&id), QoS::AtLeastOnce, false, payload);
+                            }
                             continue;
                         }
                     };
@@ -153,11 +162,33 @@ fn mqtt_options(config: &Config, signal: &SignalConfig) -> Result<MqttOptions, A
         None => login_token(&config.key, &id, now_unix()).unwrap_or_default(),
     };
     opts.set_credentials(user, password);
-    if signal.url.tls {
-        let (ca, client_auth) = signal.tls.load().map_err(AgentError::Tls)?;
-        opts.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
-    }
+    match (signal.url.tls, signal.pin) {
+        (true, Some(pin)) => opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(
+            crate::tls::pinned_client_config(pin),
+        ))),
+        (true, None) => {
+            let (ca, client_auth) = signal.tls.load().map_err(AgentError::Tls)?;
+            opts.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }))
+        }
+        (false, _) => &mut opts,
+    };
     Ok(opts)
+}
+
+/// Lets one event through per second.
+#[derive(Default)]
+struct OncePerSecond {
+    last: Option<std::time::Instant>,
+}
+
+impl OncePerSecond {
+    fn allow(&mut self) -> bool {
+        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        self.last = Some(std::time::Instant::now());
+        true
+    }
 }
 
 /// Writes the replay guard (0600, replaced atomically); a failure is logged

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use burrow_core::agent_file::{AgentFile, DEFAULT_PATH};
-use burrow_core::mqtt_url::MqttUrl;
+use burrow_core::mqtt_url::{CertPin, MqttUrl};
 use burrow_core::{Expose, HostKeyPin, Id};
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
@@ -85,6 +85,9 @@ pub struct AgentArgs {
     /// Keep a permanent tunnel even when a broker is given.
     #[arg(long)]
     always_on: bool,
+    /// Trust only this certificate (SHA256:..., as `burrow server` prints) for an mqtts:// pivot.
+    #[arg(long, env = "BURROW_MQTT_FINGERPRINT")]
+    mqtt_fingerprint: Option<CertPin>,
     #[command(flatten)]
     mqtt: MqttClientArgs,
     /// Keepalive period to the pivot and the broker; three missed mean reconnect.
@@ -152,6 +155,20 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
         None => file.as_ref().and_then(|f| f.mqtt_url.as_deref()).map(str::parse).transpose()?,
     };
     let always_on = args.always_on || file.as_ref().is_some_and(|f| f.always_on);
+    let mqtt_pin = match args.mqtt_fingerprint {
+        Some(p) => Some(p),
+        None => file
+            .as_ref()
+            .and_then(|f| f.mqtt_fingerprint.as_deref())
+            .map(str::parse::<CertPin>)
+            .transpose()
+            .context("mqtt_fingerprint in the config file")?,
+    };
+    if let (Some(url), Some(_)) = (&mqtt_url, mqtt_pin) {
+        if !url.tls {
+            bail!("--mqtt-fingerprint pins a TLS certificate, but {url} is plain MQTT; use mqtts://");
+        }
+    }
 
     let meta = std::fs::metadata(&key_path).with_context(|| format!("cannot read {}", key_path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -172,6 +189,7 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
             topics: args.mqtt.topics(),
             username: args.mqtt.mqtt_username,
             password: args.mqtt.mqtt_password,
+            pin: mqtt_pin,
         });
     }
     burrow_agent::run(config, shutdown).await?;

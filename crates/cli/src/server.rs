@@ -144,9 +144,12 @@ fn parse_retention(s: &str) -> Result<Retention, String> {
 
 #[derive(clap::Args)]
 struct MqttArgs {
-    /// Where the embedded MQTT broker listens for devices.
-    #[arg(long, env = "BURROW_MQTT_LISTEN", default_value = "0.0.0.0:1883")]
+    /// Where the embedded MQTT broker listens for devices (TLS).
+    #[arg(long, env = "BURROW_MQTT_LISTEN", default_value = "0.0.0.0:8883")]
     mqtt_listen: SocketAddr,
+    /// Serve the embedded broker without TLS (mqtt://): for tests on loopback only.
+    #[arg(long, conflicts_with_all = ["mqtt_url", "no_mqtt"])]
+    mqtt_plaintext: bool,
     /// Use an external broker (mqtt[s]://HOST:PORT) instead of the embedded one.
     #[arg(long, env = "BURROW_MQTT_URL")]
     mqtt_url: Option<MqttUrl>,
@@ -221,7 +224,7 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen for MQTT on {}", m.mqtt_listen))?;
             mqtt = Some(l);
-            Some(BrokerConfig::Embedded)
+            Some(BrokerConfig::Embedded { plaintext: m.mqtt_plaintext })
         }
     };
     let advertise = args.advertise.clone().unwrap_or_else(|| {
@@ -249,7 +252,16 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     }
     println!("host key {} ({})", burrow_core::fingerprint(key.public_key()), dir.join("host_key.pub").display());
     match (&mqtt, &broker) {
-        (Some(l), _) => println!("mqtt (embedded broker) listening on {}", l.local_addr()?),
+        (Some(l), _) => {
+            if m.mqtt_plaintext {
+                println!("mqtt without TLS (--mqtt-plaintext): login tokens cross the network in the clear");
+            } else {
+                let pin = burrow_server::signal::certificate_pin(dir).context("cannot set up the MQTT certificate")?;
+                let file = dir.join(burrow_server::signal::CERT_FILE);
+                println!("mqtt certificate {pin} ({}); devices pin it with --mqtt-fingerprint", file.display());
+            }
+            println!("mqtt (embedded broker) listening on {}", l.local_addr()?);
+        }
         (None, Some(BrokerConfig::External { url, .. })) => println!("mqtt broker {url}"),
         _ => println!("mqtt disabled: always-on tunnels only"),
     }

@@ -847,9 +847,8 @@ fn a_device_topic_cannot_forge_log_lines() {
     pivot.add_device("cam-42", &dev);
     let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
     let token = burrow_core::signal::login_token(&key, "cam-42", burrow_core::time::now_unix()).unwrap();
-    let port = pivot.mqtt_addr.unwrap().port();
     runtime().block_on(async {
-        let mut opts = rumqttc::MqttOptions::new("cam-42", "127.0.0.1", port);
+        let mut opts = pivot.mqtt_options("cam-42");
         opts.set_credentials("cam-42", token);
         let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

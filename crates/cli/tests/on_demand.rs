@@ -83,8 +83,11 @@ fn start_agent(pivot: &TestPivot, key: &KeyPair, sshd: &Sshd, url: &str, extra: 
     let pin = pivot.host_key_pub();
     let dir = tempfile::Builder::new().prefix("burrow-agent").tempdir().unwrap();
     let mut cmd = Command::new(BURROW);
-    cmd.args(["agent", "--mqtt-url", url, "--id", "cam-42", "--key"])
-        .arg(&key.private)
+    cmd.args(["agent", "--mqtt-url", url, "--id", "cam-42", "--key"]).arg(&key.private);
+    if let (Some(fp), true) = (&pivot.mqtt_fingerprint, pivot.mqtt_addr.is_some() && url == pivot.mqtt_url()) {
+        cmd.args(["--mqtt-fingerprint", fp]);
+    }
+    cmd
         .arg("--pivot-host-key")
         .arg(&pin)
         .args(["--expose", &format!("22={}", sshd.target()), "--keepalive", "2s"])
@@ -297,7 +300,7 @@ fn forged_expired_and_replayed_requests_are_ignored() {
     let rogue = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap();
     let forged = WakeRequest::new(&id, &f.pivot.addr.to_string(), now_unix(), 30).sign(&rogue).unwrap();
     inject(&url, "attacker-1", &topics.request("cam-42"), forged);
-    assert!(wait_until(Duration::from_secs(10), || f.agent_log().contains("which is not the pinned pivot key")));
+    assert!(wait_until(Duration::from_secs(10), || f.agent_log().contains("is not the pinned key")));
 
     // Signed by the real pivot key, but expired.
     let key = pivot_key(&f.pivot);
@@ -338,14 +341,13 @@ fn embedded_broker_enforces_device_acl() {
     let other = KeyPair::generate(f.sshd.dir.path(), "cam-43");
     f.pivot.add_device("cam-43", &other);
     let key43 = russh::keys::load_secret_key(&other.private, None).unwrap();
-    let port = f.pivot.mqtt_addr.unwrap().port();
     let topics = Topics::new("burrow");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
     // Connects as cam-43 with its own key, then tries `act`; true if the broker kept the connection.
     let survives = |act: &dyn Fn(&rumqttc::AsyncClient), user: &str, token: String| -> bool {
         rt.block_on(async {
-            let mut opts = rumqttc::MqttOptions::new(user, "127.0.0.1", port);
+            let mut opts = f.pivot.mqtt_options(user);
             opts.set_credentials(user, token);
             let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -524,7 +526,7 @@ fn a_captured_wake_request_is_refused_after_the_agent_restarts() {
     // Sent until the new agent, once subscribed, has seen and judged it.
     let judged = wait_until(Duration::from_secs(10), || {
         inject(&url, "attacker", &topics.request("cam-42"), good.clone());
-        wait_until(Duration::from_secs(1), || agent.proc.log_text().contains("ignored wake request"))
+        wait_until(Duration::from_secs(1), || agent.proc.log_text().contains("refused a wake request"))
     });
     assert!(judged, "{}", agent.proc.log_text());
     assert!(

@@ -21,6 +21,10 @@ pub struct AgentFile {
     pub expose: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_url: Option<String>,
+    /// The pivot's MQTT certificate fingerprint (`SHA256:...`), pinned
+    /// instead of trusting a CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_fingerprint: Option<String>,
     #[serde(default)]
     pub always_on: bool,
 }
@@ -72,7 +76,8 @@ mod tests {
             key: "/etc/burrow/device_key".into(),
             pivot_host_key: "SHA256:abc".into(),
             expose: vec!["22=127.0.0.1:22".into()],
-            mqtt_url: Some("mqtt://pivot:1883".into()),
+            mqtt_url: Some("mqtts://pivot:8883".into()),
+            mqtt_fingerprint: Some("SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s".into()),
             always_on: false,
         };
         f.save(&path).unwrap();

@@ -28,6 +28,10 @@ pub struct EnrollToken {
     pub fingerprint: String,
     pub device: String,
     pub secret: String,
+    /// `SHA256:...` of the embedded MQTT broker's TLS certificate, when the
+    /// pivot serves devices' MQTT itself; the agent pins it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_fingerprint: Option<String>,
 }
 
 impl std::fmt::Debug for EnrollToken {
@@ -36,6 +40,7 @@ impl std::fmt::Debug for EnrollToken {
             .field("pivot", &self.pivot)
             .field("fingerprint", &self.fingerprint)
             .field("device", &self.device)
+            .field("mqtt_fingerprint", &self.mqtt_fingerprint)
             .field("secret", &"***")
             .finish()
     }
@@ -61,6 +66,7 @@ impl EnrollToken {
             fingerprint: fingerprint.to_string(),
             device: device.to_string(),
             secret: Base64UrlUnpadded::encode_string(&secret),
+            mqtt_fingerprint: None,
         }
     }
 
@@ -95,6 +101,11 @@ impl EnrollToken {
         }
         if Id::parse(&self.device).is_err() {
             return Err(TokenError::Invalid("device id"));
+        }
+        if let Some(fp) = &self.mqtt_fingerprint {
+            if fp.parse::<crate::mqtt_url::CertPin>().is_err() {
+                return Err(TokenError::Invalid("MQTT certificate fingerprint"));
+            }
         }
         if self.secret.is_empty()
             || self.secret.len() > 128

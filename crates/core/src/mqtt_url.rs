@@ -18,6 +18,47 @@ pub struct MqttUrl {
 pub enum MqttUrlError {
     #[error("'{}' is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (IPv6 in brackets)", excerpt(.0, 80))]
     Shape(String),
+    #[error("'{}' is not a certificate fingerprint (SHA256: and 43 base64 characters, as `burrow server` prints)", excerpt(.0, 80))]
+    Fingerprint(String),
+}
+
+/// A pin on the embedded broker's TLS certificate: the SHA-256 of its DER
+/// encoding, written `SHA256:` and unpadded base64 like an SSH fingerprint.
+/// A device that holds a pin trusts that one certificate and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertPin([u8; 32]);
+
+impl CertPin {
+    pub fn of_der(der: &[u8]) -> Self {
+        use sha2::Digest;
+        CertPin(sha2::Sha256::digest(der).into())
+    }
+
+    pub fn matches(&self, der: &[u8]) -> bool {
+        *self == CertPin::of_der(der)
+    }
+}
+
+impl FromStr for CertPin {
+    type Err = MqttUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use base64ct::{Base64Unpadded, Encoding};
+        let bad = || MqttUrlError::Fingerprint(s.to_string());
+        let b64 = s.trim().strip_prefix("SHA256:").ok_or_else(bad)?;
+        let mut out = [0u8; 32];
+        match Base64Unpadded::decode(b64, &mut out) {
+            Ok(d) if d.len() == 32 => Ok(CertPin(out)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for CertPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use base64ct::{Base64Unpadded, Encoding};
+        write!(f, "SHA256:{}", Base64Unpadded::encode_string(&self.0))
+    }
 }
 
 impl FromStr for MqttUrl {
@@ -89,6 +130,16 @@ impl TlsFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cert_pins_round_trip_and_refuse_garbage() {
+        let pin = CertPin::of_der(b"certificate");
+        assert_eq!(pin.to_string().parse(), Ok(pin));
+        assert!(pin.matches(b"certificate") && !pin.matches(b"other"));
+        for bad in ["", "SHA256:", "SHA256:abc", "sha256:x", "MD5:aa", "SHA256:!!!!"] {
+            assert!(bad.parse::<CertPin>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_urls() {

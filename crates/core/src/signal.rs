@@ -23,6 +23,10 @@ pub const LOGIN_NAMESPACE: &str = "mqtt-login@burrow";
 /// Longest validity a wake request may claim, and the clock skew tolerated.
 pub const MAX_WAKE_TTL: i64 = 300;
 pub const MAX_SKEW: i64 = 300;
+/// How old a login token may be when it arrives (a device clock running slow).
+pub const MAX_LOGIN_AGE: i64 = MAX_SKEW;
+/// How far ahead of the pivot's clock a login token may be dated.
+pub const MAX_LOGIN_FUTURE: i64 = 5;
 /// Largest signed wake request or login token; real ones are under 1 KiB.
 pub const MAX_SIGNED_LEN: usize = 8 * 1024;
 /// Longest nonce a status may echo; the pivot's are 32 hex digits.
@@ -80,8 +84,10 @@ pub enum SignalError {
     Shape,
     #[error("signature does not verify")]
     BadSignature,
-    #[error("signed by {0}, which is not the pinned pivot key")]
+    #[error("pivot key {0} is not the pinned key")]
     WrongSigner(String),
+    #[error("login token is dated {0}s ahead of the pivot's clock; check the device's clock")]
+    FutureDated(i64),
     #[error("request is for device '{0}'")]
     OtherDevice(String),
     #[error("request expired at {0}")]
@@ -90,6 +96,8 @@ pub enum SignalError {
     BadWindow,
     #[error("request nonce was already used")]
     Replayed,
+    #[error("login token was already used")]
+    LoginReused,
     #[error("cannot sign: {0}")]
     Sign(String),
 }
@@ -159,6 +167,22 @@ impl WakeRequest {
             return Err(SignalError::Expired(req.expires_at));
         }
         Ok(req)
+    }
+}
+
+impl WakeRequest {
+    /// The nonce a payload claims, without checking anything else: what an
+    /// agent echoes when it refuses a request, so the pivot can tell the
+    /// operator why. Only a short hex nonce is returned.
+    pub fn claimed_nonce(payload: &[u8]) -> Option<String> {
+        if payload.len() > MAX_SIGNED_LEN {
+            return None;
+        }
+        let signed: Signed = serde_json::from_slice(payload).ok()?;
+        let body: serde_json::Value = serde_json::from_str(&signed.body).ok()?;
+        let nonce = body.get("nonce")?.as_str()?;
+        let plausible = !nonce.is_empty() && nonce.len() <= MAX_NONCE_LEN && nonce.bytes().all(|b| b.is_ascii_hexdigit());
+        plausible.then(|| nonce.to_string())
     }
 }
 
@@ -299,37 +323,60 @@ fn check_at(at: Option<i64>) -> Result<(), String> {
     }
 }
 
-/// The MQTT password a device presents to the embedded broker: a timestamp
-/// and an `sshsig` over `client id`, so no second secret needs provisioning.
+/// The MQTT password a device presents to the embedded broker: a time, a
+/// random nonce and an `sshsig` over the client id, time and nonce, so no
+/// second secret needs provisioning. The broker accepts each token once.
 pub fn login_token(key: &PrivateKey, client_id: &str, now: i64) -> Result<String, SignalError> {
-    let msg = format!("{client_id}\n{now}");
+    let nonce: [u8; 12] = rand::random();
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let msg = format!("{client_id}\n{now}\n{nonce}");
     let sig = key
         .sign(LOGIN_NAMESPACE, HashAlg::Sha512, msg.as_bytes())
         .and_then(|s| s.to_pem(LineEnding::LF))
         .map_err(|e| SignalError::Sign(e.to_string()))?;
-    Ok(format!("{now}\n{sig}"))
+    Ok(format!("{now}\n{nonce}\n{sig}"))
 }
 
-/// Checks a login token against the device's registered key.
-pub fn verify_login(token: &str, client_id: &str, key: &PublicKey, now: i64) -> Result<(), SignalError> {
+/// What a verified login token claims; the broker remembers it until
+/// `issued_at + MAX_LOGIN_AGE` to refuse a second use.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LoginClaim {
+    pub issued_at: i64,
+    pub nonce: String,
+}
+
+/// Checks a login token against the device's registered key: signed by it,
+/// for this client id, dated at most [`MAX_LOGIN_AGE`] ago and at most
+/// [`MAX_LOGIN_FUTURE`] ahead. Single use is the caller's job.
+pub fn verify_login(token: &str, client_id: &str, key: &PublicKey, now: i64) -> Result<LoginClaim, SignalError> {
     if token.len() > MAX_SIGNED_LEN {
         return Err(SignalError::Shape);
     }
-    let (ts, pem) = token.split_once('\n').ok_or(SignalError::Shape)?;
+    let mut parts = token.splitn(3, '\n');
+    let (Some(ts), Some(nonce), Some(pem)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(SignalError::Shape);
+    };
     if ts.is_empty() || ts.len() > 20 || !ts.bytes().all(|b| b.is_ascii_digit()) {
         return Err(SignalError::Shape);
     }
+    if nonce.is_empty() || nonce.len() > MAX_NONCE_LEN || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(SignalError::Shape);
+    }
     let ts: i64 = ts.parse().map_err(|_| SignalError::Shape)?;
-    // Checked: `ts` is whatever the client sent, and |now - ts| can overflow.
-    if now.checked_sub(ts).is_none_or(|d| d.unsigned_abs() > MAX_SKEW as u64) {
-        return Err(SignalError::Expired(ts));
+    // Checked: `ts` is whatever the client sent, and now - ts can overflow.
+    match now.checked_sub(ts) {
+        Some(age) if age > MAX_LOGIN_AGE => return Err(SignalError::Expired(ts)),
+        Some(age) if age < -MAX_LOGIN_FUTURE => return Err(SignalError::FutureDated(-age)),
+        Some(_) => {}
+        None => return Err(SignalError::Expired(ts)),
     }
     let sig = SshSig::from_pem(pem.as_bytes()).map_err(|_| SignalError::BadSignature)?;
     if sig.public_key() != key.key_data() {
         return Err(SignalError::WrongSigner(crate::fingerprint(&PublicKey::from(sig.public_key().clone()))));
     }
-    let msg = format!("{client_id}\n{ts}");
-    key.verify(LOGIN_NAMESPACE, msg.as_bytes(), &sig).map_err(|_| SignalError::BadSignature)
+    let msg = format!("{client_id}\n{ts}\n{nonce}");
+    key.verify(LOGIN_NAMESPACE, msg.as_bytes(), &sig).map_err(|_| SignalError::BadSignature)?;
+    Ok(LoginClaim { issued_at: ts, nonce: nonce.to_string() })
 }
 
 #[cfg(test)]
@@ -399,16 +446,24 @@ mod tests {
         verify_login(&token, "cam-42", k.public_key(), 5010).unwrap();
         assert!(verify_login(&token, "cam-43", k.public_key(), 5010).is_err());
         assert!(verify_login(&token, "cam-42", key().public_key(), 5010).is_err());
-        assert!(verify_login(&token, "cam-42", k.public_key(), 5000 + MAX_SKEW + 1).is_err());
+        assert!(verify_login(&token, "cam-42", k.public_key(), 5000 + MAX_LOGIN_AGE + 1).is_err());
+        // Dated ahead of the pivot: a few seconds pass, more does not.
+        assert!(verify_login(&token, "cam-42", k.public_key(), 5000 - MAX_LOGIN_FUTURE).is_ok());
+        assert_eq!(
+            verify_login(&token, "cam-42", k.public_key(), 5000 - MAX_LOGIN_FUTURE - 1),
+            Err(SignalError::FutureDated(MAX_LOGIN_FUTURE + 1))
+        );
+        // Two tokens of the same second differ, so each can be used once.
+        assert_ne!(login_token(&k, "cam-42", 5000).unwrap(), token);
     }
 
     #[test]
     fn extreme_times_are_refused_not_overflowed() {
         let k = key();
         let token = login_token(&k, "cam-42", 5000).unwrap();
-        let (_, pem) = token.split_once('\n').unwrap();
+        let (_, rest) = token.split_once('\n').unwrap();
         for ts in ["-9223372036854775808", "9223372036854775807", "+5000", " 5000", ""] {
-            assert!(verify_login(&format!("{ts}\n{pem}"), "cam-42", k.public_key(), 5000).is_err(), "{ts}");
+            assert!(verify_login(&format!("{ts}\n{rest}"), "cam-42", k.public_key(), 5000).is_err(), "{ts}");
         }
         assert!(verify_login(&token, "cam-42", k.public_key(), i64::MIN).is_err());
         assert!(verify_login(&token, "cam-42", k.public_key(), i64::MAX).is_err());

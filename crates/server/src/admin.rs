@@ -93,6 +93,10 @@ impl Context<'_> {
     }
 }
 
+/// Meta key where a running pivot records its MQTT certificate's
+/// fingerprint (empty when it serves no TLS MQTT itself).
+pub const MQTT_FINGERPRINT_KEY: &str = "mqtt_fingerprint";
+
 /// Meta key where a running pivot records the address devices should dial.
 pub const ADVERTISE_KEY: &str = "advertise";
 /// Default lifetime of an enrollment token.
@@ -282,7 +286,8 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                     };
                     let ttl = Duration::from_secs(ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL));
                     let expires_at = expires_at(now_unix(), ttl).map_err(|e| AdminError::Invalid(e.to_string()))?;
-                    let token = EnrollToken::new(&pivot, &ctx.host_fingerprint()?, id.as_str());
+                    let mut token = EnrollToken::new(&pivot, &ctx.host_fingerprint()?, id.as_str());
+                    token.mqtt_fingerprint = reg.meta(MQTT_FINGERPRINT_KEY).await?.filter(|p| !p.is_empty());
                     reg.add_pending_device(&id, &labels, &token.digest(), expires_at).await?;
                     Ok(json!({
                         "id": id.as_str(),

@@ -187,13 +187,17 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         registry.set_meta(admin::ADVERTISE_KEY, addr).await?;
     }
     let host_key = burrow_core::keys::openssh_line(key.public_key());
-    let (signal, mqtt) = match &config.signal {
+    let (signal, driver) = match &config.signal {
         Some(sc) => {
-            let (s, eventloop, upstream) = signal::setup(sc.clone(), key.clone(), &config.pivot_name)?;
-            (Some(Arc::new(s)), Some((eventloop, upstream)))
+            let (s, driver) = signal::setup(sc.clone(), key.clone(), &config.pivot_name, &config.data_dir)?;
+            (Some(Arc::new(s)), Some(driver))
         }
         None => (None, None),
     };
+    // Enrollment tokens (made here or by a local admin command) carry the
+    // certificate pin devices need for this pivot's MQTT listener.
+    let pin = signal.as_ref().and_then(|s| s.certificate_pin()).map(|p| p.to_string()).unwrap_or_default();
+    registry.set_meta(admin::MQTT_FINGERPRINT_KEY, &pin).await?;
     let (ssh, ssh_lists) = ssh::ssh_config(&config, key).map_err(ServerError::Config)?;
     // The audit writer outlives the connections: it stops after the drain.
     let audit_stop = CancellationToken::new();
@@ -224,8 +228,8 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         host_key,
         metrics: Default::default(),
     });
-    if let Some((eventloop, upstream)) = mqtt {
-        signal::spawn(&shared, eventloop, upstream, listeners.mqtt, &shutdown)?;
+    if let Some(driver) = driver {
+        signal::spawn(&shared, driver, listeners.mqtt, &shutdown)?;
     }
 
     shared.tracker.spawn(watch::watch(shared.clone(), shutdown.clone()));

@@ -180,6 +180,14 @@ fn render(shared: &Shared) -> String {
         "Bytes of admin requests buffered now.",
         &[("", shared.admin_buffered.get() as u64)],
     );
+    if let Some(hub) = shared.signal.as_ref().and_then(|s| s.hub()) {
+        metric(
+            "burrow_mqtt_devices_connected",
+            "gauge",
+            "Devices logged in to the embedded MQTT broker.",
+            &[("", hub.connected() as u64)],
+        );
+    }
     metric(
         "burrow_audit_dropped_total",
         "counter",

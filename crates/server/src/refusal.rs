@@ -35,6 +35,8 @@ pub enum Refusal {
     NoAnswer { id: Id, secs: u64 },
     #[error("device '{id}' could not connect to the pivot: {reason}")]
     CouldNotConnect { id: Id, reason: String },
+    #[error("device '{id}' refused the wake request: {reason}")]
+    WakeRefused { id: Id, reason: String },
     #[error("signaling unavailable: {0}")]
     Signaling(String),
     #[error("too many channels open on this connection (limit {0}); close some or open another connection")]
@@ -65,6 +67,7 @@ impl Refusal {
             Refusal::Registry => "registry",
             Refusal::NoAnswer { .. } => "no_answer",
             Refusal::CouldNotConnect { .. } => "could_not_connect",
+            Refusal::WakeRefused { .. } => "wake_refused",
             Refusal::Signaling(_) => "signaling",
             Refusal::TooManyChannels(_) => "too_many_channels",
         }

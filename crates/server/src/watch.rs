@@ -75,20 +75,29 @@ pub(crate) async fn enforce(shared: &Shared) {
 }
 
 /// Ends MQTT sessions of devices that were revoked or removed, or whose key
-/// changed, since they logged in.
+/// changed, since they logged in: one registry read for all of them.
 async fn enforce_mqtt(shared: &Shared) {
-    let Some(signal) = &shared.signal else { return };
-    for (id, fingerprint, token) in signal.mqtt_sessions.list() {
-        match shared.registry.identify(&fingerprint).await {
-            Ok(Some(Identity::Device(now))) if now == id => {}
-            Ok(_) => {
-                info!(device = %id, "device revoked, removed or re-keyed; closing its MQTT session");
-                token.cancel();
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot re-check MQTT sessions");
-                return;
-            }
+    let Some(hub) = shared.signal.as_ref().and_then(|s| s.hub()) else { return };
+    let sessions = hub.list();
+    if sessions.is_empty() {
+        return;
+    }
+    let devices = match shared.registry.devices().await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "cannot re-check MQTT sessions");
+            return;
+        }
+    };
+    let allowed: std::collections::HashMap<&str, &str> = devices
+        .iter()
+        .filter(|d| d.revoked_at.is_none())
+        .filter_map(|d| Some((d.id.as_str(), d.fingerprint.as_deref()?)))
+        .collect();
+    for (id, session) in sessions {
+        if allowed.get(id.as_str()) != Some(&session.fingerprint.as_str()) {
+            info!(device = %id, "device revoked, removed or re-keyed; closing its MQTT session");
+            session.close(crate::signal::embedded_error_revoked(&id));
         }
     }
 }

@@ -195,6 +195,8 @@ pub struct TestPivot {
     pub addr: SocketAddr,
     /// The embedded broker's device listener, if the pivot runs one.
     pub mqtt_addr: Option<SocketAddr>,
+    /// Its TLS certificate's pin, unless it runs `--mqtt-plaintext`.
+    pub mqtt_fingerprint: Option<String>,
     pub proc: Proc,
     pub extra_args: Vec<String>,
 }
@@ -219,7 +221,8 @@ impl TestPivot {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (proc, addr, mqtt_addr) =
             spawn_pivot(Path::new(bin), data.path(), "127.0.0.1:0", "127.0.0.1:0", &extra, 0).unwrap();
-        TestPivot { bin: bin.into(), data, addr, mqtt_addr, proc, extra_args: extra }
+        let mqtt_fingerprint = certificate_line(&proc.log_text());
+        TestPivot { bin: bin.into(), data, addr, mqtt_addr, mqtt_fingerprint, proc, extra_args: extra }
     }
 
     /// Stops the pivot and starts a new process on the same addresses and data dir.
@@ -229,14 +232,41 @@ impl TestPivot {
         let mqtt = self.mqtt_addr.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
         let (proc, addr, mqtt_addr) =
             spawn_pivot(&self.bin, self.data.path(), &self.addr.to_string(), &mqtt, &self.extra_args, n).unwrap();
+        self.mqtt_fingerprint = certificate_line(&proc.log_text());
         self.proc = proc;
         self.addr = addr;
         self.mqtt_addr = mqtt_addr;
     }
 
-    /// `mqtt://ADDR` of the embedded broker.
+    /// `mqtts://ADDR` of the embedded broker (`mqtt://` with `--mqtt-plaintext`).
     pub fn mqtt_url(&self) -> String {
-        format!("mqtt://{}", self.mqtt_addr.expect("pivot runs the embedded broker"))
+        let addr = self.mqtt_addr.expect("pivot runs the embedded broker");
+        match self.mqtt_fingerprint {
+            Some(_) => format!("mqtts://{addr}"),
+            None => format!("mqtt://{addr}"),
+        }
+    }
+
+    /// What `burrow agent` needs to wait on this pivot's embedded broker.
+    pub fn agent_mqtt_args(&self) -> Vec<String> {
+        let mut args = vec!["--mqtt-url".to_string(), self.mqtt_url()];
+        if let Some(fp) = &self.mqtt_fingerprint {
+            args.extend(["--mqtt-fingerprint".to_string(), fp.clone()]);
+        }
+        args
+    }
+
+    /// A raw MQTT client's options for the embedded broker, TLS pinned like
+    /// an agent's; credentials are the caller's.
+    pub fn mqtt_options(&self, client_id: &str) -> rumqttc::MqttOptions {
+        let addr = self.mqtt_addr.expect("pivot runs the embedded broker");
+        let mut opts = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        if let Some(fp) = &self.mqtt_fingerprint {
+            let pin = fp.parse().expect("the pivot prints a valid pin");
+            let tls = burrow_agent::tls::pinned_client_config(pin);
+            opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls)));
+        }
+        opts
     }
 
     pub fn host_key_pub(&self) -> PathBuf {
@@ -294,6 +324,12 @@ impl TestPivot {
     }
 }
 
+/// The pin `burrow server` prints for its MQTT certificate.
+fn certificate_line(log: &str) -> Option<String> {
+    let rest = log.lines().find_map(|l| l.strip_prefix("mqtt certificate "))?;
+    rest.split_whitespace().next().map(str::to_string)
+}
+
 fn spawn_pivot(
     bin: &Path,
     data: &Path,
@@ -319,7 +355,8 @@ fn spawn_pivot(
         let text = proc.log_text();
         let ssh = after(&text, "burrow pivot listening on ");
         let mqtt = after(&text, "mqtt (embedded broker) listening on ");
-        let ready = text.lines().any(|l| l.starts_with("mqtt "));
+        // The embedded broker's address comes last, after its certificate.
+        let ready = if embedded { mqtt.is_some() } else { text.lines().any(|l| l.starts_with("mqtt ")) };
         if let (Some(ssh), true) = (ssh, ready) {
             let mqtt = mqtt.map(|m| m.parse()).transpose().context("mqtt address")?;
             return Ok((proc, ssh.parse().context("listen address")?, mqtt));

@@ -1,28 +1,39 @@
 //! Signaling: the pivot's side of on-demand tunnels.
 //!
-//! - `broker`: the embedded rumqttd, loopback only.
-//! - `gate`: device-facing MQTT listener that authenticates and enforces topic ACLs.
-//! - this module: the pivot's MQTT client (presence, status, wake requests),
-//!   wake-up coordination, and closing idle on-demand tunnels.
+//! - `embedded`: the devices' MQTT listener the pivot serves itself
+//!   (the default), with `tls` making and loading its certificate.
+//! - this module: the link to devices (that listener, or the pivot's MQTT
+//!   client of an external broker), presence and status handling, wake-up
+//!   coordination, and closing idle on-demand tunnels.
 
-mod broker;
-mod gate;
+mod embedded;
+mod tls;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use burrow_core::mqtt_url::{MqttUrl, TlsFiles};
+use burrow_core::mqtt_url::{CertPin, MqttUrl, TlsFiles};
 use burrow_core::signal::{Presence, Status, Topics, WakeRequest};
 use burrow_core::time::now_unix;
 use burrow_core::Id;
+use rumqttc::tokio_rustls::rustls;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use russh::keys::ssh_key::PrivateKey;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+pub(crate) use embedded::Hub;
+
+/// Why watch closed a device's MQTT session.
+pub(crate) fn embedded_error_revoked(id: &Id) -> embedded::MqttError {
+    embedded::MqttError::Revoked(id.clone())
+}
+pub use tls::{CERT_FILE, KEY_FILE};
 
 use crate::router::Tunnel;
 use crate::ssh::route::Refusal;
@@ -31,8 +42,10 @@ use crate::Shared;
 /// Which broker the pivot signals through.
 #[derive(Debug, Clone)]
 pub enum BrokerConfig {
-    /// rumqttd inside the pivot; devices connect to the listener passed to `run`.
-    Embedded,
+    /// The pivot serves devices' MQTT on the listener passed to `run`:
+    /// over TLS with a certificate it keeps in its data dir, unless
+    /// `plaintext` (for tests on loopback).
+    Embedded { plaintext: bool },
     /// Mosquitto, EMQX, AWS IoT Core…
     External { url: MqttUrl, tls: TlsFiles, username: Option<String>, password: Option<String> },
 }
@@ -49,12 +62,18 @@ pub struct SignalConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignalSetupError {
-    #[error("cannot start the embedded MQTT broker")]
-    Broker(#[source] std::io::Error),
+    #[error("cannot set up the embedded broker's TLS")]
+    Certificate(#[from] tls::TlsSetupError),
     #[error("cannot read the MQTT TLS files")]
     Tls(#[source] std::io::Error),
     #[error("the embedded broker needs an MQTT listener")]
     NoListener,
+}
+
+/// The embedded broker's certificate fingerprint in `dir`, made if missing:
+/// what `burrow server` prints and enrollment tokens carry.
+pub fn certificate_pin(dir: &Path) -> Result<CertPin, SignalSetupError> {
+    Ok(tls::load_or_create(dir)?.1)
 }
 
 /// What the pivot last heard about a device's presence.
@@ -69,7 +88,8 @@ pub(crate) struct Seen {
 enum WakeEvent {
     Waiting,
     Bound,
-    Failed(String),
+    /// Empty reason: the broker failed. `refused`: the agent said no.
+    Failed { refused: bool, reason: String },
 }
 
 struct PendingWake {
@@ -84,72 +104,49 @@ struct PendingWake {
 /// missed one (its MQTT session was being replaced, say) gets another.
 const WAKE_ATTEMPT: Duration = Duration::from_secs(4);
 
+/// How the pivot reaches devices.
+enum Link {
+    /// Devices connect to this pivot's own listener.
+    Embedded { hub: Hub, pin: Option<CertPin> },
+    /// The pivot is a client of a shared broker.
+    External { client: AsyncClient, connected: AtomicBool, last_error: Mutex<String> },
+}
+
 pub(crate) struct Signal {
     config: SignalConfig,
     key: PrivateKey,
-    client: AsyncClient,
-    connected: AtomicBool,
-    last_error: Mutex<String>,
+    link: Link,
     /// Only devices that published presence; bounded by the fleet size.
     presence: Mutex<HashMap<String, Seen>>,
     wakes: Mutex<HashMap<Id, PendingWake>>,
-    /// Devices' sessions on the embedded broker, so revocation can end them.
-    pub mqtt_sessions: MqttSessions,
 }
 
-/// Live device sessions on the devices' MQTT listener.
-#[derive(Default)]
-pub(crate) struct MqttSessions {
-    next: std::sync::atomic::AtomicU64,
-    // A std Mutex: map updates only, never across .await.
-    by_n: Mutex<HashMap<u64, (Id, String, CancellationToken)>>,
+/// What `spawn` needs to start the link.
+pub(crate) enum Driver {
+    Embedded(Option<Arc<rustls::ServerConfig>>),
+    External(EventLoop),
 }
 
-/// One device's session; forgotten on drop.
-pub(crate) struct MqttSession<'a> {
-    sessions: &'a MqttSessions,
-    n: u64,
-    pub token: CancellationToken,
-}
-
-impl MqttSessions {
-    pub fn open(&self, id: &Id, fingerprint: &str) -> MqttSession<'_> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let token = CancellationToken::new();
-        self.by_n.lock().unwrap().insert(n, (id.clone(), fingerprint.to_string(), token.clone()));
-        MqttSession { sessions: self, n, token }
-    }
-
-    /// `(device, key fingerprint, token)` of every live session.
-    pub fn list(&self) -> Vec<(Id, String, CancellationToken)> {
-        self.by_n.lock().unwrap().values().cloned().collect()
-    }
-}
-
-impl Drop for MqttSession<'_> {
-    fn drop(&mut self) {
-        self.sessions.by_n.lock().unwrap().remove(&self.n);
-    }
-}
-
-/// Builds the client; `drive` must run for it to connect.
+/// Builds the link; `spawn` starts it.
 pub(crate) fn setup(
     config: SignalConfig,
     key: PrivateKey,
     pivot_name: &str,
-) -> Result<(Signal, EventLoop, Option<gate::Upstream>), SignalSetupError> {
-    let client_id = format!("burrow-pivot-{pivot_name}-{}", std::process::id());
-    let (mut opts, upstream) = match &config.broker {
-        BrokerConfig::Embedded => {
-            let secret: [u8; 24] = rand::random();
-            let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-            let username = "burrow-internal".to_string();
-            let addr = broker::start(&username, &password).map_err(SignalSetupError::Broker)?;
-            let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
-            opts.set_credentials(username.clone(), password.clone());
-            (opts, Some(gate::Upstream { addr, username, password }))
+    data_dir: &Path,
+) -> Result<(Signal, Driver), SignalSetupError> {
+    let (link, driver) = match &config.broker {
+        BrokerConfig::Embedded { plaintext } => {
+            let (tls, pin) = match plaintext {
+                true => (None, None),
+                false => {
+                    let (tls, pin) = tls::load_or_create(data_dir)?;
+                    (Some(tls), Some(pin))
+                }
+            };
+            (Link::Embedded { hub: Hub::default(), pin }, Driver::Embedded(tls))
         }
         BrokerConfig::External { url, tls, username, password } => {
+            let client_id = format!("burrow-pivot-{pivot_name}-{}", std::process::id());
             let mut opts = MqttOptions::new(client_id, url.host.clone(), url.port);
             if url.tls {
                 let (ca, client_auth) = tls.load().map_err(SignalSetupError::Tls)?;
@@ -158,61 +155,59 @@ pub(crate) fn setup(
             if let Some(u) = username {
                 opts.set_credentials(u.clone(), password.clone().unwrap_or_default());
             }
-            (opts, None)
+            opts.set_keep_alive(Duration::from_secs(15));
+            // The same limit as the devices' listener: rumqttc's 10 KiB default made
+            // one larger publish cost the whole fleet a reconnect.
+            opts.set_max_packet_size(burrow_core::signal::MAX_MQTT_PACKET, burrow_core::signal::MAX_MQTT_PACKET);
+            opts.set_clean_session(true);
+            // Bounded request queue between the pivot and the MQTT event loop.
+            let (client, eventloop) = AsyncClient::new(opts, 256);
+            let link = Link::External {
+                client,
+                connected: AtomicBool::new(false),
+                last_error: Mutex::new("not connected to the broker yet".into()),
+            };
+            (link, Driver::External(eventloop))
         }
     };
-    opts.set_keep_alive(Duration::from_secs(15));
-    // The same limit as the devices' listener: rumqttc's 10 KiB default made
-    // one larger publish cost the whole fleet a reconnect.
-    opts.set_max_packet_size(burrow_core::signal::MAX_MQTT_PACKET, burrow_core::signal::MAX_MQTT_PACKET);
-    opts.set_clean_session(true);
-    // Bounded request queue between the pivot and the MQTT event loop.
-    let (client, eventloop) = AsyncClient::new(opts, 256);
-    let signal = Signal {
-        config,
-        key,
-        client,
-        connected: AtomicBool::new(false),
-        last_error: Mutex::new("not connected to the broker yet".into()),
-        presence: Mutex::new(HashMap::new()),
-        wakes: Mutex::new(HashMap::new()),
-        mqtt_sessions: Default::default(),
-    };
-    Ok((signal, eventloop, upstream))
+    let signal =
+        Signal { config, key, link, presence: Mutex::new(HashMap::new()), wakes: Mutex::new(HashMap::new()) };
+    Ok((signal, driver))
 }
 
-/// Starts the background tasks: the MQTT event loop, the device gate (for
-/// the embedded broker) and the idle-tunnel reaper.
+/// Starts the background tasks: the devices' listener or the MQTT client,
+/// and the idle-tunnel reaper.
 pub(crate) fn spawn(
     shared: &Arc<Shared>,
-    eventloop: EventLoop,
-    upstream: Option<gate::Upstream>,
+    driver: Driver,
     mqtt_listener: Option<TcpListener>,
     shutdown: &CancellationToken,
 ) -> Result<(), SignalSetupError> {
-    let Some(signal) = shared.signal.clone() else { return Ok(()) };
-    if let Some(upstream) = upstream {
-        let listener = mqtt_listener.ok_or(SignalSetupError::NoListener)?;
-        shared.tracker.spawn(gate::serve(
-            shared.clone(),
-            listener,
-            upstream,
-            signal.config.topics.clone(),
-            shutdown.clone(),
-        ));
+    if shared.signal.is_none() {
+        return Ok(());
     }
-    shared.tracker.spawn(drive(shared.clone(), eventloop, shutdown.clone()));
+    match driver {
+        Driver::Embedded(tls) => {
+            let listener = mqtt_listener.ok_or(SignalSetupError::NoListener)?;
+            shared.tracker.spawn(embedded::serve(shared.clone(), listener, tls, shutdown.clone()));
+        }
+        Driver::External(eventloop) => {
+            shared.tracker.spawn(drive(shared.clone(), eventloop, shutdown.clone()));
+        }
+    }
     shared.tracker.spawn(reap_idle(shared.clone(), shutdown.clone()));
     Ok(())
 }
 
+/// The pivot's client of an external broker.
 async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, shutdown: CancellationToken) {
     let signal = shared.signal.clone().expect("drive runs only with signaling");
+    let Link::External { client, connected, last_error } = &signal.link else { return };
     let topics = signal.config.topics.clone();
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = signal.client.try_disconnect();
+                let _ = client.try_disconnect();
                 return;
             }
             ev = eventloop.poll() => ev,
@@ -220,20 +215,26 @@ async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, shutdown: Cancella
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!("connected to the MQTT broker");
-                signal.connected.store(true, Ordering::Relaxed);
+                connected.store(true, Ordering::Relaxed);
                 // try_*: the event loop is this task, so never await the request queue here.
-                let _ = signal.client.try_subscribe(topics.all_presence(), QoS::AtLeastOnce);
-                let _ = signal.client.try_subscribe(topics.all_status(), QoS::AtLeastOnce);
+                let _ = client.try_subscribe(topics.all_presence(), QoS::AtLeastOnce);
+                let _ = client.try_subscribe(topics.all_status(), QoS::AtLeastOnce);
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => on_publish(&shared, &signal, &p).await,
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Some((id, kind)) = topics.parse(&p.topic) else { continue };
+                let Ok(id) = Id::parse(id) else { continue };
+                // A retained message tells an old state at a time only the
+                // device claims: it moves no "last seen".
+                signal.on_device_message(&shared, &id, kind, &p.payload, !p.retain).await;
+            }
             Ok(_) => {}
             Err(e) => {
-                if signal.connected.swap(false, Ordering::Relaxed) {
+                if connected.swap(false, Ordering::Relaxed) {
                     warn!(error = %e, "lost the MQTT broker");
                 } else {
                     debug!(error = %e, "MQTT broker unreachable");
                 }
-                *signal.last_error.lock().unwrap() = e.to_string();
+                *last_error.lock().unwrap() = e.to_string();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -243,49 +244,99 @@ async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, shutdown: Cancella
     }
 }
 
-async fn on_publish(shared: &Shared, signal: &Signal, p: &rumqttc::Publish) {
-    let Some((id, kind)) = signal.config.topics.parse(&p.topic) else { return };
-    let Ok(id) = Id::parse(id) else { return };
-    match kind {
-        "presence" => {
-            let Ok(presence) = serde_json::from_slice::<Presence>(&p.payload) else {
-                debug!(device = %id, "unreadable presence");
-                return;
-            };
-            // A live message happens now, by the pivot's clock. A retained
-            // one tells an old state at a time only the device claims: not
-            // trusted, so it moves no "last seen".
-            let at = if p.retain { None } else { Some(now_unix()) };
-            let seen =
-                Seen { online: presence.is_online(), on_demand: presence.mode.as_deref() == Some("on-demand"), at };
-            debug!(device = %id, online = seen.online, "presence");
-            signal.presence.lock().unwrap().insert(id.to_string(), seen.clone());
-            if let Err(e) = shared.registry.set_presence(&id, seen.online, at).await {
-                warn!(device = %id, error = %e, "cannot record presence");
-            }
-        }
-        "status" => {
-            let Ok(status) = serde_json::from_slice::<Status>(&p.payload) else { return };
-            if status.state == "error" {
-                // Device-supplied text: escaped so it cannot forge log lines
-                // or terminal output, and clipped.
-                let reason = status.reason.unwrap_or_else(|| "unknown error".into());
-                let reason = burrow_core::text::excerpt(&reason, 200);
-                info!(device = %id, "device could not connect: {reason}");
-                signal.fail(&id, &status.nonce, reason);
-            }
-        }
-        _ => {}
-    }
-}
-
 impl Signal {
     /// Why the broker cannot be used right now, if it cannot.
     pub(crate) fn unavailable(&self) -> Option<String> {
-        if self.connected.load(Ordering::Relaxed) {
-            return None;
+        match &self.link {
+            Link::Embedded { .. } => None,
+            Link::External { connected, .. } if connected.load(Ordering::Relaxed) => None,
+            Link::External { last_error, .. } => Some(last_error.lock().unwrap().clone()),
         }
-        Some(self.last_error.lock().unwrap().clone())
+    }
+
+    pub(crate) fn hub(&self) -> Option<&Hub> {
+        match &self.link {
+            Link::Embedded { hub, .. } => Some(hub),
+            Link::External { .. } => None,
+        }
+    }
+
+    /// The embedded broker's certificate pin, when it serves TLS.
+    pub(crate) fn certificate_pin(&self) -> Option<CertPin> {
+        match &self.link {
+            Link::Embedded { pin, .. } => *pin,
+            Link::External { .. } => None,
+        }
+    }
+
+    pub(crate) fn topics(&self) -> &Topics {
+        &self.config.topics
+    }
+
+    /// A device's presence or status message. `live`: it happened now, by
+    /// the pivot's clock; otherwise (retained) it moves no "last seen".
+    /// Everything in it is the device's word: parsed strictly, and its
+    /// text escaped and clipped before it reaches a log or an operator.
+    pub(crate) async fn on_device_message(&self, shared: &Shared, id: &Id, kind: &str, payload: &[u8], live: bool) {
+        match kind {
+            "presence" => {
+                let Ok(presence) = serde_json::from_slice::<Presence>(payload) else {
+                    debug!(device = %id, "unreadable presence");
+                    return;
+                };
+                let at = live.then(now_unix);
+                let seen =
+                    Seen { online: presence.is_online(), on_demand: presence.mode.as_deref() == Some("on-demand"), at };
+                debug!(device = %id, online = seen.online, "presence");
+                self.presence.lock().unwrap().insert(id.to_string(), seen.clone());
+                if let Err(e) = shared.registry.set_presence(id, seen.online, at).await {
+                    warn!(device = %id, error = %e, "cannot record presence");
+                }
+            }
+            "status" => {
+                let Ok(status) = serde_json::from_slice::<Status>(payload) else { return };
+                let refused = match status.state.as_str() {
+                    "error" => false,
+                    "refused" => true,
+                    _ => return,
+                };
+                let reason = status.reason.unwrap_or_else(|| "unknown error".into());
+                let reason = burrow_core::text::excerpt(&reason, 200);
+                if refused {
+                    info!(device = %id, "device refused the wake request: {reason}");
+                } else {
+                    info!(device = %id, "device could not connect: {reason}");
+                }
+                self.fail(id, &status.nonce, refused, reason);
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends a fresh request at once if operators wait on `id`: called when
+    /// the device (re)subscribes, so a wake-up it missed while away is not
+    /// left to the next attempt.
+    pub(crate) async fn resend_pending(&self, id: &Id) {
+        let req = {
+            let mut wakes = self.wakes.lock().unwrap();
+            let Some(p) = wakes.get_mut(id) else { return };
+            if !matches!(*p.tx.borrow(), WakeEvent::Waiting) {
+                return;
+            }
+            let req = self.new_request(id);
+            p.nonce = req.nonce.clone();
+            p.published = Instant::now();
+            req
+        };
+        info!(device = %id, "device is back; sending the pending wake request");
+        if let Err(why) = self.publish_request(&req).await {
+            debug!(device = %id, "cannot send the pending wake request: {why}");
+        }
+    }
+
+    fn new_request(&self, id: &Id) -> WakeRequest {
+        let ttl = self.config.wake_timeout.as_secs() as i64 + 5;
+        WakeRequest::new(id, &self.config.advertise, now_unix(), ttl)
     }
 
     pub(crate) fn presence(&self, id: &Id) -> Option<Seen> {
@@ -299,11 +350,11 @@ impl Signal {
         }
     }
 
-    fn fail(&self, id: &Id, nonce: &str, reason: String) {
+    fn fail(&self, id: &Id, nonce: &str, refused: bool, reason: String) {
         let mut wakes = self.wakes.lock().unwrap();
         if wakes.get(id).is_some_and(|p| p.nonce == nonce) {
             let p = wakes.remove(id).expect("checked above");
-            let _ = p.tx.send(WakeEvent::Failed(reason));
+            let _ = p.tx.send(WakeEvent::Failed { refused, reason });
         }
     }
 
@@ -317,7 +368,7 @@ impl Signal {
             match wakes.get(id) {
                 Some(p) => (p.tx.subscribe(), None),
                 None => {
-                    let req = WakeRequest::new(id, &self.config.advertise, now_unix(), timeout.as_secs() as i64 + 5);
+                    let req = self.new_request(id);
                     let (tx, rx) = watch::channel(WakeEvent::Waiting);
                     wakes.insert(id.clone(), PendingWake { nonce: req.nonce.clone(), tx, published: Instant::now() });
                     (rx, Some(req))
@@ -327,7 +378,7 @@ impl Signal {
         if let Some(req) = request {
             info!(device = %id, pivot = %req.pivot, "waking device");
             if let Err(why) = self.publish_request(&req).await {
-                self.fail(id, &req.nonce, String::new());
+                self.fail(id, &req.nonce, false, String::new());
                 return Err(Refusal::Signaling(why));
             }
         }
@@ -337,7 +388,7 @@ impl Signal {
                     return Ok(t);
                 }
             }
-            if let Some(req) = self.due_again(id, timeout) {
+            if let Some(req) = self.due_again(id) {
                 info!(device = %id, "no answer to the wake request yet; publishing it again");
                 if let Err(why) = self.publish_request(&req).await {
                     debug!(device = %id, "cannot publish the wake request again: {why}");
@@ -345,10 +396,15 @@ impl Signal {
             }
             let event = rx.borrow_and_update().clone();
             match event {
-                WakeEvent::Failed(reason) if reason.is_empty() => {
-                    return Err(Refusal::Signaling(self.last_error.lock().unwrap().clone()))
+                WakeEvent::Failed { reason, .. } if reason.is_empty() => {
+                    return Err(Refusal::Signaling(self.unavailable().unwrap_or_default()))
                 }
-                WakeEvent::Failed(reason) => return Err(Refusal::CouldNotConnect { id: id.clone(), reason }),
+                WakeEvent::Failed { refused: true, reason } => {
+                    return Err(Refusal::WakeRefused { id: id.clone(), reason })
+                }
+                WakeEvent::Failed { refused: false, reason } => {
+                    return Err(Refusal::CouldNotConnect { id: id.clone(), reason })
+                }
                 WakeEvent::Waiting => {}
                 // Bound, but maybe not this port yet: the agent binds its ports one by one.
                 WakeEvent::Bound => {
@@ -381,25 +437,39 @@ impl Signal {
 
     /// A fresh request for `id` if its current one went unanswered for
     /// [`WAKE_ATTEMPT`]; at most one per attempt, whoever is waiting.
-    fn due_again(&self, id: &Id, timeout: Duration) -> Option<WakeRequest> {
+    fn due_again(&self, id: &Id) -> Option<WakeRequest> {
         let mut wakes = self.wakes.lock().unwrap();
         let p = wakes.get_mut(id)?;
         if p.published.elapsed() < WAKE_ATTEMPT || !matches!(*p.tx.borrow(), WakeEvent::Waiting) {
             return None;
         }
-        let req = WakeRequest::new(id, &self.config.advertise, now_unix(), timeout.as_secs() as i64 + 5);
+        let req = self.new_request(id);
         p.nonce = req.nonce.clone();
         p.published = Instant::now();
         Some(req)
     }
 
     async fn publish_request(&self, req: &WakeRequest) -> Result<(), String> {
-        if !self.connected.load(Ordering::Relaxed) {
-            return Err(self.last_error.lock().unwrap().clone());
+        if let Some(why) = self.unavailable() {
+            return Err(why);
         }
         let payload = req.sign(&self.key).map_err(|e| e.to_string())?;
         let topic = self.config.topics.request(&req.device);
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.map_err(|e| e.to_string())
+        match &self.link {
+            Link::Embedded { hub, .. } => {
+                // Not connected now: the next attempt, or the device's
+                // return (`resend_pending`), delivers a fresh one.
+                if let Ok(id) = Id::parse(&req.device) {
+                    if !hub.deliver(&id, &topic, payload) {
+                        debug!(device = %id, "device not on MQTT right now; will retry");
+                    }
+                }
+                Ok(())
+            }
+            Link::External { client, .. } => {
+                client.publish(topic, QoS::AtLeastOnce, false, payload).await.map_err(|e| e.to_string())
+            }
+        }
     }
 }
 

@@ -1,0 +1,595 @@
+//! The devices' MQTT listener, served by the pivot itself.
+//!
+//! It serves only what burrow's topics need, framed and parsed by rumqttc's
+//! MQTT 3.1.1 codec:
+//! - CONNECT with the device's signed, single-use login token;
+//! - QoS 0 and 1 (QoS 2 ends the connection);
+//! - the device's presence and its last will, handled in process: nothing
+//!   is stored for other subscribers, because there are none;
+//! - keepalive: a device silent for 1.5 times its keepalive is dropped;
+//! - a fixed ACL: a device publishes only to its own presence and status
+//!   topics and subscribes only to its own request topic.
+//!
+//! Wake requests go straight to the device's connection and presence
+//! straight to the pivot's handlers: no loopback hop, no internal account.
+//! An idle device costs one task, one socket and one small [`Session`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use burrow_core::keys::parse_public_key;
+use burrow_core::signal::{verify_login, LoginClaim, Topics, MAX_LOGIN_AGE};
+use burrow_core::time::now_unix;
+use burrow_core::Id;
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use rumqttc::tokio_rustls::{rustls, TlsAcceptor};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::audit::AuditRecord;
+use crate::Shared;
+
+/// One limit for every MQTT endpoint burrow runs.
+const MAX_PACKET: usize = burrow_core::signal::MAX_MQTT_PACKET;
+/// Presence and status are a few hundred bytes of JSON.
+const MAX_PAYLOAD: usize = 4096;
+/// TLS handshake and CONNECT must both arrive within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Used when a device asks for no keepalive (0): it still may not sit silent forever.
+const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
+/// Wake requests queued for one device; more means it is not reading.
+const MAX_OUTBOX: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MqttError {
+    #[error("connection closed")]
+    Closed,
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("no CONNECT within {}s", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout,
+    #[error("malformed MQTT: {0}")]
+    Protocol(String),
+    #[error("first packet is not CONNECT")]
+    NotConnect,
+    #[error("only MQTT 3.1.1 is served here")]
+    Version,
+    #[error("login refused: {0}")]
+    Login(String),
+    #[error("device '{id}' may not {what} '{topic}'")]
+    Denied { id: Id, what: &'static str, topic: String },
+    #[error("device '{0}' sent a payload over {MAX_PAYLOAD} bytes")]
+    Oversized(Id),
+    #[error("QoS 2 is not served here")]
+    Qos2,
+    #[error("silent for longer than 1.5 times its keepalive")]
+    KeepAlive,
+    #[error("replaced by a newer connection of the same device")]
+    TakenOver,
+    #[error("device '{0}' was revoked or removed")]
+    Revoked(Id),
+}
+
+impl MqttError {
+    /// Before login, everything but a plain hang-up counts toward a ban.
+    fn counts_as_failure(&self) -> bool {
+        !matches!(self, MqttError::Closed | MqttError::Io(_))
+    }
+}
+
+/// The devices connected now, and the login tokens already used.
+#[derive(Default)]
+pub(crate) struct Hub {
+    sessions: Mutex<HashMap<Id, Arc<Session>>>,
+    next: AtomicU64,
+    used: Mutex<UsedLogins>,
+}
+
+/// One device's connection, as the rest of the pivot sees it.
+pub(crate) struct Session {
+    n: u64,
+    pub fingerprint: String,
+    subscribed: AtomicBool,
+    next_pkid: AtomicU16,
+    outbox: Mutex<Vec<Bytes>>,
+    wake: Notify,
+    /// Cancelled to end the connection (revocation, takeover).
+    end: CancellationToken,
+    ended_by: Mutex<Option<MqttError>>,
+}
+
+impl Session {
+    pub fn close(&self, why: MqttError) {
+        self.ended_by.lock().unwrap().get_or_insert(why);
+        self.end.cancel();
+    }
+}
+
+/// Login tokens seen, kept until they would be refused as too old anyway.
+#[derive(Default)]
+struct UsedLogins {
+    seen: HashMap<(Id, LoginClaim), ()>,
+    /// Pruned at most once a second.
+    pruned_at: i64,
+}
+
+impl UsedLogins {
+    fn first_use(&mut self, id: &Id, claim: LoginClaim, now: i64) -> bool {
+        if self.pruned_at != now {
+            self.seen.retain(|(_, c), _| c.issued_at.saturating_add(MAX_LOGIN_AGE) >= now);
+            self.pruned_at = now;
+        }
+        self.seen.insert((id.clone(), claim), ()).is_none()
+    }
+}
+
+impl Hub {
+    /// `(device, key fingerprint, session)` of every connected device.
+    pub fn list(&self) -> Vec<(Id, Arc<Session>)> {
+        self.sessions.lock().unwrap().iter().map(|(id, s)| (id.clone(), s.clone())).collect()
+    }
+
+    pub fn connected(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    /// Queues `payload` on `topic` (QoS 1) for the device, if it is connected
+    /// and subscribed. Returns whether it was queued.
+    pub fn deliver(&self, id: &Id, topic: &str, payload: Vec<u8>) -> bool {
+        let Some(session) = self.sessions.lock().unwrap().get(id).cloned() else { return false };
+        if !session.subscribed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+        // Any id but 0 will do: nothing is retransmitted, PUBACKs are ignored.
+        publish.pkid = session.next_pkid.fetch_add(1, Ordering::Relaxed).max(1);
+        let mut out = BytesMut::new();
+        if Packet::Publish(publish).write(&mut out, MAX_PACKET).is_err() {
+            return false;
+        }
+        {
+            let mut outbox = session.outbox.lock().unwrap();
+            if outbox.len() >= MAX_OUTBOX {
+                return false;
+            }
+            outbox.push(out.freeze());
+        }
+        session.wake.notify_one();
+        true
+    }
+
+    fn open(&self, id: &Id, fingerprint: String) -> Arc<Session> {
+        let session = Arc::new(Session {
+            n: self.next.fetch_add(1, Ordering::Relaxed),
+            fingerprint,
+            subscribed: AtomicBool::new(false),
+            next_pkid: AtomicU16::new(1),
+            outbox: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            end: CancellationToken::new(),
+            ended_by: Mutex::new(None),
+        });
+        let old = self.sessions.lock().unwrap().insert(id.clone(), session.clone());
+        if let Some(old) = old {
+            old.close(MqttError::TakenOver);
+        }
+        session
+    }
+
+    /// Forgets the session unless a newer one took its place; returns
+    /// whether it was still the device's current one.
+    fn close(&self, id: &Id, session: &Session) -> bool {
+        let mut sessions = self.sessions.lock().unwrap();
+        if sessions.get(id).is_some_and(|s| s.n == session.n) {
+            sessions.remove(id);
+            return true;
+        }
+        false
+    }
+}
+
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) {
+    let tls = tls.map(TlsAcceptor::from);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "mqtt accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Devices' MQTT shares the SSH side's bans and unauthenticated slots:
+        // a source cannot hold descriptors here that SSH needs.
+        if shared.bans.banned(peer.ip()) {
+            shared.metrics.dropped("banned");
+            continue;
+        }
+        let slot = match shared.preauth.admit(crate::limits::source_of(peer.ip())) {
+            Ok(slot) => slot,
+            Err(why) => {
+                shared.metrics.dropped(why.kind());
+                continue;
+            }
+        };
+        let (shared2, tls, cancel) = (shared.clone(), tls.clone(), shutdown.clone());
+        let span = tracing::info_span!("mqtt", %peer);
+        shared.tracker.spawn(
+            async move {
+                let authed = AtomicBool::new(false);
+                let result = tokio::select! {
+                    r = accept(&shared2, stream, peer, tls, slot, &authed) => r,
+                    _ = cancel.cancelled() => Ok(()),
+                };
+                if let Err(e) = result {
+                    if !authed.load(Ordering::Relaxed) && e.counts_as_failure() {
+                        let why = burrow_core::text::excerpt(&format!("mqtt: {e}"), 200);
+                        info!("mqtt login failed: {why}");
+                        let mut rec = AuditRecord::new("auth").outcome(false, Some(why));
+                        rec.source = Some(peer.to_string());
+                        rec.method = Some("mqtt".into());
+                        crate::ssh::accept::count_failure(&shared2, peer, rec);
+                    } else {
+                        debug!("mqtt connection closed: {e}");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn accept(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    slot: crate::limits::PreAuthSlot,
+    authed: &AtomicBool,
+) -> Result<(), MqttError> {
+    let _ = stream.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    match tls {
+        Some(acceptor) => {
+            let stream = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+                .await
+                .map_err(|_| MqttError::ConnectTimeout)?
+                .map_err(MqttError::Tls)?;
+            connection(shared, Framed::new(stream), peer, deadline, slot, authed).await
+        }
+        None => connection(shared, Framed::new(stream), peer, deadline, slot, authed).await,
+    }
+}
+
+/// A byte stream read as MQTT packets. The read buffer grows only as bytes
+/// arrive (never to a length the peer merely claims) and is given back
+/// when the connection goes idle.
+struct Framed<S> {
+    io: S,
+    buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    fn new(io: S) -> Self {
+        Framed { io, buf: BytesMut::new() }
+    }
+
+    /// The next packet. Cancel-safe: bytes read so far stay in the buffer.
+    async fn next(&mut self) -> Result<Packet, MqttError> {
+        loop {
+            match Packet::read(&mut self.buf, MAX_PACKET) {
+                Ok(packet) => {
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    }
+                    return Ok(packet);
+                }
+                Err(CodecError::InsufficientBytes(n)) => {
+                    self.buf.reserve(n.min(4096));
+                    if self.io.read_buf(&mut self.buf).await? == 0 {
+                        return Err(MqttError::Closed);
+                    }
+                }
+                Err(CodecError::InvalidProtocolLevel(_)) | Err(CodecError::InvalidProtocol) => {
+                    return Err(MqttError::Version)
+                }
+                Err(e) => return Err(MqttError::Protocol(format!("{e:?}"))),
+            }
+        }
+    }
+
+    async fn send(&mut self, packet: Packet) -> Result<(), MqttError> {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, MAX_PACKET).map_err(|e| MqttError::Protocol(format!("{e:?}")))?;
+        self.send_raw(&out).await
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), MqttError> {
+        self.io.write_all(bytes).await?;
+        self.io.flush().await?;
+        Ok(())
+    }
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    mut io: Framed<S>,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    slot: crate::limits::PreAuthSlot,
+    authed: &AtomicBool,
+) -> Result<(), MqttError> {
+    let signal = shared.signal.clone().expect("the embedded broker runs with signaling");
+    let hub = signal.hub().expect("the embedded broker has a hub");
+    let topics = signal.topics().clone();
+    let first = match tokio::time::timeout_at(deadline, io.next()).await {
+        Err(_) => return Err(MqttError::ConnectTimeout),
+        Ok(Err(MqttError::Version)) => {
+            let _ = io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await;
+            return Err(MqttError::Version);
+        }
+        Ok(r) => r?,
+    };
+    let Packet::Connect(connect) = first else { return Err(MqttError::NotConnect) };
+    let (id, fingerprint) = match login(shared, &connect, &topics).await {
+        Ok(found) => found,
+        Err((code, e)) => {
+            let _ = io.send(Packet::ConnAck(ConnAck::new(code, false))).await;
+            return Err(e);
+        }
+    };
+    drop(slot);
+    authed.store(true, Ordering::Relaxed);
+    let session = hub.open(&id, fingerprint);
+    info!(device = %id, "mqtt client connected");
+    let result = serve_device(shared, &mut io, &id, &session, &topics, &connect).await;
+    let current = hub.close(&id, &session);
+    match &result {
+        Ok(()) => info!(device = %id, "mqtt client disconnected"),
+        Err(e @ (MqttError::Denied { .. } | MqttError::Oversized(_) | MqttError::Qos2)) => {
+            warn!(device = %id, %peer, "closing mqtt: {e}");
+        }
+        Err(e) => info!(device = %id, "mqtt client gone: {e}"),
+    }
+    // The last will, unless the device said goodbye or a newer connection
+    // of the same device already speaks for it.
+    if result.is_err() && current {
+        if let Some(will) = &connect.last_will {
+            signal.on_device_message(shared, &id, "presence", &will.message, true).await;
+        }
+    }
+    // After login, how a connection ends is the device's business, not a ban's.
+    Ok(())
+}
+
+/// Checks CONNECT: the client id is the device id, the login token is the
+/// device's and unused, the will goes to its own presence topic.
+async fn login(
+    shared: &Shared,
+    c: &Connect,
+    topics: &Topics,
+) -> Result<(Id, String), (ConnectReturnCode, MqttError)> {
+    let bad = |why: String| (ConnectReturnCode::BadUserNamePassword, MqttError::Login(why));
+    let refused = |why: String| (ConnectReturnCode::NotAuthorized, MqttError::Login(why));
+    let Some(login) = &c.login else { return Err(bad("anonymous clients are not allowed".into())) };
+    let id = Id::parse(&login.username).map_err(|e| bad(e.to_string()))?;
+    if c.client_id != login.username {
+        return Err(refused(format!("client id must be the device id '{id}'")));
+    }
+    let record = match shared.registry.device(&id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(bad(format!("unknown device '{id}'"))),
+        Err(e) => return Err((ConnectReturnCode::ServiceUnavailable, MqttError::Login(format!("registry: {e}")))),
+    };
+    if record.revoked_at.is_some() {
+        return Err(refused(format!("device '{id}' is revoked")));
+    }
+    let registered = record.public_key.ok_or_else(|| refused(format!("device '{id}' has not enrolled")))?;
+    let key = parse_public_key(&registered, "registered key").map_err(|e| refused(e.to_string()))?;
+    let now = now_unix();
+    let claim = verify_login(&login.password, &c.client_id, &key, now).map_err(|e| bad(format!("device '{id}': {e}")))?;
+    let hub = shared.signal.as_ref().and_then(|s| s.hub()).expect("the embedded broker has a hub");
+    if !hub.used.lock().unwrap().first_use(&id, claim, now) {
+        return Err(bad(format!("device '{id}': login token was already used")));
+    }
+    if let Some(will) = &c.last_will {
+        if will.topic != topics.presence(id.as_str()) {
+            return Err(refused(format!("device '{id}' may not leave a will on '{}'", excerpt(&will.topic))));
+        }
+        if will.qos == QoS::ExactlyOnce {
+            return Err(refused("QoS 2 is not served here".into()));
+        }
+    }
+    Ok((id, burrow_core::fingerprint(&key)))
+}
+
+fn excerpt(s: &str) -> String {
+    burrow_core::text::excerpt(s, 120)
+}
+
+async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    io: &mut Framed<S>,
+    id: &Id,
+    session: &Session,
+    topics: &Topics,
+    connect: &Connect,
+) -> Result<(), MqttError> {
+    let signal = shared.signal.clone().expect("signaling");
+    let (presence, status, request) =
+        (topics.presence(id.as_str()), topics.status(id.as_str()), topics.request(id.as_str()));
+    io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+    let keepalive = match connect.keep_alive {
+        0 => MAX_KEEPALIVE,
+        s => Duration::from_secs(s as u64).min(MAX_KEEPALIVE),
+    };
+    let silence = keepalive + keepalive / 2;
+    let timer = tokio::time::sleep(silence);
+    tokio::pin!(timer);
+    loop {
+        let packet = tokio::select! {
+            r = io.next() => r?,
+            () = &mut timer => return Err(MqttError::KeepAlive),
+            () = session.wake.notified() => {
+                let queued = std::mem::take(&mut *session.outbox.lock().unwrap());
+                for bytes in queued {
+                    io.send_raw(&bytes).await?;
+                }
+                continue;
+            }
+            () = session.end.cancelled() => {
+                return Err(session.ended_by.lock().unwrap().take().unwrap_or(MqttError::Revoked(id.clone())));
+            }
+        };
+        timer.as_mut().reset(tokio::time::Instant::now() + silence);
+        match packet {
+            Packet::Publish(p) => {
+                if p.qos == QoS::ExactlyOnce {
+                    return Err(MqttError::Qos2);
+                }
+                let kind = if p.topic == presence {
+                    "presence"
+                } else if p.topic == status {
+                    "status"
+                } else {
+                    return Err(MqttError::Denied { id: id.clone(), what: "publish to", topic: excerpt(&p.topic) });
+                };
+                if p.payload.len() > MAX_PAYLOAD {
+                    return Err(MqttError::Oversized(id.clone()));
+                }
+                // Received now: live, whatever the retain flag says.
+                signal.on_device_message(shared, id, kind, &p.payload, true).await;
+                if p.qos == QoS::AtLeastOnce {
+                    io.send(Packet::PubAck(PubAck::new(p.pkid))).await?;
+                }
+            }
+            Packet::Subscribe(s) => {
+                // A refused filter is answered, then the connection ends,
+                // like any other step outside the ACL.
+                let denied = s.filters.iter().find(|f| f.path != request);
+                let codes = s
+                    .filters
+                    .iter()
+                    .map(|f| match f.path == request {
+                        true => SubscribeReasonCode::Success(f.qos.min_qos1()),
+                        false => SubscribeReasonCode::Failure,
+                    })
+                    .collect();
+                io.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+                if let Some(f) = denied {
+                    return Err(MqttError::Denied { id: id.clone(), what: "subscribe to", topic: excerpt(&f.path) });
+                }
+                session.subscribed.store(true, Ordering::Relaxed);
+                // A wake-up may be waiting for exactly this device.
+                signal.resend_pending(id).await;
+            }
+            Packet::Unsubscribe(u) => {
+                if u.topics.iter().any(|t| *t == request) {
+                    session.subscribed.store(false, Ordering::Relaxed);
+                }
+                io.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await?;
+            }
+            Packet::PingReq => io.send(Packet::PingResp).await?,
+            Packet::PubAck(_) => {}
+            Packet::Disconnect => return Ok(()),
+            Packet::Connect(_) => return Err(MqttError::Protocol("second CONNECT".into())),
+            other => return Err(MqttError::Protocol(format!("{:?} is not served here", packet_name(&other)))),
+        }
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => "QoS 2",
+        Packet::SubAck(_) | Packet::UnsubAck(_) => "a server's ack",
+        Packet::PingResp => "PINGRESP",
+        _ => "this packet",
+    }
+}
+
+trait MinQos1 {
+    fn min_qos1(self) -> QoS;
+}
+
+impl MinQos1 for QoS {
+    fn min_qos1(self) -> QoS {
+        match self {
+            QoS::AtMostOnce => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever a client sends, framing answers without panicking and
+        /// never buffers more than it was sent.
+        #[test]
+        fn framing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (mut client, server) = tokio::io::duplex(4096);
+            rt.block_on(async {
+                client.write_all(&bytes).await.unwrap();
+                drop(client);
+                let mut framed = Framed::new(server);
+                while framed.next().await.is_ok() {}
+                assert!(framed.buf.len() <= bytes.len());
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claimed_length_is_not_allocated_before_it_arrives() {
+        let (mut client, server) = tokio::io::duplex(64);
+        // PUBLISH claiming 60,000 bytes, then silence.
+        client.write_all(&[0x30, 0xe0, 0xd4, 0x03, 0, 1]).await.unwrap();
+        let mut framed = Framed::new(server);
+        assert!(tokio::time::timeout(Duration::from_millis(50), framed.next()).await.is_err());
+        assert!(framed.buf.capacity() <= 8192, "buffered {} bytes", framed.buf.capacity());
+        // Over the limit: refused from the header alone.
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await.unwrap();
+        assert!(matches!(Framed::new(server).next().await, Err(MqttError::Protocol(_))));
+    }
+
+    #[test]
+    fn a_login_token_is_used_once() {
+        let mut used = UsedLogins::default();
+        let id = Id::parse("cam-42").unwrap();
+        let claim = LoginClaim { issued_at: 1000, nonce: "ab".into() };
+        assert!(used.first_use(&id, claim.clone(), 1000));
+        assert!(!used.first_use(&id, claim.clone(), 1001));
+        let other = Id::parse("cam-43").unwrap();
+        assert!(used.first_use(&other, claim.clone(), 1001));
+        // Forgotten only once the token would be too old anyway.
+        used.first_use(&id, LoginClaim { issued_at: 1400, nonce: "cd".into() }, 1000 + MAX_LOGIN_AGE + 1);
+        assert_eq!(used.seen.len(), 1);
+    }
+}
