@@ -43,7 +43,8 @@ use crate::Shared;
 const MAX_PACKET: usize = burrow_core::signal::MAX_MQTT_PACKET;
 /// Presence and status are a few hundred bytes of JSON.
 const MAX_PAYLOAD: usize = 4096;
-/// TLS handshake and CONNECT must both arrive within this.
+/// TLS handshake and CONNECT must both arrive within this (or within
+/// `--login-grace-time`, if shorter).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Used when a device asks for no keepalive (0): it still may not sit silent forever.
 const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
@@ -58,7 +59,7 @@ pub(crate) enum MqttError {
     Io(#[from] std::io::Error),
     #[error("TLS handshake failed: {0}")]
     Tls(std::io::Error),
-    #[error("no CONNECT within {}s", CONNECT_TIMEOUT.as_secs())]
+    #[error("no CONNECT within the login grace time")]
     ConnectTimeout,
     #[error("malformed MQTT: {0}")]
     Protocol(String),
@@ -268,7 +269,7 @@ async fn accept(
     authed: &AtomicBool,
 ) -> Result<(), MqttError> {
     let _ = stream.set_nodelay(true);
-    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT.min(shared.config.limits.login_grace);
     match tls {
         Some(acceptor) => {
             let stream = tokio::time::timeout_at(deadline, acceptor.accept(stream))

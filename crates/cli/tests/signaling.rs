@@ -1,0 +1,200 @@
+//! Issue 10: the devices' MQTT listener the pivot serves itself. Each test
+//! names the finding it covers; they run against the real `burrow` binary,
+//! real agents, sshd and OpenSSH clients.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use burrow_core::enroll::EnrollToken;
+use burrow_core::time::now_unix;
+use burrow_testkit::*;
+
+const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// What the embedded broker answered to one CONNECT with `token`.
+fn connect_with(pivot: &TestPivot, id: &str, token: String) -> Result<(), String> {
+    runtime().block_on(async {
+        let mut opts = pivot.mqtt_options(id);
+        opts.set_credentials(id, token);
+        let (_client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => match a.code {
+                rumqttc::ConnectReturnCode::Success => Ok(()),
+                code => Err(format!("{code:?}")),
+            },
+            Ok(Ok(other)) => Err(format!("unexpected {other:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer".into()),
+        }
+    })
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Finding 5: the listener was plaintext, so a captured token could take
+/// over a device's session. Now TLS is the default, devices pin the
+/// certificate, and the pin reaches them through the enrollment token.
+#[test]
+fn tls_is_the_default_and_enrolled_devices_pin_the_certificate() {
+    let pivot = TestPivot::start(BURROW);
+    let fp = pivot.mqtt_fingerprint.clone().expect("TLS by default");
+    assert!(pivot.proc.log_text().contains(&format!("mqtt certificate {fp}")));
+    let mqtt = pivot.mqtt_addr.unwrap();
+
+    // A plain MQTT CONNECT gets no CONNACK: the port speaks TLS.
+    let mut s = TcpStream::connect(mqtt).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 0]).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert!(n == 0 || buf[0] != 0x20, "a plaintext client got a CONNACK");
+
+    // The token carries the pin; enrollment writes it to agent.toml.
+    let sshd = Sshd::start(&[]);
+    let address = pivot.addr.to_string();
+    let token = pivot.admin_ok(&["device", "add", "cam-9", "--address", &address]).trim().to_string();
+    let decoded = EnrollToken::decode(&token).unwrap();
+    assert_eq!(decoded.mqtt_fingerprint.as_deref(), Some(fp.as_str()));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    let out = Command::new(BURROW)
+        .args(["agent", "enroll", "--token", &token, "--config"])
+        .arg(&config)
+        .arg("--host-keys")
+        .arg(&sshd.host_key.public)
+        .args(["--expose", &format!("22={}", sshd.target()), "--mqtt-url", &pivot.mqtt_url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = std::fs::read_to_string(&config).unwrap();
+    assert!(written.contains(&format!("mqtt_fingerprint = \"{fp}\"")), "{written}");
+    let mut cmd = Command::new(BURROW);
+    cmd.args(["agent", "--config"]).arg(&config);
+    let agent = Proc::spawn("burrow agent cam-9", &mut cmd, dir.path().join("agent.log"));
+    assert!(wait_until(Duration::from_secs(15), || pivot.is_present("cam-9")), "{}", agent.log_text());
+
+    // The same device told to trust another certificate refuses the pivot.
+    let key = dir.path().join("device_key");
+    let wrong = burrow_core::mqtt_url::CertPin::of_der(b"not the pivot's certificate").to_string();
+    let mut cmd = Command::new(BURROW);
+    cmd.args(["agent", "--config"]).arg(&config).args(["--mqtt-fingerprint", &wrong, "--key"]).arg(&key);
+    let impostor = Proc::spawn("burrow agent cam-9 (wrong pin)", &mut cmd, dir.path().join("wrong.log"));
+    assert!(
+        wait_until(Duration::from_secs(10), || impostor.log_text().contains(&format!("is not the pinned {wrong}"))),
+        "{}",
+        impostor.log_text()
+    );
+}
+
+/// Finding 5: a login token was accepted any number of times within
+/// ±300 s, including tokens dated in the future.
+#[test]
+fn a_login_token_works_once_and_never_from_the_future() {
+    let pivot = TestPivot::start(BURROW);
+    let dir = tempfile::tempdir().unwrap();
+    let dev = KeyPair::generate(dir.path(), "dev");
+    pivot.add_device("cam-42", &dev);
+    let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
+    let token = burrow_core::signal::login_token(&key, "cam-42", now_unix()).unwrap();
+    assert_eq!(connect_with(&pivot, "cam-42", token.clone()), Ok(()));
+    let again = connect_with(&pivot, "cam-42", token);
+    assert!(again.is_err(), "a used token was accepted again");
+    assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("login token was already used")));
+
+    let ahead = burrow_core::signal::login_token(&key, "cam-42", now_unix() + 60).unwrap();
+    assert!(connect_with(&pivot, "cam-42", ahead).is_err(), "a token dated a minute ahead was accepted");
+    assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("ahead of the pivot's clock")));
+    // A fresh token still works: refusals did not lock the device out.
+    let fresh = burrow_core::signal::login_token(&key, "cam-42", now_unix()).unwrap();
+    assert_eq!(connect_with(&pivot, "cam-42", fresh), Ok(()));
+}
+
+/// Finding 2: the gate allocated a packet's claimed length before reading
+/// it (3,000 four-byte connections cost 186 MB) and had no CONNECT deadline.
+#[test]
+fn claimed_packet_lengths_cost_nothing_and_silent_connections_are_dropped() {
+    let pivot = TestPivot::start_with(
+        BURROW,
+        &[
+            "--mqtt-plaintext",
+            "--login-grace-time",
+            "3s",
+            "--max-startups",
+            "400:30:500",
+            "--per-source-max-startups",
+            "400",
+            "--ban-ignoreip",
+            "127.0.0.0/8",
+        ],
+    );
+    let mqtt = pivot.mqtt_addr.unwrap();
+    let before = rss_kib(pivot.proc.pid());
+    // CONNECT headers claiming 65,535 bytes each, then silence.
+    let mut held: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = TcpStream::connect(mqtt).unwrap();
+            s.write_all(&[0x10, 0xff, 0xff, 0x03]).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500)); // let the pivot read what was sent
+    let grown = rss_kib(pivot.proc.pid()).saturating_sub(before);
+    // Allocating the claims would take 300 × 64 KiB = 19 MiB.
+    assert!(grown < 6 * 1024, "pivot grew by {grown} KiB for 300 claimed packets");
+    // All are closed at the grace time.
+    let started = Instant::now();
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)), "a silent connection was kept");
+    }
+    assert!(started.elapsed() < Duration::from_secs(8), "silent connections outlived the grace time");
+}
+
+/// Finding 7: an agent that ignored a wake request (its pinned pivot key
+/// was wrong) said why only in its own log; the operator waited 15 s.
+#[test]
+fn a_device_refusing_a_wake_request_tells_the_operator_why_at_once() {
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
+    let sshd = Sshd::start(&[&op.key]);
+    let dev = KeyPair::generate(sshd.dir.path(), "device");
+    pivot.add_device("cam-42", &dev);
+    op.trust_device("cam-42", &sshd);
+    // The device pins some other key as the pivot's.
+    let other = KeyPair::generate(sshd.dir.path(), "not-the-pivot");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BURROW);
+    cmd.arg("agent")
+        .args(pivot.agent_mqtt_args())
+        .args(["--id", "cam-42", "--key"])
+        .arg(&dev.private)
+        .arg("--pivot-host-key")
+        .arg(&other.public)
+        .args(["--expose", &format!("22={}", sshd.target())]);
+    let agent = Proc::spawn("burrow agent cam-42", &mut cmd, dir.path().join("agent.log"));
+    assert!(wait_until(Duration::from_secs(15), || pivot.is_present("cam-42")), "{}", agent.log_text());
+
+    let started = Instant::now();
+    let out = op.ssh_device("cam-42", "true");
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let pivot_fp = burrow_core::fingerprint(&burrow_core::keys::read_public_key(&pivot.host_key_pub()).unwrap());
+    let want = format!("device 'cam-42' refused the wake request: pivot key {pivot_fp} is not the pinned key");
+    assert!(stderr(&out).contains(&want), "{}\n{}", stderr(&out), agent.log_text());
+    // Well inside the 15 s wake timeout (the refusal itself takes one round trip).
+    assert!(took < Duration::from_secs(5), "the refusal took {took:?}");
+    let audited = wait_until(Duration::from_secs(5), || {
+        pivot.admin_ok(&["audit", "--json", "--event", "wake", "--device", "cam-42"]).contains("refused the wake request")
+    });
+    assert!(audited, "the refusal is not in the audit");
+}
