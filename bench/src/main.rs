@@ -17,6 +17,7 @@
 //! sleeping device (woken over the embedded MQTT broker) against a device
 //! whose tunnel is already up. Both devices front the same real sshd.
 
+mod mqtt_hold;
 mod vs_openssh;
 
 use std::path::PathBuf;
@@ -178,6 +179,12 @@ usage:
       --openssh-tunnels N     idle tunnels on OpenSSH [1000]
       --latency-samples N     channel opens [300]
       --rate-connections N    connections for the rate [500]
+  burrow-bench mqtt-hold N [FLAGS]
+      N idle on-demand devices on the embedded MQTT listener, then on Mosquitto
+      --procs N               generator processes [4]
+      --wakes N               wake-up samples [200]
+      --plaintext             burrow without TLS (--mqtt-plaintext)
+      --skip-mosquitto        burrow only
   burrow-bench hold DATA_DIR PORT COUNT [SECONDS]
       register COUNT devices and hold an idle tunnel each on a running pivot
 ";
@@ -195,6 +202,25 @@ async fn main() -> Result<()> {
             let seconds = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(60);
             hold(arg(1)?, arg(2)?.parse()?, arg(3)?.parse()?, seconds).await
         }
+        Some("mqtt-hold") => {
+            let n = args.get(1).context("usage: burrow-bench mqtt-hold N")?.parse()?;
+            let mut o =
+                mqtt_hold::Options { devices: n, procs: 4, wakes: 200, skip_mosquitto: false, plaintext: false };
+            let mut it = args[2..].iter();
+            while let Some(flag) = it.next() {
+                let mut val = || it.next().context("flag needs a value");
+                match flag.as_str() {
+                    "--procs" => o.procs = val()?.parse()?,
+                    "--wakes" => o.wakes = val()?.parse()?,
+                    "--plaintext" => o.plaintext = true,
+                    "--skip-mosquitto" => o.skip_mosquitto = true,
+                    other => bail!("unknown flag {other}\n{USAGE}"),
+                }
+            }
+            mqtt_hold::run(&burrow_bin()?, o).await
+        }
+        // A generator process of mqtt-hold.
+        Some("mqtt-devices") => mqtt_hold::generator(&args[1..]).await,
         Some("vs-openssh") => {
             let mut o = vs_openssh::Options {
                 gib: 1,

@@ -112,7 +112,7 @@ fn process_tree(pid: u32) -> Vec<u32> {
 }
 
 /// Proportional set size of a process tree, KiB.
-fn pss_kib(root: u32) -> u64 {
+pub(crate) fn pss_kib(root: u32) -> u64 {
     process_tree(root)
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
@@ -133,7 +133,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 type Handle = russh::client::Handle<Client>;
 
-async fn connect(port: u16, user: &str, key: Arc<PrivateKey>) -> Result<Handle> {
+pub(crate) async fn connect(port: u16, user: &str, key: Arc<PrivateKey>) -> Result<Handle> {
     let config = Arc::new(russh::client::Config { nodelay: true, inactivity_timeout: None, ..Default::default() });
     let mut h = russh::client::connect(config, ("127.0.0.1", port), Client).await?;
     if !h.authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, None)).await?.success() {

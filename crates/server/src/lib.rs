@@ -147,6 +147,9 @@ pub(crate) struct Shared {
     /// Names this run of the pivot in session ids (start time, hex).
     pub boot: String,
     pub ssh_lists: Arc<ssh::kexinit::ServerLists>,
+    /// Connections held, SSH and devices' MQTT together, under the
+    /// descriptor-derived cap (`Config::max_connections`).
+    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -219,6 +222,7 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         audit,
         boot: format!("{:x}", burrow_core::time::now_unix()),
         ssh_lists,
+        connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         config,
         registry,
         router: router::Router::default(),

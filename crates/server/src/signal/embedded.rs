@@ -209,6 +209,12 @@ pub(crate) async fn serve(
 ) {
     let tls = tls.map(TlsAcceptor::from);
     loop {
+        // Devices' connections count against the same descriptor-derived
+        // cap as SSH's, so a fleet cannot take the descriptors operators need.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = shared.connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -237,6 +243,7 @@ pub(crate) async fn serve(
         let span = tracing::info_span!("mqtt", %peer);
         shared.tracker.spawn(
             async move {
+                let _permit = permit;
                 let authed = AtomicBool::new(false);
                 let result = tokio::select! {
                     r = accept(&shared2, stream, peer, tls, slot, &authed) => r,

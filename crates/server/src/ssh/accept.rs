@@ -28,7 +28,7 @@ pub(crate) async fn serve(
     shards: &Shards,
     shutdown: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    let limit = shared.connections.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
