@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use russh::server::Config as SshConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
