@@ -393,7 +393,9 @@ impl Dev {
             Packet::ConnAck(a) if a.code == rumqttc::ConnectReturnCode::Success => {}
             other => bail!("refused: {other:?}"),
         }
-        send(&mut io, Packet::Subscribe(Subscribe::new(topics.request(&id), QoS::AtLeastOnce))).await?;
+        let mut subscribe = Subscribe::new(topics.request(&id), QoS::AtLeastOnce);
+        subscribe.pkid = 1;
+        send(&mut io, Packet::Subscribe(subscribe)).await?;
         let online = serde_json::to_vec(&Presence::online("on-demand", burrow_core::time::now_unix()))?;
         let mut presence = Publish::new(topics.presence(&id), QoS::AtLeastOnce, online);
         presence.retain = true;

@@ -32,6 +32,8 @@ pub enum EnrollError {
     LoadKey(String, #[source] russh::keys::Error),
     #[error("cannot sign the rotation proof: {0}")]
     Sign(String),
+    #[error("the pivot serves devices' MQTT over TLS, but {0} is plain MQTT; give --mqtt-url mqtts://HOST:8883")]
+    PlainMqtt(String),
 }
 
 pub struct Enrollment {
@@ -64,6 +66,11 @@ pub fn default_host_keys() -> Vec<PathBuf> {
 /// the sshd host keys, then writes the key and the agent config.
 pub async fn enroll(e: Enrollment) -> Result<AgentFile, EnrollError> {
     let token = EnrollToken::decode(&e.token)?;
+    if let (Some(_), Some(url)) = (&token.mqtt_fingerprint, &e.mqtt_url) {
+        if url.starts_with("mqtt://") {
+            return Err(EnrollError::PlainMqtt(url.clone()));
+        }
+    }
     let pin = HostKeyPin::parse(&token.fingerprint).map_err(|_| EnrollError::Pin(token.fingerprint.clone()))?;
     if e.host_keys.is_empty() {
         return Err(EnrollError::NoHostKeys("/etc/ssh/ssh_host_*_key.pub".into()));

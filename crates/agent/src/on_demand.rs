@@ -49,6 +49,13 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
     let mut refusals = OncePerSecond::default();
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     info!(device = %id, broker = %signal.url, "waiting for wake-ups over MQTT");
+    let loopback = signal.url.host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback()) || signal.url.host == "localhost";
+    if !signal.url.tls && signal.password.is_none() && !loopback {
+        warn!(
+            "{} is plain MQTT: every login token crosses the network in the clear. A burrow pivot serves mqtts:// (give --mqtt-fingerprint)",
+            signal.url
+        );
+    }
 
     loop {
         tokio::select! {
@@ -114,7 +121,13 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                 Ok(_) => {}
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!("MQTT broker unreachable ({e}); retrying in {:.1}s", delay.as_secs_f64());
+                    match &e {
+                        rumqttc::ConnectionError::ConnectionRefused(code) => warn!(
+                            "the MQTT broker refused the login ({code:?}): is this device registered, enrolled and not revoked? The pivot's log says why; retrying in {:.1}s",
+                            delay.as_secs_f64()
+                        ),
+                        _ => warn!("MQTT broker unreachable ({e}); retrying in {:.1}s", delay.as_secs_f64()),
+                    }
                     // A fresh login token for the next attempt: tokens are short-lived.
                     if signal.password.is_none() {
                         if let Ok(token) = login_token(&config.current_key(), &id, now_unix()) {

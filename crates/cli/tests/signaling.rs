@@ -198,3 +198,27 @@ fn a_device_refusing_a_wake_request_tells_the_operator_why_at_once() {
     });
     assert!(audited, "the refusal is not in the audit");
 }
+
+/// Presence lives in the pivot's process now: after a restart, a device
+/// that has not logged in again is not listed as online.
+#[test]
+fn after_a_restart_only_devices_that_logged_in_again_are_present() {
+    let mut pivot = TestPivot::start(BURROW);
+    let dir = tempfile::tempdir().unwrap();
+    let dev = KeyPair::generate(dir.path(), "dev");
+    pivot.add_device("cam-42", &dev);
+    let mut cmd = Command::new(BURROW);
+    cmd.arg("agent")
+        .args(pivot.agent_mqtt_args())
+        .args(["--id", "cam-42", "--key"])
+        .arg(&dev.private)
+        .arg("--pivot-host-key")
+        .arg(pivot.host_key_pub())
+        .args(["--expose", "22=127.0.0.1:1"]);
+    let mut agent = Proc::spawn("burrow agent cam-42", &mut cmd, dir.path().join("agent.log"));
+    assert!(wait_until(Duration::from_secs(15), || pivot.is_present("cam-42")), "{}", agent.log_text());
+    agent.kill();
+    pivot.proc.kill();
+    pivot.restart();
+    assert_eq!(pivot.device_json("cam-42").unwrap()["presence"], "offline");
+}

@@ -111,7 +111,12 @@ impl TlsFiles {
             |p: &PathBuf| std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())));
         let ca = match &self.ca {
             Some(p) => read(p)?,
-            None => return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "mqtts:// needs --mqtt-ca")),
+            None => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "mqtts:// needs --mqtt-fingerprint (a burrow pivot's own broker: the `mqtt certificate` it prints) or --mqtt-ca (any other broker)",
+                ))
+            }
         };
         let client = match (&self.cert, &self.key) {
             (Some(c), Some(k)) => Some((read(c)?, read(k)?)),

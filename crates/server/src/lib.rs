@@ -199,6 +199,10 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     };
     // Enrollment tokens (made here or by a local admin command) carry the
     // certificate pin devices need for this pivot's MQTT listener.
+    if signal.as_ref().is_some_and(|s| s.hub().is_some()) {
+        // Devices' presence lives in this process now: none is connected yet.
+        registry.clear_presence().await?;
+    }
     let pin = signal.as_ref().and_then(|s| s.certificate_pin()).map(|p| p.to_string()).unwrap_or_default();
     registry.set_meta(admin::MQTT_FINGERPRINT_KEY, &pin).await?;
     let (ssh, ssh_lists) = ssh::ssh_config(&config, key).map_err(ServerError::Config)?;

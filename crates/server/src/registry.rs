@@ -390,6 +390,13 @@ impl Registry {
         Ok(())
     }
 
+    /// Marks every device offline: what a pivot that serves devices' MQTT
+    /// itself knows at start, before any device has logged in again.
+    pub async fn clear_presence(&self) -> Result<(), RegistryError> {
+        sqlx::query("UPDATE devices SET presence = 'offline' WHERE presence = 'online'").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Registers a device that will enroll itself with `token_digest` before `expires_at`.
     pub async fn add_pending_device(
         &self,

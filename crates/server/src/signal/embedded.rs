@@ -59,6 +59,10 @@ pub(crate) enum MqttError {
     Io(#[from] std::io::Error),
     #[error("TLS handshake failed: {0}")]
     Tls(std::io::Error),
+    #[error("the client refused the pivot's certificate ({0}); a device pinning an old --mqtt-fingerprint needs the one `burrow server` prints")]
+    PinRefused(std::io::Error),
+    #[error("device '{0}' sent its login without TLS to the TLS port; its token is now void. Give it mqtts:// and --mqtt-fingerprint")]
+    Plaintext(String),
     #[error("no CONNECT within the login grace time")]
     ConnectTimeout,
     #[error("malformed MQTT: {0}")]
@@ -84,9 +88,12 @@ pub(crate) enum MqttError {
 }
 
 impl MqttError {
-    /// Before login, everything but a plain hang-up counts toward a ban.
+    /// Before login, everything but a plain hang-up counts toward a ban,
+    /// except a real device's mistakes: refusing our certificate (a stale
+    /// pin) or a valid login sent without TLS. Banning those would lock
+    /// out everyone behind the device's NAT.
     fn counts_as_failure(&self) -> bool {
-        !matches!(self, MqttError::Closed | MqttError::Io(_))
+        !matches!(self, MqttError::Closed | MqttError::Io(_) | MqttError::PinRefused(_) | MqttError::Plaintext(_))
     }
 }
 
@@ -250,7 +257,9 @@ pub(crate) async fn serve(
                     _ = cancel.cancelled() => Ok(()),
                 };
                 if let Err(e) = result {
-                    if !authed.load(Ordering::Relaxed) && e.counts_as_failure() {
+                    if matches!(e, MqttError::PinRefused(_) | MqttError::Plaintext(_)) {
+                        warn!("{e}");
+                    } else if !authed.load(Ordering::Relaxed) && e.counts_as_failure() {
                         let why = burrow_core::text::excerpt(&format!("mqtt: {e}"), 200);
                         info!("mqtt login failed: {why}");
                         let mut rec = AuditRecord::new("auth").outcome(false, Some(why));
@@ -279,14 +288,48 @@ async fn accept(
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT.min(shared.config.limits.login_grace);
     match tls {
         Some(acceptor) => {
+            // A plain MQTT CONNECT on the TLS port (an agent given mqtt://)
+            // has just sent its login token in the clear: burn it, so
+            // whoever saw it cannot use it, and say what to fix.
+            let mut first = [0u8; 1];
+            let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+            if matches!(peeked, Ok(Ok(1))) && first[0] >> 4 == 1 {
+                return Box::pin(plaintext_on_tls_port(shared, Framed::new(stream), deadline)).await;
+            }
             let stream = tokio::time::timeout_at(deadline, acceptor.accept(stream))
                 .await
                 .map_err(|_| MqttError::ConnectTimeout)?
-                .map_err(MqttError::Tls)?;
+                .map_err(|e| match tls_alert(&e) {
+                    // The client refused our certificate: a device with an
+                    // out-of-date pin, not someone guessing logins.
+                    true => MqttError::PinRefused(e),
+                    false => MqttError::Tls(e),
+                })?;
             connection(shared, Framed::new(stream), peer, deadline, slot, authed).await
         }
         None => connection(shared, Framed::new(stream), peer, deadline, slot, authed).await,
     }
+}
+
+/// Whether a failed handshake ended with an alert from the client.
+fn tls_alert(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)))
+}
+
+async fn plaintext_on_tls_port(
+    shared: &Arc<Shared>,
+    mut io: Framed<TcpStream>,
+    deadline: tokio::time::Instant,
+) -> Result<(), MqttError> {
+    let packet = tokio::time::timeout_at(deadline, io.next()).await.map_err(|_| MqttError::ConnectTimeout)??;
+    let Packet::Connect(connect) = packet else { return Err(MqttError::NotConnect) };
+    let topics = shared.signal.as_ref().expect("signaling").topics().clone();
+    let _ = io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false))).await;
+    // Verifying the token marks it used; a forged one is an ordinary failure.
+    login(shared, &connect, &topics).await.map_err(|(_, e)| e)?;
+    Err(MqttError::Plaintext(connect.client_id))
 }
 
 /// A byte stream read as MQTT packets. The read buffer grows only as bytes
@@ -314,8 +357,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 }
                 Err(CodecError::InsufficientBytes(n)) => {
                     self.buf.reserve(n.min(4096));
-                    if self.io.read_buf(&mut self.buf).await? == 0 {
-                        return Err(MqttError::Closed);
+                    match self.io.read_buf(&mut self.buf).await {
+                        Ok(0) => return Err(MqttError::Closed),
+                        Ok(_) => {}
+                        // A TLS peer that hung up without close_notify.
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(MqttError::Closed),
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 Err(CodecError::InvalidProtocolLevel(_)) | Err(CodecError::InvalidProtocol) => {
@@ -359,7 +406,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(r) => r?,
     };
     let Packet::Connect(connect) = first else { return Err(MqttError::NotConnect) };
-    let (id, fingerprint) = match login(shared, &connect, &topics).await {
+    // Rare, large futures (registry queries) are boxed: an idle device's
+    // task is as big as its largest await point, for as long as it lives.
+    let (id, fingerprint) = match Box::pin(login(shared, &connect, &topics)).await {
         Ok(found) => found,
         Err((code, e)) => {
             let _ = io.send(Packet::ConnAck(ConnAck::new(code, false))).await;
@@ -370,7 +419,12 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     authed.store(true, Ordering::Relaxed);
     let session = hub.open(&id, fingerprint);
     info!(device = %id, "mqtt client connected");
-    let result = serve_device(shared, &mut io, &id, &session, &topics, &connect).await;
+    // Keep only what the session needs: the login token and the rest of
+    // CONNECT would otherwise sit in every idle device's task.
+    // Copied: the will is a slice of the whole CONNECT buffer.
+    let will = connect.last_will.map(|w| Bytes::copy_from_slice(&w.message));
+    let keep_alive = connect.keep_alive;
+    let result = serve_device(shared, &mut io, &id, &session, &topics, keep_alive).await;
     let current = hub.close(&id, &session);
     match &result {
         Ok(()) => info!(device = %id, "mqtt client disconnected"),
@@ -382,8 +436,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     // The last will, unless the device said goodbye or a newer connection
     // of the same device already speaks for it.
     if result.is_err() && current {
-        if let Some(will) = &connect.last_will {
-            signal.on_device_message(shared, &id, "presence", &will.message, true).await;
+        if let Some(will) = &will {
+            Box::pin(signal.on_device_message(shared, &id, "presence", will, true)).await;
         }
     }
     // After login, how a connection ends is the device's business, not a ban's.
@@ -441,13 +495,13 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
     id: &Id,
     session: &Session,
     topics: &Topics,
-    connect: &Connect,
+    keep_alive: u16,
 ) -> Result<(), MqttError> {
     let signal = shared.signal.clone().expect("signaling");
     let (presence, status, request) =
         (topics.presence(id.as_str()), topics.status(id.as_str()), topics.request(id.as_str()));
     io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
-    let keepalive = match connect.keep_alive {
+    let keepalive = match keep_alive {
         0 => MAX_KEEPALIVE,
         s => Duration::from_secs(s as u64).min(MAX_KEEPALIVE),
     };
@@ -475,6 +529,9 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
                 if p.qos == QoS::ExactlyOnce {
                     return Err(MqttError::Qos2);
                 }
+                if p.qos == QoS::AtLeastOnce && p.pkid == 0 {
+                    return Err(MqttError::Protocol("packet identifier 0".into()));
+                }
                 let kind = if p.topic == presence {
                     "presence"
                 } else if p.topic == status {
@@ -486,11 +543,12 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
                     return Err(MqttError::Oversized(id.clone()));
                 }
                 // Received now: live, whatever the retain flag says.
-                signal.on_device_message(shared, id, kind, &p.payload, true).await;
+                Box::pin(signal.on_device_message(shared, id, kind, &p.payload, true)).await;
                 if p.qos == QoS::AtLeastOnce {
                     io.send(Packet::PubAck(PubAck::new(p.pkid))).await?;
                 }
             }
+            Packet::Subscribe(s) if s.pkid == 0 => return Err(MqttError::Protocol("packet identifier 0".into())),
             Packet::Subscribe(s) => {
                 // A refused filter is answered, then the connection ends,
                 // like any other step outside the ACL.
@@ -509,7 +567,7 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 session.subscribed.store(true, Ordering::Relaxed);
                 // A wake-up may be waiting for exactly this device.
-                signal.resend_pending(id).await;
+                Box::pin(signal.resend_pending(id)).await;
             }
             Packet::Unsubscribe(u) => {
                 if u.topics.iter().any(|t| *t == request) {

@@ -28,6 +28,16 @@ pub fn load_or_create(dir: &Path) -> Result<(Arc<rustls::ServerConfig>, CertPin)
     let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
     if !cert_path.exists() {
         create(&cert_path, &key_path)?;
+        // A pivot that ran before had another certificate its devices pin.
+        if dir.join(crate::host_key::HOST_KEY_FILE).exists() && dir.join(crate::registry::DB_FILE).exists() {
+            tracing::warn!(
+                "made a new MQTT certificate ({}): devices enrolled before must be given its fingerprint (--mqtt-fingerprint or mqtt_fingerprint in agent.toml)",
+                cert_path.display()
+            );
+        }
+    }
+    if !key_path.exists() {
+        return Err(TlsSetupError::Parse(format!("{} (its key {} is missing)", cert_path.display(), key_path.display())));
     }
     let shown = cert_path.display().to_string();
     let cert = CertificateDer::from_pem_file(&cert_path).map_err(|_| TlsSetupError::Parse(shown.clone()))?;
