@@ -92,11 +92,17 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                             req
                         }
                         Err(e) => {
+                            // Logged and answered at most once a second:
+                            // whoever can publish here cannot flood the log.
+                            if !refusals.allow() {
+                                debug!("refused a wake request: {e}");
+                                continue;
+                            }
                             warn!("refused a wake request: {e}");
-                            // Tell the waiting operator why, at most once a
-                            // second: a refusal costs this device a publish.
+                            // Tell the waiting operator why (not for a replay:
+                            // nobody waits on an old nonce).
                             let replay = matches!(e, burrow_core::signal::SignalError::Replayed);
-                            if let (Some(nonce), false) = (WakeRequest::claimed_nonce(&p.payload), replay || !refusals.allow()) {
+                            if let (Some(nonce), false) = (WakeRequest::claimed_nonce(&p.payload), replay) {
                                 let status = Status { nonce, pivot: String::new(), state: "refused".into(), reason: Some(e.to_string()), at: now };
                                 let payload = serde_json::to_vec(&status).expect("status serializes");
                                 let _ = client.try_publish(topics.status(&id), QoS::AtLeastOnce, false, payload);

@@ -50,6 +50,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
 /// Wake requests queued for one device; more means it is not reading.
 const MAX_OUTBOX: usize = 8;
+/// A write that cannot finish in this long means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Publishes one device may make per [`PUBLISH_WINDOW`]; the agent makes a
+/// handful per wake-up.
+const MAX_PUBLISHES: u32 = 20;
+const PUBLISH_WINDOW: Duration = Duration::from_secs(10);
+/// Login tokens remembered at once (each for up to 305 s): far above any
+/// real fleet's reconnect rate; past it logins wait.
+const MAX_USED_LOGINS: usize = 200_000;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum MqttError {
@@ -81,6 +90,10 @@ pub(crate) enum MqttError {
     Qos2,
     #[error("silent for longer than 1.5 times its keepalive")]
     KeepAlive,
+    #[error("not reading: a write did not finish within {}s", WRITE_TIMEOUT.as_secs())]
+    WriteTimeout,
+    #[error("more than {MAX_PUBLISHES} publishes in {}s", PUBLISH_WINDOW.as_secs())]
+    TooFast,
     #[error("replaced by a newer connection of the same device")]
     TakenOver,
     #[error("device '{0}' was revoked or removed")]
@@ -134,12 +147,22 @@ struct UsedLogins {
 }
 
 impl UsedLogins {
-    fn first_use(&mut self, id: &Id, claim: LoginClaim, now: i64) -> bool {
+    /// `Some(true)` the first time, `Some(false)` for a reuse, `None` when
+    /// the map is full.
+    fn first_use(&mut self, id: &Id, claim: LoginClaim, now: i64) -> Option<bool> {
         if self.pruned_at != now {
             self.seen.retain(|(_, c), _| c.issued_at.saturating_add(MAX_LOGIN_AGE) >= now);
             self.pruned_at = now;
         }
-        self.seen.insert((id.clone(), claim), ()).is_none()
+        let key = (id.clone(), claim);
+        if self.seen.contains_key(&key) {
+            return Some(false);
+        }
+        if self.seen.len() >= MAX_USED_LOGINS {
+            return None;
+        }
+        self.seen.insert(key, ());
+        Some(true)
     }
 }
 
@@ -379,9 +402,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         self.send_raw(&out).await
     }
 
+    /// Writes with a deadline: a peer that stops reading cannot hold the
+    /// connection (and its place under the connection cap) forever.
     async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), MqttError> {
-        self.io.write_all(bytes).await?;
-        self.io.flush().await?;
+        let write = async {
+            self.io.write_all(bytes).await?;
+            self.io.flush().await
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, write).await.map_err(|_| MqttError::WriteTimeout)??;
         Ok(())
     }
 }
@@ -424,11 +452,17 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     // Copied: the will is a slice of the whole CONNECT buffer.
     let will = connect.last_will.map(|w| Bytes::copy_from_slice(&w.message));
     let keep_alive = connect.keep_alive;
-    let result = serve_device(shared, &mut io, &id, &session, &topics, keep_alive).await;
+    // Revocation and takeover end the session even in the middle of a write.
+    let result = tokio::select! {
+        r = serve_device(shared, &mut io, &id, &session, &topics, keep_alive) => r,
+        () = session.end.cancelled() => {
+            Err(session.ended_by.lock().unwrap().take().unwrap_or(MqttError::Revoked(id.clone())))
+        }
+    };
     let current = hub.close(&id, &session);
     match &result {
         Ok(()) => info!(device = %id, "mqtt client disconnected"),
-        Err(e @ (MqttError::Denied { .. } | MqttError::Oversized(_) | MqttError::Qos2)) => {
+        Err(e @ (MqttError::Denied { .. } | MqttError::Oversized(_) | MqttError::Qos2 | MqttError::TooFast)) => {
             warn!(device = %id, %peer, "closing mqtt: {e}");
         }
         Err(e) => info!(device = %id, "mqtt client gone: {e}"),
@@ -452,6 +486,9 @@ async fn login(
     topics: &Topics,
 ) -> Result<(Id, String), (ConnectReturnCode, MqttError)> {
     let bad = |why: String| (ConnectReturnCode::BadUserNamePassword, MqttError::Login(why));
+    if c.protocol != rumqttc::mqttbytes::Protocol::V4 {
+        return Err((ConnectReturnCode::RefusedProtocolVersion, MqttError::Version));
+    }
     let refused = |why: String| (ConnectReturnCode::NotAuthorized, MqttError::Login(why));
     let Some(login) = &c.login else { return Err(bad("anonymous clients are not allowed".into())) };
     let id = Id::parse(&login.username).map_err(|e| bad(e.to_string()))?;
@@ -463,16 +500,23 @@ async fn login(
         Ok(None) => return Err(bad(format!("unknown device '{id}'"))),
         Err(e) => return Err((ConnectReturnCode::ServiceUnavailable, MqttError::Login(format!("registry: {e}")))),
     };
+    // Revoked and not enrolled get the same code as unknown: CONNACK tells
+    // an unauthenticated client nothing about a device's state.
     if record.revoked_at.is_some() {
-        return Err(refused(format!("device '{id}' is revoked")));
+        return Err(bad(format!("device '{id}' is revoked")));
     }
-    let registered = record.public_key.ok_or_else(|| refused(format!("device '{id}' has not enrolled")))?;
+    let registered = record.public_key.ok_or_else(|| bad(format!("device '{id}' has not enrolled")))?;
     let key = parse_public_key(&registered, "registered key").map_err(|e| refused(e.to_string()))?;
     let now = now_unix();
     let claim = verify_login(&login.password, &c.client_id, &key, now).map_err(|e| bad(format!("device '{id}': {e}")))?;
     let hub = shared.signal.as_ref().and_then(|s| s.hub()).expect("the embedded broker has a hub");
-    if !hub.used.lock().unwrap().first_use(&id, claim, now) {
-        return Err(bad(format!("device '{id}': login token was already used")));
+    let first = hub.used.lock().unwrap().first_use(&id, claim, now);
+    match first {
+        Some(true) => {}
+        Some(false) => return Err(bad(format!("device '{id}': login token was already used"))),
+        None => {
+            return Err((ConnectReturnCode::ServiceUnavailable, MqttError::Login("too many logins; try again".into())))
+        }
     }
     if let Some(will) = &c.last_will {
         if will.topic != topics.presence(id.as_str()) {
@@ -480,6 +524,9 @@ async fn login(
         }
         if will.qos == QoS::ExactlyOnce {
             return Err(refused("QoS 2 is not served here".into()));
+        }
+        if will.message.len() > MAX_PAYLOAD {
+            return Err(refused(format!("device '{id}' left a will over {MAX_PAYLOAD} bytes")));
         }
     }
     Ok((id, burrow_core::fingerprint(&key)))
@@ -508,6 +555,7 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
     let silence = keepalive + keepalive / 2;
     let timer = tokio::time::sleep(silence);
     tokio::pin!(timer);
+    let (mut window, mut published) = (tokio::time::Instant::now(), 0u32);
     loop {
         let packet = tokio::select! {
             r = io.next() => r?,
@@ -531,6 +579,13 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 if p.qos == QoS::AtLeastOnce && p.pkid == 0 {
                     return Err(MqttError::Protocol("packet identifier 0".into()));
+                }
+                if window.elapsed() > PUBLISH_WINDOW {
+                    (window, published) = (tokio::time::Instant::now(), 0);
+                }
+                published += 1;
+                if published > MAX_PUBLISHES {
+                    return Err(MqttError::TooFast);
                 }
                 let kind = if p.topic == presence {
                     "presence"
@@ -565,9 +620,11 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(f) = denied {
                     return Err(MqttError::Denied { id: id.clone(), what: "subscribe to", topic: excerpt(&f.path) });
                 }
-                session.subscribed.store(true, Ordering::Relaxed);
-                // A wake-up may be waiting for exactly this device.
-                Box::pin(signal.resend_pending(id)).await;
+                // A wake-up may be waiting for exactly this device: sent on
+                // the session's first subscription only.
+                if !session.subscribed.swap(true, Ordering::Relaxed) {
+                    Box::pin(signal.resend_pending(id)).await;
+                }
             }
             Packet::Unsubscribe(u) => {
                 if u.topics.iter().any(|t| *t == request) {
@@ -650,10 +707,10 @@ mod tests {
         let mut used = UsedLogins::default();
         let id = Id::parse("cam-42").unwrap();
         let claim = LoginClaim { issued_at: 1000, nonce: "ab".into() };
-        assert!(used.first_use(&id, claim.clone(), 1000));
-        assert!(!used.first_use(&id, claim.clone(), 1001));
+        assert_eq!(used.first_use(&id, claim.clone(), 1000), Some(true));
+        assert_eq!(used.first_use(&id, claim.clone(), 1001), Some(false));
         let other = Id::parse("cam-43").unwrap();
-        assert!(used.first_use(&other, claim.clone(), 1001));
+        assert_eq!(used.first_use(&other, claim.clone(), 1001), Some(true));
         // Forgotten only once the token would be too old anyway.
         used.first_use(&id, LoginClaim { issued_at: 1400, nonce: "cd".into() }, 1000 + MAX_LOGIN_AGE + 1);
         assert_eq!(used.seen.len(), 1);

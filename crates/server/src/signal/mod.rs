@@ -288,7 +288,21 @@ impl Signal {
                 let seen =
                     Seen { online: presence.is_online(), on_demand: presence.mode.as_deref() == Some("on-demand"), at };
                 debug!(device = %id, online = seen.online, "presence");
-                self.presence.lock().unwrap().insert(id.to_string(), seen.clone());
+                let before = self.presence.lock().unwrap().insert(id.to_string(), seen.clone());
+                // The registry hears of a change at once and of the same
+                // state at most once a minute: a chatty device costs no writes.
+                let same = before.as_ref().is_some_and(|b| {
+                    b.online == seen.online
+                        && b.on_demand == seen.on_demand
+                        && b.at.zip(at).is_some_and(|(b, a)| a.saturating_sub(b) < 60)
+                });
+                if same {
+                    // Keep the older time, so the minute runs from the last write.
+                    if let Some(p) = self.presence.lock().unwrap().get_mut(id.as_str()) {
+                        p.at = before.as_ref().and_then(|b| b.at);
+                    }
+                    return;
+                }
                 if let Err(e) = shared.registry.set_presence(id, seen.online, at).await {
                     warn!(device = %id, error = %e, "cannot record presence");
                 }
@@ -300,14 +314,16 @@ impl Signal {
                     "refused" => true,
                     _ => return,
                 };
-                let reason = status.reason.unwrap_or_else(|| "unknown error".into());
+                let reason = status.reason.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| "no reason given".into());
                 let reason = burrow_core::text::excerpt(&reason, 200);
-                if refused {
-                    info!(device = %id, "device refused the wake request: {reason}");
-                } else {
-                    info!(device = %id, "device could not connect: {reason}");
+                // Logged only when it answers a wake-up under way: anything
+                // else is noise a device could make at will.
+                if self.fail(id, &status.nonce, refused, reason.clone()) {
+                    match refused {
+                        true => info!(device = %id, "device refused the wake request: {reason}"),
+                        false => info!(device = %id, "device could not connect: {reason}"),
+                    }
                 }
-                self.fail(id, &status.nonce, refused, reason);
             }
             _ => {}
         }
@@ -350,12 +366,15 @@ impl Signal {
         }
     }
 
-    fn fail(&self, id: &Id, nonce: &str, refused: bool, reason: String) {
+    /// Ends the wake-up of `id` if `nonce` is its current request's.
+    fn fail(&self, id: &Id, nonce: &str, refused: bool, reason: String) -> bool {
         let mut wakes = self.wakes.lock().unwrap();
         if wakes.get(id).is_some_and(|p| p.nonce == nonce) {
             let p = wakes.remove(id).expect("checked above");
             let _ = p.tx.send(WakeEvent::Failed { refused, reason });
+            return true;
         }
+        false
     }
 
     /// Wakes the device (or joins a wake-up already under way) and waits
