@@ -219,6 +219,11 @@ async fn main() -> Result<()> {
             }
             mqtt_hold::run(&burrow_bin()?, o).await
         }
+        // Registers mqtt-hold's devices in DATA_DIR, for profiling a pivot started by hand.
+        Some("mqtt-register") => {
+            let arg = |i: usize| args.get(i).context("usage: burrow-bench mqtt-register DATA_DIR N");
+            mqtt_hold::register(std::path::Path::new(arg(1)?), arg(2)?.parse()?).await
+        }
         // A generator process of mqtt-hold.
         Some("mqtt-devices") => mqtt_hold::generator(&args[1..]).await,
         Some("vs-openssh") => {

@@ -269,7 +269,7 @@ async fn burrow_side(bin: &str, o: &Options) -> Result<Figures> {
     Ok(Figures { up, errors, per_device_kib, rate, wakes, before_kib: before, after_kib: after })
 }
 
-async fn register(data_dir: &std::path::Path, n: usize) -> Result<()> {
+pub async fn register(data_dir: &std::path::Path, n: usize) -> Result<()> {
     let registry = burrow_server::Registry::open(data_dir).await?;
     for i in 0..n {
         let id = burrow_core::Id::parse(&device_id(i))?;

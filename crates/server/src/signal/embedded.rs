@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use crate::audit::AuditRecord;
 use crate::Shared;
@@ -270,56 +270,71 @@ pub(crate) async fn serve(
             }
         };
         let (shared2, tls, cancel) = (shared.clone(), tls.clone(), shutdown.clone());
-        let span = tracing::info_span!("mqtt", %peer);
-        shared.tracker.spawn(
-            async move {
-                let _permit = permit;
-                let authed = AtomicBool::new(false);
-                let result = tokio::select! {
-                    r = accept(&shared2, stream, peer, tls, slot, &authed) => r,
-                    _ = cancel.cancelled() => Ok(()),
-                };
-                if let Err(e) = result {
-                    if matches!(e, MqttError::PinRefused(_) | MqttError::Plaintext(_)) {
-                        warn!("{e}");
-                    } else if !authed.load(Ordering::Relaxed) && e.counts_as_failure() {
-                        let why = burrow_core::text::excerpt(&format!("mqtt: {e}"), 200);
-                        info!("mqtt login failed: {why}");
-                        let mut rec = AuditRecord::new("auth").outcome(false, Some(why));
-                        rec.source = Some(peer.to_string());
-                        rec.method = Some("mqtt".into());
-                        crate::ssh::accept::count_failure(&shared2, peer, rec);
-                    } else {
-                        debug!("mqtt connection closed: {e}");
+        // No span per connection: an idle device's task should carry as
+        // little as possible (log lines name the device or the peer).
+        shared.tracker.spawn(async move {
+            let _permit = permit;
+            // Handshake and login are boxed and freed once done: the
+            // long-lived part of the task is the session loop alone.
+            let established = tokio::select! {
+                r = Box::pin(accept(&shared2, stream, peer, tls, slot)) => r,
+                _ = cancel.cancelled() => return,
+            };
+            match established {
+                Ok(device) => {
+                    tokio::select! {
+                        () = session(&shared2, device) => {}
+                        _ = cancel.cancelled() => {}
                     }
                 }
+                Err(e) if matches!(e, MqttError::PinRefused(_) | MqttError::Plaintext(_)) => warn!(%peer, "{e}"),
+                Err(e) if e.counts_as_failure() => {
+                    let why = burrow_core::text::excerpt(&format!("mqtt: {e}"), 200);
+                    info!(%peer, "mqtt login failed: {why}");
+                    let mut rec = AuditRecord::new("auth").outcome(false, Some(why));
+                    rec.source = Some(peer.to_string());
+                    rec.method = Some("mqtt".into());
+                    crate::ssh::accept::count_failure(&shared2, peer, rec);
+                }
+                Err(e) => debug!(%peer, "mqtt connection closed before login: {e}"),
             }
-            .instrument(span),
-        );
+        });
     }
 }
 
+/// A device that logged in: what its session needs, and nothing more (the
+/// login token and the rest of CONNECT are gone).
+struct Device {
+    io: Framed<Box<dyn DeviceIo>>,
+    peer: SocketAddr,
+    id: Id,
+    session: Arc<Session>,
+    will: Option<Bytes>,
+    keep_alive: u16,
+}
+
+/// TLS, CONNECT and login, within the login grace time.
 async fn accept(
     shared: &Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     slot: crate::limits::PreAuthSlot,
-    authed: &AtomicBool,
-) -> Result<(), MqttError> {
+) -> Result<Device, MqttError> {
     let _ = stream.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT.min(shared.config.limits.login_grace);
-    match tls {
+    let io: Box<dyn DeviceIo> = match tls {
         Some(acceptor) => {
-            // A plain MQTT CONNECT on the TLS port (an agent given mqtt://)
+            // A plain MQTT CONNECT (0x10; a TLS handshake starts with 0x16)
+            // on the TLS port (an agent given mqtt://)
             // has just sent its login token in the clear: burn it, so
             // whoever saw it cannot use it, and say what to fix.
             let mut first = [0u8; 1];
             let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
-            if matches!(peeked, Ok(Ok(1))) && first[0] >> 4 == 1 {
-                return Box::pin(plaintext_on_tls_port(shared, Framed::new(stream), deadline)).await;
+            if matches!(peeked, Ok(Ok(1))) && first[0] == 0x10 {
+                return Err(plaintext_on_tls_port(shared, Framed::new(stream), deadline).await);
             }
-            let stream = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+            let stream = tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream)))
                 .await
                 .map_err(|_| MqttError::ConnectTimeout)?
                 .map_err(|e| match tls_alert(&e) {
@@ -328,11 +343,17 @@ async fn accept(
                     true => MqttError::PinRefused(e),
                     false => MqttError::Tls(e),
                 })?;
-            connection(shared, Framed::new(stream), peer, deadline, slot, authed).await
+            Box::new(stream)
         }
-        None => connection(shared, Framed::new(stream), peer, deadline, slot, authed).await,
-    }
+        None => Box::new(stream),
+    };
+    log_in(shared, Framed::new(io), peer, deadline, slot).await
 }
+
+/// A device's byte stream, TLS or not. Boxed, so an idle device's task
+/// holds a pointer, not the larger of the two stream types.
+trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> DeviceIo for T {}
 
 /// Whether a failed handshake ended with an alert from the client.
 fn tls_alert(e: &std::io::Error) -> bool {
@@ -341,18 +362,25 @@ fn tls_alert(e: &std::io::Error) -> bool {
         .is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)))
 }
 
+/// Why a plain CONNECT on the TLS port was refused.
 async fn plaintext_on_tls_port(
     shared: &Arc<Shared>,
     mut io: Framed<TcpStream>,
     deadline: tokio::time::Instant,
-) -> Result<(), MqttError> {
-    let packet = tokio::time::timeout_at(deadline, io.next()).await.map_err(|_| MqttError::ConnectTimeout)??;
-    let Packet::Connect(connect) = packet else { return Err(MqttError::NotConnect) };
+) -> MqttError {
+    let packet = match tokio::time::timeout_at(deadline, io.next()).await {
+        Err(_) => return MqttError::ConnectTimeout,
+        Ok(Err(e)) => return e,
+        Ok(Ok(p)) => p,
+    };
+    let Packet::Connect(connect) = packet else { return MqttError::NotConnect };
     let topics = shared.signal.as_ref().expect("signaling").topics().clone();
     let _ = io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false))).await;
     // Verifying the token marks it used; a forged one is an ordinary failure.
-    login(shared, &connect, &topics).await.map_err(|(_, e)| e)?;
-    Err(MqttError::Plaintext(connect.client_id))
+    match login(shared, &connect, &topics).await {
+        Err((_, e)) => e,
+        Ok(_) => MqttError::Plaintext(connect.client_id),
+    }
 }
 
 /// A byte stream read as MQTT packets. The read buffer grows only as bytes
@@ -414,14 +442,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 }
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+async fn log_in(
     shared: &Arc<Shared>,
-    mut io: Framed<S>,
+    mut io: Framed<Box<dyn DeviceIo>>,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
     slot: crate::limits::PreAuthSlot,
-    authed: &AtomicBool,
-) -> Result<(), MqttError> {
+) -> Result<Device, MqttError> {
     let signal = shared.signal.clone().expect("the embedded broker runs with signaling");
     let hub = signal.hub().expect("the embedded broker has a hub");
     let topics = signal.topics().clone();
@@ -434,9 +461,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(r) => r?,
     };
     let Packet::Connect(connect) = first else { return Err(MqttError::NotConnect) };
-    // Rare, large futures (registry queries) are boxed: an idle device's
-    // task is as big as its largest await point, for as long as it lives.
-    let (id, fingerprint) = match Box::pin(login(shared, &connect, &topics)).await {
+    let (id, fingerprint) = match login(shared, &connect, &topics).await {
         Ok(found) => found,
         Err((code, e)) => {
             let _ = io.send(Packet::ConnAck(ConnAck::new(code, false))).await;
@@ -444,17 +469,21 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     drop(slot);
-    authed.store(true, Ordering::Relaxed);
     let session = hub.open(&id, fingerprint);
-    info!(device = %id, "mqtt client connected");
-    // Keep only what the session needs: the login token and the rest of
-    // CONNECT would otherwise sit in every idle device's task.
+    info!(device = %id, %peer, "mqtt client connected");
     // Copied: the will is a slice of the whole CONNECT buffer.
-    let will = connect.last_will.map(|w| Bytes::copy_from_slice(&w.message));
-    let keep_alive = connect.keep_alive;
+    let will = connect.last_will.as_ref().map(|w| Bytes::copy_from_slice(&w.message));
+    Ok(Device { io, peer, id, session, will, keep_alive: connect.keep_alive })
+}
+
+/// A logged-in device, until it leaves, is dropped or is revoked.
+async fn session(shared: &Arc<Shared>, device: Device) {
+    let Device { mut io, peer, id, session, will, keep_alive } = device;
+    let signal = shared.signal.clone().expect("the embedded broker runs with signaling");
+    let hub = signal.hub().expect("the embedded broker has a hub");
     // Revocation and takeover end the session even in the middle of a write.
     let result = tokio::select! {
-        r = serve_device(shared, &mut io, &id, &session, &topics, keep_alive) => r,
+        r = serve_device(shared, &mut io, &id, &session, keep_alive) => r,
         () = session.end.cancelled() => {
             Err(session.ended_by.lock().unwrap().take().unwrap_or(MqttError::Revoked(id.clone())))
         }
@@ -468,14 +497,13 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => info!(device = %id, "mqtt client gone: {e}"),
     }
     // The last will, unless the device said goodbye or a newer connection
-    // of the same device already speaks for it.
+    // of the same device already speaks for it. After login, how a
+    // connection ends is the device's business, not a ban's.
     if result.is_err() && current {
         if let Some(will) = &will {
             Box::pin(signal.on_device_message(shared, &id, "presence", will, true)).await;
         }
     }
-    // After login, how a connection ends is the device's business, not a ban's.
-    Ok(())
 }
 
 /// Checks CONNECT: the client id is the device id, the login token is the
@@ -536,18 +564,18 @@ fn excerpt(s: &str) -> String {
     burrow_core::text::excerpt(s, 120)
 }
 
-async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
+async fn serve_device(
     shared: &Arc<Shared>,
-    io: &mut Framed<S>,
+    io: &mut Framed<Box<dyn DeviceIo>>,
     id: &Id,
     session: &Session,
-    topics: &Topics,
     keep_alive: u16,
 ) -> Result<(), MqttError> {
     let signal = shared.signal.clone().expect("signaling");
+    let topics = signal.topics();
     let (presence, status, request) =
         (topics.presence(id.as_str()), topics.status(id.as_str()), topics.request(id.as_str()));
-    io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+    Box::pin(io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)))).await?;
     let keepalive = match keep_alive {
         0 => MAX_KEEPALIVE,
         s => Duration::from_secs(s as u64).min(MAX_KEEPALIVE),
@@ -563,7 +591,7 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
             () = session.wake.notified() => {
                 let queued = std::mem::take(&mut *session.outbox.lock().unwrap());
                 for bytes in queued {
-                    io.send_raw(&bytes).await?;
+                    Box::pin(io.send_raw(&bytes)).await?;
                 }
                 continue;
             }
@@ -600,7 +628,7 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
                 // Received now: live, whatever the retain flag says.
                 Box::pin(signal.on_device_message(shared, id, kind, &p.payload, true)).await;
                 if p.qos == QoS::AtLeastOnce {
-                    io.send(Packet::PubAck(PubAck::new(p.pkid))).await?;
+                    Box::pin(io.send(Packet::PubAck(PubAck::new(p.pkid)))).await?;
                 }
             }
             Packet::Subscribe(s) if s.pkid == 0 => return Err(MqttError::Protocol("packet identifier 0".into())),
@@ -616,7 +644,7 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
                         false => SubscribeReasonCode::Failure,
                     })
                     .collect();
-                io.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+                Box::pin(io.send(Packet::SubAck(SubAck::new(s.pkid, codes)))).await?;
                 if let Some(f) = denied {
                     return Err(MqttError::Denied { id: id.clone(), what: "subscribe to", topic: excerpt(&f.path) });
                 }
@@ -630,9 +658,9 @@ async fn serve_device<S: AsyncRead + AsyncWrite + Unpin>(
                 if u.topics.iter().any(|t| *t == request) {
                     session.subscribed.store(false, Ordering::Relaxed);
                 }
-                io.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await?;
+                Box::pin(io.send(Packet::UnsubAck(UnsubAck::new(u.pkid)))).await?;
             }
-            Packet::PingReq => io.send(Packet::PingResp).await?,
+            Packet::PingReq => Box::pin(io.send(Packet::PingResp)).await?,
             Packet::PubAck(_) => {}
             Packet::Disconnect => return Ok(()),
             Packet::Connect(_) => return Err(MqttError::Protocol("second CONNECT".into())),
