@@ -86,8 +86,10 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     if o.skip_mosquitto {
         return Ok(());
     }
+    // Like for like: Mosquitto over TLS when burrow runs TLS.
     let mosq = mosquitto_side(&o).await?;
-    print_figures("mosquitto (mqtt://, documented ACL)", "broker memory per idle device", &mosq);
+    let name = if o.plaintext { "mosquitto (mqtt://, documented ACL)" } else { "mosquitto (mqtts://, documented ACL)" };
+    print_figures(name, "broker memory per idle device", &mosq);
     println!(
         "ratio burrow / mosquitto, memory per idle device: {:.2}x",
         burrow.per_device_kib / mosq.per_device_kib.max(0.001)
@@ -280,11 +282,24 @@ pub async fn register(data_dir: &std::path::Path, n: usize) -> Result<()> {
 }
 
 async fn mosquitto_side(o: &Options) -> Result<Figures> {
-    let m = Mosquitto::start();
+    let m = if o.plaintext { Mosquitto::start() } else { Mosquitto::start_tls_anonymous() };
     let pid = m.proc.pid();
     let before = settled_pss(pid).await;
     let addr: SocketAddr = m.url().trim_start_matches("mqtt://").parse()?;
-    let g = start_generators(addr, Some("mosquitto"), o)?;
+    // Devices pin Mosquitto's certificate as they pin the pivot's.
+    let pin = match o.plaintext {
+        true => None,
+        false => {
+            use rumqttc::tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+            let der = CertificateDer::from_pem_file(m.server_cert()).context("mosquitto's certificate")?;
+            Some(burrow_core::mqtt_url::CertPin::of_der(&der))
+        }
+    };
+    let mode = match pin {
+        Some(p) => format!("mosquitto:{p}"),
+        None => "mosquitto".to_string(),
+    };
+    let g = start_generators(addr, Some(&mode), o)?;
     let rate = wait_up(&g, o.devices).await;
     let after = settled_pss(pid).await;
     let up = g.up.load(Ordering::Relaxed);
@@ -292,6 +307,10 @@ async fn mosquitto_side(o: &Options) -> Result<Figures> {
     // The pivot's role: publish each request, time it to the device.
     let mut opts = rumqttc::MqttOptions::new("bench-pivot", addr.ip().to_string(), addr.port());
     opts.set_credentials("pivot", "");
+    if let Some(pin) = pin {
+        let tls = burrow_agent::tls::pinned_client_config(pin);
+        opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls)));
+    }
     let (client, mut ev) = rumqttc::AsyncClient::new(opts, 64);
     tokio::spawn(async move { while ev.poll().await.is_ok() {} });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -318,7 +337,8 @@ async fn mosquitto_side(o: &Options) -> Result<Figures> {
 
 /// The generator process: `mqtt-devices ADDR SOURCE FIRST COUNT PIN`, where
 /// PIN is the pivot's certificate pin, `-` for plain MQTT with a login
-/// token, or `mosquitto` for plain MQTT without one. Runs until killed.
+/// token, `mosquitto` for plain MQTT without one, or `mosquitto:PIN` for
+/// pinned TLS without one. Runs until killed.
 pub async fn generator(args: &[String]) -> Result<()> {
     let [addr, source, first, count, pin] = args else {
         bail!("usage: burrow-bench mqtt-devices ADDR SOURCE FIRST COUNT PIN")
@@ -326,10 +346,16 @@ pub async fn generator(args: &[String]) -> Result<()> {
     let addr: SocketAddr = addr.parse()?;
     let source: IpAddr = source.parse()?;
     let (first, count): (usize, usize) = (first.parse()?, count.parse()?);
+    let pinned = |fp: &str| -> Result<TlsConnector> {
+        Ok(TlsConnector::from(burrow_agent::tls::pinned_client_config(fp.parse()?)))
+    };
     let (tls, token) = match pin.as_str() {
         "mosquitto" => (None, false),
         "-" => (None, true),
-        fp => (Some(TlsConnector::from(burrow_agent::tls::pinned_client_config(fp.parse()?))), true),
+        p => match p.strip_prefix("mosquitto:") {
+            Some(fp) => (Some(pinned(fp)?), false),
+            None => (Some(pinned(p)?), true),
+        },
     };
     let dev = Arc::new(Dev { addr, source, tls, token });
     // Bounded handshakes in flight, like a fleet coming back after an outage.

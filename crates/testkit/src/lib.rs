@@ -571,6 +571,22 @@ impl Mosquitto {
         })
     }
 
+    /// Mosquitto with a TLS listener and no client certificates (devices
+    /// authenticate as on the plain listener): the TLS anchor for
+    /// benchmarks. [`Mosquitto::server_cert`] is the certificate it serves.
+    pub fn start_tls_anonymous() -> Mosquitto {
+        Self::start_with_listener(|dir| {
+            let ca = TestCa::create(dir);
+            let (cert, key) = ca.issue(dir, "127.0.0.1", true);
+            format!("certfile {}\nkeyfile {}\nallow_anonymous true\n", cert.display(), key.display())
+        })
+    }
+
+    /// The server certificate (PEM) of a TLS listener.
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.path().join("127.0.0.1.pem")
+    }
+
     /// `(ca, cert, key)` PEM paths for a client named `cn`.
     pub fn issue(&self, cn: &str) -> (PathBuf, PathBuf, PathBuf) {
         let ca = TestCa { cert: self.dir.path().join("ca.pem"), key: self.dir.path().join("ca.key") };
@@ -582,6 +598,12 @@ impl Mosquitto {
         require_tool(MOSQUITTO);
         let dir = tempfile::Builder::new().prefix("burrow-mosquitto").tempdir().unwrap();
         let tls = tls(dir.path());
+        // Plain listeners take anonymous devices; a TLS one says itself.
+        let anonymous = match (tls.is_empty(), tls.contains("allow_anonymous")) {
+            (true, _) => "allow_anonymous true\n",
+            (false, true) => "",
+            (false, false) => "allow_anonymous false\n",
+        };
         let port = free_port();
         let acl = dir.path().join("acl");
         std::fs::write(
@@ -596,9 +618,8 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "user root\nlistener {port} 127.0.0.1\n{tls}allow_anonymous {}\nacl_file {}\npersistence false\n\
+                "user root\nlistener {port} 127.0.0.1\n{tls}{anonymous}acl_file {}\npersistence false\n\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\n",
-                tls.is_empty(),
                 acl.display()
             ),
         )
