@@ -92,7 +92,9 @@ async fn wake(samples: usize) -> Result<()> {
     let _awake = TestAgent::start(&bin, &pivot, "awake", &awake, &expose);
     let pin = pivot.host_key_pub();
     let mut cmd = std::process::Command::new(&bin);
-    cmd.arg("agent").args(pivot.agent_mqtt_args()).args(["--id", "sleepy", "--key"])
+    cmd.arg("agent")
+        .args(pivot.agent_mqtt_args())
+        .args(["--id", "sleepy", "--key"])
         .arg(&sleepy.private)
         .arg("--pivot-host-key")
         .arg(&pin)

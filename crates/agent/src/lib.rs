@@ -15,8 +15,8 @@ pub mod enroll;
 mod forward;
 mod on_demand;
 pub mod pivot_client;
-pub mod tls;
 mod session;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

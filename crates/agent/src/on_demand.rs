@@ -46,10 +46,11 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
         .map(|t| ReplayGuard::from_json(&t))
         .unwrap_or_default();
     let mut tunnel: Option<CancellationToken> = None;
-    let mut refusals = OncePerSecond::default();
+    let mut refusals = Refusals::default();
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     info!(device = %id, broker = %signal.url, "waiting for wake-ups over MQTT");
-    let loopback = signal.url.host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback()) || signal.url.host == "localhost";
+    let loopback =
+        signal.url.host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback()) || signal.url.host == "localhost";
     if !signal.url.tls && signal.password.is_none() && !loopback {
         warn!(
             "{} is plain MQTT: every login token crosses the network in the clear. A burrow pivot serves mqtts:// (give --mqtt-fingerprint)",
@@ -92,8 +93,9 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                             req
                         }
                         Err(e) => {
-                            // Logged and answered at most once a second:
-                            // whoever can publish here cannot flood the log.
+                            // Logged and answered in a small burst, then one
+                            // every 2 s: whoever can publish here cannot flood
+                            // the log or make this device publish at will.
                             if !refusals.allow() {
                                 debug!("refused a wake request: {e}");
                                 continue;
@@ -182,9 +184,9 @@ fn mqtt_options(config: &Config, signal: &SignalConfig) -> Result<MqttOptions, A
     };
     opts.set_credentials(user, password);
     match (signal.url.tls, signal.pin) {
-        (true, Some(pin)) => opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(
-            crate::tls::pinned_client_config(pin),
-        ))),
+        (true, Some(pin)) => {
+            opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(crate::tls::pinned_client_config(pin))))
+        }
         (true, None) => {
             let (ca, client_auth) = signal.tls.load().map_err(AgentError::Tls)?;
             opts.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }))
@@ -194,18 +196,27 @@ fn mqtt_options(config: &Config, signal: &SignalConfig) -> Result<MqttOptions, A
     Ok(opts)
 }
 
-/// Lets one event through per second.
-#[derive(Default)]
-struct OncePerSecond {
-    last: Option<std::time::Instant>,
+/// Lets a burst of 5 events through, then one every 2 seconds.
+struct Refusals {
+    tokens: f64,
+    last: std::time::Instant,
 }
 
-impl OncePerSecond {
+impl Default for Refusals {
+    fn default() -> Self {
+        Refusals { tokens: 5.0, last: std::time::Instant::now() }
+    }
+}
+
+impl Refusals {
     fn allow(&mut self) -> bool {
-        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() / 2.0).min(5.0);
+        self.last = now;
+        if self.tokens < 1.0 {
             return false;
         }
-        self.last = Some(std::time::Instant::now());
+        self.tokens -= 1.0;
         true
     }
 }

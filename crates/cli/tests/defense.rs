@@ -691,16 +691,24 @@ fn http_get(port: u16, path: &str) -> String {
 fn a_status_reason_from_the_broker_cannot_forge_log_lines() {
     let mosquitto = Mosquitto::start();
     let args = ["--mqtt-url", &mosquitto.url(), "--mqtt-username", "pivot"];
-    let pivot = TestPivot::start_with(BURROW, &args);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &args);
     assert!(wait_until(Duration::from_secs(10), || pivot.proc.log_text().contains("connected to the MQTT broker")));
+    let dir = tempfile::tempdir().unwrap();
+    pivot.add_device("cam-42", &KeyPair::generate(dir.path(), "cam-42"));
+    // A reason reaches the log only as the answer to a wake-up under way.
     let forged = "boom\n2026-12-01T00:00:00Z  INFO burrow_server: FAKE operator 'root' authenticated\u{1b}[2J";
-    let status = serde_json::json!({"nonce": "n", "pivot": "p", "state": "error", "reason": forged, "at": 1});
-    let topic = burrow_core::signal::Topics::new("burrow").status("cam-42");
-    mqtt_publish(&mosquitto.url(), "cam-42", &[(topic, false, status.to_string().into_bytes())]);
+    let standin = mqtt_standin(&mosquitto.url(), "cam-42", "error", forged, Duration::from_secs(8));
+    assert!(wait_until(Duration::from_secs(5), || pivot.is_present("cam-42")));
+    let out = op.ssh_device("cam-42", "true");
+    let err = stderr(&out);
+    assert!(err.contains("could not connect to the pivot: boom\\"), "{err}");
+    assert!(!err.lines().any(|l| l.starts_with("2026-12-01")), "a forged line reached the operator: {err}");
+    assert!(!stderr(&out).contains('\u{1b}'), "an escape sequence reached the operator");
+    assert!(standin.join().unwrap() >= 1);
     assert!(wait_until(Duration::from_secs(10), || pivot.proc.log_text().contains("device could not connect")));
     let log = pivot.proc.log_text();
     for line in log.lines().filter(|l| l.contains("FAKE")) {
-        assert!(line.contains("device could not connect: boom\\n"), "forged line: {line}");
+        assert!(line.contains("boom\\n2026"), "forged line: {line}");
     }
     assert!(!log.contains('\u{1b}'), "an escape sequence reached the log");
 }
@@ -1030,10 +1038,13 @@ fn extreme_device_values_leave_every_listing_command_working() {
         (topics.status("cam-1"), false, serde_json::json!({"nonce": weird, "pivot": weird, "state": "error", "reason": weird, "at": -1}).to_string()),
         (topics.status("cam-2"), false, serde_json::json!({"nonce": "n", "pivot": "p", "state": "error", "reason": weird, "at": 1}).to_string()),
         (topics.status("cam-3"), false, serde_json::json!({"nonce": "n", "pivot": "p", "state": "error", "reason": "\u{1b}[2J\u{202e}boom\n", "at": 1}).to_string()),
+        // A sane message last: once it is in, every one before it was handled.
+        (topics.presence("cam-4"), false, serde_json::json!({"state": "online", "mode": "on-demand"}).to_string()),
     ];
+    pivot.add_device("cam-4", &KeyPair::generate(dir.path(), "cam-4"));
     let messages: Vec<_> = messages.into_iter().map(|(t, r, p)| (t, r, p.into_bytes())).collect();
     mqtt_publish(&mosquitto.url(), "weird-device", &messages);
-    assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("device could not connect")));
+    assert!(wait_until(Duration::from_secs(5), || pivot.is_present("cam-4")));
     for args in [
         &["device", "list"][..],
         &["device", "list", "--json"],

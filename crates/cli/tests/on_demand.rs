@@ -87,8 +87,7 @@ fn start_agent(pivot: &TestPivot, key: &KeyPair, sshd: &Sshd, url: &str, extra: 
     if let (Some(fp), true) = (&pivot.mqtt_fingerprint, pivot.mqtt_addr.is_some() && url == pivot.mqtt_url()) {
         cmd.args(["--mqtt-fingerprint", fp]);
     }
-    cmd
-        .arg("--pivot-host-key")
+    cmd.arg("--pivot-host-key")
         .arg(&pin)
         .args(["--expose", &format!("22={}", sshd.target()), "--keepalive", "2s"])
         .args(extra);

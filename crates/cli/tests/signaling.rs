@@ -51,21 +51,33 @@ fn tls_is_the_default_and_enrolled_devices_pin_the_certificate() {
     assert!(pivot.proc.log_text().contains(&format!("mqtt certificate {fp}")));
     let mqtt = pivot.mqtt_addr.unwrap();
 
-    // A plain MQTT CONNECT gets no CONNACK: the port speaks TLS.
+    // A device given mqtt:// sends its login in the clear to the TLS port:
+    // refused (CONNACK "not authorized"), and the token it exposed is void.
+    let dir = tempfile::tempdir().unwrap();
+    let dev = KeyPair::generate(dir.path(), "cam-7");
+    pivot.add_device("cam-7", &dev);
+    let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
+    let token = burrow_core::signal::login_token(&key, "cam-7", now_unix()).unwrap();
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new("cam-7");
+    connect.login = Some(rumqttc::mqttbytes::v4::Login::new("cam-7", token.clone()));
+    let mut wire = bytes::BytesMut::new();
+    rumqttc::mqttbytes::v4::Packet::Connect(connect).write(&mut wire, 65536).unwrap();
     let mut s = TcpStream::connect(mqtt).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&[0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 0]).unwrap();
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf).unwrap_or(0);
-    assert!(n == 0 || buf[0] != 0x20, "a plaintext client got a CONNACK");
+    s.write_all(&wire).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 5], "a plaintext login was not refused");
+    assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("sent its login without TLS")));
+    assert!(connect_with(&pivot, "cam-7", token).is_err(), "the token seen in the clear still worked");
 
     // The token carries the pin; enrollment writes it to agent.toml.
     let sshd = Sshd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
     let address = pivot.addr.to_string();
     let token = pivot.admin_ok(&["device", "add", "cam-9", "--address", &address]).trim().to_string();
     let decoded = EnrollToken::decode(&token).unwrap();
     assert_eq!(decoded.mqtt_fingerprint.as_deref(), Some(fp.as_str()));
-    let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
     let out = Command::new(BURROW)
         .args(["agent", "enroll", "--token", &token, "--config"])
@@ -194,7 +206,9 @@ fn a_device_refusing_a_wake_request_tells_the_operator_why_at_once() {
     // Well inside the 15 s wake timeout (the refusal itself takes one round trip).
     assert!(took < Duration::from_secs(5), "the refusal took {took:?}");
     let audited = wait_until(Duration::from_secs(5), || {
-        pivot.admin_ok(&["audit", "--json", "--event", "wake", "--device", "cam-42"]).contains("refused the wake request")
+        pivot
+            .admin_ok(&["audit", "--json", "--event", "wake", "--device", "cam-42"])
+            .contains("refused the wake request")
     });
     assert!(audited, "the refusal is not in the audit");
 }
@@ -221,4 +235,83 @@ fn after_a_restart_only_devices_that_logged_in_again_are_present() {
     pivot.proc.kill();
     pivot.restart();
     assert_eq!(pivot.device_json("cam-42").unwrap()["presence"], "offline");
+}
+
+/// Attacker review: a logged-in device that stops reading blocked the
+/// pivot's write to it, and with it keepalive, takeover and revocation.
+#[test]
+fn a_device_that_stops_reading_is_still_revoked_at_once() {
+    let pivot = TestPivot::start_with(BURROW, &["--mqtt-plaintext"]);
+    let dir = tempfile::tempdir().unwrap();
+    let dev = KeyPair::generate(dir.path(), "dev");
+    pivot.add_device("cam-42", &dev);
+    let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
+    let mqtt = pivot.mqtt_addr.unwrap();
+    runtime().block_on(async {
+        use rumqttc::mqttbytes::v4::{Connect, Login, Packet};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        let mut s = socket.connect(mqtt).await.unwrap();
+        let mut connect = Connect::new("cam-42");
+        connect.login =
+            Some(Login::new("cam-42", burrow_core::signal::login_token(&key, "cam-42", now_unix()).unwrap()));
+        let mut out = bytes::BytesMut::new();
+        Packet::Connect(connect).write(&mut out, 65536).unwrap();
+        s.write_all(&out).await.unwrap();
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, [0x20, 2, 0, 0], "login refused");
+        // PINGREQs, never reading a PINGRESP, until the pivot's writes back up.
+        let pings = vec![0xc0u8, 0x00].repeat(4096);
+        let flooded = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if tokio::time::timeout(Duration::from_secs(2), s.write_all(&pings)).await.is_err() {
+                    return; // our own writes stall: the pivot stopped reading us
+                }
+            }
+        })
+        .await;
+        assert!(flooded.is_ok(), "the pivot kept reading");
+        pivot.admin_ok(&["device", "revoke", "cam-42"]);
+        let gone = wait_until(Duration::from_secs(5), || {
+            pivot.proc.log_text().contains("mqtt client gone: device 'cam-42' was revoked or removed")
+                || pivot.proc.log_text().contains("mqtt client gone: not reading")
+        });
+        assert!(gone, "the stuck session outlived the revocation:\n{}", pivot.proc.log_text());
+    });
+}
+
+/// Attacker review: one device could write thousands of log lines a second
+/// with status messages that answer nothing.
+#[test]
+fn a_chatty_device_is_cut_off_and_its_unsolicited_status_is_not_logged() {
+    let pivot = TestPivot::start(BURROW);
+    let dir = tempfile::tempdir().unwrap();
+    let dev = KeyPair::generate(dir.path(), "dev");
+    pivot.add_device("cam-42", &dev);
+    let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
+    let topic = burrow_core::signal::Topics::new("burrow").status("cam-42");
+    let status = serde_json::json!({"nonce": "ab", "pivot": "p:1", "state": "error", "reason": "SPAM", "at": 5});
+    let closed = runtime().block_on(async {
+        let mut opts = pivot.mqtt_options("cam-42");
+        opts.set_credentials("cam-42", burrow_core::signal::login_token(&key, "cam-42", now_unix()).unwrap());
+        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 100);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, ev.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => {
+                    for _ in 0..40 {
+                        client.try_publish(&topic, rumqttc::QoS::AtMostOnce, false, status.to_string()).unwrap();
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return true,
+                Err(_) => return false,
+            }
+        }
+    });
+    assert!(closed, "40 publishes in a burst were all taken");
+    assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("more than 20 publishes")));
+    assert!(!pivot.proc.log_text().contains("SPAM"), "an unsolicited status reached the log");
 }

@@ -181,7 +181,8 @@ impl WakeRequest {
         let signed: Signed = serde_json::from_slice(payload).ok()?;
         let body: serde_json::Value = serde_json::from_str(&signed.body).ok()?;
         let nonce = body.get("nonce")?.as_str()?;
-        let plausible = !nonce.is_empty() && nonce.len() <= MAX_NONCE_LEN && nonce.bytes().all(|b| b.is_ascii_hexdigit());
+        let plausible =
+            !nonce.is_empty() && nonce.len() <= MAX_NONCE_LEN && nonce.bytes().all(|b| b.is_ascii_hexdigit());
         plausible.then(|| nonce.to_string())
     }
 }

@@ -779,3 +779,52 @@ pub fn mqtt_publish(url: &str, client_id: &str, messages: &[(String, bool, Vec<u
         }
     });
 }
+
+/// A stand-in for device `id` on the broker at `url` (as user `pivot`): it
+/// publishes an on-demand "online" presence, then answers every wake request
+/// on its status topic with `{"state": state, "reason": reason}` and the
+/// request's nonce, for `for_how_long`. Returns once subscribed.
+pub fn mqtt_standin(
+    url: &str,
+    id: &str,
+    state: &str,
+    reason: &str,
+    for_how_long: Duration,
+) -> std::thread::JoinHandle<usize> {
+    let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("mqtt://HOST:PORT");
+    let (id, state, reason) = (id.to_string(), state.to_string(), reason.to_string());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let topics = burrow_core::signal::Topics::new("burrow");
+            let mut opts = rumqttc::MqttOptions::new(format!("{id}-standin"), "127.0.0.1", port);
+            opts.set_credentials("pivot", "");
+            let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+            client.subscribe(topics.request(&id), rumqttc::QoS::AtLeastOnce).await.unwrap();
+            let online = serde_json::json!({"state": "online", "mode": "on-demand"});
+            client.publish(topics.presence(&id), rumqttc::QoS::AtLeastOnce, true, online.to_string()).await.unwrap();
+            let deadline = tokio::time::Instant::now() + for_how_long;
+            let (mut answered, mut told) = (0, false);
+            loop {
+                match tokio::time::timeout_at(deadline, ev.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                        let Some(nonce) = burrow_core::signal::WakeRequest::claimed_nonce(&p.payload) else { continue };
+                        let at = burrow_core::time::now_unix();
+                        let status = serde_json::json!({"nonce": nonce, "pivot": "", "state": state, "reason": reason, "at": at});
+                        let _ = client.try_publish(topics.status(&id), rumqttc::QoS::AtLeastOnce, false, status.to_string());
+                        answered += 1;
+                    }
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) if !told => {
+                        told = true;
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => return answered,
+                }
+            }
+        })
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).expect("the stand-in device subscribed");
+    handle
+}

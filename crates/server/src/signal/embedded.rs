@@ -508,11 +508,7 @@ async fn session(shared: &Arc<Shared>, device: Device) {
 
 /// Checks CONNECT: the client id is the device id, the login token is the
 /// device's and unused, the will goes to its own presence topic.
-async fn login(
-    shared: &Shared,
-    c: &Connect,
-    topics: &Topics,
-) -> Result<(Id, String), (ConnectReturnCode, MqttError)> {
+async fn login(shared: &Shared, c: &Connect, topics: &Topics) -> Result<(Id, String), (ConnectReturnCode, MqttError)> {
     let bad = |why: String| (ConnectReturnCode::BadUserNamePassword, MqttError::Login(why));
     if c.protocol != rumqttc::mqttbytes::Protocol::V4 {
         return Err((ConnectReturnCode::RefusedProtocolVersion, MqttError::Version));
@@ -536,7 +532,8 @@ async fn login(
     let registered = record.public_key.ok_or_else(|| bad(format!("device '{id}' has not enrolled")))?;
     let key = parse_public_key(&registered, "registered key").map_err(|e| refused(e.to_string()))?;
     let now = now_unix();
-    let claim = verify_login(&login.password, &c.client_id, &key, now).map_err(|e| bad(format!("device '{id}': {e}")))?;
+    let claim =
+        verify_login(&login.password, &c.client_id, &key, now).map_err(|e| bad(format!("device '{id}': {e}")))?;
     let hub = shared.signal.as_ref().and_then(|s| s.hub()).expect("the embedded broker has a hub");
     let first = hub.used.lock().unwrap().first_use(&id, claim, now);
     match first {

@@ -89,7 +89,10 @@ enum WakeEvent {
     Waiting,
     Bound,
     /// Empty reason: the broker failed. `refused`: the agent said no.
-    Failed { refused: bool, reason: String },
+    Failed {
+        refused: bool,
+        reason: String,
+    },
 }
 
 struct PendingWake {
@@ -170,8 +173,7 @@ pub(crate) fn setup(
             (link, Driver::External(eventloop))
         }
     };
-    let signal =
-        Signal { config, key, link, presence: Mutex::new(HashMap::new()), wakes: Mutex::new(HashMap::new()) };
+    let signal = Signal { config, key, link, presence: Mutex::new(HashMap::new()), wakes: Mutex::new(HashMap::new()) };
     Ok((signal, driver))
 }
 

@@ -37,12 +37,16 @@ pub fn load_or_create(dir: &Path) -> Result<(Arc<rustls::ServerConfig>, CertPin)
         }
     }
     if !key_path.exists() {
-        return Err(TlsSetupError::Parse(format!("{} (its key {} is missing)", cert_path.display(), key_path.display())));
+        return Err(TlsSetupError::Parse(format!(
+            "{} (its key {} is missing)",
+            cert_path.display(),
+            key_path.display()
+        )));
     }
     let shown = cert_path.display().to_string();
     let cert = CertificateDer::from_pem_file(&cert_path).map_err(|_| TlsSetupError::Parse(shown.clone()))?;
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|_| TlsSetupError::Parse(key_path.display().to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&key_path).map_err(|_| TlsSetupError::Parse(key_path.display().to_string()))?;
     let pin = CertPin::of_der(&cert);
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
