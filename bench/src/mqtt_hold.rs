@@ -163,11 +163,9 @@ fn start_generators(addr: SocketAddr, pin: Option<&str>, o: &Options) -> Result<
                     Some("up") => {
                         up.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some("error") => {
-                        if errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                            eprintln!("generator: {line}");
-                        }
-                    }
+                    // The first few errors are shown, all are counted.
+                    Some("error") if errors.fetch_add(1, Ordering::Relaxed) < 5 => eprintln!("generator: {line}"),
+                    Some("error") => {}
                     Some("wake") => {
                         let (Some(i), Some(t)) = (it.next(), it.next()) else { continue };
                         if let (Ok(i), Ok(t)) = (i.parse(), t.parse()) {

@@ -263,7 +263,7 @@ fn a_device_that_stops_reading_is_still_revoked_at_once() {
         s.read_exact(&mut ack).await.unwrap();
         assert_eq!(ack, [0x20, 2, 0, 0], "login refused");
         // PINGREQs, never reading a PINGRESP, until the pivot's writes back up.
-        let pings = vec![0xc0u8, 0x00].repeat(4096);
+        let pings = [0xc0u8, 0x00].repeat(4096);
         let flooded = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 if tokio::time::timeout(Duration::from_secs(2), s.write_all(&pings)).await.is_err() {

@@ -652,7 +652,7 @@ async fn serve_device(
                 }
             }
             Packet::Unsubscribe(u) => {
-                if u.topics.iter().any(|t| *t == request) {
+                if u.topics.contains(&request) {
                     session.subscribed.store(false, Ordering::Relaxed);
                 }
                 Box::pin(io.send(Packet::UnsubAck(UnsubAck::new(u.pkid)))).await?;

@@ -127,7 +127,7 @@ pub(crate) struct Signal {
 /// What `spawn` needs to start the link.
 pub(crate) enum Driver {
     Embedded(Option<Arc<rustls::ServerConfig>>),
-    External(EventLoop),
+    External(Box<EventLoop>),
 }
 
 /// Builds the link; `spawn` starts it.
@@ -170,7 +170,7 @@ pub(crate) fn setup(
                 connected: AtomicBool::new(false),
                 last_error: Mutex::new("not connected to the broker yet".into()),
             };
-            (link, Driver::External(eventloop))
+            (link, Driver::External(Box::new(eventloop)))
         }
     };
     let signal = Signal { config, key, link, presence: Mutex::new(HashMap::new()), wakes: Mutex::new(HashMap::new()) };
@@ -194,7 +194,7 @@ pub(crate) fn spawn(
             shared.tracker.spawn(embedded::serve(shared.clone(), listener, tls, shutdown.clone()));
         }
         Driver::External(eventloop) => {
-            shared.tracker.spawn(drive(shared.clone(), eventloop, shutdown.clone()));
+            shared.tracker.spawn(drive(shared.clone(), *eventloop, shutdown.clone()));
         }
     }
     shared.tracker.spawn(reap_idle(shared.clone(), shutdown.clone()));
