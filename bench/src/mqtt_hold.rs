@@ -355,7 +355,8 @@ pub async fn generator(args: &[String]) -> Result<()> {
             None => (Some(pinned(p)?), true),
         },
     };
-    let dev = Arc::new(Dev { addr, source, tls, token });
+    let audience = if token && pin != "-" { pin.clone() } else { String::new() };
+    let dev = Arc::new(Dev { addr, source, tls, token, audience });
     // Bounded handshakes in flight, like a fleet coming back after an outage.
     let gate = Arc::new(tokio::sync::Semaphore::new(64));
     for i in first..first + count {
@@ -376,6 +377,8 @@ struct Dev {
     source: IpAddr,
     tls: Option<TlsConnector>,
     token: bool,
+    /// The pivot's pin, which login tokens are signed for.
+    audience: String,
 }
 
 impl Dev {
@@ -408,7 +411,7 @@ impl Dev {
         let offline = serde_json::to_vec(&Presence::offline())?;
         connect.last_will = Some(LastWill::new(topics.presence(&id), offline, QoS::AtLeastOnce, true));
         let password = match self.token {
-            true => login_token(&device_key(i), &id, burrow_core::time::now_unix())?,
+            true => login_token(&device_key(i), &id, &self.audience, burrow_core::time::now_unix())?,
             false => String::new(),
         };
         connect.login = Some(Login::new(id.clone(), password));

@@ -138,7 +138,7 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                     }
                     // A fresh login token for the next attempt: tokens are short-lived.
                     if signal.password.is_none() {
-                        if let Ok(token) = login_token(&config.current_key(), &id, now_unix()) {
+                        if let Ok(token) = login_token(&config.current_key(), &id, &audience(&signal), now_unix()) {
                             let user = signal.username.clone().unwrap_or_else(|| id.clone());
                             eventloop.mqtt_options.set_credentials(user, token);
                         }
@@ -180,7 +180,7 @@ fn mqtt_options(config: &Config, signal: &SignalConfig) -> Result<MqttOptions, A
     let user = signal.username.clone().unwrap_or_else(|| id.clone());
     let password = match &signal.password {
         Some(p) => p.clone(),
-        None => login_token(&config.key, &id, now_unix()).unwrap_or_default(),
+        None => login_token(&config.key, &id, &audience(signal), now_unix()).unwrap_or_default(),
     };
     opts.set_credentials(user, password);
     match (signal.url.tls, signal.pin) {
@@ -219,6 +219,12 @@ impl Refusals {
         self.tokens -= 1.0;
         true
     }
+}
+
+/// Whom a login token is for: the pinned certificate of a pivot's own
+/// broker, so no other pivot (or broker) can use it.
+fn audience(signal: &SignalConfig) -> String {
+    signal.pin.map(|p| p.to_string()).unwrap_or_default()
 }
 
 /// Writes the replay guard (0600, replaced atomically); a failure is logged

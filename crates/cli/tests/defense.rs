@@ -854,7 +854,7 @@ fn a_device_topic_cannot_forge_log_lines() {
     let dev = KeyPair::generate(dir.path(), "dev");
     pivot.add_device("cam-42", &dev);
     let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
-    let token = burrow_core::signal::login_token(&key, "cam-42", burrow_core::time::now_unix()).unwrap();
+    let token = pivot.login_token(&key, "cam-42");
     runtime().block_on(async {
         let mut opts = pivot.mqtt_options("cam-42");
         opts.set_credentials("cam-42", token);

@@ -364,7 +364,7 @@ fn embedded_broker_enforces_device_acl() {
             }
         })
     };
-    let token = || burrow_core::signal::login_token(&key43, "cam-43", now_unix()).unwrap();
+    let token = || f.pivot.login_token(&key43, "cam-43");
     let own = |c: &rumqttc::AsyncClient| {
         c.try_subscribe(topics.request("cam-43"), rumqttc::QoS::AtLeastOnce).unwrap();
         c.try_publish(topics.presence("cam-43"), rumqttc::QoS::AtLeastOnce, false, "{}").unwrap();
@@ -385,7 +385,7 @@ fn embedded_broker_enforces_device_acl() {
     assert!(!survives(&spoof, "cam-43", token()), "published another device's presence");
     // Wrong key for the claimed id, and no credentials at all.
     let nothing = |_: &rumqttc::AsyncClient| {};
-    let stolen_name = burrow_core::signal::login_token(&key43, "cam-42", now_unix()).unwrap();
+    let stolen_name = f.pivot.login_token(&key43, "cam-42");
     assert!(!survives(&nothing, "cam-42", stolen_name), "logged in as cam-42 with cam-43's key");
     assert!(!survives(&nothing, "cam-43", "garbage".into()), "logged in with a bad token");
     // The real device was never disturbed.

@@ -57,7 +57,7 @@ fn tls_is_the_default_and_enrolled_devices_pin_the_certificate() {
     let dev = KeyPair::generate(dir.path(), "cam-7");
     pivot.add_device("cam-7", &dev);
     let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
-    let token = burrow_core::signal::login_token(&key, "cam-7", now_unix()).unwrap();
+    let token = pivot.login_token(&key, "cam-7");
     let mut connect = rumqttc::mqttbytes::v4::Connect::new("cam-7");
     connect.login = Some(rumqttc::mqttbytes::v4::Login::new("cam-7", token.clone()));
     let mut wire = bytes::BytesMut::new();
@@ -117,17 +117,22 @@ fn a_login_token_works_once_and_never_from_the_future() {
     let dev = KeyPair::generate(dir.path(), "dev");
     pivot.add_device("cam-42", &dev);
     let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
-    let token = burrow_core::signal::login_token(&key, "cam-42", now_unix()).unwrap();
+    let token = pivot.login_token(&key, "cam-42");
     assert_eq!(connect_with(&pivot, "cam-42", token.clone()), Ok(()));
     let again = connect_with(&pivot, "cam-42", token);
     assert!(again.is_err(), "a used token was accepted again");
     assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("login token was already used")));
 
-    let ahead = burrow_core::signal::login_token(&key, "cam-42", now_unix() + 60).unwrap();
+    let ahead =
+        burrow_core::signal::login_token(&key, "cam-42", pivot.mqtt_fingerprint.as_deref().unwrap(), now_unix() + 60)
+            .unwrap();
     assert!(connect_with(&pivot, "cam-42", ahead).is_err(), "a token dated a minute ahead was accepted");
     assert!(wait_until(Duration::from_secs(5), || pivot.proc.log_text().contains("ahead of the pivot's clock")));
+    // A token signed for another pivot's certificate is worthless here.
+    let elsewhere = burrow_core::signal::login_token(&key, "cam-42", "SHA256:another-pivot", now_unix()).unwrap();
+    assert!(connect_with(&pivot, "cam-42", elsewhere).is_err(), "a token for another pivot was accepted");
     // A fresh token still works: refusals did not lock the device out.
-    let fresh = burrow_core::signal::login_token(&key, "cam-42", now_unix()).unwrap();
+    let fresh = pivot.login_token(&key, "cam-42");
     assert_eq!(connect_with(&pivot, "cam-42", fresh), Ok(()));
 }
 
@@ -254,8 +259,7 @@ fn a_device_that_stops_reading_is_still_revoked_at_once() {
         socket.set_recv_buffer_size(2048).unwrap();
         let mut s = socket.connect(mqtt).await.unwrap();
         let mut connect = Connect::new("cam-42");
-        connect.login =
-            Some(Login::new("cam-42", burrow_core::signal::login_token(&key, "cam-42", now_unix()).unwrap()));
+        connect.login = Some(Login::new("cam-42", pivot.login_token(&key, "cam-42")));
         let mut out = bytes::BytesMut::new();
         Packet::Connect(connect).write(&mut out, 65536).unwrap();
         s.write_all(&out).await.unwrap();
@@ -295,7 +299,7 @@ fn a_chatty_device_is_cut_off_and_its_unsolicited_status_is_not_logged() {
     let status = serde_json::json!({"nonce": "ab", "pivot": "p:1", "state": "error", "reason": "SPAM", "at": 5});
     let closed = runtime().block_on(async {
         let mut opts = pivot.mqtt_options("cam-42");
-        opts.set_credentials("cam-42", burrow_core::signal::login_token(&key, "cam-42", now_unix()).unwrap());
+        opts.set_credentials("cam-42", pivot.login_token(&key, "cam-42"));
         let (client, mut ev) = rumqttc::AsyncClient::new(opts, 100);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -325,12 +325,14 @@ fn check_at(at: Option<i64>) -> Result<(), String> {
 }
 
 /// The MQTT password a device presents to the embedded broker: a time, a
-/// random nonce and an `sshsig` over the client id, time and nonce, so no
-/// second secret needs provisioning. The broker accepts each token once.
-pub fn login_token(key: &PrivateKey, client_id: &str, now: i64) -> Result<String, SignalError> {
+/// random nonce and an `sshsig` over the client id, time, nonce and
+/// `audience`, so no second secret needs provisioning. The audience is the
+/// pivot's MQTT certificate pin (empty without TLS): a token one pivot saw
+/// is worthless at another. The broker accepts each token once.
+pub fn login_token(key: &PrivateKey, client_id: &str, audience: &str, now: i64) -> Result<String, SignalError> {
     let nonce: [u8; 12] = rand::random();
     let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    let msg = format!("{client_id}\n{now}\n{nonce}");
+    let msg = format!("{client_id}\n{now}\n{nonce}\n{audience}");
     let sig = key
         .sign(LOGIN_NAMESPACE, HashAlg::Sha512, msg.as_bytes())
         .and_then(|s| s.to_pem(LineEnding::LF))
@@ -349,7 +351,13 @@ pub struct LoginClaim {
 /// Checks a login token against the device's registered key: signed by it,
 /// for this client id, dated at most [`MAX_LOGIN_AGE`] ago and at most
 /// [`MAX_LOGIN_FUTURE`] ahead. Single use is the caller's job.
-pub fn verify_login(token: &str, client_id: &str, key: &PublicKey, now: i64) -> Result<LoginClaim, SignalError> {
+pub fn verify_login(
+    token: &str,
+    client_id: &str,
+    audience: &str,
+    key: &PublicKey,
+    now: i64,
+) -> Result<LoginClaim, SignalError> {
     if token.len() > MAX_SIGNED_LEN {
         return Err(SignalError::Shape);
     }
@@ -375,7 +383,7 @@ pub fn verify_login(token: &str, client_id: &str, key: &PublicKey, now: i64) -> 
     if sig.public_key() != key.key_data() {
         return Err(SignalError::WrongSigner(crate::fingerprint(&PublicKey::from(sig.public_key().clone()))));
     }
-    let msg = format!("{client_id}\n{ts}\n{nonce}");
+    let msg = format!("{client_id}\n{ts}\n{nonce}\n{audience}");
     key.verify(LOGIN_NAMESPACE, msg.as_bytes(), &sig).map_err(|_| SignalError::BadSignature)?;
     Ok(LoginClaim { issued_at: ts, nonce: nonce.to_string() })
 }
@@ -443,31 +451,38 @@ mod tests {
     #[test]
     fn login_tokens_bind_key_client_and_time() {
         let k = key();
-        let token = login_token(&k, "cam-42", 5000).unwrap();
-        verify_login(&token, "cam-42", k.public_key(), 5010).unwrap();
-        assert!(verify_login(&token, "cam-43", k.public_key(), 5010).is_err());
-        assert!(verify_login(&token, "cam-42", key().public_key(), 5010).is_err());
-        assert!(verify_login(&token, "cam-42", k.public_key(), 5000 + MAX_LOGIN_AGE + 1).is_err());
+        let token = login_token(&k, "cam-42", "", 5000).unwrap();
+        verify_login(&token, "cam-42", "", k.public_key(), 5010).unwrap();
+        assert!(verify_login(&token, "cam-43", "", k.public_key(), 5010).is_err());
+        assert!(verify_login(&token, "cam-42", "", key().public_key(), 5010).is_err());
+        assert!(verify_login(&token, "cam-42", "", k.public_key(), 5000 + MAX_LOGIN_AGE + 1).is_err());
         // Dated ahead of the pivot: a few seconds pass, more does not.
-        assert!(verify_login(&token, "cam-42", k.public_key(), 5000 - MAX_LOGIN_FUTURE).is_ok());
+        assert!(verify_login(&token, "cam-42", "", k.public_key(), 5000 - MAX_LOGIN_FUTURE).is_ok());
         assert_eq!(
-            verify_login(&token, "cam-42", k.public_key(), 5000 - MAX_LOGIN_FUTURE - 1),
+            verify_login(&token, "cam-42", "", k.public_key(), 5000 - MAX_LOGIN_FUTURE - 1),
             Err(SignalError::FutureDated(MAX_LOGIN_FUTURE + 1))
         );
+        // Bound to one pivot's certificate.
+        let bound = login_token(&k, "cam-42", "SHA256:pivot-a", 5000).unwrap();
+        assert!(verify_login(&bound, "cam-42", "SHA256:pivot-a", k.public_key(), 5000).is_ok());
+        assert_eq!(
+            verify_login(&bound, "cam-42", "SHA256:pivot-b", k.public_key(), 5000),
+            Err(SignalError::BadSignature)
+        );
         // Two tokens of the same second differ, so each can be used once.
-        assert_ne!(login_token(&k, "cam-42", 5000).unwrap(), token);
+        assert_ne!(login_token(&k, "cam-42", "", 5000).unwrap(), token);
     }
 
     #[test]
     fn extreme_times_are_refused_not_overflowed() {
         let k = key();
-        let token = login_token(&k, "cam-42", 5000).unwrap();
+        let token = login_token(&k, "cam-42", "", 5000).unwrap();
         let (_, rest) = token.split_once('\n').unwrap();
         for ts in ["-9223372036854775808", "9223372036854775807", "+5000", " 5000", ""] {
-            assert!(verify_login(&format!("{ts}\n{rest}"), "cam-42", k.public_key(), 5000).is_err(), "{ts}");
+            assert!(verify_login(&format!("{ts}\n{rest}"), "cam-42", "", k.public_key(), 5000).is_err(), "{ts}");
         }
-        assert!(verify_login(&token, "cam-42", k.public_key(), i64::MIN).is_err());
-        assert!(verify_login(&token, "cam-42", k.public_key(), i64::MAX).is_err());
+        assert!(verify_login(&token, "cam-42", "", k.public_key(), i64::MIN).is_err());
+        assert!(verify_login(&token, "cam-42", "", k.public_key(), i64::MAX).is_err());
 
         let pin = HostKeyPin::Key(k.public_key().clone());
         let id = Id::parse("cam-42").unwrap();

@@ -412,7 +412,7 @@ fn pin() -> HostKeyPin {
 
 fn signed_login() -> &'static str {
     static TOKEN: OnceLock<String> = OnceLock::new();
-    TOKEN.get_or_init(|| login_token(key(), "cam-42", 5000).unwrap())
+    TOKEN.get_or_init(|| login_token(key(), "cam-42", "", 5000).unwrap())
 }
 
 // Properties that never reach a signature check run many cases.
@@ -434,7 +434,7 @@ proptest! {
 
     #[test]
     fn login_tokens_never_verify_from_garbage(token in text(), client in text(), now in any::<i64>()) {
-        prop_assert!(verify_login(&token, &client, key().public_key(), now).is_err());
+        prop_assert!(verify_login(&token, &client, "", key().public_key(), now).is_err());
     }
 
     #[test]
@@ -509,16 +509,16 @@ proptest! {
         let token = signed_login();
         let (_, rest) = token.split_once('\n').unwrap();
         let moved = format!("{ts}\n{rest}");
-        let ok = verify_login(&moved, "cam-42", key().public_key(), now).is_ok();
+        let ok = verify_login(&moved, "cam-42", "", key().public_key(), now).is_ok();
         prop_assert_eq!(ok, ts == 5000 && (5000 - MAX_LOGIN_FUTURE..=5000 + MAX_LOGIN_AGE).contains(&now));
-        prop_assert!(verify_login(token, "cam-43", key().public_key(), 5000).is_err());
+        prop_assert!(verify_login(token, "cam-43", "", key().public_key(), 5000).is_err());
     }
 
     #[test]
     fn mutated_login_tokens_never_verify_for_another_time(at in any::<Index>(), byte in any::<u8>()) {
         let changed = mutate(signed_login().as_bytes(), at, byte);
         let Ok(changed) = String::from_utf8(changed) else { return Ok(()) };
-        if verify_login(&changed, "cam-42", key().public_key(), 5000).is_ok() {
+        if verify_login(&changed, "cam-42", "", key().public_key(), 5000).is_ok() {
             prop_assert!(changed.starts_with("5000\n"));
         }
     }

@@ -247,6 +247,12 @@ impl TestPivot {
         }
     }
 
+    /// A login token for device `id` on this pivot's embedded broker.
+    pub fn login_token(&self, key: &ssh_key::PrivateKey, id: &str) -> String {
+        let audience = self.mqtt_fingerprint.as_deref().unwrap_or("");
+        burrow_core::signal::login_token(key, id, audience, burrow_core::time::now_unix()).unwrap()
+    }
+
     /// What `burrow agent` needs to wait on this pivot's embedded broker.
     pub fn agent_mqtt_args(&self) -> Vec<String> {
         let mut args = vec!["--mqtt-url".to_string(), self.mqtt_url()];

@@ -111,11 +111,13 @@ impl MqttError {
 }
 
 /// The devices connected now, and the login tokens already used.
-#[derive(Default)]
 pub(crate) struct Hub {
     sessions: Mutex<HashMap<Id, Arc<Session>>>,
     next: AtomicU64,
     used: Mutex<UsedLogins>,
+    /// What login tokens must be signed for: this pivot's certificate pin
+    /// (empty without TLS).
+    audience: String,
 }
 
 /// One device's connection, as the rest of the pivot sees it.
@@ -167,6 +169,10 @@ impl UsedLogins {
 }
 
 impl Hub {
+    pub fn new(audience: String) -> Self {
+        Hub { sessions: Default::default(), next: Default::default(), used: Default::default(), audience }
+    }
+
     /// `(device, key fingerprint, session)` of every connected device.
     pub fn list(&self) -> Vec<(Id, Arc<Session>)> {
         self.sessions.lock().unwrap().iter().map(|(id, s)| (id.clone(), s.clone())).collect()
@@ -532,9 +538,9 @@ async fn login(shared: &Shared, c: &Connect, topics: &Topics) -> Result<(Id, Str
     let registered = record.public_key.ok_or_else(|| bad(format!("device '{id}' has not enrolled")))?;
     let key = parse_public_key(&registered, "registered key").map_err(|e| refused(e.to_string()))?;
     let now = now_unix();
-    let claim =
-        verify_login(&login.password, &c.client_id, &key, now).map_err(|e| bad(format!("device '{id}': {e}")))?;
     let hub = shared.signal.as_ref().and_then(|s| s.hub()).expect("the embedded broker has a hub");
+    let claim = verify_login(&login.password, &c.client_id, &hub.audience, &key, now)
+        .map_err(|e| bad(format!("device '{id}': {e}")))?;
     let first = hub.used.lock().unwrap().first_use(&id, claim, now);
     match first {
         Some(true) => {}

@@ -146,7 +146,8 @@ pub(crate) fn setup(
                     (Some(tls), Some(pin))
                 }
             };
-            (Link::Embedded { hub: Hub::default(), pin }, Driver::Embedded(tls))
+            let audience = pin.map(|p| p.to_string()).unwrap_or_default();
+            (Link::Embedded { hub: Hub::new(audience), pin }, Driver::Embedded(tls))
         }
         BrokerConfig::External { url, tls, username, password } => {
             let client_id = format!("burrow-pivot-{pivot_name}-{}", std::process::id());
