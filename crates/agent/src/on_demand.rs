@@ -20,6 +20,10 @@ use tracing::{debug, info, warn};
 use crate::backoff::Backoff;
 use crate::{error_chain, session, AgentError, Config, SignalConfig};
 
+/// How long to wait after a refusal that retrying soon would not fix:
+/// under the pivot's ban threshold (5 failures in 10 minutes).
+const LASTING_REFUSAL_RETRY: Duration = Duration::from_secs(180);
+
 /// How one tunnel ended, reported back to the MQTT loop.
 struct TunnelEnd {
     req: WakeRequest,
@@ -128,10 +132,23 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let delay = backoff.next_delay();
+                    let mut delay = backoff.next_delay();
+                    // A refusal that retrying will not fix (a revoked or
+                    // unknown device, a stale certificate pin) is retried
+                    // slowly: fast retries would only get this address
+                    // banned, with every device behind the same NAT.
+                    let lasting = match &e {
+                        rumqttc::ConnectionError::ConnectionRefused(code) => {
+                            !matches!(code, rumqttc::ConnectReturnCode::ServiceUnavailable)
+                        }
+                        other => other.to_string().contains("is not the pinned"),
+                    };
+                    if lasting {
+                        delay = delay.max(LASTING_REFUSAL_RETRY);
+                    }
                     match &e {
                         rumqttc::ConnectionError::ConnectionRefused(code) => warn!(
-                            "the MQTT broker refused the login ({code:?}): is this device registered, enrolled and not revoked? The pivot's log says why; retrying in {:.1}s",
+                            "the MQTT broker refused the login ({code:?}): is this device registered, enrolled and not revoked? The pivot's log says why; retrying in {:.0}s",
                             delay.as_secs_f64()
                         ),
                         _ => warn!("MQTT broker unreachable ({e}); retrying in {:.1}s", delay.as_secs_f64()),

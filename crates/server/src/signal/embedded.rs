@@ -56,9 +56,13 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// handful per wake-up.
 const MAX_PUBLISHES: u32 = 20;
 const PUBLISH_WINDOW: Duration = Duration::from_secs(10);
-/// Login tokens remembered at once (each for up to 305 s): far above any
-/// real fleet's reconnect rate; past it logins wait.
-const MAX_USED_LOGINS: usize = 200_000;
+/// Logins one device may make per minute (the agent makes one per
+/// reconnect, backing off); more are refused as busy, not as failures.
+const MAX_LOGINS_PER_MINUTE: u32 = 12;
+/// Login tokens remembered per device.
+const LOGINS_REMEMBERED: usize = 16;
+/// Packets one session may send per [`PUBLISH_WINDOW`], pings included.
+const MAX_PACKETS: u32 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum MqttError {
@@ -82,6 +86,9 @@ pub(crate) enum MqttError {
     Version,
     #[error("login refused: {0}")]
     Login(String),
+    /// Refused for now, through no fault of the client's credentials.
+    #[error("login deferred: {0}")]
+    Busy(String),
     #[error("device '{id}' may not {what} '{topic}'")]
     Denied { id: Id, what: &'static str, topic: String },
     #[error("device '{0}' sent a payload over {MAX_PAYLOAD} bytes")]
@@ -92,7 +99,7 @@ pub(crate) enum MqttError {
     KeepAlive,
     #[error("not reading: a write did not finish within {}s", WRITE_TIMEOUT.as_secs())]
     WriteTimeout,
-    #[error("more than {MAX_PUBLISHES} publishes in {}s", PUBLISH_WINDOW.as_secs())]
+    #[error("more than {MAX_PUBLISHES} publishes or {MAX_PACKETS} packets in {}s", PUBLISH_WINDOW.as_secs())]
     TooFast,
     #[error("replaced by a newer connection of the same device")]
     TakenOver,
@@ -101,12 +108,12 @@ pub(crate) enum MqttError {
 }
 
 impl MqttError {
-    /// Before login, everything but a plain hang-up counts toward a ban,
-    /// except a real device's mistakes: refusing our certificate (a stale
-    /// pin) or a valid login sent without TLS. Banning those would lock
-    /// out everyone behind the device's NAT.
+    /// Before login, everything but a plain hang-up or a deferral counts
+    /// toward a ban: also refusing our certificate (a stale pin) and a
+    /// login sent without TLS, which the agent retries only every few
+    /// minutes, under the ban's threshold.
     fn counts_as_failure(&self) -> bool {
-        !matches!(self, MqttError::Closed | MqttError::Io(_) | MqttError::PinRefused(_) | MqttError::Plaintext(_))
+        !matches!(self, MqttError::Closed | MqttError::Io(_) | MqttError::Busy(_))
     }
 }
 
@@ -140,31 +147,65 @@ impl Session {
     }
 }
 
-/// Login tokens seen, kept until they would be refused as too old anyway.
+/// Per device: the login tokens it used lately, and how often it logs in.
+/// Only devices whose signature verified get an entry, so the map is
+/// bounded by the fleet; each entry by [`LOGINS_REMEMBERED`].
 #[derive(Default)]
 struct UsedLogins {
-    seen: HashMap<(Id, LoginClaim), ()>,
+    devices: HashMap<Id, DeviceLogins>,
     /// Pruned at most once a second.
     pruned_at: i64,
 }
 
+#[derive(Default)]
+struct DeviceLogins {
+    /// Tokens used, oldest first.
+    tokens: std::collections::VecDeque<LoginClaim>,
+    /// Tokens dated before this are refused: they might be forgotten ones.
+    floor: i64,
+    /// The minute `count` counts logins in.
+    minute: i64,
+    count: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum LoginUse {
+    First,
+    Reused,
+    /// Older than a token this device's memory had to let go of.
+    TooOld,
+    TooOften,
+}
+
 impl UsedLogins {
-    /// `Some(true)` the first time, `Some(false)` for a reuse, `None` when
-    /// the map is full.
-    fn first_use(&mut self, id: &Id, claim: LoginClaim, now: i64) -> Option<bool> {
+    fn check(&mut self, id: &Id, claim: LoginClaim, now: i64) -> LoginUse {
         if self.pruned_at != now {
-            self.seen.retain(|(_, c), _| c.issued_at.saturating_add(MAX_LOGIN_AGE) >= now);
+            self.devices.retain(|_, d| {
+                d.tokens.back().is_some_and(|c| c.issued_at.saturating_add(MAX_LOGIN_AGE) >= now)
+                    || d.minute == now.div_euclid(60)
+            });
             self.pruned_at = now;
         }
-        let key = (id.clone(), claim);
-        if self.seen.contains_key(&key) {
-            return Some(false);
+        let d = self.devices.entry(id.clone()).or_default();
+        if d.minute != now.div_euclid(60) {
+            (d.minute, d.count) = (now.div_euclid(60), 0);
         }
-        if self.seen.len() >= MAX_USED_LOGINS {
-            return None;
+        if d.count >= MAX_LOGINS_PER_MINUTE {
+            return LoginUse::TooOften;
         }
-        self.seen.insert(key, ());
-        Some(true)
+        if d.tokens.contains(&claim) {
+            return LoginUse::Reused;
+        }
+        if claim.issued_at < d.floor {
+            return LoginUse::TooOld;
+        }
+        d.count += 1;
+        d.tokens.push_back(claim);
+        if d.tokens.len() > LOGINS_REMEMBERED {
+            let forgotten = d.tokens.pop_front().expect("not empty");
+            d.floor = d.floor.max(forgotten.issued_at.saturating_add(1));
+        }
+        LoginUse::First
     }
 }
 
@@ -293,7 +334,6 @@ pub(crate) async fn serve(
                         _ = cancel.cancelled() => {}
                     }
                 }
-                Err(e) if matches!(e, MqttError::PinRefused(_) | MqttError::Plaintext(_)) => warn!(%peer, "{e}"),
                 Err(e) if e.counts_as_failure() => {
                     let why = burrow_core::text::excerpt(&format!("mqtt: {e}"), 200);
                     info!(%peer, "mqtt login failed: {why}");
@@ -337,6 +377,9 @@ async fn accept(
             // whoever saw it cannot use it, and say what to fix.
             let mut first = [0u8; 1];
             let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+            if matches!(peeked, Ok(Ok(0))) {
+                return Err(MqttError::Closed); // connect-and-close: a health check
+            }
             if matches!(peeked, Ok(Ok(1))) && first[0] == 0x10 {
                 return Err(plaintext_on_tls_port(shared, Framed::new(stream), deadline).await);
             }
@@ -381,7 +424,8 @@ async fn plaintext_on_tls_port(
     };
     let Packet::Connect(connect) = packet else { return MqttError::NotConnect };
     let topics = shared.signal.as_ref().expect("signaling").topics().clone();
-    let _ = io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false))).await;
+    let refusal = io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)));
+    let _ = tokio::time::timeout(Duration::from_secs(2), refusal).await;
     // Verifying the token marks it used; a forged one is an ordinary failure.
     match login(shared, &connect, &topics).await {
         Err((_, e)) => e,
@@ -461,7 +505,8 @@ async fn log_in(
     let first = match tokio::time::timeout_at(deadline, io.next()).await {
         Err(_) => return Err(MqttError::ConnectTimeout),
         Ok(Err(MqttError::Version)) => {
-            let _ = io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await;
+            let refusal = io.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false)));
+            let _ = tokio::time::timeout(Duration::from_secs(2), refusal).await;
             return Err(MqttError::Version);
         }
         Ok(r) => r?,
@@ -470,7 +515,8 @@ async fn log_in(
     let (id, fingerprint) = match login(shared, &connect, &topics).await {
         Ok(found) => found,
         Err((code, e)) => {
-            let _ = io.send(Packet::ConnAck(ConnAck::new(code, false))).await;
+            let refusal = io.send(Packet::ConnAck(ConnAck::new(code, false)));
+            let _ = tokio::time::timeout(Duration::from_secs(2), refusal).await;
             return Err(e);
         }
     };
@@ -528,7 +574,7 @@ async fn login(shared: &Shared, c: &Connect, topics: &Topics) -> Result<(Id, Str
     let record = match shared.registry.device(&id).await {
         Ok(Some(r)) => r,
         Ok(None) => return Err(bad(format!("unknown device '{id}'"))),
-        Err(e) => return Err((ConnectReturnCode::ServiceUnavailable, MqttError::Login(format!("registry: {e}")))),
+        Err(e) => return Err((ConnectReturnCode::ServiceUnavailable, MqttError::Busy(format!("registry: {e}")))),
     };
     // Revoked and not enrolled get the same code as unknown: CONNACK tells
     // an unauthenticated client nothing about a device's state.
@@ -541,12 +587,14 @@ async fn login(shared: &Shared, c: &Connect, topics: &Topics) -> Result<(Id, Str
     let hub = shared.signal.as_ref().and_then(|s| s.hub()).expect("the embedded broker has a hub");
     let claim = verify_login(&login.password, &c.client_id, &hub.audience, &key, now)
         .map_err(|e| bad(format!("device '{id}': {e}")))?;
-    let first = hub.used.lock().unwrap().first_use(&id, claim, now);
-    match first {
-        Some(true) => {}
-        Some(false) => return Err(bad(format!("device '{id}': login token was already used"))),
-        None => {
-            return Err((ConnectReturnCode::ServiceUnavailable, MqttError::Login("too many logins; try again".into())))
+    let used = hub.used.lock().unwrap().check(&id, claim, now);
+    match used {
+        LoginUse::First => {}
+        LoginUse::Reused => return Err(bad(format!("device '{id}': login token was already used"))),
+        LoginUse::TooOld => return Err(bad(format!("device '{id}': login token is older than one already used"))),
+        LoginUse::TooOften => {
+            let why = format!("device '{id}' logged in more than {MAX_LOGINS_PER_MINUTE} times this minute");
+            return Err((ConnectReturnCode::ServiceUnavailable, MqttError::Busy(why)));
         }
     }
     if let Some(will) = &c.last_will {
@@ -586,7 +634,8 @@ async fn serve_device(
     let silence = keepalive + keepalive / 2;
     let timer = tokio::time::sleep(silence);
     tokio::pin!(timer);
-    let (mut window, mut published) = (tokio::time::Instant::now(), 0u32);
+    let (mut window, mut published, mut packets) = (tokio::time::Instant::now(), 0u32, 0u32);
+    let mut resent = false;
     loop {
         let packet = tokio::select! {
             r = io.next() => r?,
@@ -603,6 +652,13 @@ async fn serve_device(
             }
         };
         timer.as_mut().reset(tokio::time::Instant::now() + silence);
+        if window.elapsed() > PUBLISH_WINDOW {
+            (window, published, packets) = (tokio::time::Instant::now(), 0, 0);
+        }
+        packets += 1;
+        if packets > MAX_PACKETS {
+            return Err(MqttError::TooFast);
+        }
         match packet {
             Packet::Publish(p) => {
                 if p.qos == QoS::ExactlyOnce {
@@ -610,9 +666,6 @@ async fn serve_device(
                 }
                 if p.qos == QoS::AtLeastOnce && p.pkid == 0 {
                     return Err(MqttError::Protocol("packet identifier 0".into()));
-                }
-                if window.elapsed() > PUBLISH_WINDOW {
-                    (window, published) = (tokio::time::Instant::now(), 0);
                 }
                 published += 1;
                 if published > MAX_PUBLISHES {
@@ -653,7 +706,8 @@ async fn serve_device(
                 }
                 // A wake-up may be waiting for exactly this device: sent on
                 // the session's first subscription only.
-                if !session.subscribed.swap(true, Ordering::Relaxed) {
+                session.subscribed.store(true, Ordering::Relaxed);
+                if !std::mem::replace(&mut resent, true) {
                     Box::pin(signal.resend_pending(id)).await;
                 }
             }
@@ -734,16 +788,33 @@ mod tests {
     }
 
     #[test]
-    fn a_login_token_is_used_once() {
+    fn a_login_token_is_used_once_and_logins_are_rationed_per_device() {
         let mut used = UsedLogins::default();
         let id = Id::parse("cam-42").unwrap();
-        let claim = LoginClaim { issued_at: 1000, nonce: "ab".into() };
-        assert_eq!(used.first_use(&id, claim.clone(), 1000), Some(true));
-        assert_eq!(used.first_use(&id, claim.clone(), 1001), Some(false));
+        let claim = |t: i64, n: &str| LoginClaim { issued_at: t, nonce: n.into() };
+        assert_eq!(used.check(&id, claim(1000, "ab"), 1000), LoginUse::First);
+        assert_eq!(used.check(&id, claim(1000, "ab"), 1001), LoginUse::Reused);
         let other = Id::parse("cam-43").unwrap();
-        assert_eq!(used.first_use(&other, claim.clone(), 1001), Some(true));
-        // Forgotten only once the token would be too old anyway.
-        used.first_use(&id, LoginClaim { issued_at: 1400, nonce: "cd".into() }, 1000 + MAX_LOGIN_AGE + 1);
-        assert_eq!(used.seen.len(), 1);
+        assert_eq!(used.check(&other, claim(1000, "ab"), 1001), LoginUse::First);
+        // A device gets MAX_LOGINS_PER_MINUTE a minute, then waits.
+        let base = 6000; // a minute boundary
+        for i in 0..MAX_LOGINS_PER_MINUTE - 1 {
+            assert_eq!(used.check(&id, claim(base, &format!("{i:x}")), base), LoginUse::First);
+        }
+        assert_eq!(used.check(&id, claim(base, "ff0"), base), LoginUse::First);
+        assert_eq!(used.check(&id, claim(base, "ff1"), base + 1), LoginUse::TooOften);
+        // Its memory is bounded; what it let go of cannot come back.
+        for m in 1..=3 {
+            for i in 0..MAX_LOGINS_PER_MINUTE {
+                let t = base + 60 * m;
+                assert_eq!(used.check(&id, claim(t, &format!("{m}{i:x}")), t), LoginUse::First);
+            }
+        }
+        let d = &used.devices[&id];
+        assert!(d.tokens.len() <= LOGINS_REMEMBERED);
+        assert_eq!(used.check(&id, claim(base, "ab0"), base + 240), LoginUse::TooOld);
+        // Entries go once their tokens are too old to use anyway.
+        used.check(&other, claim(base + 600, "x"), base + 600);
+        assert!(!used.devices.contains_key(&id));
     }
 }
