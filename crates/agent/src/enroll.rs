@@ -22,7 +22,8 @@ pub enum EnrollError {
     NoHostKeys(String),
     #[error(transparent)]
     HostKey(#[from] KeyError),
-    #[error("enrollment refused: {0}")]
+    // The cause follows in the error chain; repeating it here printed it twice.
+    #[error("enrollment refused")]
     Pivot(#[from] ClientError),
     #[error("cannot write the device key {0}")]
     WriteKey(String, #[source] std::io::Error),

@@ -188,13 +188,34 @@ fn parse_when(s: &str) -> Result<i64, String> {
     Ok(burrow_core::time::now_unix().saturating_sub(d.as_secs() as i64))
 }
 
+/// "1 day", "36 hours", "90 minutes", "45 seconds": the largest unit that
+/// divides the duration, in words.
+fn spoken_duration(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    let (n, unit) = match secs {
+        s if s >= 86_400 && s % 86_400 == 0 => (s / 86_400, "day"),
+        s if s >= 3_600 && s % 3_600 == 0 => (s / 3_600, "hour"),
+        s if s >= 60 && s % 60 == 0 => (s / 60, "minute"),
+        s => (s, "second"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 /// Runs a request on the local registry, or on the pivot when `remote` is set.
 pub async fn send(remote: Option<&Remote>, data: &DataDir, req: Request) -> Result<Value> {
     if let Some(remote) = remote {
         return remote.call(&req).await;
     }
     let dir = &data.data_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    // Only `burrow server` creates a registry: a mistyped or missing
+    // --data-dir must not quietly get an empty one the pivot never reads.
+    if !dir.join(burrow_server::registry::DB_FILE).exists() {
+        bail!(
+            "no registry in {}: give the pivot's --data-dir (or set BURROW_DATA_DIR), or start `burrow server --data-dir {}` once to create one",
+            dir.display(),
+            dir.display()
+        );
+    }
     let registry =
         Registry::open(dir).await.with_context(|| format!("cannot open the registry in {}", dir.display()))?;
     let host_key =
@@ -229,7 +250,7 @@ pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
             } else {
                 eprintln!(
                     "added device '{id}'; enroll it within {} (until {}) with:\n  burrow agent enroll --token TOKEN",
-                    humantime::format_duration(ttl),
+                    spoken_duration(ttl),
                     str_of(&out["expires_at"])
                 );
                 println!("{}", str_of(&out["token"]));
@@ -281,7 +302,8 @@ pub async fn operator(cmd: OperatorCommand, remote: Option<&Remote>) -> Result<(
             let key = burrow_core::keys::openssh_line(&read_public_key(&key)?);
             let allow = allow.iter().map(Selector::to_string).collect();
             let out = send(remote, &data, Request::OperatorAdd { name: name.to_string(), key, admin, allow }).await?;
-            println!("added operator '{name}' as {} ({})", str_of(&out["role"]), str_of(&out["fingerprint"]));
+            let role = if str_of(&out["role"]) == "admin" { " with admin rights" } else { "" };
+            println!("added operator '{name}'{role} ({})", str_of(&out["fingerprint"]));
         }
         OperatorCommand::List { json, data } => {
             let out = send(remote, &data, Request::OperatorList).await?;

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burrow_core::mqtt_url::MqttUrl;
 use burrow_server::algorithms::Algorithms;
 use burrow_server::bans::{parse_net, BanConfig, IpNet};
@@ -166,6 +166,36 @@ struct MqttArgs {
     no_mqtt: bool,
 }
 
+/// Takes an exclusive lock on `DIR/lock` (released by the kernel when the
+/// process ends, however it ends) and writes our pid in it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        let pid = pid.trim();
+        bail!(
+            "another burrow server{} is using the data dir {}; stop it first, or give this one its own --data-dir",
+            if pid.is_empty() { String::new() } else { format!(" (pid {pid})") },
+            dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     let dir = &args.data.data_dir;
     let mut config = burrow_server::Config::new(dir.clone());
@@ -204,6 +234,9 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot make data dir {} private (chmod 700)", dir.display()))?;
+    // One pivot per data dir: a second one would clear the first one's
+    // tunnel records and fight over the registry. Held until exit.
+    let _lock = lock_data_dir(dir)?;
     let key = host_key::load_or_create(dir).context("cannot load the host key")?;
     let ssh = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -190,6 +190,7 @@ fn reused_expired_and_tampered_tokens_are_refused() {
     let (again, out) = enroll(&token, &sshd);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("enrollment token was already used"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).matches("already used").count(), 1, "the reason is repeated: {}", stderr(&out));
     assert_eq!(pivot.device_json("cam-1").unwrap()["fingerprint"], fp, "reuse changed the key");
     assert!(!again.config.exists());
 

@@ -1,0 +1,61 @@
+//! Issue 11: what went wrong around the Quickstart for a new user.
+
+use std::process::Command;
+use std::time::Duration;
+
+use burrow_testkit::*;
+
+const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
+
+/// A wrong or missing --data-dir used to create an empty registry that the
+/// pivot never reads, and report success into it.
+#[test]
+fn admin_commands_never_create_a_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("burrow-dta");
+    for args in [&["device", "list"][..], &["device", "add", "cam-42", "--address", "p:22"], &["ban", "list"]] {
+        let out = Command::new(BURROW).args(args).arg("--data-dir").arg(&typo).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded on a data dir with no registry");
+        let err = stderr(&out);
+        assert!(err.contains("no registry in") && err.contains(typo.to_str().unwrap()), "{args:?}: {err}");
+        assert!(err.contains("burrow server --data-dir"), "{args:?}: no hint: {err}");
+    }
+    assert!(!typo.exists(), "an admin command created the data dir");
+}
+
+/// A second pivot on one data dir used to start without a word and clear
+/// the first one's tunnel records.
+#[test]
+fn a_second_pivot_on_the_same_data_dir_is_refused() {
+    let pivot = TestPivot::start(BURROW);
+    let out = Command::new(BURROW)
+        .args(["server", "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(pivot.data.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let pid = pivot.proc.pid().to_string();
+    assert!(err.contains("another burrow server") && err.contains(&pid), "{err}");
+    // The first one is untouched and still answers.
+    assert!(pivot.admin(&["device", "list"]).status.success());
+    let mut s = std::net::TcpStream::connect(pivot.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut banner = [0u8; 7];
+    std::io::Read::read_exact(&mut s, &mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0");
+}
+
+#[test]
+fn admin_messages_read_as_sentences() {
+    let pivot = TestPivot::start(BURROW);
+    let dir = tempfile::tempdir().unwrap();
+    let alice = KeyPair::generate(dir.path(), "alice");
+    let out = pivot.admin_ok(&["operator", "add", "alice", "--key", alice.public.to_str().unwrap()]);
+    assert!(out.starts_with("added operator 'alice' (SHA256:"), "{out}");
+    let root = KeyPair::generate(dir.path(), "root");
+    let out = pivot.admin_ok(&["operator", "add", "root", "--admin", "--key", root.public.to_str().unwrap()]);
+    assert!(out.starts_with("added operator 'root' with admin rights (SHA256:"), "{out}");
+    let out = pivot.admin(&["device", "add", "cam-42", "--address", "pivot.example.com:22"]);
+    assert!(stderr(&out).contains("enroll it within 1 day (until "), "{}", stderr(&out));
+}
