@@ -20,7 +20,7 @@ pub struct MqttClientArgs {
     #[arg(long, env = "BURROW_MQTT_USERNAME")]
     pub mqtt_username: Option<String>,
     /// MQTT password [agent default: a login token signed with the device key].
-    #[arg(long, env = "BURROW_MQTT_PASSWORD")]
+    #[arg(long, env = "BURROW_MQTT_PASSWORD", hide_env_values = true)]
     pub mqtt_password: Option<String>,
     /// Prefix of every MQTT topic burrow uses.
     #[arg(long, default_value = "burrow")]

@@ -59,3 +59,14 @@ fn admin_messages_read_as_sentences() {
     let out = pivot.admin(&["device", "add", "cam-42", "--address", "pivot.example.com:22"]);
     assert!(stderr(&out).contains("enroll it within 1 day (until "), "{}", stderr(&out));
 }
+
+/// `BURROW_MQTT_PASSWORD=x burrow agent --help` printed `x`.
+#[test]
+fn help_never_echoes_a_secret_from_the_environment() {
+    for sub in ["agent", "server"] {
+        let out =
+            Command::new(BURROW).args([sub, "--help"]).env("BURROW_MQTT_PASSWORD", "s3cret-from-env").output().unwrap();
+        assert!(out.status.success());
+        assert!(!stdout(&out).contains("s3cret-from-env"), "`burrow {sub} --help` echoed the password");
+    }
+}
