@@ -171,11 +171,17 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     }
 
     let meta = std::fs::metadata(&key_path).with_context(|| format!("cannot read {}", key_path.display()))?;
+    let key = match russh::keys::load_secret_key(&key_path, None) {
+        Ok(key) => key,
+        Err(_) if burrow_core::keys::read_public_key(&key_path).is_ok() => bail!(
+            "{} is a public key; --key takes the device's private key (the same path without .pub)",
+            key_path.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot load the device key {}", key_path.display())),
+    };
     if meta.permissions().mode() & 0o077 != 0 {
         warn!(key = %key_path.display(), "device key is readable by other users; chmod 600 it");
     }
-    let key = russh::keys::load_secret_key(&key_path, None)
-        .with_context(|| format!("cannot load the device key {}", key_path.display()))?;
     if mqtt_url.is_none() && server.is_none() {
         bail!("give --server HOST:PORT (always-on) or --mqtt-url URL (on demand)");
     }

@@ -70,3 +70,21 @@ fn help_never_echoes_a_secret_from_the_environment() {
         assert!(!stdout(&out).contains("s3cret-from-env"), "`burrow {sub} --help` echoed the password");
     }
 }
+
+/// Passing the `.pub` file as `--key` said `readable by other users`.
+#[test]
+fn a_public_key_given_as_the_device_key_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate(dir.path(), "cam-1");
+    let pin = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+    let out = Command::new(BURROW)
+        .args(["agent", "--server", "127.0.0.1:1", "--id", "cam-1", "--expose", "22=127.0.0.1:22"])
+        .args(["--pivot-host-key", pin, "--key"])
+        .arg(&key.public)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("is a public key; --key takes the device's private key"), "{err}");
+    assert!(!err.contains("chmod"), "{err}");
+}
