@@ -124,7 +124,7 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
         }
     }
     info!(
-        ?caller, peer = %from.peer, conn = from.conn, op = %what, ok = response.ok,
+        caller = %caller.actor(), peer = %from.peer, conn = from.conn, op = %what, ok = response.ok,
         error = %printable(response.error.as_deref().unwrap_or("")), "admin request"
     );
     if enrolling && !response.ok {
