@@ -316,7 +316,7 @@ impl Handler for Connection {
         let operator = match self.identity() {
             Some(Identity::Operator { name, .. }) => name.clone(),
             other => {
-                warn!(peer = %self.peer, identity = %other.map_or("nobody".to_string(), |i| i.to_string()), host_to_connect, "direct-tcpip refused: not an operator");
+                warn!(peer = %self.peer, identity = %other.map_or("an enrollment key".to_string(), |i| i.to_string()), host_to_connect, "direct-tcpip refused: not an operator");
                 Box::pin(refuse(&self.shared, reply, Refusal::DeviceForbidden)).await;
                 return Ok(());
             }
@@ -348,7 +348,7 @@ impl Handler for Connection {
         let id = match self.identity() {
             Some(Identity::Device(id)) => id.clone(),
             other => {
-                warn!(peer = %self.peer, identity = %other.map_or("nobody".to_string(), |i| i.to_string()), address, "tcpip-forward refused: operators may not forward");
+                warn!(peer = %self.peer, identity = %other.map_or("an enrollment key".to_string(), |i| i.to_string()), address, "tcpip-forward refused: operators may not forward");
                 return Ok(false);
             }
         };
