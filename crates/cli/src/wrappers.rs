@@ -36,7 +36,7 @@ pub struct SftpArgs {
 pub struct ForwardArgs {
     /// DEVICE:PORT to reach.
     target: String,
-    /// Local address to listen on [default: 127.0.0.1:PORT].
+    /// Local address to listen on [default: 127.0.0.1:PORT if unprivileged and free, else a free port].
     #[arg(long)]
     local: Option<String>,
 }
@@ -86,7 +86,25 @@ fn split_user(target: &str) -> (&str, &str) {
 /// Runs the OpenSSH tool to completion. Awaited, not blocking: the runtime
 /// is single-threaded and must keep running so the SSH connection of the
 /// reachability check above closes now rather than when the pivot times it out.
-async fn run(cmd: Command) -> Result<ExitCode> {
+/// The child gets SIGTERM when this process dies, however it dies, so a
+/// killed `burrow forward` does not leave its ssh holding the port.
+async fn run(mut cmd: Command) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe calls (prctl, getppid, kill).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
     let program = cmd.get_program().to_owned();
     let status =
         tokio::process::Command::from(cmd).status().await.with_context(|| format!("cannot run {program:?}"))?;
@@ -143,7 +161,19 @@ pub async fn forward(a: ForwardArgs) -> Result<ExitCode> {
     if !s.check(id, u32::from(port)).await? {
         return Ok(ExitCode::FAILURE);
     }
-    let local = a.local.unwrap_or_else(|| format!("127.0.0.1:{port}"));
+    // Without --local: the same port if it is unprivileged and free,
+    // otherwise any free one (never a privileged port such as 22).
+    let local = match a.local {
+        Some(l) => l,
+        None => {
+            let same = (port >= 1024).then(|| std::net::TcpListener::bind(("127.0.0.1", port)).ok()).flatten();
+            let free = match same {
+                Some(l) => l,
+                None => std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free local port")?,
+            };
+            free.local_addr()?.to_string()
+        }
+    };
     let mut cmd = s.command("ssh");
     cmd.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L", &format!("{local}:{id}:{port}"), "burrow-pivot"]);
     eprintln!("forwarding {local} to {id}:{port}; Ctrl-C to stop");

@@ -423,7 +423,7 @@ fn sftp_and_forward_wrappers_reach_an_enrolled_device() {
         "--local",
         &format!("127.0.0.1:{port}"),
     ]);
-    let _fwd = Proc::spawn("burrow forward", &mut cmd, laptop.home.path().join("forward.log"));
+    let mut fwd = Proc::spawn("burrow forward", &mut cmd, laptop.home.path().join("forward.log"));
     let mut banner = String::new();
     assert!(
         wait_until(Duration::from_secs(15), || {
@@ -437,6 +437,26 @@ fn sftp_and_forward_wrappers_reach_an_enrolled_device() {
         }),
         "no sshd banner through the forward: {banner:?}"
     );
+    // Issue 11: killing `burrow forward` left its ssh child holding the port.
+    fwd.kill();
+    assert!(
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_err()),
+        "the ssh child outlived `burrow forward`"
+    );
+
+    // Without --local, a privileged port is never taken: a free one is, and printed.
+    let mut cmd = Command::new(BURROW);
+    cmd.env("HOME", laptop.home.path()).env_remove("SSH_AUTH_SOCK").args(["forward", "cam-42:22"]);
+    let fwd = Proc::spawn("burrow forward (default)", &mut cmd, laptop.home.path().join("forward2.log"));
+    assert!(
+        wait_until(Duration::from_secs(15), || fwd.log_text().contains("forwarding 127.0.0.1:")),
+        "{}",
+        fwd.log_text()
+    );
+    let text = fwd.log_text();
+    let local = text.split("forwarding ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
+    let local_port: u16 = local.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(local_port >= 1024, "forward took port {local_port}");
 }
 
 #[test]
