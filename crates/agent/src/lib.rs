@@ -89,7 +89,9 @@ impl Config {
             keepalive_max: 3,
             connect_timeout: Duration::from_secs(15),
             backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
+            // A device should be back within seconds of its pivot; jitter
+            // still spreads a fleet's reconnects.
+            backoff_max: Duration::from_secs(15),
             stable_after: Duration::from_secs(60),
             signal: None,
         }

@@ -93,6 +93,9 @@ pub struct AgentArgs {
     /// Keepalive period to the pivot and the broker; three missed mean reconnect.
     #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
     keepalive: std::time::Duration,
+    /// Longest wait between reconnect attempts (jittered, doubling from 1s).
+    #[arg(long, default_value = "15s", value_parser = crate::parse_duration)]
+    reconnect_max: std::time::Duration,
 }
 
 pub async fn run(cmd: AgentCmd, shutdown: CancellationToken) -> Result<()> {
@@ -188,6 +191,10 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     let mut config = burrow_agent::Config::new(server, id, key, pin, expose);
     config.key_path = Some(key_path);
     config.keepalive_interval = args.keepalive;
+    if args.reconnect_max < config.backoff_initial {
+        bail!("--reconnect-max must be at least {:?}", config.backoff_initial);
+    }
+    config.backoff_max = args.reconnect_max;
     if let (Some(url), false) = (mqtt_url, always_on) {
         config.signal = Some(burrow_agent::SignalConfig {
             url,

@@ -88,3 +88,23 @@ fn a_public_key_given_as_the_device_key_is_named_as_such() {
     assert!(err.contains("is a public key; --key takes the device's private key"), "{err}");
     assert!(!err.contains("chmod"), "{err}");
 }
+
+/// After a 40 s pivot outage an agent waited almost a minute more: the
+/// reconnect backoff is capped lower, and the cap is a flag.
+#[test]
+fn reconnect_waits_are_capped_by_reconnect_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate(dir.path(), "cam-1");
+    let pin = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+    let mut cmd = Command::new(BURROW);
+    cmd.args(["agent", "--server", &format!("127.0.0.1:{}", free_port()), "--id", "cam-1"])
+        .args(["--expose", "22=127.0.0.1:22", "--pivot-host-key", pin, "--reconnect-max", "2s", "--key"])
+        .arg(&key.private);
+    let agent = Proc::spawn("burrow agent", &mut cmd, dir.path().join("agent.log"));
+    let waits = || -> Vec<f64> {
+        let text = agent.log_text();
+        text.lines().filter_map(|l| l.split("reconnecting in ").nth(1)?.trim_end_matches('s').parse().ok()).collect()
+    };
+    assert!(wait_until(Duration::from_secs(15), || waits().len() >= 5), "{}", agent.log_text());
+    assert!(waits().iter().all(|w| *w <= 2.0), "{:?}", waits());
+}
