@@ -124,9 +124,14 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let remote = match &cli.pivot {
-        Some(addr) => Some(remote::Remote::new(addr, cli.pivot_fingerprint.as_deref(), cli.identity.as_deref())?),
-        None => None,
+    // Only the admin commands talk to a remote pivot: an exported
+    // BURROW_PIVOT must not stop `server`, `agent` or `login` from running.
+    let admin = matches!(cli.command, Command::Device(_) | Command::Operator(_) | Command::Ban(_) | Command::Audit(_));
+    let remote = match (&cli.pivot, admin) {
+        (Some(addr), true) => {
+            Some(remote::Remote::new(addr, cli.pivot_fingerprint.as_deref(), cli.identity.as_deref())?)
+        }
+        _ => None,
     };
     let identity = cli.identity.clone();
     match cli.command {

@@ -1,6 +1,6 @@
 //! Talking to a pivot from an operator's machine: `--pivot HOST:PORT`,
 //! the operator's key (`--identity FILE` or ssh-agent), and the pivot's
-//! pinned host key (`--pivot-host-key`, or the one `burrow login` saved).
+//! pinned host key (`--pivot-fingerprint`, or the one `burrow login` saved).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,9 +58,9 @@ impl Remote {
     pub fn new(addr: &str, pin: Option<&str>, identity: Option<&Path>) -> Result<Remote> {
         let saved = LoginState::load().filter(|s| s.pivot == addr);
         let pin = match (pin, &saved) {
-            (Some(p), _) => HostKeyPin::parse(p).context("--pivot-host-key")?,
+            (Some(p), _) => HostKeyPin::parse(p).context("--pivot-fingerprint")?,
             (None, Some(s)) => HostKeyPin::parse(&s.fingerprint)?,
-            (None, None) => bail!("the pivot's host key is not pinned: pass --pivot-host-key SHA256:... or run `burrow login {addr}` first"),
+            (None, None) => bail!("the pivot's host key is not pinned: pass --pivot-fingerprint SHA256:... or run `burrow login {addr}` first"),
         };
         let identity = identity.map(Path::to_path_buf).or_else(|| saved.and_then(|s| s.identity));
         Ok(Remote { addr: addr.to_string(), pin, creds: credentials(identity.as_deref())?, user: user_name() })

@@ -108,3 +108,18 @@ fn reconnect_waits_are_capped_by_reconnect_max() {
     assert!(wait_until(Duration::from_secs(15), || waits().len() >= 5), "{}", agent.log_text());
     assert!(waits().iter().all(|w| *w <= 2.0), "{:?}", waits());
 }
+
+/// An exported BURROW_PIVOT made `server`, `agent`, `agent enroll` and
+/// `login` try to reach that pivot before doing their own work.
+#[test]
+fn an_exported_burrow_pivot_only_affects_admin_commands() {
+    let run = |args: &[&str]| Command::new(BURROW).args(args).env("BURROW_PIVOT", "127.0.0.1:1").output().unwrap();
+    let out = run(&["agent", "enroll", "--token", "nope", "--config", "/nonexistent/agent.toml"]);
+    assert!(stderr(&out).contains("not a burrow enrollment token"), "{}", stderr(&out));
+    let out = run(&["server", "--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // An admin command does use it.
+    let out = run(&["device", "list"]);
+    assert!(!out.status.success());
+    assert!(!stderr(&out).contains("no registry in"), "device list ignored BURROW_PIVOT: {}", stderr(&out));
+}
