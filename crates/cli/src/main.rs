@@ -21,7 +21,7 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(
     name = "burrow",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BURROW_COMMIT"), ")"),
     about = "SSH, SCP and SFTP to devices behind NAT, through a pivot, with stock OpenSSH"
 )]
 struct Cli {

@@ -123,3 +123,17 @@ fn an_exported_burrow_pivot_only_affects_admin_commands() {
     assert!(!out.status.success());
     assert!(!stderr(&out).contains("no registry in"), "device list ignored BURROW_PIVOT: {}", stderr(&out));
 }
+
+/// `burrow --version` names the commit it was built from.
+#[test]
+fn version_names_the_commit() {
+    require_tool("git");
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    let out = Command::new(BURROW).arg("--version").output().unwrap();
+    assert!(stdout(&out).contains(&format!("({head})")), "{} vs {head}", stdout(&out));
+}
