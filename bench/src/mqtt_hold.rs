@@ -273,7 +273,7 @@ pub async fn register(data_dir: &std::path::Path, n: usize) -> Result<()> {
     let registry = burrow_server::Registry::open(data_dir).await?;
     for i in 0..n {
         let id = burrow_core::Id::parse(&device_id(i))?;
-        registry.add_device(&id, device_key(i).public_key(), &Default::default()).await?;
+        registry.add_device(&id, device_key(i).public_key(), &Default::default(), &[]).await?;
     }
     registry.close().await;
     Ok(())

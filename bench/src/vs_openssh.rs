@@ -576,7 +576,7 @@ pub(crate) async fn register_devices(
     for i in 0..count {
         let key = burrow_core::keys::generate_ed25519();
         let id = burrow_core::Id::parse(&format!("{prefix}-{i}"))?;
-        registry.add_device(&id, key.public_key(), &BTreeMap::new()).await?;
+        registry.add_device(&id, key.public_key(), &BTreeMap::new(), &[]).await?;
         keys.push((id.to_string(), Arc::new(key)));
     }
     registry.close().await;

@@ -31,6 +31,9 @@ pub enum DeviceCommand {
         /// The device's public key file (.pub).
         #[arg(long)]
         key: Option<PathBuf>,
+        /// The device sshd's public host key file, with --key; repeatable.
+        #[arg(long = "host-key", requires = "key")]
+        host_keys: Vec<PathBuf>,
         /// k=v, repeatable.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
@@ -233,8 +236,12 @@ pub async fn send(remote: Option<&Remote>, data: &DataDir, req: Request) -> Resu
 
 pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
     match cmd {
-        DeviceCommand::Add { id, key, labels, ttl, address, data } => {
+        DeviceCommand::Add { id, key, host_keys, labels, ttl, address, data } => {
             let key = key.map(|k| read_public_key(&k).map(|k| burrow_core::keys::openssh_line(&k))).transpose()?;
+            let host_keys = host_keys
+                .iter()
+                .map(|p| read_public_key(p).map(|k| burrow_core::keys::openssh_line(&k)))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut map = BTreeMap::new();
             for (k, v) in labels {
                 if map.insert(k.clone(), v).is_some() {
@@ -243,7 +250,14 @@ pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
             }
             let labels = map;
             let with_key = key.is_some();
-            let req = Request::DeviceAdd { id: id.to_string(), key, labels, ttl_secs: Some(ttl.as_secs()), address };
+            let req = Request::DeviceAdd {
+                id: id.to_string(),
+                key,
+                labels,
+                ttl_secs: Some(ttl.as_secs()),
+                address,
+                host_keys,
+            };
             let out = send(remote, &data, req).await?;
             if with_key {
                 println!("added device '{id}' ({})", str_of(&out["fingerprint"]));

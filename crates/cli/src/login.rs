@@ -67,9 +67,14 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
     let mut kh = format!("# Written by `burrow login {}`; run it again to refresh.\n", args.address);
     writeln!(kh, "{pivot_name} {pivot_key}")?;
     let mut count = 0;
+    let mut unpinned = Vec::new();
     for d in devices.as_array().into_iter().flatten() {
         let id = d["id"].as_str().unwrap_or_default();
-        for key in d["host_keys"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        let keys: Vec<&str> = d["host_keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        if keys.is_empty() {
+            unpinned.push(burrow_core::text::printable(id));
+        }
+        for key in keys {
             writeln!(kh, "{id}.{},{id} {key}", args.suffix)?;
             count += 1;
         }
@@ -92,6 +97,13 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
         me["name"].as_str().unwrap_or(""),
         count
     );
+    if !unpinned.is_empty() {
+        // Strict host-key checking will refuse these until their keys are known.
+        println!(
+            "no host keys registered for: {} (enroll them, or add them with `burrow device add ID --key … --host-key …`)",
+            unpinned.join(", ")
+        );
+    }
     println!("try: ssh root@DEVICE.{}", args.suffix);
     Ok(())
 }

@@ -507,3 +507,29 @@ fn remote_admin_signs_with_keys_from_ssh_agent() {
     assert!(ok(&out).contains("added device 'cam-1'"));
     assert!(ok(&with_agent(&["device", "list"])).contains("cam-1"));
 }
+
+/// Issue 11: a device added with --key had no host keys, `login` pinned
+/// nothing for it without saying so, and strict checking then failed.
+#[test]
+fn host_keys_given_at_device_add_are_pinned_and_login_names_devices_without() {
+    let pivot = TestPivot::start(BURROW);
+    let laptop = Laptop::new();
+    pivot.add_operator("alice", &laptop.key);
+    let sshd = Sshd::start(&[&laptop.key]);
+    let dir = tempfile::tempdir().unwrap();
+    let (k9, k10) = (KeyPair::generate(dir.path(), "cam-9"), KeyPair::generate(dir.path(), "cam-10"));
+    let host_key = sshd.host_key.public.to_str().unwrap();
+    pivot.admin_ok(&["device", "add", "cam-9", "--key", k9.public.to_str().unwrap(), "--host-key", host_key]);
+    pivot.add_device("cam-10", &k10);
+    // Host keys go with --key only: an enrolling device registers its own.
+    let out = pivot.admin(&["device", "add", "cam-11", "--host-key", host_key, "--address", "p:22"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+
+    let out = ok(&laptop.login(&pivot));
+    assert!(out.contains("(1 device host keys pinned)"), "{out}");
+    assert!(out.contains("no host keys registered for: cam-10 "), "{out}");
+    let known = std::fs::read_to_string(laptop.home.path().join(".ssh/burrow/known_hosts")).unwrap();
+    let key_body = sshd.host_key.public_line();
+    let key_body = key_body.split_whitespace().nth(1).unwrap();
+    assert!(known.lines().any(|l| l.starts_with("cam-9.burrow,cam-9 ") && l.contains(key_body)), "{known}");
+}

@@ -38,6 +38,10 @@ pub enum Request {
         ttl_secs: Option<u64>,
         /// Pivot address to put in the token, if the pivot does not know its own.
         address: Option<String>,
+        /// The device sshd's public host keys (OpenSSH lines), registered
+        /// with `key` so operators can pin them at once.
+        #[serde(default)]
+        host_keys: Vec<String>,
     },
     DeviceRemove {
         id: String,

@@ -547,7 +547,8 @@ fn request() -> impl Strategy<Value = Request> {
                 key,
                 labels,
                 ttl_secs,
-                address
+                address,
+                host_keys: Vec::new(),
             }),
         (s(), s(), any::<bool>(), prop::collection::vec(s(), 0..3))
             .prop_map(|(name, key, admin, allow)| Request::OperatorAdd { name, key, admin, allow }),

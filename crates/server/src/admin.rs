@@ -193,7 +193,7 @@ fn audit_args(req: &Request) -> Value {
     let fp =
         |line: &str| parse_public_key(line, "key").map(|k| fingerprint(&k)).unwrap_or_else(|_| "unreadable key".into());
     match req {
-        Request::DeviceAdd { id, key, labels, ttl_secs, address } => json!({
+        Request::DeviceAdd { id, key, labels, ttl_secs, address, .. } => json!({
             "id": printable(id), "fingerprint": key.as_deref().map(fp), "labels": labels,
             "enrollment_token": key.is_none(), "ttl_secs": ttl_secs, "address": address.as_deref().map(printable),
         }),
@@ -267,12 +267,21 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             check(&id, &dev, port)?;
             Ok(device_json(&dev))
         }
-        Request::DeviceAdd { id: name, key: pubkey, labels, ttl_secs, address } => {
+        Request::DeviceAdd { id: name, key: pubkey, labels, ttl_secs, address, host_keys } => {
             let id = id(&name)?;
+            if pubkey.is_none() && !host_keys.is_empty() {
+                return Err(AdminError::Invalid(
+                    "--host-key goes with --key; an enrolling device registers its own host keys".into(),
+                ));
+            }
             match pubkey {
                 Some(line) => {
                     let k = key(&line, "the device key")?;
-                    reg.add_device(&id, &k, &labels).await?;
+                    let mut lines = Vec::new();
+                    for (i, line) in host_keys.iter().enumerate() {
+                        lines.push(burrow_core::keys::openssh_line(&key(line, &format!("host key #{}", i + 1))?));
+                    }
+                    reg.add_device(&id, &k, &labels, &lines).await?;
                     Ok(json!({"id": id.as_str(), "fingerprint": fingerprint(&k)}))
                 }
                 None => {

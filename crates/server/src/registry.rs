@@ -214,11 +214,13 @@ impl Registry {
         Ok(pool)
     }
 
+    /// `host_keys`: the device sshd's keys (OpenSSH lines), if known now.
     pub async fn add_device(
         &self,
         id: &Id,
         key: &PublicKey,
         labels: &BTreeMap<String, String>,
+        host_keys: &[String],
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.write_tx().await?;
@@ -227,12 +229,15 @@ impl Registry {
             return Err(RegistryError::DeviceExists(id.clone()));
         }
         check_key_free(&mut tx, &fp).await?;
-        sqlx::query("INSERT INTO devices (id, public_key, fingerprint, labels, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(id.as_str())
-            .bind(openssh_line(key))
-            .bind(&fp)
-            .bind(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
-            .bind(now_unix())
+        sqlx::query(
+            "INSERT INTO devices (id, public_key, fingerprint, labels, created_at, host_keys) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id.as_str())
+        .bind(openssh_line(key))
+        .bind(&fp)
+        .bind(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
+        .bind(now_unix())
+        .bind(serde_json::to_string(host_keys).unwrap_or_else(|_| "[]".into()))
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
