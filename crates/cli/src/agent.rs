@@ -111,7 +111,11 @@ pub async fn run(cmd: AgentCmd, shutdown: CancellationToken) -> Result<()> {
 }
 
 async fn enroll(e: EnrollArgs) -> Result<()> {
-    let key_path = e.key.unwrap_or_else(|| e.config.with_file_name("device_key"));
+    // Absolute paths in agent.toml: the agent may start from any directory.
+    let config = std::path::absolute(&e.config).with_context(|| format!("bad path {}", e.config.display()))?;
+    let key_path = e.key.clone().unwrap_or_else(|| config.with_file_name("device_key"));
+    let key_path = std::path::absolute(&key_path).with_context(|| format!("bad path {}", key_path.display()))?;
+    let e = EnrollArgs { config, ..e };
     let host_keys = if e.host_keys.is_empty() { burrow_agent::enroll::default_host_keys() } else { e.host_keys };
     let file = burrow_agent::enroll::enroll(burrow_agent::enroll::Enrollment {
         token: e.token,

@@ -533,3 +533,23 @@ fn host_keys_given_at_device_add_are_pinned_and_login_names_devices_without() {
     let key_body = key_body.split_whitespace().nth(1).unwrap();
     assert!(known.lines().any(|l| l.starts_with("cam-9.burrow,cam-9 ") && l.contains(key_body)), "{known}");
 }
+
+/// Issue 11: `agent enroll --config dev/agent.toml` wrote `key = "dev/key"`,
+/// which an agent started from another directory could not find.
+#[test]
+fn enrollment_writes_absolute_paths_from_a_relative_config() {
+    let pivot = TestPivot::start(BURROW);
+    let sshd = Sshd::start(&[]);
+    let token = token_for(&pivot, "cam-42", &["--address", &pivot.addr.to_string()]);
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new(BURROW)
+        .current_dir(cwd.path())
+        .args(["agent", "enroll", "--token", &token, "--config", "dev/agent.toml", "--host-keys"])
+        .arg(&sshd.host_key.public)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = std::fs::read_to_string(cwd.path().join("dev/agent.toml")).unwrap();
+    let want = format!("key = \"{}\"", cwd.path().join("dev/device_key").display());
+    assert!(written.contains(&want), "{written}");
+}
