@@ -246,14 +246,34 @@ async fn burrow_side(bin: &str, o: &Options) -> Result<Figures> {
     let key = Arc::new(russh::keys::load_secret_key(&op.private, None)?);
     let handle = crate::vs_openssh::connect(pivot.addr.port(), "bench", key).await?;
     let handle = Arc::new(handle);
+    let wakes = sample_wakes(&g, o, up, |i| {
+        let (h, id) = (handle.clone(), device_id(i));
+        // The device never dials back; the open fails at the wake timeout.
+        tokio::spawn(async move { h.channel_open_direct_tcpip(id, 22, "127.0.0.1", 40000).await });
+        async { Ok(()) }
+    })
+    .await?;
+    Ok(figures(&g, up, rate, wakes, before, after))
+}
+
+fn figures(g: &Generators, up: usize, rate: f64, wakes: Vec<Duration>, before: u64, after: u64) -> Figures {
+    let errors = g.errors.load(Ordering::Relaxed);
+    let per_device_kib = after.saturating_sub(before) as f64 / up.max(1) as f64;
+    Figures { up, errors, per_device_kib, rate, wakes, before_kib: before, after_kib: after }
+}
+
+/// Wake-ups one at a time, 50 ms apart, each to a different device: `wake(i)`
+/// asks for device `i`, and the time runs until its generator reads it.
+async fn sample_wakes<F, Fut>(g: &Generators, o: &Options, up: usize, mut wake: F) -> Result<Vec<Duration>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let mut wakes = Vec::new();
     for s in 0..o.wakes.min(up) {
         let i = (s * 7919) % o.devices;
         let t0 = now_nanos();
-        let h = handle.clone();
-        let id = device_id(i);
-        // The device never dials back; the open fails at the wake timeout.
-        tokio::spawn(async move { h.channel_open_direct_tcpip(id, 22, "127.0.0.1", 40000).await });
+        wake(i).await?;
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             if let Some(t) = g.wakes.lock().unwrap().get(&i) {
@@ -262,11 +282,10 @@ async fn burrow_side(bin: &str, o: &Options) -> Result<Figures> {
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
+        // Pacing, so one sample does not queue behind the last.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let errors = g.errors.load(Ordering::Relaxed);
-    let per_device_kib = after.saturating_sub(before) as f64 / up.max(1) as f64;
-    Ok(Figures { up, errors, per_device_kib, rate, wakes, before_kib: before, after_kib: after })
+    Ok(wakes)
 }
 
 pub async fn register(data_dir: &std::path::Path, n: usize) -> Result<()> {
@@ -310,27 +329,23 @@ async fn mosquitto_side(o: &Options) -> Result<Figures> {
         opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls)));
     }
     let (client, mut ev) = rumqttc::AsyncClient::new(opts, 64);
-    tokio::spawn(async move { while ev.poll().await.is_ok() {} });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let topics = Topics::new("burrow");
-    let mut wakes = Vec::new();
-    for s in 0..o.wakes.min(up) {
-        let i = (s * 7919) % o.devices;
-        let t0 = now_nanos();
-        client.publish(topics.request(&device_id(i)), QoS::AtLeastOnce, false, vec![b'x'; 600]).await?;
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Some(t) = g.wakes.lock().unwrap().get(&i) {
-                wakes.push(Duration::from_nanos(t.saturating_sub(t0) as u64));
-                break;
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
+    // Connected before the first sample, then polled in the background.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("the publisher cannot connect to mosquitto: {e}"),
+            Err(_) => bail!("the publisher got no CONNACK from mosquitto"),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let errors = g.errors.load(Ordering::Relaxed);
-    let per_device_kib = after.saturating_sub(before) as f64 / up.max(1) as f64;
-    Ok(Figures { up, errors, per_device_kib, rate, wakes, before_kib: before, after_kib: after })
+    tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let topics = Topics::new("burrow");
+    let wakes = sample_wakes(&g, o, up, |i| {
+        let (client, topic) = (client.clone(), topics.request(&device_id(i)));
+        async move { Ok(client.publish(topic, QoS::AtLeastOnce, false, vec![b'x'; 600]).await?) }
+    })
+    .await?;
+    Ok(figures(&g, up, rate, wakes, before, after))
 }
 
 /// The generator process: `mqtt-devices ADDR SOURCE FIRST COUNT PIN`, where
