@@ -850,10 +850,7 @@ fn a_device_cannot_loop_forward_requests() {
 #[test]
 fn a_device_topic_cannot_forge_log_lines() {
     let pivot = TestPivot::start(BURROW);
-    let dir = tempfile::tempdir().unwrap();
-    let dev = KeyPair::generate(dir.path(), "dev");
-    pivot.add_device("cam-42", &dev);
-    let key = russh::keys::load_secret_key(&dev.private, None).unwrap();
+    let key = pivot.new_device("cam-42");
     let token = pivot.login_token(&key, "cam-42");
     runtime().block_on(async {
         let mut opts = pivot.mqtt_options("cam-42");

@@ -247,6 +247,14 @@ impl TestPivot {
         }
     }
 
+    /// Registers device `id` with a fresh key (kept in the data dir) and
+    /// returns that key, for tests that speak MQTT as the device.
+    pub fn new_device(&self, id: &str) -> ssh_key::PrivateKey {
+        let pair = KeyPair::generate(self.data.path(), &format!("device-{id}"));
+        self.add_device(id, &pair);
+        ssh_key::PrivateKey::read_openssh_file(&pair.private).expect("the generated key loads")
+    }
+
     /// A login token for device `id` on this pivot's embedded broker.
     pub fn login_token(&self, key: &ssh_key::PrivateKey, id: &str) -> String {
         let audience = self.mqtt_fingerprint.as_deref().unwrap_or("");
