@@ -88,11 +88,7 @@ enum Command {
 
 fn init_logging(verbose: u8, json: bool) {
     let default = match verbose {
-        // The embedded broker logs routine events (a client's clean
-        // DISCONNECT, a probe) as errors. The gate in front of it logs device
-        // connections, and a broker that fails to start is reported by
-        // burrow itself; RUST_LOG=rumqttd=info brings its own logs back.
-        0 => "info,rumqttd=off",
+        0 => "info",
         1 => "debug",
         _ => "trace",
     };

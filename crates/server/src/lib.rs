@@ -13,7 +13,7 @@
 //! - `router`: in-memory map of device id to tunnel, and of live sessions.
 //! - `ssh`: accept loop, russh handler, routing of operator channels, byte relay.
 //! - `watch`: applies registry changes (removals) to live connections.
-//! - [`signal`]: MQTT signaling for on-demand tunnels (embedded broker, gate, wake-ups).
+//! - [`signal`]: MQTT signaling for on-demand tunnels (the devices' MQTT listener, wake-ups).
 
 pub mod admin;
 pub mod algorithms;

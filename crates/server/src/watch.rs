@@ -97,7 +97,7 @@ async fn enforce_mqtt(shared: &Shared) {
     for (id, session) in sessions {
         if allowed.get(id.as_str()) != Some(&session.fingerprint.as_str()) {
             info!(device = %id, "device revoked, removed or re-keyed; closing its MQTT session");
-            session.close(crate::signal::embedded_error_revoked(&id));
+            session.revoke(&id);
         }
     }
 }

@@ -141,7 +141,12 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub fn close(&self, why: MqttError) {
+    /// Ends the session because its device was revoked, removed or re-keyed.
+    pub fn revoke(&self, id: &Id) {
+        self.close(MqttError::Revoked(id.clone()));
+    }
+
+    fn close(&self, why: MqttError) {
         self.ended_by.lock().unwrap().get_or_insert(why);
         self.end.cancel();
     }

@@ -28,11 +28,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub(crate) use embedded::Hub;
-
-/// Why watch closed a device's MQTT session.
-pub(crate) fn embedded_error_revoked(id: &Id) -> embedded::MqttError {
-    embedded::MqttError::Revoked(id.clone())
-}
 pub use tls::{CERT_FILE, KEY_FILE};
 
 use crate::router::Tunnel;
