@@ -19,7 +19,6 @@ use clap::Subcommand;
 use serde_json::Value;
 
 use crate::remote::Remote;
-use crate::DataDir;
 
 #[derive(Subcommand)]
 pub enum DeviceCommand {
@@ -44,7 +43,7 @@ pub enum DeviceCommand {
         #[arg(long)]
         address: Option<String>,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
     /// List devices: id, presence, tunnel, last seen, labels, exposed ports.
     List {
@@ -52,7 +51,7 @@ pub enum DeviceCommand {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
     /// Show one device.
     Show {
@@ -62,21 +61,21 @@ pub enum DeviceCommand {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
     /// Remove a device; its open tunnel closes within seconds.
     Remove {
         /// The device id (e.g. cam-42).
         id: Id,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
     /// Revoke a device: disconnect it now and refuse its key from then on.
     Revoke {
         /// The device id (e.g. cam-42).
         id: Id,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
 }
 
@@ -96,7 +95,7 @@ pub enum OperatorCommand {
         #[arg(long)]
         allow: Vec<Selector>,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
     /// List operators.
     List {
@@ -104,14 +103,14 @@ pub enum OperatorCommand {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
     /// Remove an operator; their open connections close within seconds.
     Remove {
         /// The operator name (e.g. alice).
         name: Id,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
 }
 
@@ -127,7 +126,7 @@ pub enum BanCommand {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
     /// Ban an address or CIDR; its connections are dropped at accept.
     Add {
@@ -137,14 +136,14 @@ pub enum BanCommand {
         #[arg(long = "for", default_value = "1h", value_parser = crate::parse_duration)]
         duration: Duration,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
     /// Lift a ban.
     Remove {
         /// The address or CIDR as banned.
         net: String,
         #[command(flatten)]
-        data: DataDir,
+        data: Target,
     },
 }
 
@@ -178,7 +177,7 @@ pub struct AuditArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    data: DataDir,
+    data: Target,
 }
 
 /// `1h` (that long ago) or an RFC 3339 time, as Unix seconds.
@@ -204,9 +203,30 @@ fn spoken_duration(d: std::time::Duration) -> String {
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
-/// Runs a request on the local registry, or on the pivot when `remote` is set.
-pub async fn send(remote: Option<&Remote>, data: &DataDir, req: Request) -> Result<Value> {
-    if let Some(remote) = remote {
+/// Where an admin command runs: on the registry in the pivot's data dir, or
+/// on a remote pivot over SSH. Only these commands read `--pivot` (and
+/// `BURROW_PIVOT`), so an exported address never gets in the way of
+/// `server`, `agent` or `login`.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// The pivot's data dir, when run on the pivot host.
+    #[arg(long, env = "BURROW_DATA_DIR", default_value = "/var/lib/burrow")]
+    pub data_dir: PathBuf,
+    /// Run on this pivot (HOST:PORT) over SSH instead of on a local data dir.
+    #[arg(long, env = "BURROW_PIVOT", value_name = "HOST:PORT")]
+    pub pivot: Option<String>,
+    /// Operator private key for --pivot [default: from `burrow login`, ssh-agent, ~/.ssh/id_ed25519].
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// The pivot's host key for --pivot: SHA256:... or a .pub file [default: from `burrow login`].
+    #[arg(long, alias = "pivot-fingerprint", value_name = "KEY")]
+    pub pivot_host_key: Option<String>,
+}
+
+/// Runs a request on the local registry, or on the pivot given by `--pivot`.
+pub async fn send(data: &Target, req: Request) -> Result<Value> {
+    if let Some(addr) = &data.pivot {
+        let remote = Remote::new(addr, data.pivot_host_key.as_deref(), data.identity.as_deref())?;
         return remote.call(&req).await;
     }
     let dir = &data.data_dir;
@@ -234,7 +254,7 @@ pub async fn send(remote: Option<&Remote>, data: &DataDir, req: Request) -> Resu
     }
 }
 
-pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
+pub async fn device(cmd: DeviceCommand) -> Result<()> {
     match cmd {
         DeviceCommand::Add { id, key, host_keys, labels, ttl, address, data } => {
             let key = key.map(|k| read_public_key(&k).map(|k| burrow_core::keys::openssh_line(&k))).transpose()?;
@@ -258,7 +278,7 @@ pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
                 address,
                 host_keys,
             };
-            let out = send(remote, &data, req).await?;
+            let out = send(&data, req).await?;
             if with_key {
                 println!("added device '{id}' ({})", str_of(&out["fingerprint"]));
             } else {
@@ -271,7 +291,7 @@ pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
             }
         }
         DeviceCommand::List { json, data } => {
-            let out = send(remote, &data, Request::DeviceList).await?;
+            let out = send(&data, Request::DeviceList).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
@@ -279,7 +299,7 @@ pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
             }
         }
         DeviceCommand::Show { id, json, data } => {
-            let d = send(remote, &data, Request::DeviceShow { id: id.to_string() }).await?;
+            let d = send(&data, Request::DeviceShow { id: id.to_string() }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
                 return Ok(());
@@ -299,28 +319,28 @@ pub async fn device(cmd: DeviceCommand, remote: Option<&Remote>) -> Result<()> {
             println!("added:       {}", str_of(&d["added"]));
         }
         DeviceCommand::Remove { id, data } => {
-            send(remote, &data, Request::DeviceRemove { id: id.to_string() }).await?;
+            send(&data, Request::DeviceRemove { id: id.to_string() }).await?;
             println!("removed device '{id}'");
         }
         DeviceCommand::Revoke { id, data } => {
-            send(remote, &data, Request::DeviceRevoke { id: id.to_string() }).await?;
+            send(&data, Request::DeviceRevoke { id: id.to_string() }).await?;
             println!("revoked device '{id}'");
         }
     }
     Ok(())
 }
 
-pub async fn operator(cmd: OperatorCommand, remote: Option<&Remote>) -> Result<()> {
+pub async fn operator(cmd: OperatorCommand) -> Result<()> {
     match cmd {
         OperatorCommand::Add { name, key, admin, allow, data } => {
             let key = burrow_core::keys::openssh_line(&read_public_key(&key)?);
             let allow = allow.iter().map(Selector::to_string).collect();
-            let out = send(remote, &data, Request::OperatorAdd { name: name.to_string(), key, admin, allow }).await?;
+            let out = send(&data, Request::OperatorAdd { name: name.to_string(), key, admin, allow }).await?;
             let role = if str_of(&out["role"]) == "admin" { " with admin rights" } else { "" };
             println!("added operator '{name}'{role} ({})", str_of(&out["fingerprint"]));
         }
         OperatorCommand::List { json, data } => {
-            let out = send(remote, &data, Request::OperatorList).await?;
+            let out = send(&data, Request::OperatorList).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
@@ -339,17 +359,17 @@ pub async fn operator(cmd: OperatorCommand, remote: Option<&Remote>) -> Result<(
             }
         }
         OperatorCommand::Remove { name, data } => {
-            send(remote, &data, Request::OperatorRemove { name: name.to_string() }).await?;
+            send(&data, Request::OperatorRemove { name: name.to_string() }).await?;
             println!("removed operator '{name}'");
         }
     }
     Ok(())
 }
 
-pub async fn ban(cmd: BanCommand, remote: Option<&Remote>) -> Result<()> {
+pub async fn ban(cmd: BanCommand) -> Result<()> {
     match cmd {
         BanCommand::List { json, data } => {
-            let out = send(remote, &data, Request::BanList).await?;
+            let out = send(&data, Request::BanList).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(());
@@ -366,18 +386,18 @@ pub async fn ban(cmd: BanCommand, remote: Option<&Remote>) -> Result<()> {
             }
         }
         BanCommand::Add { net, duration, data } => {
-            let out = send(remote, &data, Request::BanAdd { net, secs: duration.as_secs().max(1) }).await?;
+            let out = send(&data, Request::BanAdd { net, secs: duration.as_secs().max(1) }).await?;
             println!("banned {} until {}", str_of(&out["net"]), str_of(&out["until"]));
         }
         BanCommand::Remove { net, data } => {
-            let out = send(remote, &data, Request::BanRemove { net }).await?;
+            let out = send(&data, Request::BanRemove { net }).await?;
             println!("unbanned {}", str_of(&out["net"]));
         }
     }
     Ok(())
 }
 
-pub async fn audit(a: AuditArgs, remote: Option<&Remote>) -> Result<()> {
+pub async fn audit(a: AuditArgs) -> Result<()> {
     let req = Request::Audit {
         since: Some(a.since.unwrap_or_else(|| burrow_core::time::now_unix() - 24 * 3600)),
         until: a.until,
@@ -387,7 +407,7 @@ pub async fn audit(a: AuditArgs, remote: Option<&Remote>) -> Result<()> {
         event: a.event,
         limit: Some(a.limit),
     };
-    let out = send(remote, &a.data, req).await?;
+    let out = send(&a.data, req).await?;
     let records = out.as_array().map(Vec::as_slice).unwrap_or_default();
     if a.json {
         for r in records {

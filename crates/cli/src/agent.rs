@@ -28,6 +28,7 @@ enum AgentSub {
     Enroll(EnrollArgs),
     /// Replace this device's key, atomically on the pivot and on disk.
     RotateKey {
+        /// The agent config, as written by `burrow agent enroll`.
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },

@@ -10,7 +10,7 @@ use burrow_core::rpc::Request;
 use burrow_core::HostKeyPin;
 use serde_json::Value;
 
-use crate::remote::{credentials, home, LoginState, Remote};
+use crate::remote::{credentials, home, LoginState, Remote, DEFAULT_LOGIN};
 
 #[derive(clap::Args)]
 pub struct LoginArgs {
@@ -23,15 +23,33 @@ pub struct LoginArgs {
     /// Trust the host key the pivot shows now (prints it), when no fingerprint is at hand.
     #[arg(long, conflicts_with = "pivot_host_key")]
     accept_new: bool,
-    /// Devices are reached as ID.<suffix>.
-    #[arg(long, default_value = "burrow")]
-    suffix: String,
-    /// OpenSSH directory to write into.
+    /// Name for this pivot; its devices are reached as ID.NAME. Log in to several pivots under different names.
+    #[arg(long, alias = "suffix", default_value = DEFAULT_LOGIN, value_parser = parse_name)]
+    name: String,
+    /// Operator private key [default: ssh-agent, then ~/.ssh/id_ed25519].
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+    /// OpenSSH directory to write into [default: ~/.ssh].
     #[arg(long)]
     ssh_dir: Option<PathBuf>,
 }
 
-pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
+/// A login name is one DNS label: it ends device host names.
+fn parse_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("a name is lowercase letters, digits and inner '-' (at most 63), as in a host name".into())
+    }
+}
+
+pub async fn run(args: LoginArgs) -> Result<()> {
+    let identity = args.identity.clone();
     let (host, port) = args.address.rsplit_once(':').context("the pivot is HOST:PORT")?;
     let creds = credentials(identity.as_deref())?;
     let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
@@ -59,7 +77,7 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
     let pivot_key = me["pivot_host_key"].as_str().unwrap_or_default().to_string();
 
     let ssh_dir = args.ssh_dir.clone().unwrap_or_else(|| home().join(".ssh"));
-    let dir = ssh_dir.join("burrow");
+    let dir = ssh_dir.join("burrow").join(&args.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let known_hosts = dir.join("known_hosts");
     let config = dir.join("config");
@@ -75,18 +93,18 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
             unpinned.push(burrow_core::text::printable(id));
         }
         for key in keys {
-            writeln!(kh, "{id}.{},{id} {key}", args.suffix)?;
+            writeln!(kh, "{id}.{},{id} {key}", args.name)?;
             count += 1;
         }
     }
     std::fs::write(&known_hosts, kh)?;
-    std::fs::write(&config, ssh_config(host, port, &args.suffix, &known_hosts, identity.as_deref()))?;
+    std::fs::write(&config, ssh_config(host, port, &args.name, &known_hosts, identity.as_deref()))?;
     include_in_user_config(&ssh_dir, &config)?;
     LoginState {
+        name: args.name.clone(),
         pivot: args.address.clone(),
         fingerprint: pin.fingerprint(),
         identity: identity.clone(),
-        suffix: args.suffix.clone(),
         ssh_config: config.clone(),
     }
     .save()?;
@@ -104,17 +122,17 @@ pub async fn run(args: LoginArgs, identity: Option<PathBuf>) -> Result<()> {
             unpinned.join(", ")
         );
     }
-    println!("try: ssh root@DEVICE.{}", args.suffix);
+    println!("try: ssh root@DEVICE.{}", args.name);
     Ok(())
 }
 
-fn ssh_config(host: &str, port: &str, suffix: &str, known_hosts: &Path, identity: Option<&Path>) -> String {
+fn ssh_config(host: &str, port: &str, name: &str, known_hosts: &Path, identity: Option<&Path>) -> String {
     let mut c = String::from("# Written by `burrow login`; run it again to refresh.\n");
-    let _ = write!(c, "Host burrow-pivot\n    HostName {host}\n    Port {port}\n\n");
-    let _ = write!(c, "Host *.{suffix}\n    ProxyJump burrow-pivot\n\n");
+    let _ = write!(c, "Host {name}-pivot\n    HostName {host}\n    Port {port}\n\n");
+    let _ = write!(c, "Host *.{name}\n    ProxyJump {name}-pivot\n\n");
     let _ = write!(
         c,
-        "Host burrow-pivot *.{suffix}\n    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n",
+        "Host {name}-pivot *.{name}\n    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n",
         known_hosts.display()
     );
     if let Some(id) = identity {

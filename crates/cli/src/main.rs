@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -31,15 +31,6 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
-    /// Run admin commands on this pivot over SSH instead of a local registry.
-    #[arg(long, global = true, env = "BURROW_PIVOT")]
-    pivot: Option<String>,
-    /// Operator private key for --pivot [default: ssh-agent, then ~/.ssh/id_ed25519].
-    #[arg(long, global = true)]
-    identity: Option<PathBuf>,
-    /// The pivot's host key for --pivot (SHA256:... or a .pub file) [default: from `burrow login`].
-    #[arg(long = "pivot-fingerprint", global = true)]
-    pivot_fingerprint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -120,24 +111,14 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    // Only the admin commands talk to a remote pivot: an exported
-    // BURROW_PIVOT must not stop `server`, `agent` or `login` from running.
-    let admin = matches!(cli.command, Command::Device(_) | Command::Operator(_) | Command::Ban(_) | Command::Audit(_));
-    let remote = match (&cli.pivot, admin) {
-        (Some(addr), true) => {
-            Some(remote::Remote::new(addr, cli.pivot_fingerprint.as_deref(), cli.identity.as_deref())?)
-        }
-        _ => None,
-    };
-    let identity = cli.identity.clone();
     match cli.command {
         Command::Server(args) => server::run(*args, shutdown_on_signal()).await?,
         Command::Agent(cmd) => agent::run(*cmd, shutdown_on_signal()).await?,
-        Command::Device(cmd) => admin::device(cmd, remote.as_ref()).await?,
-        Command::Operator(cmd) => admin::operator(cmd, remote.as_ref()).await?,
-        Command::Ban(cmd) => admin::ban(cmd, remote.as_ref()).await?,
-        Command::Audit(args) => admin::audit(args, remote.as_ref()).await?,
-        Command::Login(args) => login::run(args, identity).await?,
+        Command::Device(cmd) => admin::device(cmd).await?,
+        Command::Operator(cmd) => admin::operator(cmd).await?,
+        Command::Ban(cmd) => admin::ban(cmd).await?,
+        Command::Audit(args) => admin::audit(args).await?,
+        Command::Login(args) => login::run(args).await?,
         Command::Ssh(a) => return wrappers::ssh(a).await,
         Command::Scp(a) => return wrappers::scp(a).await,
         Command::Sftp(a) => return wrappers::sftp(a).await,
@@ -146,8 +127,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The command line, with the shared MQTT flags described for the pivot in
+/// `server --help` (their defaults there are the agent's).
+fn command() -> clap::Command {
+    Cli::command().mut_subcommand("server", |s| {
+        s.mut_arg("mqtt_username", |a| a.help("MQTT username for the --mqtt-url broker."))
+            .mut_arg("mqtt_password", |a| a.help("MQTT password for the --mqtt-url broker."))
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     if !matches!(cli.command, Command::Server(_) | Command::Agent(_)) {
         // A command whose output goes to `| head` ends quietly when the pipe
         // closes, as other Unix tools do. (Long-running ones keep Rust's
@@ -177,5 +167,50 @@ fn main() -> ExitCode {
             eprintln!("burrow: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag and argument of every command says in one line what it is.
+    #[test]
+    fn every_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&command(), "burrow", &mut missing);
+        assert!(missing.is_empty(), "arguments without a description: {missing:?}");
+    }
+
+    /// Remote-admin flags belong to the admin commands only.
+    #[test]
+    fn remote_flags_only_where_used() {
+        let cmd = command();
+        let has = |path: &[&str], id: &str| {
+            let mut c = &cmd;
+            for p in path {
+                c = c.find_subcommand(p).unwrap();
+            }
+            c.get_arguments().any(|a| a.get_id().as_str() == id)
+        };
+        for path in [&["server"][..], &["agent"], &["ssh"], &["scp"], &["sftp"], &["forward"], &["login"]] {
+            assert!(!has(path, "pivot"), "{path:?} has --pivot");
+        }
+        assert!(has(&["device", "list"], "pivot") && has(&["device", "list"], "pivot_host_key"));
+        assert!(has(&["audit"], "identity") && has(&["ban", "add"], "pivot"));
     }
 }

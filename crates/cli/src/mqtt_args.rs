@@ -16,10 +16,10 @@ pub struct MqttClientArgs {
     /// Client private key (PEM) for --mqtt-cert.
     #[arg(long)]
     pub mqtt_key: Option<PathBuf>,
-    /// MQTT username [agent default: the device id].
+    /// MQTT username [default: the device id].
     #[arg(long, env = "BURROW_MQTT_USERNAME")]
     pub mqtt_username: Option<String>,
-    /// MQTT password [agent default: a login token signed with the device key].
+    /// MQTT password [default: a login token signed with the device key].
     #[arg(long, env = "BURROW_MQTT_PASSWORD", hide_env_values = true)]
     pub mqtt_password: Option<String>,
     /// Prefix of every MQTT topic burrow uses.

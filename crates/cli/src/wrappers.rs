@@ -12,33 +12,64 @@ use crate::remote::{LoginState, Remote};
 
 #[derive(clap::Args)]
 pub struct SshArgs {
-    /// [USER@]DEVICE
-    target: String,
-    /// Passed to ssh after the target (a remote command, or options before `--`).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    /// ssh's own arguments: [OPTIONS] [USER@]DEVICE[.NAME] [COMMAND]; -l, -p, -o, -i… pass through.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
     args: Vec<String>,
 }
 
 #[derive(clap::Args)]
 pub struct ScpArgs {
-    /// Files; remote ones as [USER@]DEVICE:PATH. Options (-r, -p…) pass through.
-    #[arg(required = true, num_args = 2.., allow_hyphen_values = true)]
-    paths: Vec<String>,
+    /// scp's own arguments; remote files as [USER@]DEVICE:PATH. Options (-r, -p, -i…) pass through.
+    #[arg(required = true, num_args = 2.., allow_hyphen_values = true, value_name = "ARGS")]
+    args: Vec<String>,
 }
 
 #[derive(clap::Args)]
 pub struct SftpArgs {
-    /// [USER@]DEVICE
-    target: String,
+    /// sftp's own arguments: [OPTIONS] [USER@]DEVICE[:PATH]; -b FILE, -l, -o… pass through.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    args: Vec<String>,
 }
 
 #[derive(clap::Args)]
 pub struct ForwardArgs {
-    /// DEVICE:PORT to reach.
+    /// DEVICE[.NAME]:PORT to reach.
     target: String,
     /// Local address to listen on [default: 127.0.0.1:PORT if unprivileged and free, else a free port].
     #[arg(long)]
     local: Option<String>,
+}
+
+/// Options of each OpenSSH tool that take a value (from their manuals).
+const SSH_VALUED: &str = "BbcDEeFIiJLlmOoPpQRSWw";
+const SCP_VALUED: &str = "cDFiJloPSX";
+const SFTP_VALUED: &str = "BbcDFiJloPRSsX";
+
+/// Indices of the operands in an OpenSSH tool's arguments, skipping
+/// options and their values (`-l root`, `-lroot`, `-4v`), up to `--`.
+fn operands(args: &[String], valued: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut options = true;
+    while i < args.len() {
+        let a = &args[i];
+        if options && a == "--" {
+            options = false;
+        } else if options && a.len() > 1 && a.starts_with('-') {
+            for (pos, c) in a.char_indices().skip(1) {
+                if valued.contains(c) {
+                    if pos + c.len_utf8() == a.len() {
+                        i += 1; // the value is the next argument
+                    }
+                    break;
+                }
+            }
+        } else {
+            out.push(i);
+        }
+        i += 1;
+    }
+    out
 }
 
 struct Session {
@@ -46,13 +77,14 @@ struct Session {
     remote: Remote,
 }
 
-fn session() -> Result<Session> {
-    let state = LoginState::load().context("not logged in: run `burrow login HOST:PORT` first")?;
-    let remote = Remote::new(&state.pivot, Some(&state.fingerprint), state.identity.as_deref())?;
-    Ok(Session { state, remote })
-}
-
 impl Session {
+    /// The login that `[user@]device[.name]` points at, and the device id.
+    fn for_device(target: &str) -> Result<(Session, String)> {
+        let (state, id) = LoginState::for_device(target)?;
+        let remote = Remote::new(&state.pivot, Some(&state.fingerprint), state.identity.as_deref())?;
+        Ok((Session { state, remote }, id))
+    }
+
     /// Asks the pivot whether `id:port` is reachable; prints its refusal if not.
     async fn check(&self, id: &str, port: u32) -> Result<bool> {
         match self.remote.call(&Request::Check { id: id.to_string(), port }).await {
@@ -65,7 +97,7 @@ impl Session {
     }
 
     fn host(&self, id: &str) -> String {
-        format!("{id}.{}", self.state.suffix)
+        format!("{id}.{}", self.state.name)
     }
 
     fn command(&self, program: &str) -> Command {
@@ -112,52 +144,70 @@ async fn run(mut cmd: Command) -> Result<ExitCode> {
 }
 
 pub async fn ssh(a: SshArgs) -> Result<ExitCode> {
-    let s = session()?;
-    let (user, id) = split_user(&a.target);
-    if !s.check(id, 22).await? {
+    let mut args = a.args;
+    let Some(&at) = operands(&args, SSH_VALUED).first() else { bail!("give the device: burrow ssh [USER@]DEVICE") };
+    let (user, name) = split_user(&args[at]);
+    let user = user.to_string();
+    let (s, id) = Session::for_device(name)?;
+    if !s.check(&id, 22).await? {
         return Ok(ExitCode::FAILURE);
     }
+    args[at] = format!("{user}{}", s.host(&id));
     let mut cmd = s.command("ssh");
-    cmd.arg(format!("{user}{}", s.host(id))).args(&a.args);
+    cmd.args(&args);
     run(cmd).await
 }
 
 pub async fn sftp(a: SftpArgs) -> Result<ExitCode> {
-    let s = session()?;
-    let (user, id) = split_user(&a.target);
-    if !s.check(id, 22).await? {
+    let mut args = a.args;
+    let Some(&at) = operands(&args, SFTP_VALUED).first() else { bail!("give the device: burrow sftp [USER@]DEVICE") };
+    // [user@]device[:path]
+    let (target, path) = match args[at].split_once(':') {
+        Some((t, p)) => (t.to_string(), format!(":{p}")),
+        None => (args[at].clone(), String::new()),
+    };
+    let (user, name) = split_user(&target);
+    let (s, id) = Session::for_device(name)?;
+    if !s.check(&id, 22).await? {
         return Ok(ExitCode::FAILURE);
     }
+    args[at] = format!("{user}{}{path}", s.host(&id));
     let mut cmd = s.command("sftp");
-    cmd.arg(format!("{user}{}", s.host(id)));
+    cmd.args(&args);
     run(cmd).await
 }
 
 pub async fn scp(a: ScpArgs) -> Result<ExitCode> {
-    let s = session()?;
-    let mut args = Vec::new();
-    for p in &a.paths {
+    let mut args = a.args;
+    let mut session: Option<Session> = None;
+    for at in operands(&args, SCP_VALUED) {
         // A remote path is [user@]device:path; local paths with '/' before ':' stay local.
-        match p.split_once(':') {
-            Some((target, path)) if !p.starts_with('-') && !target.contains('/') => {
-                let (user, id) = split_user(target);
-                if !s.check(id, 22).await? {
-                    return Ok(ExitCode::FAILURE);
-                }
-                args.push(format!("{user}{}:{path}", s.host(id)));
-            }
-            _ => args.push(p.clone()),
+        let Some((target, path)) = args[at].split_once(':') else { continue };
+        if target.contains('/') || target.is_empty() {
+            continue;
         }
+        let (user, name) = split_user(target);
+        let (s, id) = Session::for_device(name)?;
+        if session.as_ref().is_some_and(|prev| prev.state.name != s.state.name) {
+            bail!("scp between devices behind different pivots is not supported; copy through this machine");
+        }
+        if !s.check(&id, 22).await? {
+            return Ok(ExitCode::FAILURE);
+        }
+        args[at] = format!("{user}{}:{path}", s.host(&id));
+        session = Some(s);
     }
+    let Some(s) = session else { bail!("no remote path: name one as [USER@]DEVICE:PATH") };
     let mut cmd = s.command("scp");
     cmd.args(&args);
     run(cmd).await
 }
 
 pub async fn forward(a: ForwardArgs) -> Result<ExitCode> {
-    let s = session()?;
-    let Some((id, port)) = a.target.rsplit_once(':') else { bail!("forward takes DEVICE:PORT") };
+    let Some((name, port)) = a.target.rsplit_once(':') else { bail!("forward takes DEVICE:PORT") };
     let port: u16 = port.parse().context("port")?;
+    let (s, id) = Session::for_device(name)?;
+    let id = id.as_str();
     if !s.check(id, u32::from(port)).await? {
         return Ok(ExitCode::FAILURE);
     }
@@ -175,7 +225,26 @@ pub async fn forward(a: ForwardArgs) -> Result<ExitCode> {
         }
     };
     let mut cmd = s.command("ssh");
-    cmd.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L", &format!("{local}:{id}:{port}"), "burrow-pivot"]);
+    cmd.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L", &format!("{local}:{id}:{port}"), &s.state.pivot_alias()]);
     eprintln!("forwarding {local} to {id}:{port}; Ctrl-C to stop");
     run(cmd).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ops(args: &[&str], valued: &str) -> Vec<usize> {
+        operands(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>(), valued)
+    }
+
+    #[test]
+    fn finds_the_destination_past_options() {
+        assert_eq!(ops(&["-l", "root", "cam-43", "uname"], SSH_VALUED), [2, 3]);
+        assert_eq!(ops(&["-lroot", "-4v", "cam-43"], SSH_VALUED), [2]);
+        assert_eq!(ops(&["-o", "BatchMode=yes", "-t", "cam-43"], SSH_VALUED), [3]);
+        assert_eq!(ops(&["--", "-cam"], SSH_VALUED), [1]);
+        assert_eq!(ops(&["-b", "batch.txt", "root@cam-43"], SFTP_VALUED), [2]);
+        assert_eq!(ops(&["-r", "-i", "k:ey", "a", "cam:/b"], SCP_VALUED), [3, 4]);
+    }
 }

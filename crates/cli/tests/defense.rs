@@ -453,9 +453,9 @@ fn admin_changes_are_audited_with_actor_and_arguments_remote_and_local() {
     // Remote, over SSH as alice.
     let remote = |args: &[&str]| {
         let mut cmd = Command::new(BURROW);
-        cmd.args(["--pivot", &pivot.addr.to_string(), "--identity", op.key.private.to_str().unwrap()])
-            .args(["--pivot-fingerprint", pivot.host_key_pub().to_str().unwrap()])
-            .args(args)
+        cmd.args(args)
+            .args(["--pivot", &pivot.addr.to_string(), "--identity", op.key.private.to_str().unwrap()])
+            .args(["--pivot-host-key", pivot.host_key_pub().to_str().unwrap()])
             .env("HOME", op.dir.path());
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
@@ -540,8 +540,9 @@ fn a_restricted_operator_cannot_tell_unknown_devices_from_forbidden_ones() {
     assert!(stderr(&missing).contains("not allowed to reach device 'cam-nowhere'"), "{}", stderr(&missing));
     let remote = |id: &str| {
         Command::new(BURROW)
+            .args(["device", "show", id])
             .args(["--pivot", &pivot.addr.to_string(), "--identity", op.key.private.to_str().unwrap()])
-            .args(["--pivot-fingerprint", pivot.host_key_pub().to_str().unwrap(), "device", "show", id])
+            .args(["--pivot-host-key", pivot.host_key_pub().to_str().unwrap()])
             .env("HOME", op.dir.path())
             .output()
             .unwrap()
@@ -880,9 +881,9 @@ fn ban_and_audit_commands_are_for_admins_locally_and_over_ssh() {
     pivot.admin_ok(&["operator", "add", "root-admin", "--admin", "--key", admin.public.to_str().unwrap()]);
     let remote = |key: &KeyPair, args: &[&str]| {
         Command::new(BURROW)
-            .args(["--pivot", &pivot.addr.to_string(), "--identity", key.private.to_str().unwrap()])
-            .args(["--pivot-fingerprint", pivot.host_key_pub().to_str().unwrap()])
             .args(args)
+            .args(["--pivot", &pivot.addr.to_string(), "--identity", key.private.to_str().unwrap()])
+            .args(["--pivot-host-key", pivot.host_key_pub().to_str().unwrap()])
             .env("HOME", op.dir.path())
             .output()
             .unwrap()

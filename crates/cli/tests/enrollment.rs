@@ -73,7 +73,7 @@ impl Laptop {
     fn login(&self, pivot: &TestPivot) -> Output {
         let fp = fingerprint(&pivot.host_key_pub());
         let addr = pivot.addr.to_string();
-        self.burrow(&["--identity", self.key.private.to_str().unwrap(), "login", &addr, "--pivot-host-key", &fp])
+        self.burrow(&["login", &addr, "--pivot-host-key", &fp, "--identity", self.key.private.to_str().unwrap()])
     }
 
     /// The stock ssh client with the user config `burrow login` extended.
@@ -92,9 +92,8 @@ impl Laptop {
     fn remote(&self, pivot: &TestPivot, args: &[&str]) -> Output {
         let fp = fingerprint(&pivot.host_key_pub());
         let addr = pivot.addr.to_string();
-        let mut all =
-            vec!["--pivot", &addr, "--pivot-fingerprint", &fp, "--identity", self.key.private.to_str().unwrap()];
-        all.extend_from_slice(args);
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--pivot", &addr, "--pivot-host-key", &fp, "--identity", self.key.private.to_str().unwrap()]);
         self.burrow(&all)
     }
 }
@@ -148,7 +147,7 @@ fn from_token_to_strict_ssh_by_name() {
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
 
     ok(&laptop.login(&pivot));
-    let cfg = std::fs::read_to_string(laptop.home.path().join(".ssh/burrow/config")).unwrap();
+    let cfg = std::fs::read_to_string(laptop.home.path().join(".ssh/burrow/burrow/config")).unwrap();
     assert!(cfg.contains("StrictHostKeyChecking yes") && cfg.contains("ProxyJump burrow-pivot"), "{cfg}");
     assert!(!cfg.contains("StrictHostKeyChecking no"));
     let out = laptop.ssh(&["-o", "StrictHostKeyChecking=yes", "root@cam-42.burrow", "echo strict-ok"]);
@@ -161,6 +160,25 @@ fn from_token_to_strict_ssh_by_name() {
     let remote_path = format!("root@cam-42:{}/fw.bin", sshd.dir.path().display());
     ok(&laptop.burrow(&["scp", local.to_str().unwrap(), &remote_path]));
     assert_eq!(std::fs::read(sshd.dir.path().join("fw.bin")).unwrap(), b"firmware");
+
+    // OpenSSH's own options pass through: ssh -l, sftp -b.
+    assert_eq!(ok(&laptop.burrow(&["ssh", "-l", "root", "-o", "BatchMode=yes", "cam-42", "echo l-ok"])).trim(), "l-ok");
+    let batch = laptop.home.path().join("batch.txt");
+    std::fs::write(&batch, format!("get {}/fw.bin {}/back.bin\n", sshd.dir.path().display(), laptop.home.path().display()))
+        .unwrap();
+    ok(&laptop.burrow(&["sftp", "-b", batch.to_str().unwrap(), "root@cam-42"]));
+    assert_eq!(std::fs::read(laptop.home.path().join("back.bin")).unwrap(), b"firmware");
+
+    // A second login under another name: its devices are ID.NAME; a bare id
+    // still means the default login.
+    let fp = fingerprint(&pivot.host_key_pub());
+    let addr = pivot.addr.to_string();
+    let key = laptop.key.private.to_str().unwrap();
+    ok(&laptop.burrow(&["login", &addr, "--name", "lab", "--pivot-host-key", &fp, "--identity", key]));
+    let out = laptop.ssh(&["root@cam-42.lab", "echo lab-ok"]);
+    assert_eq!(ok(&out).trim(), "lab-ok");
+    assert_eq!(ok(&laptop.burrow(&["ssh", "root@cam-42.lab", "echo lab-wrapped"])).trim(), "lab-wrapped");
+    assert_eq!(ok(&laptop.burrow(&["ssh", "root@cam-42", "echo default"])).trim(), "default");
 }
 
 #[test]
@@ -342,14 +360,14 @@ fn remote_administration_by_role() {
     let addr = pivot.addr.to_string();
     let wrong = fingerprint(&dev_key.public);
     let out = admin.burrow(&[
+        "device",
+        "list",
         "--pivot",
         &addr,
-        "--pivot-fingerprint",
+        "--pivot-fingerprint", // the old name still works
         &wrong,
         "--identity",
         admin.key.private.to_str().unwrap(),
-        "device",
-        "list",
     ]);
     assert!(stderr(&out).contains("host key mismatch"), "{}", stderr(&out));
 }
@@ -487,8 +505,8 @@ fn remote_admin_signs_with_keys_from_ssh_agent() {
         Command::new(BURROW)
             .env("HOME", admin.home.path())
             .env("SSH_AUTH_SOCK", &sock)
-            .args(["--pivot", &addr, "--pivot-fingerprint", &fp])
             .args(args)
+            .args(["--pivot", &addr, "--pivot-host-key", &fp])
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -528,7 +546,7 @@ fn host_keys_given_at_device_add_are_pinned_and_login_names_devices_without() {
     let out = ok(&laptop.login(&pivot));
     assert!(out.contains("(1 device host keys pinned)"), "{out}");
     assert!(out.contains("no host keys registered for: cam-10 "), "{out}");
-    let known = std::fs::read_to_string(laptop.home.path().join(".ssh/burrow/known_hosts")).unwrap();
+    let known = std::fs::read_to_string(laptop.home.path().join(".ssh/burrow/burrow/known_hosts")).unwrap();
     let key_body = sshd.host_key.public_line();
     let key_body = key_body.split_whitespace().nth(1).unwrap();
     assert!(known.lines().any(|l| l.starts_with("cam-9.burrow,cam-9 ") && l.contains(key_body)), "{known}");
