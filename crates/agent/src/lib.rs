@@ -9,13 +9,17 @@
 //! - [`enroll`]: joining with a token, rotating the device key.
 //! - [`pivot_client`]: one-off admin requests to the pivot over SSH.
 //! - `backoff`: jittered exponential backoff.
+//! - [`status`]: the state `burrow agent status` reads.
 
 mod backoff;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod enroll;
 mod forward;
 mod on_demand;
 pub mod pivot_client;
 mod session;
+pub mod status;
 pub mod tls;
 
 use std::sync::Arc;
@@ -26,7 +30,7 @@ use burrow_core::signal::Topics;
 use burrow_core::{Expose, HostKeyPin, Id};
 use russh::keys::PrivateKey;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 pub use session::SessionError;
 
@@ -68,6 +72,11 @@ pub struct Config {
     pub stable_after: Duration,
     /// Wait on MQTT and dial only when asked; `None` keeps a permanent tunnel.
     pub signal: Option<SignalConfig>,
+    /// The wait after a refusal that retrying will not fix (revoked, unknown
+    /// key, wrong pin): under the pivot's ban threshold of 5 failures in 10 minutes.
+    pub refused_retry: Duration,
+    /// Where to keep the agent's status for `burrow agent status`.
+    pub status_path: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -94,6 +103,8 @@ impl Config {
             backoff_max: Duration::from_secs(15),
             stable_after: Duration::from_secs(60),
             signal: None,
+            refused_retry: Duration::from_secs(180),
+            status_path: None,
         }
     }
 }
@@ -124,33 +135,68 @@ pub enum AgentError {
 /// Runs until `shutdown`: on demand when signaling is configured, otherwise
 /// holding a permanent tunnel.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
-    if config.signal.is_some() {
-        return on_demand::run(Arc::new(config), shutdown).await;
-    }
-    let server = config.server.clone().ok_or(AgentError::NoServer)?;
-    always_on(Arc::new(config), &server, shutdown).await;
-    Ok(())
+    let mode = if config.signal.is_some() { "on-demand" } else { "always-on" };
+    let status = Arc::new(status::StatusFile::new(config.status_path.clone(), config.id.as_str(), mode));
+    let result = if config.signal.is_some() {
+        on_demand::run(Arc::new(config), shutdown, status.clone()).await
+    } else {
+        let server = config.server.clone().ok_or(AgentError::NoServer)?;
+        always_on(Arc::new(config), &server, shutdown, &status).await;
+        Ok(())
+    };
+    status.set(status::State::Stopped, None, None);
+    result
 }
 
 /// Holds the tunnel up, reconnecting with backoff, until `shutdown`.
-async fn always_on(config: Arc<Config>, server: &str, shutdown: CancellationToken) {
+async fn always_on(config: Arc<Config>, server: &str, shutdown: CancellationToken, status: &status::StatusFile) {
     let mut backoff = backoff::Backoff::new(config.backoff_initial, config.backoff_max);
+    let mut last_refusal: Option<String> = None;
     loop {
         info!(server, device = %config.id, "connecting");
+        status.set(status::State::Connecting, None, Some(server));
         let started = Instant::now();
-        match session::hold(config.clone(), server, &shutdown).await {
+        let mut delay = None;
+        match session::hold(config.clone(), server, &shutdown, status).await {
             Ok(()) if shutdown.is_cancelled() => {
                 info!("stopped");
                 return;
             }
-            Ok(()) => info!("connection to the pivot closed"),
-            Err(e) => error!("{}", error_chain(&e)),
+            Ok(()) => {
+                info!("connection to the pivot closed");
+                last_refusal = None;
+            }
+            Err(e) if e.is_lasting() => {
+                // Said once; the same refusal again is only a debug line.
+                let text = error_chain(&e);
+                let wait = config.refused_retry.mul_f64(rand::random_range(0.9..=1.1));
+                if last_refusal.as_deref() != Some(text.as_str()) {
+                    error!("{text}; this needs a fix on the device or the pivot, retrying every {:.0}s", wait.as_secs_f64());
+                } else {
+                    debug!("still refused: {text}");
+                }
+                status.set(status::State::Refused, Some(text.clone()), Some(server));
+                last_refusal = Some(text);
+                delay = Some(wait);
+            }
+            Err(e) => {
+                let text = error_chain(&e);
+                error!("{text}");
+                status.set(status::State::Retrying, Some(text), Some(server));
+                last_refusal = None;
+            }
         }
         if started.elapsed() >= config.stable_after {
             backoff.reset();
         }
-        let delay = backoff.next_delay();
-        info!("reconnecting in {:.1}s", delay.as_secs_f64());
+        let delay = match delay {
+            Some(d) => d,
+            None => {
+                let d = backoff.next_delay();
+                info!("reconnecting in {:.1}s", d.as_secs_f64());
+                d
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => {

@@ -18,19 +18,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::status::{State, StatusFile};
 use crate::{error_chain, session, AgentError, Config, SignalConfig};
-
-/// How long to wait after a refusal that retrying soon would not fix:
-/// under the pivot's ban threshold (5 failures in 10 minutes).
-const LASTING_REFUSAL_RETRY: Duration = Duration::from_secs(180);
 
 /// How one tunnel ended, reported back to the MQTT loop.
 struct TunnelEnd {
     req: WakeRequest,
     error: Option<String>,
+    lasting: bool,
 }
 
-pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken, status: Arc<StatusFile>) -> Result<(), AgentError> {
     let signal = config.signal.clone().expect("on-demand mode has signaling");
     let id = config.id.to_string();
     let topics = signal.topics.clone();
@@ -68,9 +66,16 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
             Some(end) = done_rx.recv() => {
                 tunnel = None;
                 match end.error {
-                    None => info!(pivot = %end.req.pivot, "tunnel closed; waiting for wake-ups"),
+                    None => {
+                        info!(pivot = %end.req.pivot, "tunnel closed; waiting for wake-ups");
+                        status.set(State::Waiting, None, None);
+                    }
                     Some(reason) => {
+                        // Each attempt answers an operator's request, so each
+                        // is logged; the status keeps the last reason.
                         warn!(pivot = %end.req.pivot, "could not connect to the pivot: {reason}");
+                        let state = if end.lasting { State::Refused } else { State::Waiting };
+                        status.set(state, Some(reason.clone()), Some(&end.req.pivot));
                         let status = Status { nonce: end.req.nonce, pivot: end.req.pivot, state: "error".into(), reason: Some(reason), at: now_unix() };
                         let payload = serde_json::to_vec(&status).expect("status serializes");
                         let _ = client.try_publish(topics.status(&id), QoS::AtLeastOnce, false, payload);
@@ -81,6 +86,9 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
                     info!("connected to the MQTT broker");
+                    if tunnel.is_none() {
+                        status.set(State::Waiting, None, None);
+                    }
                     let _ = client.try_subscribe(topics.request(&id), QoS::AtLeastOnce);
                     let presence = serde_json::to_vec(&Presence::online("on-demand", now_unix())).expect("presence serializes");
                     let _ = client.try_publish(topics.presence(&id), QoS::AtLeastOnce, true, presence);
@@ -121,13 +129,16 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                         continue;
                     }
                     info!(pivot = %req.pivot, "wake request; dialing the pivot");
+                    status.set(State::Connecting, None, Some(&req.pivot));
                     let cancel = shutdown.child_token();
                     tunnel = Some(cancel.clone());
                     let (config, done) = (config.clone(), done_tx.clone());
+                    let status = status.clone();
                     tokio::spawn(async move {
-                        let result = session::hold(config, &req.pivot, &cancel).await;
+                        let result = session::hold(config, &req.pivot, &cancel, &status).await;
+                        let lasting = result.as_ref().err().is_some_and(|e| e.is_lasting());
                         let error = result.err().map(|e| error_chain(&e));
-                        let _ = done.send(TunnelEnd { req, error }).await;
+                        let _ = done.send(TunnelEnd { req, error, lasting }).await;
                     });
                 }
                 Ok(_) => {}
@@ -144,7 +155,10 @@ pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Res
                         other => other.to_string().contains("is not the pinned"),
                     };
                     if lasting {
-                        delay = delay.max(LASTING_REFUSAL_RETRY);
+                        delay = delay.max(config.refused_retry);
+                        status.set(State::Refused, Some(format!("the MQTT broker refused the login: {e}")), None);
+                    } else {
+                        status.set(State::Retrying, Some(format!("MQTT broker unreachable: {e}")), None);
                     }
                     match &e {
                         rumqttc::ConnectionError::ConnectionRefused(code) => warn!(

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::pivot_client::Pinned;
+use crate::status::{State, StatusFile};
 use crate::{forward, Config};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,17 +28,36 @@ pub enum SessionError {
     ConnectTimeout(String),
     #[error("host key mismatch: the pivot offered {got} but {expected} is pinned; refusing to connect")]
     HostKeyMismatch { expected: String, got: String },
-    #[error("the pivot refused the key of device '{0}'; is it registered with this key?")]
-    AuthRejected(String),
+    #[error("the pivot does not know the key {fingerprint} of device '{id}': it was never registered there, or was removed")]
+    AuthRejected { id: String, fingerprint: String },
     #[error("the pivot refused to forward port {port} for device '{id}'")]
     ForwardRefused { id: String, port: u16 },
+    /// The pivot ended the connection with a reason of its own.
+    #[error("the pivot refused device '{id}': {reason}")]
+    Refused { id: String, reason: String },
     #[error("ssh connection failed")]
     Ssh(#[from] russh::Error),
+}
+
+impl SessionError {
+    /// A refusal that retrying soon will not fix: the device's key, id or
+    /// pin is wrong, or it was revoked. Needs a person, so it is retried slowly.
+    pub fn is_lasting(&self) -> bool {
+        matches!(
+            self,
+            SessionError::HostKeyMismatch { .. }
+                | SessionError::AuthRejected { .. }
+                | SessionError::ForwardRefused { .. }
+                | SessionError::Refused { .. }
+        )
+    }
 }
 
 struct AgentHandler {
     config: Arc<Config>,
     pinned: Pinned,
+    /// The message of the pivot's disconnect, if it sent one.
+    said: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl client::Handler for AgentHandler {
@@ -45,6 +65,19 @@ impl client::Handler for AgentHandler {
 
     async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         Ok(self.pinned.check(key))
+    }
+
+    async fn disconnected(&mut self, reason: client::DisconnectReason<Self::Error>) -> Result<(), Self::Error> {
+        match reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => {
+                let text = burrow_core::text::printable(&burrow_core::text::excerpt(&info.message, 512)).into_owned();
+                if !text.is_empty() {
+                    *self.said.lock().unwrap() = Some(text);
+                }
+                Ok(())
+            }
+            client::DisconnectReason::Error(e) => Err(e),
+        }
     }
 
     async fn server_channel_open_forwarded_tcpip(
@@ -77,7 +110,12 @@ fn ssh_config(config: &Config) -> Arc<client::Config> {
 }
 
 /// Holds one connection to `server` until it ends (Ok) or fails to come up (Err).
-pub(crate) async fn hold(config: Arc<Config>, server: &str, shutdown: &CancellationToken) -> Result<(), SessionError> {
+pub(crate) async fn hold(
+    config: Arc<Config>,
+    server: &str,
+    shutdown: &CancellationToken,
+    status: &StatusFile,
+) -> Result<(), SessionError> {
     let server = server.to_string();
     let tcp = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
@@ -90,7 +128,11 @@ pub(crate) async fn hold(config: Arc<Config>, server: &str, shutdown: &Cancellat
     let _ = tcp.set_nodelay(true);
     let pinned = Pinned::new(config.pivot_host_key.clone());
     let mismatch = pinned.mismatch.clone();
-    let handler = AgentHandler { config: config.clone(), pinned };
+    let said = Arc::new(std::sync::Mutex::new(None));
+    let handler = AgentHandler { config: config.clone(), pinned, said: said.clone() };
+    let refused = |id: &crate::Id| {
+        said.lock().unwrap().take().map(|reason| SessionError::Refused { id: id.to_string(), reason })
+    };
     let connecting =
         tokio::time::timeout(config.connect_timeout, client::connect_stream(ssh_config(&config), tcp, handler));
     let mut handle = match connecting.await {
@@ -104,22 +146,35 @@ pub(crate) async fn hold(config: Arc<Config>, server: &str, shutdown: &Cancellat
         Err(_) => return Err(SessionError::ConnectTimeout(server)),
     };
 
-    let key = PrivateKeyWithHashAlg::new(config.current_key(), None);
-    match handle.authenticate_publickey(config.id.as_str(), key).await? {
-        AuthResult::Success => {}
-        AuthResult::Failure { .. } => return Err(SessionError::AuthRejected(config.id.to_string())),
+    let current = config.current_key();
+    let fingerprint = burrow_core::fingerprint(current.public_key());
+    let key = PrivateKeyWithHashAlg::new(current, None);
+    match handle.authenticate_publickey(config.id.as_str(), key).await {
+        Ok(AuthResult::Success) => {}
+        Ok(AuthResult::Failure { .. }) => {
+            return Err(SessionError::AuthRejected { id: config.id.to_string(), fingerprint })
+        }
+        Err(e) => return Err(refused(&config.id).unwrap_or(e.into())),
     }
     for e in &config.expose {
         if handle.tcpip_forward(config.id.as_str(), u32::from(e.port)).await.is_err() {
+            // A key let in only to be told why it is refused.
+            if let Some(refusal) = refused(&config.id) {
+                return Err(refusal);
+            }
             return Err(SessionError::ForwardRefused { id: config.id.to_string(), port: e.port });
         }
     }
     let ports: Vec<u16> = config.expose.iter().map(|e| e.port).collect();
     info!(device = %config.id, ?ports, "tunnel up");
+    status.set(State::Connected, None, Some(&server));
 
     tokio::select! {
         r = &mut handle => {
             r?;
+            if let Some(why) = said.lock().unwrap().take() {
+                info!("the pivot closed the tunnel: {why}");
+            }
             Ok(())
         }
         _ = shutdown.cancelled() => {

@@ -86,8 +86,13 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     writeln!(kh, "{pivot_name} {pivot_key}")?;
     let mut count = 0;
     let mut unpinned = Vec::new();
+    let mut ids = Vec::new();
     for d in devices.as_array().into_iter().flatten() {
         let id = d["id"].as_str().unwrap_or_default();
+        if burrow_core::Id::parse(id).is_err() {
+            continue; // never write what the pivot sent unchecked into ssh_config
+        }
+        ids.push(id.to_string());
         let keys: Vec<&str> = d["host_keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
         if keys.is_empty() {
             unpinned.push(burrow_core::text::printable(id));
@@ -98,7 +103,7 @@ pub async fn run(args: LoginArgs) -> Result<()> {
         }
     }
     std::fs::write(&known_hosts, kh)?;
-    std::fs::write(&config, ssh_config(host, port, &args.name, &known_hosts, identity.as_deref()))?;
+    std::fs::write(&config, ssh_config(host, port, &args.name, &ids, &known_hosts, identity.as_deref()))?;
     include_in_user_config(&ssh_dir, &config)?;
     LoginState {
         name: args.name.clone(),
@@ -126,8 +131,14 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     Ok(())
 }
 
-fn ssh_config(host: &str, port: &str, name: &str, known_hosts: &Path, identity: Option<&Path>) -> String {
+fn ssh_config(host: &str, port: &str, name: &str, ids: &[String], known_hosts: &Path, identity: Option<&Path>) -> String {
     let mut c = String::from("# Written by `burrow login`; run it again to refresh.\n");
+    // The pivot knows each device by its bare id whatever this login is
+    // called; a device added since needs the login run again (for its host
+    // key too).
+    for id in ids {
+        let _ = write!(c, "Host {id}.{name}\n    HostName {id}\n");
+    }
     let _ = write!(c, "Host {name}-pivot\n    HostName {host}\n    Port {port}\n\n");
     let _ = write!(c, "Host *.{name}\n    ProxyJump {name}-pivot\n\n");
     let _ = write!(

@@ -2,10 +2,8 @@
 //! operator commands.
 
 mod admin;
-mod agent;
 mod login;
 mod malloc;
-mod mqtt_args;
 mod remote;
 mod server;
 mod wrappers;
@@ -35,10 +33,7 @@ struct Cli {
     command: Command,
 }
 
-/// `30s`, `10m`, `24h`, `90d`: positive and at most 100 years.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    burrow_core::time::parse_duration(s).map_err(|e| e.to_string())
-}
+pub use burrow_agent::cli::parse_duration;
 
 /// Where the pivot keeps its host key and registry.
 #[derive(clap::Args, Clone)]
@@ -53,7 +48,7 @@ enum Command {
     /// Run the pivot: the SSH server devices dial and operators jump through.
     Server(Box<server::ServerArgs>),
     /// Run the device agent, or enroll this device (`agent enroll`).
-    Agent(Box<agent::AgentCmd>),
+    Agent(Box<burrow_agent::cli::AgentCmd>),
     /// Manage devices (locally on the pivot host, or with --pivot).
     #[command(subcommand)]
     Device(admin::DeviceCommand),
@@ -97,23 +92,14 @@ fn init_logging(verbose: u8, json: bool) {
 /// Cancelled on Ctrl-C or SIGTERM.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler can be installed");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        t.cancel();
-    });
+    burrow_agent::cli::cancel_on_signal(token.clone());
     token
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Server(args) => server::run(*args, shutdown_on_signal()).await?,
-        Command::Agent(cmd) => agent::run(*cmd, shutdown_on_signal()).await?,
+        Command::Agent(cmd) => burrow_agent::cli::run(*cmd, shutdown_on_signal()).await?,
         Command::Device(cmd) => admin::device(cmd).await?,
         Command::Operator(cmd) => admin::operator(cmd).await?,
         Command::Ban(cmd) => admin::ban(cmd).await?,

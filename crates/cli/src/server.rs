@@ -15,7 +15,7 @@ use burrow_server::signal::{BrokerConfig, SignalConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::mqtt_args::MqttClientArgs;
+use burrow_agent::cli::mqtt_args::MqttClientArgs;
 use crate::DataDir;
 
 #[derive(clap::Args)]

@@ -278,9 +278,17 @@ fn revoking_a_device_disconnects_it_and_refuses_it() {
     pivot.admin_ok(&["operator", "remove", "root"]);
     pivot.admin_ok(&["device", "revoke", "cam-42"]);
     assert!(pivot.wait_online("cam-42", false, Duration::from_secs(5)), "revoked device still connected");
-    assert!(wait_until(Duration::from_secs(10), || agent.log_text().contains("refused the key of device 'cam-42'")));
+    // The agent names the pivot's reason once, and retries slowly.
+    let said = "the pivot refused device 'cam-42': device 'cam-42' was revoked on";
+    assert!(wait_until(Duration::from_secs(10), || agent.log_text().contains(said)), "{}", agent.log_text());
+    assert!(agent.log_text().contains("needs a fix on the device or the pivot, retrying every"), "{}", agent.log_text());
     assert_eq!(pivot.device_json("cam-42").unwrap()["revoked"], true);
     assert!(!pivot.is_online("cam-42"));
+    // `agent status` says so, and fails.
+    let out = Command::new(BURROW).args(["agent", "status", "--status-file"]).arg(agent.status_file()).output().unwrap();
+    assert!(!out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("state:   refused") && text.contains("was revoked on"), "{text}");
 }
 
 #[test]

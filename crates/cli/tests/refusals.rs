@@ -54,10 +54,11 @@ fn port_not_exposed_is_named_in_the_refusal() {
     assert!(stderr(&out).contains("device 'cam-42' does not expose port 8080"), "{}", stderr(&out));
 }
 
-/// `ssh -N -R ID:22:... -i KEY ID@pivot` with ExitOnForwardFailure, as a stock device would.
-fn stock_forward(pivot: &TestPivot, op: &Operator, key: &KeyPair, bind: &str) -> std::process::Output {
+/// `ssh -N -R BIND:22:... -i KEY USER@pivot` with ExitOnForwardFailure, as a stock device would.
+fn stock_forward(pivot: &TestPivot, op: &Operator, key: &KeyPair, user: &str, bind: &str) -> std::process::Output {
     op.bare_ssh(pivot, key)
-        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R", &format!("{bind}:22:127.0.0.1:22"), "device@127.0.0.1"])
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R", &format!("{bind}:22:127.0.0.1:22")])
+        .arg(format!("{user}@127.0.0.1"))
         .output()
         .unwrap()
 }
@@ -69,18 +70,27 @@ fn device_key_cannot_claim_another_devices_id() {
     let k43 = KeyPair::generate(op.dir.path(), "cam-43");
     pivot.add_device("cam-42", &k42);
     pivot.add_device("cam-43", &k43);
-    let out = stock_forward(&pivot, &op, &k42, "cam-43");
+    let out = stock_forward(&pivot, &op, &k42, "cam-42", "cam-43");
     assert!(!out.status.success(), "forward for another id was accepted");
     assert!(stderr(&out).contains("remote port forwarding failed"), "{}", stderr(&out));
     assert!(!pivot.is_online("cam-43"));
+    // Logging in under another id is refused with the reason, which only
+    // the key's holder sees.
+    let out = stock_forward(&pivot, &op, &k42, "cam-43", "cam-43");
+    assert!(!out.status.success(), "login as another id was accepted");
+    assert!(stderr(&out).contains("this key belongs to device 'cam-42', not 'cam-43'"), "{}", stderr(&out));
+    assert!(!pivot.is_online("cam-43"));
 
-    // The agent with a mismatched id fails the same way and says so.
+    // The agent with a mismatched id is told the same, and its status says so.
     let agent = TestAgent::start(BURROW, &pivot, "cam-43", &k42, &["22=127.0.0.1:22".to_string()]);
     assert!(wait_until(Duration::from_secs(15), || agent
         .proc
         .log_text()
-        .contains("the pivot refused to forward port 22 for device 'cam-43'")));
+        .contains("the pivot refused device 'cam-43': this key belongs to device 'cam-42', not 'cam-43'")));
     assert!(!pivot.is_online("cam-43"));
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.proc.status_file()).unwrap()).unwrap();
+    assert_eq!(status["state"], "refused", "{status}");
 }
 
 #[test]
@@ -103,7 +113,7 @@ fn operator_cannot_forward() {
     let (pivot, op) = pivot_with_operator();
     let k42 = KeyPair::generate(op.dir.path(), "cam-42");
     pivot.add_device("cam-42", &k42);
-    let out = stock_forward(&pivot, &op, &op.key, "cam-42");
+    let out = stock_forward(&pivot, &op, &op.key, "device", "cam-42");
     assert!(!out.status.success(), "operator forward was accepted");
     assert!(stderr(&out).contains("remote port forwarding failed"), "{}", stderr(&out));
     assert!(!pivot.is_online("cam-42"));

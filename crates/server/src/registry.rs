@@ -625,6 +625,15 @@ impl Registry {
         Ok(found.is_some())
     }
 
+    /// The device a revoked key belonged to, and when it was revoked.
+    pub async fn revoked_device(&self, fp: &str) -> Result<Option<(String, i64)>, RegistryError> {
+        let row = sqlx::query("SELECT id, revoked_at FROM devices WHERE fingerprint = ? AND revoked_at IS NOT NULL")
+            .bind(fp)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get("id"), r.get("revoked_at"))))
+    }
+
     /// Bans `net` until `until`; a ban of the same net already in force is
     /// only ever lengthened (lift it with `remove_ban` to shorten it).
     pub async fn add_ban(&self, net: &str, until: i64, reason: &str, actor: &str) -> Result<(), RegistryError> {

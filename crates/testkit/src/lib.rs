@@ -85,6 +85,11 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
         let file = std::fs::File::create(&log).unwrap();
+        // An agent keeps its status next to its log, not in the machine's
+        // /run, where parallel tests would overwrite each other's.
+        if std::env::var_os("BURROW_AGENT_STATUS").is_none() {
+            cmd.env("BURROW_AGENT_STATUS", log.with_extension("status.json"));
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stderr(file.try_clone().unwrap())
@@ -92,6 +97,11 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc { name: name.to_string(), child, log }
+    }
+
+    /// The status an agent started by `spawn` keeps (`burrow agent status --status-file`).
+    pub fn status_file(&self) -> PathBuf {
+        self.log.with_extension("status.json")
     }
 
     pub fn log_text(&self) -> String {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use burrow_core::fingerprint;
 use burrow_core::text::{excerpt, printable};
+use burrow_core::time::format_unix;
 use russh::keys::ssh_key::{Algorithm, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::Channel;
@@ -131,6 +132,11 @@ pub(crate) struct Connection {
     enrollee: Option<PublicKey>,
     /// The key and user name that got in, for the audit.
     authed: Option<(String, String)>,
+    /// Why a key that proved itself is refused anyway. Only its holder may
+    /// learn this, so the key is let in and the connection is then ended
+    /// with the reason as the disconnect message (SSH has no other way to
+    /// say why a key was refused).
+    refusal: Option<String>,
     /// Channels open now on this connection.
     channels: Arc<Counter>,
 }
@@ -145,6 +151,7 @@ impl Connection {
             pending: None,
             enrollee: None,
             authed: None,
+            refusal: None,
             channels: Default::default(),
         }
     }
@@ -158,6 +165,16 @@ impl Connection {
         info!(peer = %self.peer, conn = self.conn, user = %excerpt(user, 64), fingerprint = fp, "key refused: {why}");
         self.state.reject(format!("{why} ({fp})"));
         Auth::reject()
+    }
+
+    /// Lets a key that proved itself in only to end the connection with
+    /// `why` (see `refusal`). It counts toward a ban like any refused key.
+    fn refuse_with_reason(&mut self, user: &str, fp: &str, why: String) -> Auth {
+        info!(peer = %self.peer, conn = self.conn, user = %excerpt(user, 64), fingerprint = fp, "login refused: {why}");
+        self.state.reject(format!("{why} ({fp})"));
+        self.authed = Some((excerpt(user, 64), fp.to_string()));
+        self.refusal = Some(why);
+        Auth::Accept
     }
 
     fn audit(&self, event: &str) -> AuditRecord {
@@ -197,6 +214,8 @@ impl Handler for Connection {
         Ok(match self.lookup(offer.public_key).await? {
             Some(_) => Auth::Accept,
             None if user == ENROLL_USER => Auth::Accept,
+            // A revoked device's key may sign, to be told it is revoked.
+            None if Box::pin(self.shared.registry.key_registered(&fp)).await? => Auth::Accept,
             None => self.refuse_key(user, &fp, "unknown key"),
         })
     }
@@ -208,6 +227,17 @@ impl Handler for Connection {
         }
         match self.lookup(key.public_key).await? {
             Some(found) => {
+                // A device logs in as its own id: a mismatch is a
+                // misconfigured agent, told whose key it holds.
+                if let Identity::Device(id) = &found.0 {
+                    if user != id.as_str() && user != ENROLL_USER {
+                        let why = format!(
+                            "this key belongs to device '{id}', not '{}'; log in as {id}",
+                            printable(&excerpt(user, 64))
+                        );
+                        return Ok(self.refuse_with_reason(user, &fp, why));
+                    }
+                }
                 // One key may hold only so many connections: a stolen key
                 // cannot take every connection the pivot has. Not a failure.
                 let limit = self.shared.config.limits.max_sessions_per_key;
@@ -235,11 +265,34 @@ impl Handler for Connection {
                 self.enrollee = Some(key.public_key.clone());
                 Ok(Auth::Accept)
             }
-            None => Ok(self.refuse_key(user, &fp, "unknown key")),
+            None => match Box::pin(self.shared.registry.revoked_device(&fp)).await? {
+                Some((id, at)) => {
+                    let why = format!(
+                        "device '{}' was revoked on {}; it needs a new enrollment",
+                        printable(&id),
+                        format_unix(at)
+                    );
+                    Ok(self.refuse_with_reason(user, &fp, why))
+                }
+                None => Ok(self.refuse_key(user, &fp, "unknown key")),
+            },
         }
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(why) = self.refusal.take() {
+            // Nothing was granted: no identity is set, so every channel and
+            // forward is refused until the disconnect below ends it.
+            let mut rec = self.audit("auth").outcome(false, Some(why.clone()));
+            rec.method = Some("publickey".into());
+            if let Some((user, fp)) = self.authed.take() {
+                rec.user = Some(user);
+                rec.fingerprint = Some(fp);
+            }
+            self.shared.audit.record(rec);
+            session.disconnect(russh::Disconnect::NoMoreAuthMethodsAvailable, &why, "en")?;
+            return Ok(());
+        }
         let Some((identity, fp)) = self.pending.take() else {
             return Ok(());
         };

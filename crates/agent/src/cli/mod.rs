@@ -1,4 +1,9 @@
-//! `burrow agent`, `burrow agent enroll` and `burrow agent rotate-key`.
+//! The agent's command line: `burrow agent …` in the full binary, and the
+//! whole of the device-only `burrow-agent`.
+//!
+//! `run` (the default), `enroll`, `rotate-key` and `status`.
+
+pub mod mqtt_args;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -7,11 +12,18 @@ use anyhow::{bail, Context, Result};
 use burrow_core::agent_file::{AgentFile, DEFAULT_PATH};
 use burrow_core::mqtt_url::{CertPin, MqttUrl};
 use burrow_core::{Expose, HostKeyPin, Id};
+
+use crate::status::{State, Status, DEFAULT_STATUS_PATH};
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::mqtt_args::MqttClientArgs;
+use mqtt_args::MqttClientArgs;
+
+/// `30s`, `10m`, `24h`: positive and at most 100 years.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    burrow_core::time::parse_duration(s).map_err(|e| e.to_string())
+}
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -26,6 +38,15 @@ pub struct AgentCmd {
 enum AgentSub {
     /// Join a pivot with a one-time token from `burrow device add ID`.
     Enroll(EnrollArgs),
+    /// Show what the running agent is doing, and why if it is not connected.
+    Status {
+        /// The status file the agent writes.
+        #[arg(long, env = "BURROW_AGENT_STATUS", default_value = DEFAULT_STATUS_PATH)]
+        status_file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace this device's key, atomically on the pivot and on disk.
     RotateKey {
         /// The agent config, as written by `burrow agent enroll`.
@@ -92,18 +113,68 @@ pub struct AgentArgs {
     #[command(flatten)]
     mqtt: MqttClientArgs,
     /// Keepalive period to the pivot and the broker; three missed mean reconnect.
-    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     keepalive: std::time::Duration,
     /// Longest wait between reconnect attempts (jittered, doubling from 1s).
-    #[arg(long, default_value = "15s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
     reconnect_max: std::time::Duration,
+    /// Wait after a refusal that needs a person (revoked, unknown key, wrong pin).
+    #[arg(long, default_value = "3m", value_parser = parse_duration)]
+    refused_retry: std::time::Duration,
+    /// Where to keep the agent's state for `agent status`.
+    #[arg(long, env = "BURROW_AGENT_STATUS", default_value = DEFAULT_STATUS_PATH)]
+    status_file: PathBuf,
+}
+
+/// `agent status`: exits 0 when the agent runs and is connected (or waits
+/// for wake-ups), 1 otherwise.
+fn status(path: &std::path::Path, json: bool) -> Result<()> {
+    let s = Status::read(path).with_context(|| {
+        format!("no agent status at {}: is the agent running (with this --status-file)?", path.display())
+    })?;
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive = s.state != State::Stopped && unsafe { libc::kill(s.pid as libc::pid_t, 0) } == 0;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        let since = burrow_core::time::format_unix(s.since);
+        let state = if alive { s.state.to_string() } else { format!("not running (last: {})", s.state) };
+        println!("device:  {}", s.id);
+        println!("mode:    {}", s.mode);
+        println!("state:   {state} since {since}");
+        if let Some(p) = &s.pivot {
+            println!("pivot:   {p}");
+        }
+        if let Some(r) = &s.reason {
+            println!("reason:  {r}");
+        }
+    }
+    if alive && s.state.healthy() {
+        Ok(())
+    } else {
+        std::process::exit(1)
+    }
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler can be installed");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        token.cancel();
+    });
 }
 
 pub async fn run(cmd: AgentCmd, shutdown: CancellationToken) -> Result<()> {
     match cmd.sub {
         Some(AgentSub::Enroll(e)) => enroll(e).await,
+        Some(AgentSub::Status { status_file, json }) => status(&status_file, json),
         Some(AgentSub::RotateKey { config }) => {
-            let fp = burrow_agent::enroll::rotate_key(&config).await?;
+            let fp = crate::enroll::rotate_key(&config).await?;
             println!("device key replaced; new fingerprint {fp}");
             Ok(())
         }
@@ -117,8 +188,8 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
     let key_path = e.key.clone().unwrap_or_else(|| config.with_file_name("device_key"));
     let key_path = std::path::absolute(&key_path).with_context(|| format!("bad path {}", key_path.display()))?;
     let e = EnrollArgs { config, ..e };
-    let host_keys = if e.host_keys.is_empty() { burrow_agent::enroll::default_host_keys() } else { e.host_keys };
-    let file = burrow_agent::enroll::enroll(burrow_agent::enroll::Enrollment {
+    let host_keys = if e.host_keys.is_empty() { crate::enroll::default_host_keys() } else { e.host_keys };
+    let file = crate::enroll::enroll(crate::enroll::Enrollment {
         token: e.token,
         config_path: e.config.clone(),
         key_path,
@@ -193,15 +264,17 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     if mqtt_url.is_none() && server.is_none() {
         bail!("give --server HOST:PORT (always-on) or --mqtt-url URL (on demand)");
     }
-    let mut config = burrow_agent::Config::new(server, id, key, pin, expose);
+    let mut config = crate::Config::new(server, id, key, pin, expose);
     config.key_path = Some(key_path);
     config.keepalive_interval = args.keepalive;
     if args.reconnect_max < config.backoff_initial {
         bail!("--reconnect-max must be at least {:?}", config.backoff_initial);
     }
     config.backoff_max = args.reconnect_max;
+    config.refused_retry = args.refused_retry;
+    config.status_path = Some(args.status_file);
     if let (Some(url), false) = (mqtt_url, always_on) {
-        config.signal = Some(burrow_agent::SignalConfig {
+        config.signal = Some(crate::SignalConfig {
             url,
             tls: args.mqtt.tls(),
             topics: args.mqtt.topics(),
@@ -210,6 +283,6 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
             pin: mqtt_pin,
         });
     }
-    burrow_agent::run(config, shutdown).await?;
+    crate::run(config, shutdown).await?;
     Ok(())
 }

@@ -1,0 +1,132 @@
+//! The agent's state, written to a small JSON file whenever it changes, for
+//! `burrow agent status` (and for whatever watches the device).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use burrow_core::time::now_unix;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+/// Where a running agent keeps its status when none is given.
+pub const DEFAULT_STATUS_PATH: &str = "/run/burrow-agent/status.json";
+
+/// What the agent is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Dialing the pivot (or the broker).
+    Connecting,
+    /// The tunnel is up.
+    Connected,
+    /// On demand: connected to the broker, waiting for a wake-up.
+    Waiting,
+    /// A failure that retrying may fix (the pivot unreachable, say).
+    Retrying,
+    /// A refusal that retrying will not fix by itself: a revoked device, an
+    /// unknown key, a host-key mismatch. Retried slowly.
+    Refused,
+    Stopped,
+}
+
+impl State {
+    /// Working as configured.
+    pub fn healthy(self) -> bool {
+        matches!(self, State::Connected | State::Waiting)
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Connecting => "connecting",
+            State::Connected => "connected",
+            State::Waiting => "waiting for wake-ups",
+            State::Retrying => "retrying",
+            State::Refused => "refused",
+            State::Stopped => "stopped",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub id: String,
+    /// "always-on" or "on-demand".
+    pub mode: String,
+    pub state: State,
+    /// Why, for `retrying` and `refused`: the pivot's own words where it gave any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The pivot dialed last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pivot: Option<String>,
+    /// When the agent entered this state (Unix seconds).
+    pub since: i64,
+}
+
+impl Status {
+    pub fn read(path: &Path) -> std::io::Result<Status> {
+        let text = std::fs::read_to_string(path)?;
+        serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// The running agent's status and where it goes.
+pub(crate) struct StatusFile {
+    path: Option<PathBuf>,
+    now: Mutex<Status>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl StatusFile {
+    pub(crate) fn new(path: Option<PathBuf>, id: &str, mode: &str) -> Self {
+        let now = Status {
+            pid: std::process::id(),
+            id: id.to_string(),
+            mode: mode.to_string(),
+            state: State::Connecting,
+            reason: None,
+            pivot: None,
+            since: now_unix(),
+        };
+        StatusFile { path, now: Mutex::new(now), warned: Default::default() }
+    }
+
+    /// Records a state; the file is rewritten only when something changed.
+    pub(crate) fn set(&self, state: State, reason: Option<String>, pivot: Option<&str>) {
+        let snapshot = {
+            let mut now = self.now.lock().unwrap();
+            let pivot = pivot.map(str::to_string).or_else(|| now.pivot.clone());
+            if now.state == state && now.reason == reason && now.pivot == pivot {
+                return;
+            }
+            if now.state != state {
+                now.since = now_unix();
+            }
+            now.state = state;
+            now.reason = reason;
+            now.pivot = pivot;
+            now.clone()
+        };
+        self.write(&snapshot);
+    }
+
+    fn write(&self, status: &Status) {
+        let Some(path) = &self.path else { return };
+        let written = (|| {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(status).expect("status serializes"))?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = written {
+            if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                warn!(path = %path.display(), error = %e, "cannot write the agent status; give --status-file");
+            }
+        }
+    }
+}
