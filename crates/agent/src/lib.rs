@@ -16,6 +16,7 @@ mod backoff;
 pub mod cli;
 pub mod enroll;
 mod forward;
+mod host_keys;
 mod on_demand;
 pub mod pivot_client;
 mod session;

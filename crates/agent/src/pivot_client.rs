@@ -136,7 +136,7 @@ pub async fn connect(
 }
 
 /// Sends one request and returns the answer's data, or the pivot's refusal.
-pub async fn call(handle: &Handle<PivotClient>, req: &Request) -> Result<serde_json::Value, ClientError> {
+pub async fn call<H: client::Handler>(handle: &Handle<H>, req: &Request) -> Result<serde_json::Value, ClientError> {
     let mut ch = handle.channel_open_direct_tcpip(RPC_HOST, RPC_PORT, "127.0.0.1", 0).await?;
     let mut line = serde_json::to_vec(req).map_err(|_| ClientError::Malformed)?;
     line.push(b'\n');

@@ -168,6 +168,7 @@ pub(crate) async fn hold(
     let ports: Vec<u16> = config.expose.iter().map(|e| e.port).collect();
     info!(device = %config.id, ?ports, "tunnel up");
     status.set(State::Connected, None, Some(&server));
+    report_host_keys(&config, &handle).await;
 
     tokio::select! {
         r = &mut handle => {
@@ -181,5 +182,30 @@ pub(crate) async fn hold(
             let _ = handle.disconnect(russh::Disconnect::ByApplication, "agent stopping", "en").await;
             Ok(())
         }
+    }
+}
+
+/// Tells the pivot which host keys the device's sshd (the target of port 22)
+/// shows. The pivot registers them if it has none for this device and only
+/// flags a different set; the device key vouches for the report.
+async fn report_host_keys(config: &Config, handle: &client::Handle<AgentHandler>) {
+    let Some(sshd) = config.expose.iter().find(|e| e.port == 22) else { return };
+    let keys = crate::host_keys::scan(&sshd.target).await;
+    if keys.is_empty() {
+        tracing::warn!(target = %sshd.target, "cannot read the host keys of the device's sshd; operators may not be able to pin them");
+        return;
+    }
+    let req = burrow_core::rpc::Request::HostKeys { keys };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), crate::pivot_client::call(handle, &req)).await {
+        Ok(Ok(answer)) => match answer["host_keys"].as_str() {
+            Some("registered") => info!("registered the device sshd's host keys with the pivot"),
+            Some("changed") => tracing::warn!(
+                "the device sshd's host keys differ from those the pivot has registered; an admin must accept them with `burrow device host-keys reset {}`",
+                config.id
+            ),
+            _ => tracing::debug!("the pivot knows the device sshd's host keys"),
+        },
+        Ok(Err(e)) => tracing::warn!("cannot report the host keys to the pivot: {e}"),
+        Err(_) => tracing::warn!("cannot report the host keys to the pivot: no answer in time"),
     }
 }

@@ -77,6 +77,20 @@ pub enum DeviceCommand {
         #[command(flatten)]
         data: Target,
     },
+    /// The device sshd's host keys that operators pin.
+    #[command(subcommand)]
+    HostKeys(HostKeysCommand),
+}
+
+#[derive(Subcommand)]
+pub enum HostKeysCommand {
+    /// Accept the changed host keys the device's agent reported (or forget the keys, so its next report registers them).
+    Reset {
+        /// The device id (e.g. cam-42).
+        id: Id,
+        #[command(flatten)]
+        data: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -305,8 +319,10 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
                 return Ok(());
             }
             println!("id:          {}", str_of(&d["id"]));
-            println!("presence:    {}", opt(&d["presence"]));
-            println!("tunnel:      {}", if d["tunnel"] == true { "open" } else { "closed" });
+            println!("status:      {}", str_of(&d["status"]));
+            println!("presence:    {} (MQTT)", opt(&d["presence"]));
+            let via = d["pivot"].as_str().map(|p| format!(" on pivot '{}'", safe(p))).unwrap_or_default();
+            println!("tunnel:      {}{via}", if d["tunnel"] == true { "open" } else { "closed" });
             println!("last seen:   {}", d["last_seen"].as_str().unwrap_or("never"));
             println!("labels:      {}", labels_text(&d["labels"]));
             println!("ports:       {}", ports_text(&d["ports"]));
@@ -315,6 +331,13 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
             println!("fingerprint: {}", opt(&d["fingerprint"]));
             for k in d["host_keys"].as_array().into_iter().flatten() {
                 println!("host key:    {}", str_of(k));
+            }
+            if let Some(changed) = d["host_keys_changed"].as_array() {
+                println!("host keys:   CHANGED: the device now shows other keys; operators' pins keep the old ones");
+                for k in changed {
+                    println!("  reported:  {}", str_of(k));
+                }
+                println!("             if the change is expected: burrow device host-keys reset {id}");
             }
             println!("added:       {}", str_of(&d["added"]));
         }
@@ -325,6 +348,15 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
         DeviceCommand::Revoke { id, data } => {
             send(&data, Request::DeviceRevoke { id: id.to_string() }).await?;
             println!("revoked device '{id}'");
+        }
+        DeviceCommand::HostKeys(HostKeysCommand::Reset { id, data }) => {
+            let out = send(&data, Request::DeviceHostKeysReset { id: id.to_string() }).await?;
+            let keys = out["host_keys"].as_array().map_or(0, Vec::len);
+            if keys == 0 {
+                println!("forgot the host keys of device '{id}'; its agent registers them when its tunnel next comes up");
+            } else {
+                println!("device '{id}' now has the {keys} host keys its agent reported; run `burrow login` again to pin them");
+            }
         }
     }
     Ok(())
@@ -486,27 +518,19 @@ fn opt(v: &Value) -> String {
     safe(v.as_str().unwrap_or("-"))
 }
 
+/// One status column (connected, on-demand, offline, not-enrolled,
+/// revoked); `device show` has the details.
 fn print_device_table(devices: &[Value]) {
-    println!(
-        "{:<24} {:<8} {:<9} {:<7} {:<21} {:<9} LABELS",
-        "ID", "STATUS", "PRESENCE", "TUNNEL", "LAST SEEN", "PORTS"
-    );
+    println!("{:<24} {:<13} {:<21} {:<9} LABELS", "ID", "STATUS", "LAST SEEN", "PORTS");
     for d in devices {
-        let status = if d["revoked"] == true {
-            "revoked"
-        } else if d["enrolled"] == false {
-            "pending"
-        } else if d["online"] == true {
-            "online"
-        } else {
-            "offline"
-        };
+        let mut status = str_of(&d["status"]);
+        if d["host_keys_changed"].is_array() {
+            status.push('!'); // host keys changed: see `device show`
+        }
         println!(
-            "{:<24} {:<8} {:<9} {:<7} {:<21} {:<9} {}",
+            "{:<24} {:<13} {:<21} {:<9} {}",
             str_of(&d["id"]),
             status,
-            opt(&d["presence"]),
-            if d["tunnel"] == true { "open" } else { "-" },
             d["last_seen"].as_str().unwrap_or("never"),
             ports_text(&d["ports"]),
             labels_text(&d["labels"])

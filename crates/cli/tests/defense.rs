@@ -234,12 +234,18 @@ fn a_revoked_device_key_cannot_authenticate_as_the_enrollment_user() {
     pivot.admin_ok(&["device", "revoke", "cam-42"]);
     let key = load_key(&dev);
     runtime().block_on(async {
-        assert!(login(pivot.addr, "127.0.0.1", "cam-42", &key).await.unwrap().is_none());
+        // The revoked key's holder is let in only to be told why it is
+        // refused: nothing opens, and the pivot hangs up.
+        if let Some(h) = login(pivot.addr, "127.0.0.1", "cam-42", &key).await.unwrap() {
+            assert!(h.channel_open_session().await.is_err(), "a refused key opened a channel");
+            assert!(h.channel_open_direct_tcpip("cam-43", 22, "127.0.0.1", 0).await.is_err());
+        }
         assert!(
             login(pivot.addr, "127.0.0.1", "enroll", &key).await.unwrap().is_none(),
             "revoked key got in as enroll"
         );
     });
+    assert!(pivot.proc.log_text().contains("login refused: device 'cam-42' was revoked on"));
     assert!(wait_until(Duration::from_secs(5), || pivot
         .proc
         .log_text()

@@ -75,6 +75,17 @@ pub enum Request {
         proof: String,
     },
     Whoami,
+    /// Sent by a device when its tunnel comes up: the host keys its exposed
+    /// sshd shows. Registered if the device has none; a different set is
+    /// only flagged, for an admin to accept with `DeviceHostKeysReset`.
+    HostKeys {
+        keys: Vec<String>,
+    },
+    /// Accept the host keys a device reported since (or forget them, so its
+    /// next report registers them) (admin).
+    DeviceHostKeysReset {
+        id: String,
+    },
     /// Bans in force (admin).
     BanList,
     /// Ban `net` (an address or CIDR) for `secs` seconds (admin).
@@ -105,13 +116,14 @@ pub enum Request {
 }
 
 impl Request {
-    /// Whether the request changes the registry (admin role only).
-    pub fn is_admin(&self) -> bool {
+    /// Whether only an operator with the admin role may make it.
+    pub fn needs_admin(&self) -> bool {
         matches!(
             self,
             Request::DeviceAdd { .. }
                 | Request::DeviceRemove { .. }
                 | Request::DeviceRevoke { .. }
+                | Request::DeviceHostKeysReset { .. }
                 | Request::OperatorAdd { .. }
                 | Request::OperatorList
                 | Request::OperatorRemove { .. }
@@ -119,6 +131,24 @@ impl Request {
                 | Request::BanAdd { .. }
                 | Request::BanRemove { .. }
                 | Request::Audit { .. }
+        )
+    }
+
+    /// Whether it may change the registry.
+    pub fn mutates(&self) -> bool {
+        matches!(
+            self,
+            Request::DeviceAdd { .. }
+                | Request::DeviceRemove { .. }
+                | Request::DeviceRevoke { .. }
+                | Request::DeviceHostKeysReset { .. }
+                | Request::OperatorAdd { .. }
+                | Request::OperatorRemove { .. }
+                | Request::BanAdd { .. }
+                | Request::BanRemove { .. }
+                | Request::Enroll { .. }
+                | Request::RotateKey { .. }
+                | Request::HostKeys { .. }
         )
     }
 }
@@ -257,7 +287,8 @@ mod tests {
     fn requests_are_tagged_json() {
         let r: Request = serde_json::from_str(r#"{"op":"device_show","id":"cam-42"}"#).unwrap();
         assert!(matches!(r, Request::DeviceShow { id } if id == "cam-42"));
-        assert!(Request::OperatorList.is_admin());
-        assert!(!Request::DeviceList.is_admin());
+        assert!(Request::OperatorList.needs_admin() && !Request::OperatorList.mutates());
+        assert!(!Request::DeviceList.needs_admin() && !Request::DeviceList.mutates());
+        assert!(Request::HostKeys { keys: vec![] }.mutates() && !Request::HostKeys { keys: vec![] }.needs_admin());
     }
 }

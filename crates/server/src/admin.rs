@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::audit::AuditRecord;
 use crate::refusal::Refusal;
-use crate::registry::{DeviceRecord, Identity, Registry};
+use crate::registry::{DeviceRecord, HostKeyReport, Identity, Registry};
 
 /// Who is asking.
 #[derive(Debug, Clone)]
@@ -181,6 +181,8 @@ fn audit_event(req: &Request) -> Option<&'static str> {
         Request::OperatorRemove { .. } => "operator_remove",
         Request::Enroll { .. } => "enroll",
         Request::RotateKey { .. } => "rotate_key",
+        Request::HostKeys { .. } => "host_keys",
+        Request::DeviceHostKeysReset { .. } => "host_keys_reset",
         Request::BanAdd { .. } => "ban_add",
         Request::BanRemove { .. } => "ban_remove",
         _ => return None,
@@ -208,6 +210,8 @@ fn audit_args(req: &Request) -> Value {
             "host_keys": host_keys.len(),
         }),
         Request::RotateKey { new_key, .. } => json!({"new_fingerprint": fp(new_key)}),
+        Request::HostKeys { keys } => json!({"fingerprints": keys.iter().take(MAX_HOST_KEYS).map(|k| fp(k)).collect::<Vec<_>>()}),
+        Request::DeviceHostKeysReset { id } => json!({"id": printable(id)}),
         Request::BanAdd { net, secs } => json!({"net": printable(net), "secs": secs}),
         Request::BanRemove { net } => json!({"net": printable(net)}),
         _ => Value::Null,
@@ -401,6 +405,38 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             let q = crate::audit::AuditQuery { since, until, device, operator, source, event, limit };
             Ok(serde_json::to_value(reg.audit(&q).await?).unwrap_or_default())
         }
+        Request::HostKeys { keys } => {
+            let Caller::Device(id) = caller else { unreachable!("authorized above") };
+            if keys.is_empty() || keys.len() > MAX_HOST_KEYS {
+                return Err(AdminError::Invalid(format!("report 1 to {MAX_HOST_KEYS} host keys")));
+            }
+            let mut lines = Vec::new();
+            for (i, line) in keys.iter().enumerate() {
+                let k = key(line, &format!("host key #{}", i + 1))?;
+                let line = burrow_core::keys::openssh_line(&k);
+                if !lines.contains(&line) {
+                    lines.push(line);
+                }
+            }
+            let report = reg.report_host_keys(id, &lines).await?;
+            let fps: Vec<String> = lines.iter().filter_map(|l| parse_public_key(l, "").ok()).map(|k| fingerprint(&k)).collect();
+            match report {
+                HostKeyReport::Registered => tracing::info!(device = %id, keys = ?fps, "host keys registered from the device's report"),
+                HostKeyReport::Known => {}
+                HostKeyReport::Changed => tracing::warn!(device = %id, keys = ?fps, "the device reports different host keys; kept the registered ones (accept with `burrow device host-keys reset {id}`)"),
+            }
+            let state = match report {
+                HostKeyReport::Registered => "registered",
+                HostKeyReport::Known => "known",
+                HostKeyReport::Changed => "changed",
+            };
+            Ok(json!({"id": id.as_str(), "host_keys": state}))
+        }
+        Request::DeviceHostKeysReset { id: name } => {
+            let id = id(&name)?;
+            let now = reg.reset_host_keys(&id).await?;
+            Ok(json!({"id": id.as_str(), "host_keys": now}))
+        }
         Request::RotateKey { new_key, proof } => {
             let Caller::Device(id) = caller else { unreachable!("authorized above") };
             let new = key(&new_key, "the new key")?;
@@ -427,17 +463,17 @@ fn authorize(caller: &Caller, req: &Request) -> Result<(), AdminError> {
     let ok = match (caller, req) {
         (Caller::Enrollee(_), Request::Enroll { .. }) => true,
         (Caller::Enrollee(_), _) | (_, Request::Enroll { .. }) => false,
-        (Caller::Device(_), Request::RotateKey { .. } | Request::Whoami) => true,
-        (Caller::Device(_), _) | (_, Request::RotateKey { .. }) => false,
+        (Caller::Device(_), Request::RotateKey { .. } | Request::HostKeys { .. } | Request::Whoami) => true,
+        (Caller::Device(_), _) | (_, Request::RotateKey { .. } | Request::HostKeys { .. }) => false,
         (Caller::Local, _) => true,
-        (Caller::Operator { admin, .. }, r) => *admin || !r.is_admin(),
+        (Caller::Operator { admin, .. }, r) => *admin || !r.needs_admin(),
     };
     if ok {
         return Ok(());
     }
     Err(AdminError::Denied(match caller {
         Caller::Operator { name, .. } => format!("operator '{name}' does not have the admin role"),
-        Caller::Device(id) => format!("device '{id}' may only rotate its own key"),
+        Caller::Device(id) => format!("device '{id}' may only rotate its own key and report its host keys"),
         Caller::Enrollee(_) => "an unregistered key may only enroll".into(),
         Caller::Local => "not for local use".into(),
     }))
@@ -479,10 +515,29 @@ fn operator_json(o: &crate::registry::OperatorRecord) -> Value {
     })
 }
 
+/// The most host keys a device may report (sshd has three kinds; room for rotation).
+const MAX_HOST_KEYS: usize = 8;
+
+/// One word a person can read for where a device stands.
+fn device_status(d: &DeviceRecord) -> &'static str {
+    if d.revoked_at.is_some() {
+        "revoked"
+    } else if d.fingerprint.is_none() {
+        "not-enrolled"
+    } else if d.tunnel_open() {
+        "connected"
+    } else if d.presence.as_deref() == Some("online") {
+        "on-demand"
+    } else {
+        "offline"
+    }
+}
+
 /// The JSON shape of a device in `device list --json` and `device show`.
 pub fn device_json(d: &DeviceRecord) -> Value {
     json!({
         "id": d.id,
+        "status": device_status(d),
         "online": d.online(),
         "presence": d.presence,
         "tunnel": d.tunnel_open(),
@@ -493,6 +548,7 @@ pub fn device_json(d: &DeviceRecord) -> Value {
         "enrolled": d.fingerprint.is_some(),
         "revoked": d.revoked_at.is_some(),
         "host_keys": d.host_keys,
+        "host_keys_changed": d.host_keys_changed,
         "pivot": d.tunnel_pivot,
         "added": format_unix(d.created_at),
     })

@@ -137,6 +137,8 @@ pub const EVENTS: &[&str] = &[
     "operator_remove",
     "enroll",
     "rotate_key",
+    "host_keys",
+    "host_keys_reset",
     "admin_denied",
 ];
 

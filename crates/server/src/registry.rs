@@ -72,6 +72,9 @@ pub struct DeviceRecord {
     pub public_key: Option<String>,
     /// The device sshd's public host keys, as registered at enrollment.
     pub host_keys: Vec<String>,
+    /// Different host keys the device's agent reported since, waiting for
+    /// an admin (`device host-keys reset`).
+    pub host_keys_changed: Option<Vec<String>>,
     pub revoked_at: Option<i64>,
     pub labels: BTreeMap<String, String>,
     pub created_at: i64,
@@ -170,7 +173,76 @@ const SCHEMA: &[&str] = &[
     "CREATE TRIGGER IF NOT EXISTS operators_upd AFTER UPDATE OF fingerprint, admin, allow ON operators BEGIN UPDATE revision SET n = n + 1; END",
 ];
 
+const ADDED_COLUMNS: &[&str] = &["ALTER TABLE devices ADD COLUMN host_keys_changed TEXT"];
+
+/// What a device's report of its host keys did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeyReport {
+    /// It had none; these are now registered.
+    Registered,
+    /// They match what is registered (or are some of those keys).
+    Known,
+    /// They differ; flagged for an admin, nothing replaced.
+    Changed,
+}
+
 impl Registry {
+    /// Takes the host keys a device's agent reported (see [`HostKeyReport`]).
+    pub async fn report_host_keys(&self, id: &Id, keys: &[String]) -> Result<HostKeyReport, RegistryError> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<String> = sqlx::query_scalar("SELECT host_keys FROM devices WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Err(RegistryError::NoSuchDevice(id.to_string())) };
+        let registered: Vec<String> = serde_json::from_str(&row).unwrap_or_default();
+        let json = serde_json::to_string(keys).unwrap_or_else(|_| "[]".into());
+        let report = if registered.is_empty() {
+            sqlx::query("UPDATE devices SET host_keys = ?, host_keys_changed = NULL WHERE id = ?")
+                .bind(&json)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            HostKeyReport::Registered
+        } else if keys.iter().all(|k| registered.contains(k)) {
+            sqlx::query("UPDATE devices SET host_keys_changed = NULL WHERE id = ?")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            HostKeyReport::Known
+        } else {
+            sqlx::query("UPDATE devices SET host_keys_changed = ? WHERE id = ?")
+                .bind(&json)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            HostKeyReport::Changed
+        };
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    /// Accepts the changed host keys a device reported, or, with none
+    /// reported, forgets its keys so that its next report registers them.
+    /// Returns the keys registered now.
+    pub async fn reset_host_keys(&self, id: &Id) -> Result<Vec<String>, RegistryError> {
+        let mut tx = self.write_tx().await?;
+        let changed: Option<Option<String>> =
+            sqlx::query_scalar("SELECT host_keys_changed FROM devices WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(changed) = changed else { return Err(RegistryError::NoSuchDevice(id.to_string())) };
+        let now = changed.unwrap_or_else(|| "[]".into());
+        sqlx::query("UPDATE devices SET host_keys = ?, host_keys_changed = NULL WHERE id = ?")
+            .bind(&now)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(serde_json::from_str(&now).unwrap_or_default())
+    }
+
     /// Opens (creating if needed) the registry in `data_dir`.
     pub async fn open(data_dir: &Path) -> Result<Self, RegistryError> {
         private_files(data_dir)?;
@@ -210,6 +282,14 @@ impl Registry {
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
+        }
+        // Columns added since the first release, for registries made before.
+        for stmt in ADDED_COLUMNS {
+            if let Err(e) = sqlx::query(stmt).execute(&pool).await {
+                if !e.to_string().contains("duplicate column") {
+                    return Err(e);
+                }
+            }
         }
         Ok(pool)
     }
@@ -593,6 +673,9 @@ fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> DeviceRecord {
         fingerprint: r.get("fingerprint"),
         public_key: r.get("public_key"),
         host_keys: serde_json::from_str(r.get::<&str, _>("host_keys")).unwrap_or_default(),
+        host_keys_changed: r
+            .get::<Option<&str>, _>("host_keys_changed")
+            .and_then(|t| serde_json::from_str(t).ok()),
         revoked_at: r.get("revoked_at"),
         labels: serde_json::from_str(r.get::<&str, _>("labels")).unwrap_or_default(),
         created_at: r.get("created_at"),

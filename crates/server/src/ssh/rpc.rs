@@ -104,7 +104,7 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
         Ok(r) => r,
         Err(e) => return (Response::err(format!("malformed request: {e}")), false),
     };
-    let mutates = req.is_admin() || matches!(req, Request::Enroll { .. } | Request::RotateKey { .. });
+    let mutates = req.mutates();
     let enrolling = matches!(req, Request::Enroll { .. });
     let what = serde_json::to_value(&req).ok().and_then(|v| v.get("op").cloned()).unwrap_or_default();
     let origin = admin::Origin {
