@@ -93,9 +93,10 @@ pub async fn enroll(e: Enrollment) -> Result<AgentFile, EnrollError> {
         key: e.key_path.clone(),
         pivot_host_key: token.fingerprint,
         expose: e.expose.iter().map(Expose::to_string).collect(),
+        // Without a broker the agent can only hold its tunnel: say so.
+        always_on: e.always_on || e.mqtt_url.is_none(),
         mqtt_url: e.mqtt_url,
         mqtt_fingerprint: token.mqtt_fingerprint,
-        always_on: e.always_on,
     };
     file.save(&e.config_path)?;
     Ok(file)

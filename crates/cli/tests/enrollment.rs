@@ -143,6 +143,8 @@ fn from_token_to_strict_ssh_by_name() {
     assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
     let config = std::fs::read_to_string(&dev.config).unwrap();
     assert!(config.contains("id = \"cam-42\"") && config.contains(&sshd.target()), "{config}");
+    // No broker given: the config says what the agent will do.
+    assert!(config.contains("always_on = true"), "{config}");
     let _agent = start_enrolled_agent(&dev, &[]);
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
 
@@ -558,6 +560,53 @@ fn host_keys_given_at_device_add_are_pinned_and_login_names_devices_without() {
     let key_body = sshd.host_key.public_line();
     let key_body = key_body.split_whitespace().nth(1).unwrap();
     assert!(known.lines().any(|l| l.starts_with("cam-9.burrow,cam-9 ") && l.contains(key_body)), "{known}");
+}
+
+/// Issue 11: the agent registers its sshd's host keys when the pivot has
+/// none; a changed key is flagged, not taken, until an admin resets it.
+#[test]
+fn the_agent_registers_its_sshds_host_keys_and_a_change_waits_for_an_admin() {
+    let pivot = TestPivot::start(BURROW);
+    let laptop = Laptop::new();
+    pivot.add_operator("alice", &laptop.key);
+    let sshd = Sshd::start(&[&laptop.key]);
+    let key = KeyPair::generate(laptop.home.path(), "cam-5");
+    pivot.add_device("cam-5", &key);
+    let agent = TestAgent::start(BURROW, &pivot, "cam-5", &key, &[format!("22={}", sshd.target())]);
+    let first = sshd.host_key.public_line();
+    let first = first.split_whitespace().nth(1).unwrap().to_string();
+    let has = |body: &str, field: &str| {
+        pivot.device_json("cam-5").is_some_and(|d| d[field].to_string().contains(body))
+    };
+    assert!(wait_until(Duration::from_secs(20), || has(&first, "host_keys")), "{}", agent.proc.log_text());
+
+    // Strict host-key checking works with no key copied by hand.
+    ok(&laptop.login(&pivot));
+    assert_eq!(ok(&laptop.ssh(&["root@cam-5.burrow", "echo pinned"])).trim(), "pinned");
+
+    // The same device now shows another sshd (say, reinstalled): flagged only.
+    drop(agent);
+    let other = Sshd::start(&[&laptop.key]);
+    let second = other.host_key.public_line();
+    let second = second.split_whitespace().nth(1).unwrap().to_string();
+    let _agent = TestAgent::start(BURROW, &pivot, "cam-5", &key, &[format!("22={}", other.target())]);
+    assert!(wait_until(Duration::from_secs(20), || has(&second, "host_keys_changed")));
+    assert!(has(&first, "host_keys") && !has(&second, "host_keys"), "a changed key replaced the registered one");
+    let list = pivot.admin_ok(&["device", "list"]);
+    assert!(list.lines().any(|l| l.starts_with("cam-5 ") && l.contains("connected!")), "{list}");
+    let show = pivot.admin_ok(&["device", "show", "cam-5"]);
+    assert!(show.contains("CHANGED") && show.contains("burrow device host-keys reset cam-5"), "{show}");
+    // The operator's pin holds: ssh refuses the new key.
+    ok(&laptop.login(&pivot));
+    let out = laptop.ssh(&["root@cam-5.burrow", "true"]);
+    assert!(!out.status.success(), "strict checking let a changed host key through");
+
+    // The admin accepts the change; a fresh login pins the new key.
+    let out = pivot.admin_ok(&["device", "host-keys", "reset", "cam-5"]);
+    assert!(out.contains("now has the 1 host keys its agent reported"), "{out}");
+    assert!(has(&second, "host_keys") && !has(&first, "host_keys"));
+    ok(&laptop.login(&pivot));
+    assert_eq!(ok(&laptop.ssh(&["root@cam-5.burrow", "echo repinned"])).trim(), "repinned");
 }
 
 /// Issue 11: `agent enroll --config dev/agent.toml` wrote `key = "dev/key"`,
