@@ -17,6 +17,7 @@
 //! sleeping device (woken over the embedded MQTT broker) against a device
 //! whose tunnel is already up. Both devices front the same real sshd.
 
+mod agent_size;
 mod mqtt_hold;
 mod vs_openssh;
 
@@ -187,6 +188,10 @@ usage:
       --wakes N               wake-up samples [200]
       --plaintext             burrow without TLS (--mqtt-plaintext)
       --skip-mosquitto        burrow only
+  burrow-bench agent-size [AGENT_BIN]
+      stripped size of burrow-agent [target/agent/burrow-agent] and the idle
+      memory of an on-demand and an always-on agent (build it with
+      cargo build --profile agent -p burrow-agent)
   burrow-bench hold DATA_DIR PORT COUNT [SECONDS]
       register COUNT devices and hold an idle tunnel each on a running pivot
 ";
@@ -198,6 +203,11 @@ async fn main() -> Result<()> {
         Some("wake") => {
             let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(50);
             wake(n).await
+        }
+        Some("agent-size") => {
+            let default = std::env::current_exe()?.parent().context("exe dir")?.join("../agent/burrow-agent");
+            let agent = args.get(1).cloned().unwrap_or_else(|| default.display().to_string());
+            agent_size::run(&burrow_bin()?, &agent)
         }
         Some("hold") => {
             let arg = |i: usize| args.get(i).context("usage: burrow-bench hold DATA_DIR PORT COUNT [SECONDS]");

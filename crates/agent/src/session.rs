@@ -56,8 +56,9 @@ impl SessionError {
 struct AgentHandler {
     config: Arc<Config>,
     pinned: Pinned,
-    /// The message of the pivot's disconnect, if it sent one.
-    said: Arc<std::sync::Mutex<Option<String>>>,
+    /// The message of the pivot's disconnect, and whether it refused us
+    /// (as opposed to, say, shutting down).
+    said: Arc<std::sync::Mutex<Option<(String, bool)>>>,
 }
 
 impl client::Handler for AgentHandler {
@@ -72,7 +73,8 @@ impl client::Handler for AgentHandler {
             client::DisconnectReason::ReceivedDisconnect(info) => {
                 let text = burrow_core::text::printable(&burrow_core::text::excerpt(&info.message, 512)).into_owned();
                 if !text.is_empty() {
-                    *self.said.lock().unwrap() = Some(text);
+                    let refusal = matches!(info.reason_code, russh::Disconnect::NoMoreAuthMethodsAvailable);
+                    *self.said.lock().unwrap() = Some((text, refusal));
                 }
                 Ok(())
             }
@@ -130,8 +132,14 @@ pub(crate) async fn hold(
     let mismatch = pinned.mismatch.clone();
     let said = Arc::new(std::sync::Mutex::new(None));
     let handler = AgentHandler { config: config.clone(), pinned, said: said.clone() };
-    let refused = |id: &crate::Id| {
-        said.lock().unwrap().take().map(|reason| SessionError::Refused { id: id.to_string(), reason })
+    // The pivot's reason for refusing a key that it let in to be told why.
+    let refused = |id: &crate::Id| match said.lock().unwrap().take() {
+        Some((reason, true)) => Some(SessionError::Refused { id: id.to_string(), reason }),
+        Some((reason, false)) => {
+            info!("the pivot closed the connection: {reason}");
+            None
+        }
+        None => None,
     };
     let connecting =
         tokio::time::timeout(config.connect_timeout, client::connect_stream(ssh_config(&config), tcp, handler));
@@ -168,12 +176,15 @@ pub(crate) async fn hold(
     let ports: Vec<u16> = config.expose.iter().map(|e| e.port).collect();
     info!(device = %config.id, ?ports, "tunnel up");
     status.set(State::Connected, None, Some(&server));
-    report_host_keys(&config, &handle).await;
+    tokio::select! {
+        _ = report_host_keys(&config, &handle) => {}
+        _ = shutdown.cancelled() => {}
+    }
 
     tokio::select! {
         r = &mut handle => {
             r?;
-            if let Some(why) = said.lock().unwrap().take() {
+            if let Some((why, _)) = said.lock().unwrap().take() {
                 info!("the pivot closed the tunnel: {why}");
             }
             Ok(())

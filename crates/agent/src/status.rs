@@ -8,8 +8,23 @@ use burrow_core::time::now_unix;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-/// Where a running agent keeps its status when none is given.
-pub const DEFAULT_STATUS_PATH: &str = "/run/burrow-agent/status.json";
+/// Where a running agent keeps its status when none is given: under /run
+/// for root (systemd's `RuntimeDirectory=burrow-agent`), else in the user's
+/// runtime dir, else in their home.
+pub fn default_status_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
+        return PathBuf::from(dir).join("status.json");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/run/burrow-agent/status.json");
+    }
+    match (std::env::var_os("XDG_RUNTIME_DIR"), std::env::var_os("HOME")) {
+        (Some(run), _) => PathBuf::from(run).join("burrow-agent/status.json"),
+        (None, Some(home)) => PathBuf::from(home).join(".local/state/burrow-agent/status.json"),
+        (None, None) => PathBuf::from("burrow-agent-status.json"),
+    }
+}
 
 /// What the agent is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,12 +131,28 @@ impl StatusFile {
     fn write(&self, status: &Status) {
         let Some(path) = &self.path else { return };
         let written = (|| {
-            if let Some(dir) = path.parent() {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(status).expect("status serializes"))?;
-            std::fs::rename(&tmp, path)
+            // A fresh name, created (never followed through a symlink) and
+            // then renamed over the status: a shared directory cannot make
+            // the agent write elsewhere.
+            let tmp = path.with_extension(format!("{:016x}.tmp", rand::random::<u64>()));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            let done = f
+                .write_all(&serde_json::to_vec_pretty(status).expect("status serializes"))
+                .and_then(|()| std::fs::rename(&tmp, path));
+            if done.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            done
         })();
         if let Err(e) = written {
             if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {

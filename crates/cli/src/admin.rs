@@ -30,11 +30,11 @@ pub enum DeviceCommand {
         /// The device's public key file (.pub).
         #[arg(long)]
         key: Option<PathBuf>,
-        /// The device sshd's public host key file, with --key; repeatable.
-        #[arg(long = "host-key", requires = "key")]
+        /// The device sshd's public host key file, with --key; repeatable (agents also report their own).
+        #[arg(long = "host-key", requires = "key", value_name = "FILE")]
         host_keys: Vec<PathBuf>,
         /// k=v, repeatable.
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = parse_label, value_name = "K=V")]
         labels: Vec<(String, String)>,
         /// How long the enrollment token stays valid.
         #[arg(long, default_value = "24h", value_parser = crate::parse_duration)]
@@ -45,7 +45,7 @@ pub enum DeviceCommand {
         #[command(flatten)]
         data: Target,
     },
-    /// List devices: id, presence, tunnel, last seen, labels, exposed ports.
+    /// List devices: id, status (connected, waiting, offline, not-enrolled, revoked; ! = host keys changed), last seen, ports, labels.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -88,6 +88,9 @@ pub enum HostKeysCommand {
     Reset {
         /// The device id (e.g. cam-42).
         id: Id,
+        /// With no changed keys reported, drop the registered keys so that the agent's next report registers them.
+        #[arg(long)]
+        forget: bool,
         #[command(flatten)]
         data: Target,
     },
@@ -180,14 +183,14 @@ pub struct AuditArgs {
     source: Option<String>,
     /// Only this event: auth, auth_failures, connection_dropped, tunnel_up, tunnel_down, wake,
     /// channel_open, channel_refused, channel_close, ban, ban_add, ban_remove, device_add,
-    /// device_remove, device_revoke, operator_add, operator_remove, enroll, rotate_key, admin_denied.
+    /// device_remove, device_revoke, operator_add, operator_remove, enroll, rotate_key, host_keys,
+    /// host_keys_reset, admin_denied.
     #[arg(long)]
     event: Option<String>,
     /// At most this many records (the newest).
     #[arg(long, default_value_t = 1000)]
     limit: u32,
     /// One JSON object per line instead of a table.
-    /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -248,7 +251,7 @@ pub async fn send(data: &Target, req: Request) -> Result<Value> {
     // --data-dir must not quietly get an empty one the pivot never reads.
     if !dir.join(burrow_server::registry::DB_FILE).exists() {
         bail!(
-            "no registry in {}: give the pivot's --data-dir (or set BURROW_DATA_DIR), or start `burrow server --data-dir {}` once to create one",
+            "no registry in {}: on the pivot host give its --data-dir (or set BURROW_DATA_DIR); from elsewhere give --pivot HOST:PORT; or start `burrow server --data-dir {}` once to create one",
             dir.display(),
             dir.display()
         );
@@ -349,13 +352,18 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
             send(&data, Request::DeviceRevoke { id: id.to_string() }).await?;
             println!("revoked device '{id}'");
         }
-        DeviceCommand::HostKeys(HostKeysCommand::Reset { id, data }) => {
-            let out = send(&data, Request::DeviceHostKeysReset { id: id.to_string() }).await?;
-            let keys = out["host_keys"].as_array().map_or(0, Vec::len);
-            if keys == 0 {
+        DeviceCommand::HostKeys(HostKeysCommand::Reset { id, forget, data }) => {
+            let out = send(&data, Request::DeviceHostKeysReset { id: id.to_string(), forget }).await?;
+            let fps: Vec<String> =
+                out["fingerprints"].as_array().into_iter().flatten().map(str_of).collect();
+            if fps.is_empty() {
                 println!("forgot the host keys of device '{id}'; its agent registers them when its tunnel next comes up");
             } else {
-                println!("device '{id}' now has the {keys} host keys its agent reported; run `burrow login` again to pin them");
+                println!(
+                    "device '{id}' now has the {} host keys its agent reported ({}); run `burrow login` again to pin them",
+                    fps.len(),
+                    fps.join(", ")
+                );
             }
         }
     }

@@ -17,7 +17,7 @@ pub struct LoginArgs {
     /// The pivot, HOST:PORT.
     #[arg(value_name = "HOST:PORT")]
     address: String,
-    /// The pivot's host key fingerprint (SHA256:...) as its admin published it.
+    /// The pivot's host key as its admin published it: SHA256:... or a .pub file [default: the one saved by an earlier login].
     #[arg(long)]
     pivot_host_key: Option<String>,
     /// Trust the host key the pivot shows now (prints it), when no fingerprint is at hand.
@@ -49,12 +49,15 @@ fn parse_name(s: &str) -> Result<String, String> {
 }
 
 pub async fn run(args: LoginArgs) -> Result<()> {
-    let identity = args.identity.clone();
+    // Run again (to pick up new devices), a login keeps its pin and key.
+    let saved = LoginState::all().into_iter().find(|s| s.name == args.name && s.pivot == args.address);
+    let identity = args.identity.clone().or_else(|| saved.as_ref().and_then(|s| s.identity.clone()));
     let (host, port) = args.address.rsplit_once(':').context("the pivot is HOST:PORT")?;
     let creds = credentials(identity.as_deref())?;
     let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
     let pin = match (&args.pivot_host_key, args.accept_new) {
-        (Some(p), _) => HostKeyPin::parse(p)?,
+        (Some(p), _) => HostKeyPin::parse(p).context("--pivot-host-key")?,
+        (None, false) if saved.is_some() => HostKeyPin::parse(&saved.as_ref().expect("checked").fingerprint)?,
         (None, true) => {
             // Learn the key by asking with a pin nothing matches.
             let probe = HostKeyPin::Fingerprint("SHA256:unknown".into());
@@ -74,7 +77,10 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     let remote = Remote { addr: args.address.clone(), pin: pin.clone(), creds, user };
     let me = remote.call(&Request::Whoami).await?;
     let devices = remote.call(&Request::DeviceList).await?;
-    let pivot_key = me["pivot_host_key"].as_str().unwrap_or_default().to_string();
+    // Keys are parsed and written back, never copied as sent: a pivot's
+    // text cannot add lines (`@cert-authority`, say) to known_hosts.
+    let pivot_key = burrow_core::keys::parse_public_key(me["pivot_host_key"].as_str().unwrap_or_default(), "the pivot's host key")
+        .map(|k| burrow_core::keys::openssh_line(&k))?;
 
     let ssh_dir = args.ssh_dir.clone().unwrap_or_else(|| home().join(".ssh"));
     let dir = ssh_dir.join("burrow").join(&args.name);
@@ -93,7 +99,14 @@ pub async fn run(args: LoginArgs) -> Result<()> {
             continue; // never write what the pivot sent unchecked into ssh_config
         }
         ids.push(id.to_string());
-        let keys: Vec<&str> = d["host_keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let keys: Vec<String> = d["host_keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter_map(|l| burrow_core::keys::parse_public_key(l, "a host key").ok())
+            .map(|k| burrow_core::keys::openssh_line(&k))
+            .collect();
         if keys.is_empty() {
             unpinned.push(burrow_core::text::printable(id));
         }
@@ -123,7 +136,7 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     if !unpinned.is_empty() {
         // Strict host-key checking will refuse these until their keys are known.
         println!(
-            "no host keys registered for: {} (enroll them, or add them with `burrow device add ID --key … --host-key …`)",
+            "no host keys registered for: {} (their agents register them when their tunnels come up; run `burrow login` again then)",
             unpinned.join(", ")
         );
     }

@@ -118,12 +118,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 fn command() -> clap::Command {
     Cli::command().mut_subcommand("server", |s| {
         s.mut_arg("mqtt_username", |a| a.help("MQTT username for the --mqtt-url broker."))
-            .mut_arg("mqtt_password", |a| a.help("MQTT password for the --mqtt-url broker."))
+            .mut_arg("mqtt_password", |a| a.help("MQTT password for the --mqtt-url broker"))
     })
 }
 
+/// The arguments, with everything after `burrow ssh|scp|sftp` kept for the
+/// OpenSSH tool (its own `-v` included) unless only help is asked for.
+fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let wrapper = args.get(1).is_some_and(|a| a == "ssh" || a == "scp" || a == "sftp");
+    let help = args.len() == 3 && (args[2] == "--help" || args[2] == "-h");
+    if wrapper && !help && args.len() > 2 && args[2] != "--" {
+        args.insert(2, "--".into());
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
+    let cli = Cli::from_arg_matches(&command().get_matches_from(arguments())).unwrap_or_else(|e| e.exit());
     if !matches!(cli.command, Command::Server(_) | Command::Agent(_)) {
         // A command whose output goes to `| head` ends quietly when the pipe
         // closes, as other Unix tools do. (Long-running ones keep Rust's

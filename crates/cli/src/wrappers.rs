@@ -13,21 +13,21 @@ use crate::remote::{LoginState, Remote};
 #[derive(clap::Args)]
 pub struct SshArgs {
     /// ssh's own arguments: [OPTIONS] [USER@]DEVICE[.NAME] [COMMAND]; -l, -p, -o, -i… pass through.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "SSH ARGS")]
     args: Vec<String>,
 }
 
 #[derive(clap::Args)]
 pub struct ScpArgs {
     /// scp's own arguments; remote files as [USER@]DEVICE:PATH. Options (-r, -p, -i…) pass through.
-    #[arg(required = true, num_args = 2.., allow_hyphen_values = true, value_name = "ARGS")]
+    #[arg(required = true, num_args = 2.., trailing_var_arg = true, allow_hyphen_values = true, value_name = "SCP ARGS")]
     args: Vec<String>,
 }
 
 #[derive(clap::Args)]
 pub struct SftpArgs {
     /// sftp's own arguments: [OPTIONS] [USER@]DEVICE[:PATH]; -b FILE, -l, -o… pass through.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "SFTP ARGS")]
     args: Vec<String>,
 }
 

@@ -605,7 +605,12 @@ fn the_agent_registers_its_sshds_host_keys_and_a_change_waits_for_an_admin() {
     let out = pivot.admin_ok(&["device", "host-keys", "reset", "cam-5"]);
     assert!(out.contains("now has the 1 host keys its agent reported"), "{out}");
     assert!(has(&second, "host_keys") && !has(&first, "host_keys"));
-    ok(&laptop.login(&pivot));
+    // With nothing reported, a reset drops nothing unless asked to.
+    let out = pivot.admin(&["device", "host-keys", "reset", "cam-5"]);
+    assert!(!out.status.success() && stderr(&out).contains("add --forget"), "{}", stderr(&out));
+    assert!(has(&second, "host_keys"));
+    // Run again, login keeps its saved pin and key.
+    ok(&laptop.burrow(&["login", &pivot.addr.to_string()]));
     assert_eq!(ok(&laptop.ssh(&["root@cam-5.burrow", "echo repinned"])).trim(), "repinned");
 }
 

@@ -85,6 +85,9 @@ pub enum Request {
     /// next report registers them) (admin).
     DeviceHostKeysReset {
         id: String,
+        /// With no changed keys pending, drop the registered ones.
+        #[serde(default)]
+        forget: bool,
     },
     /// Bans in force (admin).
     BanList,

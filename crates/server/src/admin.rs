@@ -211,7 +211,7 @@ fn audit_args(req: &Request) -> Value {
         }),
         Request::RotateKey { new_key, .. } => json!({"new_fingerprint": fp(new_key)}),
         Request::HostKeys { keys } => json!({"fingerprints": keys.iter().take(MAX_HOST_KEYS).map(|k| fp(k)).collect::<Vec<_>>()}),
-        Request::DeviceHostKeysReset { id } => json!({"id": printable(id)}),
+        Request::DeviceHostKeysReset { id, forget } => json!({"id": printable(id), "forget": forget}),
         Request::BanAdd { net, secs } => json!({"net": printable(net), "secs": secs}),
         Request::BanRemove { net } => json!({"net": printable(net)}),
         _ => Value::Null,
@@ -413,6 +413,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             let mut lines = Vec::new();
             for (i, line) in keys.iter().enumerate() {
                 let k = key(line, &format!("host key #{}", i + 1))?;
+                host_key_kind(&k).map_err(|e| AdminError::Invalid(format!("host key #{}: {e}", i + 1)))?;
                 let line = burrow_core::keys::openssh_line(&k);
                 if !lines.contains(&line) {
                     lines.push(line);
@@ -432,10 +433,16 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             };
             Ok(json!({"id": id.as_str(), "host_keys": state}))
         }
-        Request::DeviceHostKeysReset { id: name } => {
+        Request::DeviceHostKeysReset { id: name, forget } => {
             let id = id(&name)?;
-            let now = reg.reset_host_keys(&id).await?;
-            Ok(json!({"id": id.as_str(), "host_keys": now}))
+            let now = reg.reset_host_keys(&id, forget).await?.ok_or_else(|| {
+                AdminError::Invalid(format!(
+                    "device '{id}' reported no changed host keys; to drop its keys so that its next report registers them, add --forget"
+                ))
+            })?;
+            let fingerprints: Vec<String> =
+                now.iter().filter_map(|l| parse_public_key(l, "").ok()).map(|k| fingerprint(&k)).collect();
+            Ok(json!({"id": id.as_str(), "host_keys": now, "fingerprints": fingerprints}))
         }
         Request::RotateKey { new_key, proof } => {
             let Caller::Device(id) = caller else { unreachable!("authorized above") };
@@ -518,6 +525,17 @@ fn operator_json(o: &crate::registry::OperatorRecord) -> Value {
 /// The most host keys a device may report (sshd has three kinds; room for rotation).
 const MAX_HOST_KEYS: usize = 8;
 
+/// The host key types an sshd has: ed25519, ECDSA and RSA of 2048 bits or more.
+fn host_key_kind(k: &burrow_core::keys::PublicKey) -> Result<(), String> {
+    use russh::keys::ssh_key::public::KeyData;
+    match k.key_data() {
+        KeyData::Ed25519(_) | KeyData::Ecdsa(_) => Ok(()),
+        KeyData::Rsa(rsa) if rsa.n().as_positive_bytes().map_or(0, <[u8]>::len) * 8 >= 2048 => Ok(()),
+        KeyData::Rsa(_) => Err("RSA host keys must have at least 2048 bits".into()),
+        _ => Err(format!("{} is not an sshd host key type burrow accepts", k.algorithm())),
+    }
+}
+
 /// One word a person can read for where a device stands.
 fn device_status(d: &DeviceRecord) -> &'static str {
     if d.revoked_at.is_some() {
@@ -527,7 +545,7 @@ fn device_status(d: &DeviceRecord) -> &'static str {
     } else if d.tunnel_open() {
         "connected"
     } else if d.presence.as_deref() == Some("online") {
-        "on-demand"
+        "waiting" // on MQTT, for a wake-up
     } else {
         "offline"
     }

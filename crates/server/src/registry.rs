@@ -222,10 +222,11 @@ impl Registry {
         Ok(report)
     }
 
-    /// Accepts the changed host keys a device reported, or, with none
-    /// reported, forgets its keys so that its next report registers them.
-    /// Returns the keys registered now.
-    pub async fn reset_host_keys(&self, id: &Id) -> Result<Vec<String>, RegistryError> {
+    /// Accepts the changed host keys a device reported, or, with `forget`
+    /// and none reported, forgets its keys so that its next report registers
+    /// them. Returns the keys registered now; `None` if there was nothing to
+    /// accept and no `forget`.
+    pub async fn reset_host_keys(&self, id: &Id, forget: bool) -> Result<Option<Vec<String>>, RegistryError> {
         let mut tx = self.write_tx().await?;
         let changed: Option<Option<String>> =
             sqlx::query_scalar("SELECT host_keys_changed FROM devices WHERE id = ?")
@@ -233,14 +234,18 @@ impl Registry {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(changed) = changed else { return Err(RegistryError::NoSuchDevice(id.to_string())) };
-        let now = changed.unwrap_or_else(|| "[]".into());
+        let now = match changed {
+            Some(c) => c,
+            None if forget => "[]".into(),
+            None => return Ok(None),
+        };
         sqlx::query("UPDATE devices SET host_keys = ?, host_keys_changed = NULL WHERE id = ?")
             .bind(&now)
             .bind(id.as_str())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(serde_json::from_str(&now).unwrap_or_default())
+        Ok(Some(serde_json::from_str(&now).unwrap_or_default()))
     }
 
     /// Opens (creating if needed) the registry in `data_dir`.

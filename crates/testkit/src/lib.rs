@@ -87,8 +87,8 @@ impl Proc {
         let file = std::fs::File::create(&log).unwrap();
         // An agent keeps its status next to its log, not in the machine's
         // /run, where parallel tests would overwrite each other's.
-        if std::env::var_os("BURROW_AGENT_STATUS").is_none() {
-            cmd.env("BURROW_AGENT_STATUS", log.with_extension("status.json"));
+        if std::env::var_os("BURROW_STATUS_FILE").is_none() {
+            cmd.env("BURROW_STATUS_FILE", log.with_extension("status.json"));
         }
         let child = cmd
             .stdin(Stdio::null())

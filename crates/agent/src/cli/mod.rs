@@ -13,7 +13,7 @@ use burrow_core::agent_file::{AgentFile, DEFAULT_PATH};
 use burrow_core::mqtt_url::{CertPin, MqttUrl};
 use burrow_core::{Expose, HostKeyPin, Id};
 
-use crate::status::{State, Status, DEFAULT_STATUS_PATH};
+use crate::status::{default_status_path, State, Status};
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -40,9 +40,9 @@ enum AgentSub {
     Enroll(EnrollArgs),
     /// Show what the running agent is doing, and why if it is not connected.
     Status {
-        /// The status file the agent writes.
-        #[arg(long, env = "BURROW_AGENT_STATUS", default_value = DEFAULT_STATUS_PATH)]
-        status_file: PathBuf,
+        /// The status file the agent writes [default: /run/burrow-agent/status.json as root].
+        #[arg(long, env = "BURROW_STATUS_FILE")]
+        status_file: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -66,8 +66,8 @@ struct EnrollArgs {
     /// Where to write the device key [default: device_key next to the config].
     #[arg(long)]
     key: Option<PathBuf>,
-    /// sshd public host keys to register [default: /etc/ssh/ssh_host_*_key.pub].
-    #[arg(long, num_args = 1..)]
+    /// An sshd public host key file to register; repeatable [default: /etc/ssh/ssh_host_*_key.pub].
+    #[arg(long = "host-key", alias = "host-keys", num_args = 1.., value_name = "FILE")]
     host_keys: Vec<PathBuf>,
     /// PORT=HOST:PORT, recorded in the config. Repeatable.
     #[arg(long, default_value = "22=127.0.0.1:22")]
@@ -85,9 +85,8 @@ pub struct AgentArgs {
     /// Agent config file, as written by `burrow agent enroll`; flags override it.
     #[arg(long, env = "BURROW_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// The pivot, HOST:PORT. Needed for --always-on; on demand, each wake
-    /// request names the pivot to dial.
-    #[arg(long, env = "BURROW_SERVER")]
+    /// The pivot to hold a tunnel to, HOST:PORT (always on); on demand, each wake-up names the pivot to dial.
+    #[arg(long = "pivot", alias = "server", env = "BURROW_SERVER", value_name = "HOST:PORT")]
     server: Option<String>,
     /// This device's id.
     #[arg(long, env = "BURROW_ID")]
@@ -121,9 +120,9 @@ pub struct AgentArgs {
     /// Wait after a refusal that needs a person (revoked, unknown key, wrong pin).
     #[arg(long, default_value = "3m", value_parser = parse_duration)]
     refused_retry: std::time::Duration,
-    /// Where to keep the agent's state for `agent status`.
-    #[arg(long, env = "BURROW_AGENT_STATUS", default_value = DEFAULT_STATUS_PATH)]
-    status_file: PathBuf,
+    /// Where to keep the agent's state for `agent status` [default: /run/burrow-agent/status.json as root].
+    #[arg(long, env = "BURROW_STATUS_FILE")]
+    status_file: Option<PathBuf>,
 }
 
 /// `agent status`: exits 0 when the agent runs and is connected (or waits
@@ -156,6 +155,17 @@ fn status(path: &std::path::Path, json: bool) -> Result<()> {
     }
 }
 
+/// How this agent is started: `burrow-agent`, or `burrow agent` in the full binary.
+fn program() -> &'static str {
+    let exe = std::env::args_os().next().map(std::path::PathBuf::from);
+    let name = exe.as_deref().and_then(std::path::Path::file_name).and_then(|n| n.to_str()).unwrap_or("");
+    if name.starts_with("burrow-agent") {
+        "burrow-agent"
+    } else {
+        "burrow agent"
+    }
+}
+
 /// Cancels `token` on Ctrl-C or SIGTERM.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
@@ -172,7 +182,9 @@ pub fn cancel_on_signal(token: CancellationToken) {
 pub async fn run(cmd: AgentCmd, shutdown: CancellationToken) -> Result<()> {
     match cmd.sub {
         Some(AgentSub::Enroll(e)) => enroll(e).await,
-        Some(AgentSub::Status { status_file, json }) => status(&status_file, json),
+        Some(AgentSub::Status { status_file, json }) => {
+            status(&status_file.unwrap_or_else(default_status_path), json)
+        }
         Some(AgentSub::RotateKey { config }) => {
             let fp = crate::enroll::rotate_key(&config).await?;
             println!("device key replaced; new fingerprint {fp}");
@@ -201,7 +213,7 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
     .await?;
     println!("enrolled device '{}' with pivot {}", file.id, file.server);
     println!("config written to {}; start the agent with:", e.config.display());
-    println!("  burrow agent --config {}", e.config.display());
+    println!("  {} --config {}", program(), e.config.display());
     Ok(())
 }
 
@@ -262,7 +274,7 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
         warn!(key = %key_path.display(), "device key is readable by other users; chmod 600 it");
     }
     if mqtt_url.is_none() && server.is_none() {
-        bail!("give --server HOST:PORT (always-on) or --mqtt-url URL (on demand)");
+        bail!("give --pivot HOST:PORT (always on) or --mqtt-url URL (on demand)");
     }
     let mut config = crate::Config::new(server, id, key, pin, expose);
     config.key_path = Some(key_path);
@@ -272,7 +284,7 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     }
     config.backoff_max = args.reconnect_max;
     config.refused_retry = args.refused_retry;
-    config.status_path = Some(args.status_file);
+    config.status_path = Some(args.status_file.unwrap_or_else(default_status_path));
     if let (Some(url), false) = (mqtt_url, always_on) {
         config.signal = Some(crate::SignalConfig {
             url,

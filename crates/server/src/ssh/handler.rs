@@ -54,6 +54,8 @@ pub(crate) struct ConnState {
     pub admin_buffered: Arc<Counter>,
     /// `@burrow` channels an enrollment key has opened, ever.
     pub enroll_requests: AtomicUsize,
+    /// The device reported its host keys on this connection.
+    pub host_keys_reported: AtomicBool,
     /// `tcpip-forward` and cancel requests, ever.
     pub forward_requests: AtomicUsize,
     // std Mutexes: each is taken for a field update, never across .await.
@@ -82,6 +84,7 @@ impl ConnState {
             spoke: Default::default(),
             admin_buffered: Default::default(),
             enroll_requests: AtomicUsize::new(0),
+            host_keys_reported: AtomicBool::new(false),
             forward_requests: AtomicUsize::new(0),
             preauth: Mutex::new(Some((slot, killer))),
             attempts: Mutex::default(),
@@ -214,8 +217,11 @@ impl Handler for Connection {
         Ok(match self.lookup(offer.public_key).await? {
             Some(_) => Auth::Accept,
             None if user == ENROLL_USER => Auth::Accept,
-            // A revoked device's key may sign, to be told it is revoked.
-            None if Box::pin(self.shared.registry.key_registered(&fp)).await? => Auth::Accept,
+            // A revoked device's key, logging in as that device, may sign
+            // to be told it is revoked. Anything else tries its next key.
+            None if Box::pin(self.shared.registry.revoked_device(&fp)).await?.is_some_and(|(id, _)| id == user) => {
+                Auth::Accept
+            }
             None => self.refuse_key(user, &fp, "unknown key"),
         })
     }
@@ -282,14 +288,9 @@ impl Handler for Connection {
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         if let Some(why) = self.refusal.take() {
             // Nothing was granted: no identity is set, so every channel and
-            // forward is refused until the disconnect below ends it.
-            let mut rec = self.audit("auth").outcome(false, Some(why.clone()));
-            rec.method = Some("publickey".into());
-            if let Some((user, fp)) = self.authed.take() {
-                rec.user = Some(user);
-                rec.fingerprint = Some(fp);
-            }
-            self.shared.audit.record(rec);
+            // forward is refused until the disconnect below ends it. The
+            // refusal is audited with the connection's failure, as any other.
+            self.authed = None;
             session.disconnect(russh::Disconnect::NoMoreAuthMethodsAvailable, &why, "en")?;
             return Ok(());
         }

@@ -2,6 +2,7 @@
 //! [`crate::admin::execute`] with the caller's identity.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use burrow_core::text::printable;
@@ -104,7 +105,13 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
         Ok(r) => r,
         Err(e) => return (Response::err(format!("malformed request: {e}")), false),
     };
-    let mutates = req.mutates();
+    // A device reports its host keys once per connection: each report takes
+    // the registry's write lock and adds an audit record.
+    if matches!(req, Request::HostKeys { .. }) && from.state.host_keys_reported.swap(true, Ordering::Relaxed) {
+        return (Response::err("host keys were already reported on this connection"), false);
+    }
+    // Host keys change no session: nothing to enforce after them.
+    let mutates = req.mutates() && !matches!(req, Request::HostKeys { .. });
     let enrolling = matches!(req, Request::Enroll { .. });
     let what = serde_json::to_value(&req).ok().and_then(|v| v.get("op").cloned()).unwrap_or_default();
     let origin = admin::Origin {
