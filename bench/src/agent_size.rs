@@ -26,20 +26,22 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Starts `bin` (`burrow-agent`, or `burrow` with `agent` first) as device
 /// `id`, waits until the pivot sees it and it has idled, and returns (RSS, PSS) in KiB.
-fn measure(bin: &str, sub: Option<&str>, pivot: &TestPivot, id: &str, key: &KeyPair, mode: &[String], expose: &str) -> Result<(u64, u64)> {
+fn measure(
+    bin: &str,
+    sub: Option<&str>,
+    pivot: &TestPivot,
+    id: &str,
+    key: &KeyPair,
+    mode: &[String],
+    expose: &str,
+) -> Result<(u64, u64)> {
     let mut cmd = Command::new(bin);
     cmd.args(sub).args(mode).args(["--id", id, "--key"]).arg(&key.private);
     cmd.arg("--pivot-host-key").arg(pivot.host_key_pub()).args(["--expose", expose]);
     let log = key.private.with_extension("log");
     let agent = Proc::spawn(id, &mut cmd, log);
     let always_on = mode.iter().any(|a| a == "--server");
-    let up = wait_until(Duration::from_secs(20), || {
-        if always_on {
-            pivot.is_online(id)
-        } else {
-            pivot.is_present(id)
-        }
-    });
+    let up = wait_until(Duration::from_secs(20), || if always_on { pivot.is_online(id) } else { pivot.is_present(id) });
     if !up {
         bail!("{id} did not come up: {}", agent.log_text());
     }

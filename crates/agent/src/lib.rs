@@ -172,7 +172,10 @@ async fn always_on(config: Arc<Config>, server: &str, shutdown: CancellationToke
                 let text = error_chain(&e);
                 let wait = config.refused_retry.mul_f64(rand::random_range(0.9..=1.1));
                 if last_refusal.as_deref() != Some(text.as_str()) {
-                    error!("{text}; this needs a fix on the device or the pivot, retrying every {:.0}s", wait.as_secs_f64());
+                    error!(
+                        "{text}; this needs a fix on the device or the pivot, retrying every {:.0}s",
+                        wait.as_secs_f64()
+                    );
                 } else {
                     debug!("still refused: {text}");
                 }

@@ -28,7 +28,11 @@ struct TunnelEnd {
     lasting: bool,
 }
 
-pub(crate) async fn run(config: Arc<Config>, shutdown: CancellationToken, status: Arc<StatusFile>) -> Result<(), AgentError> {
+pub(crate) async fn run(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    status: Arc<StatusFile>,
+) -> Result<(), AgentError> {
     let signal = config.signal.clone().expect("on-demand mode has signaling");
     let id = config.id.to_string();
     let topics = signal.topics.clone();

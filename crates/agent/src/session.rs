@@ -28,7 +28,9 @@ pub enum SessionError {
     ConnectTimeout(String),
     #[error("host key mismatch: the pivot offered {got} but {expected} is pinned; refusing to connect")]
     HostKeyMismatch { expected: String, got: String },
-    #[error("the pivot does not know the key {fingerprint} of device '{id}': it was never registered there, or was removed")]
+    #[error(
+        "the pivot does not know the key {fingerprint} of device '{id}': it was never registered there, or was removed"
+    )]
     AuthRejected { id: String, fingerprint: String },
     #[error("the pivot refused to forward port {port} for device '{id}'")]
     ForwardRefused { id: String, port: u16 },

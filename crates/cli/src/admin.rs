@@ -354,10 +354,11 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
         }
         DeviceCommand::HostKeys(HostKeysCommand::Reset { id, forget, data }) => {
             let out = send(&data, Request::DeviceHostKeysReset { id: id.to_string(), forget }).await?;
-            let fps: Vec<String> =
-                out["fingerprints"].as_array().into_iter().flatten().map(str_of).collect();
+            let fps: Vec<String> = out["fingerprints"].as_array().into_iter().flatten().map(str_of).collect();
             if fps.is_empty() {
-                println!("forgot the host keys of device '{id}'; its agent registers them when its tunnel next comes up");
+                println!(
+                    "forgot the host keys of device '{id}'; its agent registers them when its tunnel next comes up"
+                );
             } else {
                 println!(
                     "device '{id}' now has the {} host keys its agent reported ({}); run `burrow login` again to pin them",

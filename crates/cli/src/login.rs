@@ -79,8 +79,9 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     let devices = remote.call(&Request::DeviceList).await?;
     // Keys are parsed and written back, never copied as sent: a pivot's
     // text cannot add lines (`@cert-authority`, say) to known_hosts.
-    let pivot_key = burrow_core::keys::parse_public_key(me["pivot_host_key"].as_str().unwrap_or_default(), "the pivot's host key")
-        .map(|k| burrow_core::keys::openssh_line(&k))?;
+    let pivot_key =
+        burrow_core::keys::parse_public_key(me["pivot_host_key"].as_str().unwrap_or_default(), "the pivot's host key")
+            .map(|k| burrow_core::keys::openssh_line(&k))?;
 
     let ssh_dir = args.ssh_dir.clone().unwrap_or_else(|| home().join(".ssh"));
     let dir = ssh_dir.join("burrow").join(&args.name);
@@ -144,7 +145,14 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     Ok(())
 }
 
-fn ssh_config(host: &str, port: &str, name: &str, ids: &[String], known_hosts: &Path, identity: Option<&Path>) -> String {
+fn ssh_config(
+    host: &str,
+    port: &str,
+    name: &str,
+    ids: &[String],
+    known_hosts: &Path,
+    identity: Option<&Path>,
+) -> String {
     let mut c = String::from("# Written by `burrow login`; run it again to refresh.\n");
     // The pivot knows each device by its bare id whatever this login is
     // called; a device added since needs the login run again (for its host

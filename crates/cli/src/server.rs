@@ -15,8 +15,8 @@ use burrow_server::signal::{BrokerConfig, SignalConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use burrow_agent::cli::mqtt_args::MqttClientArgs;
 use crate::DataDir;
+use burrow_agent::cli::mqtt_args::MqttClientArgs;
 
 #[derive(clap::Args)]
 pub struct ServerArgs {

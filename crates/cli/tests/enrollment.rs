@@ -93,7 +93,14 @@ impl Laptop {
         let fp = fingerprint(&pivot.host_key_pub());
         let addr = pivot.addr.to_string();
         let mut all = args.to_vec();
-        all.extend_from_slice(&["--pivot", &addr, "--pivot-host-key", &fp, "--identity", self.key.private.to_str().unwrap()]);
+        all.extend_from_slice(&[
+            "--pivot",
+            &addr,
+            "--pivot-host-key",
+            &fp,
+            "--identity",
+            self.key.private.to_str().unwrap(),
+        ]);
         self.burrow(&all)
     }
 }
@@ -166,8 +173,11 @@ fn from_token_to_strict_ssh_by_name() {
     // OpenSSH's own options pass through: ssh -l, sftp -b.
     assert_eq!(ok(&laptop.burrow(&["ssh", "-l", "root", "-o", "BatchMode=yes", "cam-42", "echo l-ok"])).trim(), "l-ok");
     let batch = laptop.home.path().join("batch.txt");
-    std::fs::write(&batch, format!("get {}/fw.bin {}/back.bin\n", sshd.dir.path().display(), laptop.home.path().display()))
-        .unwrap();
+    std::fs::write(
+        &batch,
+        format!("get {}/fw.bin {}/back.bin\n", sshd.dir.path().display(), laptop.home.path().display()),
+    )
+    .unwrap();
     ok(&laptop.burrow(&["sftp", "-b", batch.to_str().unwrap(), "root@cam-42"]));
     assert_eq!(std::fs::read(laptop.home.path().join("back.bin")).unwrap(), b"firmware");
 
@@ -283,11 +293,16 @@ fn revoking_a_device_disconnects_it_and_refuses_it() {
     // The agent names the pivot's reason once, and retries slowly.
     let said = "the pivot refused device 'cam-42': device 'cam-42' was revoked on";
     assert!(wait_until(Duration::from_secs(10), || agent.log_text().contains(said)), "{}", agent.log_text());
-    assert!(agent.log_text().contains("needs a fix on the device or the pivot, retrying every"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("needs a fix on the device or the pivot, retrying every"),
+        "{}",
+        agent.log_text()
+    );
     assert_eq!(pivot.device_json("cam-42").unwrap()["revoked"], true);
     assert!(!pivot.is_online("cam-42"));
     // `agent status` says so, and fails.
-    let out = Command::new(BURROW).args(["agent", "status", "--status-file"]).arg(agent.status_file()).output().unwrap();
+    let out =
+        Command::new(BURROW).args(["agent", "status", "--status-file"]).arg(agent.status_file()).output().unwrap();
     assert!(!out.status.success());
     let text = stdout(&out);
     assert!(text.contains("state:   refused") && text.contains("was revoked on"), "{text}");
@@ -575,9 +590,7 @@ fn the_agent_registers_its_sshds_host_keys_and_a_change_waits_for_an_admin() {
     let agent = TestAgent::start(BURROW, &pivot, "cam-5", &key, &[format!("22={}", sshd.target())]);
     let first = sshd.host_key.public_line();
     let first = first.split_whitespace().nth(1).unwrap().to_string();
-    let has = |body: &str, field: &str| {
-        pivot.device_json("cam-5").is_some_and(|d| d[field].to_string().contains(body))
-    };
+    let has = |body: &str, field: &str| pivot.device_json("cam-5").is_some_and(|d| d[field].to_string().contains(body));
     assert!(wait_until(Duration::from_secs(20), || has(&first, "host_keys")), "{}", agent.proc.log_text());
 
     // Strict host-key checking works with no key copied by hand.

@@ -88,8 +88,7 @@ fn device_key_cannot_claim_another_devices_id() {
         .log_text()
         .contains("the pivot refused device 'cam-43': this key belongs to device 'cam-42', not 'cam-43'")));
     assert!(!pivot.is_online("cam-43"));
-    let status: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(agent.proc.status_file()).unwrap()).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(agent.proc.status_file()).unwrap()).unwrap();
     assert_eq!(status["state"], "refused", "{status}");
 }
 

@@ -210,7 +210,9 @@ fn audit_args(req: &Request) -> Value {
             "host_keys": host_keys.len(),
         }),
         Request::RotateKey { new_key, .. } => json!({"new_fingerprint": fp(new_key)}),
-        Request::HostKeys { keys } => json!({"fingerprints": keys.iter().take(MAX_HOST_KEYS).map(|k| fp(k)).collect::<Vec<_>>()}),
+        Request::HostKeys { keys } => {
+            json!({"fingerprints": keys.iter().take(MAX_HOST_KEYS).map(|k| fp(k)).collect::<Vec<_>>()})
+        }
         Request::DeviceHostKeysReset { id, forget } => json!({"id": printable(id), "forget": forget}),
         Request::BanAdd { net, secs } => json!({"net": printable(net), "secs": secs}),
         Request::BanRemove { net } => json!({"net": printable(net)}),
@@ -420,11 +422,16 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 }
             }
             let report = reg.report_host_keys(id, &lines).await?;
-            let fps: Vec<String> = lines.iter().filter_map(|l| parse_public_key(l, "").ok()).map(|k| fingerprint(&k)).collect();
+            let fps: Vec<String> =
+                lines.iter().filter_map(|l| parse_public_key(l, "").ok()).map(|k| fingerprint(&k)).collect();
             match report {
-                HostKeyReport::Registered => tracing::info!(device = %id, keys = ?fps, "host keys registered from the device's report"),
+                HostKeyReport::Registered => {
+                    tracing::info!(device = %id, keys = ?fps, "host keys registered from the device's report")
+                }
                 HostKeyReport::Known => {}
-                HostKeyReport::Changed => tracing::warn!(device = %id, keys = ?fps, "the device reports different host keys; kept the registered ones (accept with `burrow device host-keys reset {id}`)"),
+                HostKeyReport::Changed => {
+                    tracing::warn!(device = %id, keys = ?fps, "the device reports different host keys; kept the registered ones (accept with `burrow device host-keys reset {id}`)")
+                }
             }
             let state = match report {
                 HostKeyReport::Registered => "registered",

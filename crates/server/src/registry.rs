@@ -228,11 +228,10 @@ impl Registry {
     /// accept and no `forget`.
     pub async fn reset_host_keys(&self, id: &Id, forget: bool) -> Result<Option<Vec<String>>, RegistryError> {
         let mut tx = self.write_tx().await?;
-        let changed: Option<Option<String>> =
-            sqlx::query_scalar("SELECT host_keys_changed FROM devices WHERE id = ?")
-                .bind(id.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let changed: Option<Option<String>> = sqlx::query_scalar("SELECT host_keys_changed FROM devices WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(changed) = changed else { return Err(RegistryError::NoSuchDevice(id.to_string())) };
         let now = match changed {
             Some(c) => c,
@@ -678,9 +677,7 @@ fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> DeviceRecord {
         fingerprint: r.get("fingerprint"),
         public_key: r.get("public_key"),
         host_keys: serde_json::from_str(r.get::<&str, _>("host_keys")).unwrap_or_default(),
-        host_keys_changed: r
-            .get::<Option<&str>, _>("host_keys_changed")
-            .and_then(|t| serde_json::from_str(t).ok()),
+        host_keys_changed: r.get::<Option<&str>, _>("host_keys_changed").and_then(|t| serde_json::from_str(t).ok()),
         revoked_at: r.get("revoked_at"),
         labels: serde_json::from_str(r.get::<&str, _>("labels")).unwrap_or_default(),
         created_at: r.get("created_at"),

@@ -182,9 +182,7 @@ pub fn cancel_on_signal(token: CancellationToken) {
 pub async fn run(cmd: AgentCmd, shutdown: CancellationToken) -> Result<()> {
     match cmd.sub {
         Some(AgentSub::Enroll(e)) => enroll(e).await,
-        Some(AgentSub::Status { status_file, json }) => {
-            status(&status_file.unwrap_or_else(default_status_path), json)
-        }
+        Some(AgentSub::Status { status_file, json }) => status(&status_file.unwrap_or_else(default_status_path), json),
         Some(AgentSub::RotateKey { config }) => {
             let fp = crate::enroll::rotate_key(&config).await?;
             println!("device key replaced; new fingerprint {fp}");
