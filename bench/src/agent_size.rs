@@ -24,8 +24,19 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `Anonymous` memory of a process (heap and stacks, not the mapped binary), KiB.
+fn anon_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Anonymous:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Starts `bin` (`burrow-agent`, or `burrow` with `agent` first) as device
-/// `id`, waits until the pivot sees it and it has idled, and returns (RSS, PSS) in KiB.
+/// `id`, waits until the pivot sees it and it has idled, and returns (RSS,
+/// PSS, anonymous) in KiB.
 fn measure(
     bin: &str,
     sub: Option<&str>,
@@ -34,7 +45,7 @@ fn measure(
     key: &KeyPair,
     mode: &[String],
     expose: &str,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64, u64)> {
     let mut cmd = Command::new(bin);
     cmd.args(sub).args(mode).args(["--id", id, "--key"]).arg(&key.private);
     cmd.arg("--pivot-host-key").arg(pivot.host_key_pub()).args(["--expose", expose]);
@@ -46,7 +57,7 @@ fn measure(
         bail!("{id} did not come up: {}", agent.log_text());
     }
     std::thread::sleep(Duration::from_secs(5));
-    Ok((rss_kib(agent.pid()), crate::vs_openssh::pss_kib(agent.pid())))
+    Ok((rss_kib(agent.pid()), crate::vs_openssh::pss_kib(agent.pid()), anon_kib(agent.pid())))
 }
 
 pub(crate) fn run(burrow: &str, agent_bin: &str) -> Result<()> {
@@ -57,7 +68,7 @@ pub(crate) fn run(burrow: &str, agent_bin: &str) -> Result<()> {
     let on_demand = pivot.agent_mqtt_args();
     let always_on = vec!["--server".to_string(), pivot.addr.to_string()];
     println!("burrow-agent: {} ({size} bytes, {:.2} MiB)", Path::new(agent_bin).display(), size as f64 / 1048576.0);
-    println!("{:<26} {:>10} {:>10}", "idle agent", "RSS KiB", "PSS KiB");
+    println!("{:<26} {:>10} {:>10} {:>10}", "idle agent", "RSS KiB", "PSS KiB", "anon KiB");
     let runs: [(&str, &str, Option<&str>, &Vec<String>); 4] = [
         ("burrow-agent, on demand", agent_bin, None, &on_demand),
         ("burrow-agent, always on", agent_bin, None, &always_on),
@@ -68,8 +79,8 @@ pub(crate) fn run(burrow: &str, agent_bin: &str) -> Result<()> {
         let id = format!("size-{i}");
         let key = KeyPair::generate(sshd.dir.path(), &id);
         pivot.add_device(&id, &key);
-        let (rss, pss) = measure(bin, sub, &pivot, &id, &key, mode, &expose)?;
-        println!("{name:<26} {rss:>10} {pss:>10}");
+        let (rss, pss, anon) = measure(bin, sub, &pivot, &id, &key, mode, &expose)?;
+        println!("{name:<26} {rss:>10} {pss:>10} {anon:>10}");
     }
     Ok(())
 }
