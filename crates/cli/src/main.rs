@@ -78,7 +78,10 @@ fn init_logging(verbose: u8, json: bool) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // russh warns of every channel request it does not know, such as the
+    // harmless `simple@putty.projects.tartarus.org` of each PuTTY session.
+    let quiet = if verbose == 0 { ",russh::server::encrypted=error" } else { "" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{default}{quiet}")));
     // Colours only on a terminal: a log file or journald gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);

@@ -22,9 +22,9 @@ use burrow_agent::cli::mqtt_args::MqttClientArgs;
 pub struct ServerArgs {
     #[command(flatten)]
     data: DataDir,
-    /// Address of the SSH listener (production deployments use 443).
-    #[arg(long, env = "BURROW_LISTEN", default_value = "0.0.0.0:2222")]
-    listen: SocketAddr,
+    /// Address of the SSH listener (production uses 443); repeatable, e.g. 0.0.0.0:443 and [::]:443.
+    #[arg(long, env = "BURROW_LISTEN", default_value = "0.0.0.0:2222", value_delimiter = ',')]
+    listen: Vec<SocketAddr>,
     /// HOST:PORT that wake requests tell devices to dial [default: the listen address].
     #[arg(long, env = "BURROW_ADVERTISE")]
     advertise: Option<String>,
@@ -238,10 +238,13 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     // tunnel records and fight over the registry. Held until exit.
     let _lock = lock_data_dir(dir)?;
     let key = host_key::load_or_create(dir).context("cannot load the host key")?;
-    let ssh = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let local = ssh.local_addr()?;
+    let mut ssh = Vec::new();
+    for addr in &args.listen {
+        // With an IPv4 address beside it, [::] takes IPv6 only.
+        let v6only = addr.is_ipv6() && args.listen.len() > 1;
+        ssh.push(bind_listener(*addr, v6only).with_context(|| format!("cannot listen on {addr}"))?);
+    }
+    let local = ssh[0].local_addr()?;
     let m = &args.mqtt;
     let mut mqtt = None;
     let broker = match (&m.mqtt_url, m.no_mqtt) {
@@ -280,6 +283,9 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     };
 
     println!("burrow pivot listening on {local}");
+    for l in &ssh[1..] {
+        println!("burrow pivot also listening on {}", l.local_addr()?);
+    }
     if let Some(h) = &http {
         println!("http (/healthz, /metrics) listening on {}", h.local_addr()?);
     }
@@ -316,4 +322,30 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     let listeners = burrow_server::Listeners { ssh, mqtt, http };
     burrow_server::run(config, listeners, shutdown).await?;
     Ok(())
+}
+
+/// A listening socket on `addr`; `v6only` keeps an IPv6 wildcard from also
+/// taking IPv4, so `0.0.0.0:P` and `[::]:P` can both be given.
+fn bind_listener(addr: SocketAddr, v6only: bool) -> std::io::Result<tokio::net::TcpListener> {
+    use std::os::fd::AsRawFd;
+    let socket = if addr.is_ipv6() { tokio::net::TcpSocket::new_v6()? } else { tokio::net::TcpSocket::new_v4()? };
+    socket.set_reuseaddr(true)?;
+    if v6only {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket, and an int option of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }

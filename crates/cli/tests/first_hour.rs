@@ -137,3 +137,41 @@ fn version_names_the_commit() {
     let out = Command::new(BURROW).arg("--version").output().unwrap();
     assert!(stdout(&out).contains(&format!("({head})")), "{} vs {head}", stdout(&out));
 }
+
+/// A near-miss id gets "did you mean", from admin commands and from the
+/// pivot to an operator's ssh; a restricted operator learns nothing.
+#[test]
+fn a_near_miss_id_gets_did_you_mean() {
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
+    let key = KeyPair::generate(op.dir.path(), "cam-42");
+    pivot.add_device("cam-42", &key);
+    let out = pivot.admin(&["device", "show", "cam-24"]);
+    assert!(stderr(&out).contains("unknown device 'cam-24'; did you mean 'cam-42'?"), "{}", stderr(&out));
+    let out = op.ssh_device("cam-24", "true");
+    assert!(stderr(&out).contains("did you mean 'cam-42'?"), "{}", stderr(&out));
+    let out = op.ssh_device("printer-9", "true");
+    assert!(stderr(&out).contains("unknown device 'printer-9'") && !stderr(&out).contains("did you mean"));
+}
+
+/// `--listen` is repeatable: IPv4 and IPv6 on one pivot.
+#[test]
+fn the_pivot_listens_on_ipv4_and_ipv6_at_once() {
+    let pivot = TestPivot::start_with(BURROW, &["--listen", "[::1]:0"]);
+    let text = pivot.proc.log_text();
+    let v6: std::net::SocketAddr = text
+        .lines()
+        .find_map(|l| l.split("burrow pivot also listening on ").nth(1))
+        .expect("a second listener")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(v6.is_ipv6());
+    for addr in [pivot.addr, v6] {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut banner = [0u8; 8];
+        s.read_exact(&mut banner).unwrap();
+        assert_eq!(&banner, b"SSH-2.0-", "{addr}");
+    }
+}

@@ -258,7 +258,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 // Unknown and not allowed read alike to a restricted operator.
                 Some(_) => Err(Refusal::NotAllowed(id).into()),
                 None if !selectors.is_empty() => Err(Refusal::NotAllowed(id).into()),
-                None => Err(Refusal::Unknown(id.to_string()).into()),
+                None => Err(unknown(reg, &id).await.into()),
             }
         }
         Request::Check { id: name, port } => {
@@ -268,7 +268,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 Some(dev) if allowed(&selectors, &dev.labels) => dev,
                 Some(_) => return Err(Refusal::NotAllowed(id).into()),
                 None if !selectors.is_empty() => return Err(Refusal::NotAllowed(id).into()),
-                None => return Err(Refusal::Unknown(id.to_string()).into()),
+                None => return Err(unknown(reg, &id).await.into()),
             };
             check(&id, &dev, port)?;
             Ok(device_json(&dev))
@@ -317,14 +317,14 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             let id = id(&name)?;
             let removed = reg.device(&id).await?.map(|d| device_json(&d));
             if !reg.remove_device(&id).await? {
-                return Err(Refusal::Unknown(id.to_string()).into());
+                return Err(unknown(reg, &id).await.into());
             }
             Ok(json!({"id": id.as_str(), "removed": removed}))
         }
         Request::DeviceRevoke { id: name } => {
             let id = id(&name)?;
             if !reg.revoke_device(&id).await? {
-                return Err(Refusal::Unknown(id.to_string()).into());
+                return Err(unknown(reg, &id).await.into());
             }
             Ok(json!({"id": id.as_str()}))
         }
@@ -531,6 +531,15 @@ fn operator_json(o: &crate::registry::OperatorRecord) -> Value {
 
 /// The most host keys a device may report (sshd has three kinds; room for rotation).
 const MAX_HOST_KEYS: usize = 8;
+
+/// "unknown device", with a near-miss id if there is one. Only for callers
+/// who may see every device: a restricted operator gets "not allowed".
+async fn unknown(reg: &Registry, id: &Id) -> Refusal {
+    match reg.near_miss(id.as_str()).await {
+        Ok(Some(near)) => Refusal::UnknownNear { id: id.to_string(), near },
+        _ => Refusal::Unknown(id.to_string()),
+    }
+}
 
 /// The host key types an sshd has: ed25519, ECDSA and RSA of 2048 bits or more.
 fn host_key_kind(k: &burrow_core::keys::PublicKey) -> Result<(), String> {

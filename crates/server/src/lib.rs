@@ -121,7 +121,8 @@ pub enum ServerError {
 
 /// Sockets the pivot serves, bound by the caller.
 pub struct Listeners {
-    pub ssh: TcpListener,
+    /// Operators' and devices' SSH; several, e.g. IPv4 and IPv6.
+    pub ssh: Vec<TcpListener>,
     /// Device-facing MQTT, for the embedded broker.
     pub mqtt: Option<TcpListener>,
     /// `/healthz` and `/metrics` over HTTP.

@@ -710,6 +710,22 @@ impl Registry {
         Ok(found.is_some())
     }
 
+    /// A registered id that `id` is likely a typo of (see [`crate::refusal::nearest`]).
+    /// Looks at ids of about the same length that start alike, at most 500.
+    pub async fn near_miss(&self, id: &str) -> Result<Option<String>, RegistryError> {
+        let head: String = id.chars().take(2).collect();
+        let len = id.len() as i64;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM devices WHERE substr(id, 1, 2) = ? AND length(id) BETWEEN ? AND ? ORDER BY id LIMIT 500",
+        )
+        .bind(head)
+        .bind(len - 2)
+        .bind(len + 2)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(crate::refusal::nearest(id, ids.iter().map(String::as_str)))
+    }
+
     /// The device a revoked key belonged to, and when it was revoked.
     pub async fn revoked_device(&self, fp: &str) -> Result<Option<(String, i64)>, RegistryError> {
         let row = sqlx::query("SELECT id, revoked_at FROM devices WHERE fingerprint = ? AND revoked_at IS NOT NULL")

@@ -20,15 +20,36 @@ use crate::registry::Identity;
 use crate::shards::Shards;
 use crate::Shared;
 
+/// The next connection on any of `listeners`, asking them in turn from
+/// `*next` so a flood on one cannot starve another.
+async fn accept_any(
+    listeners: &[TcpListener],
+    next: &mut usize,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let n = listeners.len();
+    std::future::poll_fn(|cx| {
+        for k in 0..n {
+            let i = (*next + k) % n;
+            if let std::task::Poll::Ready(r) = listeners[i].poll_accept(cx) {
+                *next = (i + 1) % n;
+                return std::task::Poll::Ready(r);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     ssh: Arc<SshConfig>,
     shards: &Shards,
     shutdown: CancellationToken,
 ) {
     let limit = shared.connections.clone();
     let mut backoff = Duration::from_millis(10);
+    let mut next = 0;
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -36,7 +57,7 @@ pub(crate) async fn serve(
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
+            r = accept_any(&listeners, &mut next) => match r {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Usually EMFILE: wait for connections to finish rather than spin.

@@ -140,7 +140,14 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
     }
     let dev = match shared.registry.device(&id).await {
         Ok(Some(dev)) => dev,
-        Ok(None) => return Err(Refusal::Unknown(id.to_string())),
+        // Operators limited by labels were refused above, so naming a
+        // near-miss id tells them nothing they may not see.
+        Ok(None) => {
+            return Err(match shared.registry.near_miss(id.as_str()).await {
+                Ok(Some(near)) => Refusal::UnknownNear { id: id.to_string(), near },
+                _ => Refusal::Unknown(id.to_string()),
+            })
+        }
         Err(e) => {
             warn!(error = %e, "registry lookup failed");
             return Err(Refusal::Registry);
