@@ -25,7 +25,7 @@ pub struct ServerArgs {
     /// Address of the SSH listener (production uses 443); repeatable, e.g. 0.0.0.0:443 and [::]:443.
     #[arg(long, env = "BURROW_LISTEN", default_value = "0.0.0.0:2222", value_delimiter = ',')]
     listen: Vec<SocketAddr>,
-    /// HOST:PORT that wake requests tell devices to dial [default: the listen address].
+    /// HOST:PORT devices dial, named in wake-ups and enrollment tokens [default: the first --listen; 127.0.0.1:PORT for 0.0.0.0].
     #[arg(long, env = "BURROW_ADVERTISE")]
     advertise: Option<String>,
     /// This pivot's name in the registry's tunnel records.

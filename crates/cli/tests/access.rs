@@ -256,8 +256,8 @@ fn sample(metrics: &str, name: &str) -> u64 {
 
 #[test]
 fn health_and_metrics_over_http() {
-    let http = free_port();
-    let (pivot, op) = TestPivot::with_operator(BURROW, &["--http-listen", &format!("127.0.0.1:{http}")]);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &["--http-listen", "127.0.0.1:0"]);
+    let http = pivot.http_port();
     let _dev = Device::start(BURROW, &pivot, &op, "cam-42");
 
     let (status, body) = http_get(http, "/healthz");

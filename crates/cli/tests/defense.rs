@@ -326,9 +326,9 @@ fn with_descriptors_scarce_a_flood_of_idle_connections_cannot_lock_out_an_operat
 // Finding 4: failed logins left no trace, cost nothing, and had no metric.
 #[test]
 fn failed_logins_are_logged_audited_counted_and_banned() {
-    let http = free_port();
-    let args = ["--ban-ignoreip", "127.0.0.1/32", "--ban-maxretry", "3", "--http-listen", &format!("127.0.0.1:{http}")];
+    let args = ["--ban-ignoreip", "127.0.0.1/32", "--ban-maxretry", "3", "--http-listen", "127.0.0.1:0"];
     let (mut pivot, op) = TestPivot::with_operator(BURROW, &args);
+    let http = pivot.http_port();
     let dir = tempfile::tempdir().unwrap();
     let stranger = KeyPair::generate(dir.path(), "stranger");
     // Stock OpenSSH from 127.0.0.2 with a key nobody registered.

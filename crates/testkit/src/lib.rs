@@ -217,6 +217,16 @@ impl TestPivot {
     }
 
     /// A pivot with the operator `alice` registered, and her OpenSSH setup.
+    /// The port of `--http-listen 127.0.0.1:0`, as the pivot printed it.
+    pub fn http_port(&self) -> u16 {
+        let text = self.proc.log_text();
+        let addr = text
+            .lines()
+            .find_map(|l| l.strip_prefix("http (/healthz, /metrics) listening on "))
+            .expect("the pivot was started with --http-listen");
+        addr.trim().parse::<SocketAddr>().expect("an address").port()
+    }
+
     pub fn with_operator(bin: &str, extra: &[&str]) -> (TestPivot, Operator) {
         let pivot = Self::start_with(bin, extra);
         let op = Operator::new(&pivot);
@@ -628,39 +638,54 @@ impl Mosquitto {
             (false, true) => "",
             (false, false) => "allow_anonymous false\n",
         };
-        let port = free_port();
-        let acl = dir.path().join("acl");
-        std::fs::write(
-            &acl,
-            "user pivot\ntopic readwrite burrow/#\n\n\
+        // free_port() can race with another test taking the port: retry.
+        for attempt in 0..5 {
+            let port = free_port();
+            let acl = dir.path().join("acl");
+            std::fs::write(
+                &acl,
+                "user pivot\ntopic readwrite burrow/#\n\n\
              pattern read burrow/devices/%u/request\n\
              pattern write burrow/devices/%u/presence\n\
              pattern write burrow/devices/%u/status\n",
-        )
-        .unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "user root\nlistener {port} 127.0.0.1\n{tls}{anonymous}acl_file {}\npersistence false\n\
+            )
+            .unwrap();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "user root\nlistener {port} 127.0.0.1\n{tls}{anonymous}acl_file {}\npersistence false\n\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\n",
-                acl.display()
-            ),
-        )
-        .unwrap();
-        let proc = Self::spawn(&dir, &conf, port, 0);
-        Mosquitto { dir, port, proc, starts: 1 }
+                    acl.display()
+                ),
+            )
+            .unwrap();
+            match Self::try_spawn(&dir, &conf, port, attempt) {
+                Ok(proc) => return Mosquitto { dir, port, proc, starts: attempt + 1 },
+                Err(log) if attempt == 4 => panic!("mosquitto did not start: {log}"),
+                Err(_) => continue,
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     fn spawn(dir: &TempDir, conf: &Path, port: u16, n: usize) -> Proc {
+        Self::try_spawn(dir, conf, port, n).unwrap_or_else(|log| panic!("mosquitto did not start: {log}"))
+    }
+
+    /// Starts mosquitto; its log if it did not come up.
+    fn try_spawn(dir: &TempDir, conf: &Path, port: u16, n: usize) -> Result<Proc, String> {
         let mut cmd = Command::new(MOSQUITTO);
         cmd.arg("-c").arg(conf);
         let mut proc = Proc::spawn("mosquitto", &mut cmd, dir.path().join(format!("mosquitto-{n}.log")));
         let up = wait_until(Duration::from_secs(10), || {
             !proc.is_running() || TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        assert!(up && proc.is_running(), "mosquitto did not start: {}", proc.log_text());
-        proc
+        if up && proc.is_running() {
+            Ok(proc)
+        } else {
+            Err(proc.log_text())
+        }
     }
 
     /// Stops the broker (clients see the connection drop) and starts it again on the same port.
