@@ -40,8 +40,7 @@ pub(crate) async fn scan(target: &str) -> Vec<String> {
     let mut keys = Vec::new();
     for kind in kinds {
         let seen = Arc::new(Mutex::new(None));
-        let mut preferred = russh::Preferred::default();
-        preferred.key = Cow::Owned(vec![kind]);
+        let preferred = russh::Preferred { key: Cow::Owned(vec![kind]), ..Default::default() };
         let config = Arc::new(client::Config { preferred, ..Default::default() });
         let attempt = async {
             let tcp = tokio::net::TcpStream::connect(target).await.ok()?;

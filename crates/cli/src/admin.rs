@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use burrow_core::keys::read_public_key;
-use burrow_core::rpc::{Request, Selector};
+use burrow_core::rpc::{BanInfo, DeviceAdded, DeviceInfo, OperatorInfo, Request, Selector};
 use burrow_core::Id;
 use burrow_server::admin::{self, Caller};
 use burrow_server::Registry;
@@ -287,73 +287,68 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
             }
             let labels = map;
             let with_key = key.is_some();
-            let req = Request::DeviceAdd {
-                id: id.to_string(),
-                key,
-                labels,
-                ttl_secs: Some(ttl.as_secs()),
-                address,
-                host_keys,
-            };
-            let out = send(&data, req).await?;
+            let req =
+                Request::DeviceAdd { id: id.clone(), key, labels, ttl_secs: Some(ttl.as_secs()), address, host_keys };
+            let out: DeviceAdded = typed(send(&data, req).await?)?;
             if with_key {
-                println!("added device '{id}' ({})", str_of(&out["fingerprint"]));
+                println!("added device '{id}' ({})", safe(out.fingerprint.as_deref().unwrap_or("")));
             } else {
                 eprintln!(
                     "added device '{id}'; enroll it within {} (until {}) with:\n  burrow agent enroll --token TOKEN",
                     spoken_duration(ttl),
-                    str_of(&out["expires_at"])
+                    safe(out.expires_at.as_deref().unwrap_or(""))
                 );
-                println!("{}", str_of(&out["token"]));
+                println!("{}", safe(out.token.as_deref().unwrap_or("")));
             }
         }
         DeviceCommand::List { json, data } => {
-            let out = send(&data, Request::DeviceList).await?;
+            let devices: Vec<DeviceInfo> = typed(send(&data, Request::DeviceList).await?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                println!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
-                print_device_table(out.as_array().map(Vec::as_slice).unwrap_or_default());
+                print_device_table(&devices);
             }
         }
         DeviceCommand::Show { id, json, data } => {
-            let d = send(&data, Request::DeviceShow { id: id.to_string() }).await?;
+            let d: DeviceInfo = typed(send(&data, Request::DeviceShow { id: id.clone() }).await?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
                 return Ok(());
             }
-            println!("id:          {}", str_of(&d["id"]));
-            println!("status:      {}", str_of(&d["status"]));
-            println!("presence:    {} (MQTT)", opt(&d["presence"]));
-            let via = d["pivot"].as_str().map(|p| format!(" on pivot '{}'", safe(p))).unwrap_or_default();
-            println!("tunnel:      {}{via}", if d["tunnel"] == true { "open" } else { "closed" });
-            println!("last seen:   {}", d["last_seen"].as_str().unwrap_or("never"));
-            println!("labels:      {}", labels_text(&d["labels"]));
-            println!("ports:       {}", ports_text(&d["ports"]));
-            println!("enrolled:    {}", if d["enrolled"] == true { "yes" } else { "no (token pending)" });
-            println!("revoked:     {}", if d["revoked"] == true { "yes" } else { "no" });
-            println!("fingerprint: {}", opt(&d["fingerprint"]));
-            for k in d["host_keys"].as_array().into_iter().flatten() {
-                println!("host key:    {}", str_of(k));
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            println!("id:          {}", safe(&d.id));
+            println!("status:      {}", safe(&d.status));
+            println!("presence:    {} (MQTT)", safe(d.presence.as_deref().unwrap_or("-")));
+            let via = d.pivot.as_deref().map(|p| format!(" on pivot '{}'", safe(p))).unwrap_or_default();
+            println!("tunnel:      {}{via}", if d.tunnel { "open" } else { "closed" });
+            println!("last seen:   {}", safe(d.last_seen.as_deref().unwrap_or("never")));
+            println!("labels:      {}", labels_text(&d.labels));
+            println!("ports:       {}", ports_text(&d.ports));
+            println!("enrolled:    {}", if d.enrolled { "yes" } else { "no (token pending)" });
+            println!("revoked:     {}", yes(d.revoked));
+            println!("fingerprint: {}", safe(d.fingerprint.as_deref().unwrap_or("-")));
+            for k in &d.host_keys {
+                println!("host key:    {}", safe(k));
             }
-            if let Some(changed) = d["host_keys_changed"].as_array() {
+            if let Some(changed) = &d.host_keys_changed {
                 println!("host keys:   CHANGED: the device now shows other keys; operators' pins keep the old ones");
                 for k in changed {
-                    println!("  reported:  {}", str_of(k));
+                    println!("  reported:  {}", safe(k));
                 }
                 println!("             if the change is expected: burrow device host-keys reset {id}");
             }
-            println!("added:       {}", str_of(&d["added"]));
+            println!("added:       {}", safe(&d.added));
         }
         DeviceCommand::Remove { id, data } => {
-            send(&data, Request::DeviceRemove { id: id.to_string() }).await?;
+            send(&data, Request::DeviceRemove { id: id.clone() }).await?;
             println!("removed device '{id}'");
         }
         DeviceCommand::Revoke { id, data } => {
-            send(&data, Request::DeviceRevoke { id: id.to_string() }).await?;
+            send(&data, Request::DeviceRevoke { id: id.clone() }).await?;
             println!("revoked device '{id}'");
         }
         DeviceCommand::HostKeys(HostKeysCommand::Reset { id, forget, data }) => {
-            let out = send(&data, Request::DeviceHostKeysReset { id: id.to_string(), forget }).await?;
+            let out = send(&data, Request::DeviceHostKeysReset { id: id.clone(), forget }).await?;
             let fps: Vec<String> = out["fingerprints"].as_array().into_iter().flatten().map(str_of).collect();
             if fps.is_empty() {
                 println!(
@@ -376,31 +371,24 @@ pub async fn operator(cmd: OperatorCommand) -> Result<()> {
         OperatorCommand::Add { name, key, admin, allow, data } => {
             let key = burrow_core::keys::openssh_line(&read_public_key(&key)?);
             let allow = allow.iter().map(Selector::to_string).collect();
-            let out = send(&data, Request::OperatorAdd { name: name.to_string(), key, admin, allow }).await?;
+            let out = send(&data, Request::OperatorAdd { name: name.clone(), key, admin, allow }).await?;
             let role = if str_of(&out["role"]) == "admin" { " with admin rights" } else { "" };
             println!("added operator '{name}'{role} ({})", str_of(&out["fingerprint"]));
         }
         OperatorCommand::List { json, data } => {
-            let out = send(&data, Request::OperatorList).await?;
+            let operators: Vec<OperatorInfo> = typed(send(&data, Request::OperatorList).await?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                println!("{}", serde_json::to_string_pretty(&operators)?);
             } else {
                 println!("{:<24} {:<9} {:<52} ALLOW", "NAME", "ROLE", "FINGERPRINT");
-                for o in out.as_array().into_iter().flatten() {
-                    let allow: Vec<&str> =
-                        o["allow"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                    let allow = if allow.is_empty() { "*".to_string() } else { allow.join(" | ") };
-                    println!(
-                        "{:<24} {:<9} {:<52} {allow}",
-                        str_of(&o["name"]),
-                        str_of(&o["role"]),
-                        str_of(&o["fingerprint"])
-                    );
+                for o in &operators {
+                    let allow = if o.allow.is_empty() { "*".to_string() } else { safe(&o.allow.join(" | ")) };
+                    println!("{:<24} {:<9} {:<52} {allow}", safe(&o.name), safe(&o.role), safe(&o.fingerprint));
                 }
             }
         }
         OperatorCommand::Remove { name, data } => {
-            send(&data, Request::OperatorRemove { name: name.to_string() }).await?;
+            send(&data, Request::OperatorRemove { name: name.clone() }).await?;
             println!("removed operator '{name}'");
         }
     }
@@ -410,20 +398,14 @@ pub async fn operator(cmd: OperatorCommand) -> Result<()> {
 pub async fn ban(cmd: BanCommand) -> Result<()> {
     match cmd {
         BanCommand::List { json, data } => {
-            let out = send(&data, Request::BanList).await?;
+            let bans: Vec<BanInfo> = typed(send(&data, Request::BanList).await?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                println!("{}", serde_json::to_string_pretty(&bans)?);
                 return Ok(());
             }
             println!("{:<40} {:<21} {:<24} REASON", "NET", "UNTIL", "BY");
-            for b in out.as_array().into_iter().flatten() {
-                println!(
-                    "{:<40} {:<21} {:<24} {}",
-                    str_of(&b["net"]),
-                    str_of(&b["until"]),
-                    str_of(&b["by"]),
-                    str_of(&b["reason"])
-                );
+            for b in &bans {
+                println!("{:<40} {:<21} {:<24} {}", safe(&b.net), safe(&b.until), safe(&b.by), safe(&b.reason));
             }
         }
         BanCommand::Add { net, duration, data } => {
@@ -527,35 +509,41 @@ fn opt(v: &Value) -> String {
     safe(v.as_str().unwrap_or("-"))
 }
 
-/// One status column (connected, on-demand, offline, not-enrolled,
-/// revoked); `device show` has the details.
-fn print_device_table(devices: &[Value]) {
+/// An answer in its typed shape; a pivot that answers otherwise is an error.
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
+    serde_json::from_value(v).context("the pivot's answer has an unexpected shape (a different burrow version?)")
+}
+
+/// One status column (connected, waiting, offline, not-enrolled, revoked;
+/// `!` when its host keys changed); `device show` has the details.
+fn print_device_table(devices: &[DeviceInfo]) {
     println!("{:<24} {:<13} {:<21} {:<9} LABELS", "ID", "STATUS", "LAST SEEN", "PORTS");
     for d in devices {
-        let mut status = str_of(&d["status"]);
-        if d["host_keys_changed"].is_array() {
-            status.push('!'); // host keys changed: see `device show`
+        let mut status = safe(&d.status);
+        if d.host_keys_changed.is_some() {
+            status.push('!');
         }
         println!(
             "{:<24} {:<13} {:<21} {:<9} {}",
-            str_of(&d["id"]),
+            safe(&d.id),
             status,
-            d["last_seen"].as_str().unwrap_or("never"),
-            ports_text(&d["ports"]),
-            labels_text(&d["labels"])
+            safe(d.last_seen.as_deref().unwrap_or("never")),
+            ports_text(&d.ports),
+            labels_text(&d.labels)
         );
     }
 }
 
-fn ports_text(ports: &Value) -> String {
-    let ports: Vec<String> = ports.as_array().into_iter().flatten().map(|p| p.to_string()).collect();
+fn ports_text(ports: &[u32]) -> String {
     if ports.is_empty() {
         return "-".into();
     }
-    ports.join(",")
+    ports.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn labels_text(labels: &Value) -> String {
-    let Some(map) = labels.as_object().filter(|m| !m.is_empty()) else { return "-".into() };
-    map.iter().map(|(k, v)| format!("{}={}", safe(k), str_of(v))).collect::<Vec<_>>().join(",")
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels.iter().map(|(k, v)| format!("{}={}", safe(k), safe(v))).collect::<Vec<_>>().join(",")
 }

@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burrow_agent::pivot_client::{self, ClientError};
-use burrow_core::rpc::Request;
+use burrow_core::rpc::{DeviceInfo, Request, WhoamiInfo};
 use burrow_core::HostKeyPin;
-use serde_json::Value;
 
 use crate::remote::{credentials, home, LoginState, Remote, DEFAULT_LOGIN};
 
@@ -75,13 +74,13 @@ pub async fn run(args: LoginArgs) -> Result<()> {
         }
     };
     let remote = Remote { addr: args.address.clone(), pin: pin.clone(), creds, user };
-    let me = remote.call(&Request::Whoami).await?;
-    let devices = remote.call(&Request::DeviceList).await?;
+    let shape = "the pivot's answer has an unexpected shape (a different burrow version?)";
+    let me: WhoamiInfo = serde_json::from_value(remote.call(&Request::Whoami).await?).context(shape)?;
+    let devices: Vec<DeviceInfo> = serde_json::from_value(remote.call(&Request::DeviceList).await?).context(shape)?;
     // Keys are parsed and written back, never copied as sent: a pivot's
     // text cannot add lines (`@cert-authority`, say) to known_hosts.
-    let pivot_key =
-        burrow_core::keys::parse_public_key(me["pivot_host_key"].as_str().unwrap_or_default(), "the pivot's host key")
-            .map(|k| burrow_core::keys::openssh_line(&k))?;
+    let pivot_key = burrow_core::keys::parse_public_key(&me.pivot_host_key, "the pivot's host key")
+        .map(|k| burrow_core::keys::openssh_line(&k))?;
 
     let ssh_dir = args.ssh_dir.clone().unwrap_or_else(|| home().join(".ssh"));
     let dir = ssh_dir.join("burrow").join(&args.name);
@@ -94,17 +93,15 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     let mut count = 0;
     let mut unpinned = Vec::new();
     let mut ids = Vec::new();
-    for d in devices.as_array().into_iter().flatten() {
-        let id = d["id"].as_str().unwrap_or_default();
+    for d in &devices {
+        let id = d.id.as_str();
         if burrow_core::Id::parse(id).is_err() {
             continue; // never write what the pivot sent unchecked into ssh_config
         }
         ids.push(id.to_string());
-        let keys: Vec<String> = d["host_keys"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
+        let keys: Vec<String> = d
+            .host_keys
+            .iter()
             .filter_map(|l| burrow_core::keys::parse_public_key(l, "a host key").ok())
             .map(|k| burrow_core::keys::openssh_line(&k))
             .collect();
@@ -130,8 +127,8 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     println!(
         "logged in to {} as {} '{}' ({} device host keys pinned)",
         args.address,
-        me["role"].as_str().unwrap_or("operator"),
-        me["name"].as_str().unwrap_or(""),
+        burrow_core::text::printable(me.role.as_deref().unwrap_or("operator")),
+        burrow_core::text::printable(me.name.as_deref().unwrap_or("")),
         count
     );
     if !unpinned.is_empty() {

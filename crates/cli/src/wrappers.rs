@@ -87,7 +87,8 @@ impl Session {
 
     /// Asks the pivot whether `id:port` is reachable; prints its refusal if not.
     async fn check(&self, id: &str, port: u32) -> Result<bool> {
-        match self.remote.call(&Request::Check { id: id.to_string(), port }).await {
+        let id = burrow_core::Id::parse(id)?;
+        match self.remote.call(&Request::Check { id, port }).await {
             Ok(_) => Ok(true),
             Err(e) => {
                 eprintln!("burrow: {e:#}");

@@ -57,6 +57,21 @@ pub enum IdError {
     Numeric(String),
 }
 
+/// Ids in messages are validated as they are read: a request that parses
+/// carries only valid ids.
+impl serde::Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Id::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl Id {
     pub fn parse(s: &str) -> Result<Self, IdError> {
         let first = s.chars().next().ok_or(IdError::Empty)?;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::label::{deserialize_labels, validate_label, MAX_LABELS};
 use crate::text::excerpt;
 use crate::time::MAX_DURATION;
+use crate::Id;
 
 pub const RPC_HOST: &str = "@burrow";
 pub const RPC_PORT: u32 = 1;
@@ -25,10 +26,10 @@ pub const ENROLL_USER: &str = "enroll";
 pub enum Request {
     DeviceList,
     DeviceShow {
-        id: String,
+        id: Id,
     },
     DeviceAdd {
-        id: String,
+        id: Id,
         /// OpenSSH public key line; without it the pivot issues an enrollment token.
         key: Option<String>,
         #[serde(deserialize_with = "deserialize_labels")]
@@ -44,24 +45,24 @@ pub enum Request {
         host_keys: Vec<String>,
     },
     DeviceRemove {
-        id: String,
+        id: Id,
     },
     DeviceRevoke {
-        id: String,
+        id: Id,
     },
     OperatorAdd {
-        name: String,
+        name: Id,
         key: String,
         admin: bool,
         allow: Vec<String>,
     },
     OperatorList,
     OperatorRemove {
-        name: String,
+        name: Id,
     },
     /// May the caller reach `id:port` now? Answers with the refusal text if not.
     Check {
-        id: String,
+        id: Id,
         port: u32,
     },
     /// Sent by a device under [`ENROLL_USER`], authenticated with its new key.
@@ -84,7 +85,7 @@ pub enum Request {
     /// Accept the host keys a device reported since (or forget them, so its
     /// next report registers them) (admin).
     DeviceHostKeysReset {
-        id: String,
+        id: Id,
         /// With no changed keys pending, drop the registered ones.
         #[serde(default)]
         forget: bool,
@@ -154,6 +155,85 @@ impl Request {
                 | Request::HostKeys { .. }
         )
     }
+}
+
+/// A device as `device list` and `device show` return it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: String,
+    /// connected, waiting, offline, not-enrolled or revoked.
+    pub status: String,
+    /// Reachable now: its tunnel is open, or it waits to be woken.
+    pub online: bool,
+    /// "online" or "offline" as last heard over MQTT.
+    pub presence: Option<String>,
+    pub tunnel: bool,
+    /// RFC 3339; `None` if never seen.
+    pub last_seen: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<u32>,
+    pub fingerprint: Option<String>,
+    pub enrolled: bool,
+    pub revoked: bool,
+    /// The device sshd's host keys (OpenSSH lines) that operators pin.
+    pub host_keys: Vec<String>,
+    /// Different keys the device reported since, waiting for an admin.
+    #[serde(default)]
+    pub host_keys_changed: Option<Vec<String>>,
+    /// The pivot holding its tunnel.
+    pub pivot: Option<String>,
+    pub added: String,
+}
+
+/// An operator as `operator list` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorInfo {
+    pub name: String,
+    /// "admin" or "operator".
+    pub role: String,
+    pub fingerprint: String,
+    /// Label selectors; empty means every device.
+    pub allow: Vec<String>,
+    pub added: String,
+}
+
+/// A ban as `ban list` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanInfo {
+    pub net: String,
+    pub until: String,
+    pub reason: String,
+    pub by: String,
+    pub added: String,
+}
+
+/// Who the pivot takes the caller for (`Whoami`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoamiInfo {
+    /// local, operator, device or enrollee.
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The pivot's public host key, an OpenSSH line.
+    pub pivot_host_key: String,
+}
+
+/// What `DeviceAdd` did: registered a key, or issued an enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceAdded {
+    pub id: String,
+    /// With a key: its fingerprint.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Without a key: the one-time token, its expiry and the pivot it names.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub pivot: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -289,7 +369,7 @@ mod tests {
     #[test]
     fn requests_are_tagged_json() {
         let r: Request = serde_json::from_str(r#"{"op":"device_show","id":"cam-42"}"#).unwrap();
-        assert!(matches!(r, Request::DeviceShow { id } if id == "cam-42"));
+        assert!(matches!(r, Request::DeviceShow { id } if id.as_str() == "cam-42"));
         assert!(Request::OperatorList.needs_admin() && !Request::OperatorList.mutates());
         assert!(!Request::DeviceList.needs_admin() && !Request::DeviceList.mutates());
         assert!(Request::HostKeys { keys: vec![] }.mutates() && !Request::HostKeys { keys: vec![] }.needs_admin());

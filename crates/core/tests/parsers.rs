@@ -526,17 +526,22 @@ proptest! {
 
 // ---------------------------------------------------------------- admin protocol
 
+/// Valid ids: a request that parses carries only these.
+fn ids() -> impl Strategy<Value = burrow_core::Id> {
+    "[a-z][a-z0-9_-]{0,20}".prop_filter_map("an id", |s| burrow_core::Id::parse(&s).ok())
+}
+
 fn request() -> impl Strategy<Value = Request> {
     let s = text;
     prop_oneof![
         prop::sample::select(vec![Request::DeviceList, Request::OperatorList, Request::Whoami]),
-        s().prop_map(|id| Request::DeviceShow { id }),
-        s().prop_map(|id| Request::DeviceRemove { id }),
-        s().prop_map(|id| Request::DeviceRevoke { id }),
-        s().prop_map(|name| Request::OperatorRemove { name }),
-        (s(), any::<u32>()).prop_map(|(id, port)| Request::Check { id, port }),
+        ids().prop_map(|id| Request::DeviceShow { id }),
+        ids().prop_map(|id| Request::DeviceRemove { id }),
+        ids().prop_map(|id| Request::DeviceRevoke { id }),
+        ids().prop_map(|name| Request::OperatorRemove { name }),
+        (ids(), any::<u32>()).prop_map(|(id, port)| Request::Check { id, port }),
         (
-            s(),
+            ids(),
             prop::option::of(s()),
             valid_labels(),
             prop::option::of(1..=MAX_DURATION.as_secs()),
@@ -550,7 +555,7 @@ fn request() -> impl Strategy<Value = Request> {
                 address,
                 host_keys: Vec::new(),
             }),
-        (s(), s(), any::<bool>(), prop::collection::vec(s(), 0..3))
+        (ids(), s(), any::<bool>(), prop::collection::vec(s(), 0..3))
             .prop_map(|(name, key, admin, allow)| Request::OperatorAdd { name, key, admin, allow }),
         (s(), prop::collection::vec(s(), 0..3)).prop_map(|(token, host_keys)| Request::Enroll { token, host_keys }),
         (s(), s()).prop_map(|(new_key, proof)| Request::RotateKey { new_key, proof }),

@@ -5,7 +5,10 @@
 
 use burrow_core::enroll::EnrollToken;
 use burrow_core::keys::{fingerprint, parse_public_key, PublicKey};
-use burrow_core::rpc::{allowed, rotate_message, Request, Response, Selector, ROTATE_NAMESPACE};
+use burrow_core::rpc::{
+    allowed, rotate_message, BanInfo, DeviceAdded, DeviceInfo, OperatorInfo, Request, Response, Selector, WhoamiInfo,
+    ROTATE_NAMESPACE,
+};
 use std::time::Duration;
 
 use burrow_core::text::printable;
@@ -196,15 +199,15 @@ fn audit_args(req: &Request) -> Value {
         |line: &str| parse_public_key(line, "key").map(|k| fingerprint(&k)).unwrap_or_else(|_| "unreadable key".into());
     match req {
         Request::DeviceAdd { id, key, labels, ttl_secs, address, .. } => json!({
-            "id": printable(id), "fingerprint": key.as_deref().map(fp), "labels": labels,
+            "id": id.as_str(), "fingerprint": key.as_deref().map(fp), "labels": labels,
             "enrollment_token": key.is_none(), "ttl_secs": ttl_secs, "address": address.as_deref().map(printable),
         }),
-        Request::DeviceRemove { id } | Request::DeviceRevoke { id } => json!({"id": printable(id)}),
+        Request::DeviceRemove { id } | Request::DeviceRevoke { id } => json!({"id": id.as_str()}),
         Request::OperatorAdd { name, key, admin, allow } => json!({
-            "name": printable(name), "fingerprint": fp(key), "role": role(*admin),
+            "name": name.as_str(), "fingerprint": fp(key), "role": role(*admin),
             "allow": allow.iter().map(|a| printable(a).into_owned()).collect::<Vec<_>>(),
         }),
-        Request::OperatorRemove { name } => json!({"name": printable(name)}),
+        Request::OperatorRemove { name } => json!({"name": name.as_str()}),
         Request::Enroll { token, host_keys } => json!({
             "id": EnrollToken::decode(token).map(|t| printable(&t.device).into_owned()).ok(),
             "host_keys": host_keys.len(),
@@ -213,7 +216,7 @@ fn audit_args(req: &Request) -> Value {
         Request::HostKeys { keys } => {
             json!({"fingerprints": keys.iter().take(MAX_HOST_KEYS).map(|k| fp(k)).collect::<Vec<_>>()})
         }
-        Request::DeviceHostKeysReset { id, forget } => json!({"id": printable(id), "forget": forget}),
+        Request::DeviceHostKeysReset { id, forget } => json!({"id": id.as_str(), "forget": forget}),
         Request::BanAdd { net, secs } => json!({"net": printable(net), "secs": secs}),
         Request::BanRemove { net } => json!({"net": printable(net)}),
         _ => Value::Null,
@@ -233,16 +236,19 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
     let reg = ctx.registry;
     match req {
         Request::Whoami => {
-            let mut me = match caller {
-                Caller::Local => json!({"kind": "local", "role": "admin"}),
-                Caller::Operator { name, admin } => {
-                    json!({"kind": "operator", "name": name.as_str(), "role": role(*admin)})
-                }
-                Caller::Device(id) => json!({"kind": "device", "name": id.as_str()}),
-                Caller::Enrollee(_) => json!({"kind": "enrollee"}),
+            let (kind, name, role_name) = match caller {
+                Caller::Local => ("local", None, Some("admin")),
+                Caller::Operator { name, admin } => ("operator", Some(name.to_string()), Some(role(*admin))),
+                Caller::Device(id) => ("device", Some(id.to_string()), None),
+                Caller::Enrollee(_) => ("enrollee", None, None),
             };
-            me["pivot_host_key"] = Value::String(ctx.host_key.clone());
-            Ok(me)
+            let me = WhoamiInfo {
+                kind: kind.into(),
+                name,
+                role: role_name.map(str::to_string),
+                pivot_host_key: ctx.host_key.clone(),
+            };
+            Ok(serde_json::to_value(me).expect("serializes"))
         }
         Request::DeviceList => {
             let selectors = selectors_of(reg, caller).await?;
@@ -251,7 +257,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             Ok(Value::Array(list))
         }
         Request::DeviceShow { id: name } => {
-            let id = id(&name)?;
+            let id = name;
             let selectors = selectors_of(reg, caller).await?;
             match reg.device(&id).await? {
                 Some(d) if allowed(&selectors, &d.labels) => Ok(device_json(&d)),
@@ -262,7 +268,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             }
         }
         Request::Check { id: name, port } => {
-            let id = id(&name)?;
+            let id = name;
             let selectors = selectors_of(reg, caller).await?;
             let dev = match reg.device(&id).await? {
                 Some(dev) if allowed(&selectors, &dev.labels) => dev,
@@ -274,7 +280,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             Ok(device_json(&dev))
         }
         Request::DeviceAdd { id: name, key: pubkey, labels, ttl_secs, address, host_keys } => {
-            let id = id(&name)?;
+            let id = name;
             if pubkey.is_none() && !host_keys.is_empty() {
                 return Err(AdminError::Invalid(
                     "--host-key goes with --key; an enrolling device registers its own host keys".into(),
@@ -288,7 +294,14 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                         lines.push(burrow_core::keys::openssh_line(&key(line, &format!("host key #{}", i + 1))?));
                     }
                     reg.add_device(&id, &k, &labels, &lines).await?;
-                    Ok(json!({"id": id.as_str(), "fingerprint": fingerprint(&k)}))
+                    let added = DeviceAdded {
+                        id: id.to_string(),
+                        fingerprint: Some(fingerprint(&k)),
+                        token: None,
+                        expires_at: None,
+                        pivot: None,
+                    };
+                    Ok(serde_json::to_value(added).expect("serializes"))
                 }
                 None => {
                     let pivot = match address {
@@ -304,17 +317,19 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                     let mut token = EnrollToken::new(&pivot, &ctx.host_fingerprint()?, id.as_str());
                     token.mqtt_fingerprint = reg.meta(MQTT_FINGERPRINT_KEY).await?.filter(|p| !p.is_empty());
                     reg.add_pending_device(&id, &labels, &token.digest(), expires_at).await?;
-                    Ok(json!({
-                        "id": id.as_str(),
-                        "token": token.encode(),
-                        "expires_at": format_unix(expires_at),
-                        "pivot": pivot,
-                    }))
+                    let added = DeviceAdded {
+                        id: id.to_string(),
+                        fingerprint: None,
+                        token: Some(token.encode()),
+                        expires_at: Some(format_unix(expires_at)),
+                        pivot: Some(pivot),
+                    };
+                    Ok(serde_json::to_value(added).expect("serializes"))
                 }
             }
         }
         Request::DeviceRemove { id: name } => {
-            let id = id(&name)?;
+            let id = name;
             let removed = reg.device(&id).await?.map(|d| device_json(&d));
             if !reg.remove_device(&id).await? {
                 return Err(unknown(reg, &id).await.into());
@@ -322,14 +337,13 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             Ok(json!({"id": id.as_str(), "removed": removed}))
         }
         Request::DeviceRevoke { id: name } => {
-            let id = id(&name)?;
+            let id = name;
             if !reg.revoke_device(&id).await? {
                 return Err(unknown(reg, &id).await.into());
             }
             Ok(json!({"id": id.as_str()}))
         }
         Request::OperatorAdd { name, key: line, admin, allow } => {
-            let name = id(&name)?;
             let k = key(&line, "the operator key")?;
             let allow: Vec<String> = allow
                 .iter()
@@ -340,7 +354,6 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
         }
         Request::OperatorList => Ok(Value::Array(reg.operators().await?.iter().map(operator_json).collect())),
         Request::OperatorRemove { name } => {
-            let name = id(&name)?;
             let removed = reg.operator(&name).await?.map(|o| operator_json(&o));
             if !reg.remove_operator(&name).await? {
                 return Err(AdminError::Invalid(format!("unknown operator '{name}'")));
@@ -364,10 +377,14 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 .await?
                 .iter()
                 .map(|b| {
-                    json!({
-                        "net": b.net, "until": format_unix(b.until), "reason": printable(&b.reason),
-                        "by": printable(&b.actor), "added": format_unix(b.created_at),
-                    })
+                    let info = BanInfo {
+                        net: b.net.clone(),
+                        until: format_unix(b.until),
+                        reason: printable(&b.reason).into_owned(),
+                        by: printable(&b.actor).into_owned(),
+                        added: format_unix(b.created_at),
+                    };
+                    serde_json::to_value(info).expect("serializes")
                 })
                 .collect();
             Ok(Value::Array(list))
@@ -441,7 +458,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             Ok(json!({"id": id.as_str(), "host_keys": state}))
         }
         Request::DeviceHostKeysReset { id: name, forget } => {
-            let id = id(&name)?;
+            let id = name;
             let now = reg.reset_host_keys(&id, forget).await?.ok_or_else(|| {
                 AdminError::Invalid(format!(
                     "device '{id}' reported no changed host keys; to drop its keys so that its next report registers them, add --forget"
@@ -520,13 +537,14 @@ fn check(id: &Id, dev: &DeviceRecord, port: u32) -> Result<(), Refusal> {
 }
 
 fn operator_json(o: &crate::registry::OperatorRecord) -> Value {
-    json!({
-        "name": o.name,
-        "role": role(o.admin),
-        "fingerprint": o.fingerprint,
-        "allow": o.allow,
-        "added": format_unix(o.created_at),
-    })
+    let info = OperatorInfo {
+        name: o.name.clone(),
+        role: role(o.admin).into(),
+        fingerprint: o.fingerprint.clone(),
+        allow: o.allow.clone(),
+        added: format_unix(o.created_at),
+    };
+    serde_json::to_value(info).expect("serializes")
 }
 
 /// The most host keys a device may report (sshd has three kinds; room for rotation).
@@ -569,21 +587,25 @@ fn device_status(d: &DeviceRecord) -> &'static str {
 
 /// The JSON shape of a device in `device list --json` and `device show`.
 pub fn device_json(d: &DeviceRecord) -> Value {
-    json!({
-        "id": d.id,
-        "status": device_status(d),
-        "online": d.online(),
-        "presence": d.presence,
-        "tunnel": d.tunnel_open(),
-        "last_seen": d.last_seen.map(format_unix),
-        "labels": d.labels,
-        "ports": d.ports,
-        "fingerprint": d.fingerprint,
-        "enrolled": d.fingerprint.is_some(),
-        "revoked": d.revoked_at.is_some(),
-        "host_keys": d.host_keys,
-        "host_keys_changed": d.host_keys_changed,
-        "pivot": d.tunnel_pivot,
-        "added": format_unix(d.created_at),
-    })
+    serde_json::to_value(device_info(d)).expect("serializes")
+}
+
+pub fn device_info(d: &DeviceRecord) -> DeviceInfo {
+    DeviceInfo {
+        id: d.id.clone(),
+        status: device_status(d).into(),
+        online: d.online(),
+        presence: d.presence.clone(),
+        tunnel: d.tunnel_open(),
+        last_seen: d.last_seen.map(format_unix),
+        labels: d.labels.clone(),
+        ports: d.ports.clone(),
+        fingerprint: d.fingerprint.clone(),
+        enrolled: d.fingerprint.is_some(),
+        revoked: d.revoked_at.is_some(),
+        host_keys: d.host_keys.clone(),
+        host_keys_changed: d.host_keys_changed.clone(),
+        pivot: d.tunnel_pivot.clone(),
+        added: format_unix(d.created_at),
+    }
 }
