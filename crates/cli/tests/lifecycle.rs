@@ -8,13 +8,9 @@ use burrow_testkit::*;
 
 const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
 
-fn pivot_with_operator(extra: &[&str]) -> (TestPivot, Operator) {
-    TestPivot::with_operator(BURROW, extra)
-}
-
 #[test]
 fn agent_reconnects_after_the_pivot_restarts() {
-    let (mut pivot, op) = pivot_with_operator(&[]);
+    let (mut pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let dev = Device::start(BURROW, &pivot, &op, "cam-42");
     pivot.restart();
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(30)), "agent did not come back");
@@ -26,7 +22,7 @@ fn agent_reconnects_after_the_pivot_restarts() {
 
 #[test]
 fn removed_operator_is_disconnected() {
-    let (pivot, op) = pivot_with_operator(&[]);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let _dev = Device::start(BURROW, &pivot, &op, "cam-42");
     let mut session = op
         .ssh(&["-J", "pivot", "root@cam-42", "echo ready; sleep 120"])
@@ -52,7 +48,7 @@ fn removed_operator_is_disconnected() {
 
 #[test]
 fn removed_device_loses_its_tunnel() {
-    let (pivot, op) = pivot_with_operator(&[]);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let dev = Device::start(BURROW, &pivot, &op, "cam-42");
     pivot.admin_ok(&["device", "remove", "cam-42"]);
     assert!(wait_until(Duration::from_secs(10), || dev.agent.proc.log_text().contains("was removed")
@@ -63,7 +59,7 @@ fn removed_device_loses_its_tunnel() {
 
 #[test]
 fn a_new_connection_of_the_same_device_replaces_the_old_one() {
-    let (pivot, op) = pivot_with_operator(&[]);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let sshd = Sshd::start(&[&op.key]);
     let key = KeyPair::generate(sshd.dir.path(), "device");
     pivot.add_device("cam-42", &key);
@@ -82,7 +78,7 @@ fn a_new_connection_of_the_same_device_replaces_the_old_one() {
 #[test]
 fn dead_device_connection_goes_offline_after_missed_keepalives() {
     // 1 s keepalives so the test is quick; the default of 30 s x 2 gives 90 s.
-    let (pivot, op) = pivot_with_operator(&["--keepalive", "1s"]);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &["--keepalive", "1s"]);
     let dev = Device::start(BURROW, &pivot, &op, "cam-42");
     // A frozen agent keeps its TCP connection but answers nothing.
     let pid = dev.agent.proc.pid().to_string();
@@ -94,7 +90,7 @@ fn dead_device_connection_goes_offline_after_missed_keepalives() {
 
 #[test]
 fn agent_refuses_a_pivot_with_the_wrong_host_key() {
-    let (pivot, op) = pivot_with_operator(&[]);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let sshd = Sshd::start(&[&op.key]);
     let key = KeyPair::generate(sshd.dir.path(), "device");
     pivot.add_device("cam-42", &key);
@@ -116,7 +112,7 @@ fn agent_refuses_a_pivot_with_the_wrong_host_key() {
 
 #[test]
 fn invalid_registrations_change_nothing() {
-    let (pivot, op) = pivot_with_operator(&[]);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let key = KeyPair::generate(op.dir.path(), "dev");
     pivot.add_device("cam-1", &key);
     let before = pivot.admin_ok(&["device", "list", "--json"]);
@@ -149,7 +145,7 @@ fn invalid_registrations_change_nothing() {
 
 #[test]
 fn device_list_show_and_labels() {
-    let (pivot, op) = pivot_with_operator(&[]);
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let key = KeyPair::generate(op.dir.path(), "dev");
     pivot.admin_ok(&[
         "device",

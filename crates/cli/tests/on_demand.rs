@@ -80,19 +80,9 @@ fn pivot_and_device(args: &[&str]) -> (TestPivot, Operator, Sshd, KeyPair) {
 
 /// An on-demand agent for `cam-42` on the broker at `url`, with `extra` flags.
 fn start_agent(pivot: &TestPivot, key: &KeyPair, sshd: &Sshd, url: &str, extra: &[&str]) -> TestAgent {
-    let pin = pivot.host_key_pub();
-    let dir = tempfile::Builder::new().prefix("burrow-agent").tempdir().unwrap();
-    let mut cmd = Command::new(BURROW);
-    cmd.args(["agent", "--mqtt-url", url, "--id", "cam-42", "--key"]).arg(&key.private);
-    if let (Some(fp), true) = (&pivot.mqtt_fingerprint, pivot.mqtt_addr.is_some() && url == pivot.mqtt_url()) {
-        cmd.args(["--mqtt-fingerprint", fp]);
-    }
-    cmd.arg("--pivot-host-key")
-        .arg(&pin)
-        .args(["--expose", &format!("22={}", sshd.target()), "--keepalive", "2s"])
-        .args(extra);
-    let proc = Proc::spawn("burrow agent cam-42", &mut cmd, dir.path().join("agent.log"));
-    TestAgent { proc, dir }
+    let mut flags = vec!["--keepalive", "2s"];
+    flags.extend_from_slice(extra);
+    TestAgent::on_demand(BURROW, pivot, "cam-42", key, &sshd.target(), url, &flags)
 }
 
 trait PresenceExt {

@@ -9,13 +9,9 @@ use burrow_testkit::*;
 
 const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
 
-fn pivot_with_operator() -> (TestPivot, Operator) {
-    TestPivot::with_operator(BURROW, &[])
-}
-
 #[test]
 fn unknown_device_is_named_in_the_refusal() {
-    let (_pivot, op) = pivot_with_operator();
+    let (_pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let out = op.ssh_device("cam-42", "true");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("unknown device 'cam-42'"), "{}", stderr(&out));
@@ -23,7 +19,7 @@ fn unknown_device_is_named_in_the_refusal() {
 
 #[test]
 fn registered_device_that_never_connected_is_offline() {
-    let (pivot, op) = pivot_with_operator();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let key = KeyPair::generate(op.dir.path(), "dev");
     pivot.add_device("cam-42", &key);
     let out = op.ssh_device("cam-42", "true");
@@ -33,7 +29,7 @@ fn registered_device_that_never_connected_is_offline() {
 
 #[test]
 fn disconnected_device_is_offline_with_last_seen_time() {
-    let (pivot, op) = pivot_with_operator();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let mut dev = Device::start(BURROW, &pivot, &op, "cam-42");
     dev.agent.proc.kill();
     assert!(pivot.wait_online("cam-42", false, Duration::from_secs(10)));
@@ -47,7 +43,7 @@ fn disconnected_device_is_offline_with_last_seen_time() {
 
 #[test]
 fn port_not_exposed_is_named_in_the_refusal() {
-    let (pivot, op) = pivot_with_operator();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let _dev = Device::start(BURROW, &pivot, &op, "cam-42");
     let out = op.ssh(&["-J", "pivot", "-p", "8080", "root@cam-42", "true"]).output().unwrap();
     assert!(!out.status.success());
@@ -65,7 +61,7 @@ fn stock_forward(pivot: &TestPivot, op: &Operator, key: &KeyPair, user: &str, bi
 
 #[test]
 fn device_key_cannot_claim_another_devices_id() {
-    let (pivot, op) = pivot_with_operator();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let k42 = KeyPair::generate(op.dir.path(), "cam-42");
     let k43 = KeyPair::generate(op.dir.path(), "cam-43");
     pivot.add_device("cam-42", &k42);
@@ -94,7 +90,7 @@ fn device_key_cannot_claim_another_devices_id() {
 
 #[test]
 fn device_cannot_open_direct_tcpip() {
-    let (pivot, op) = pivot_with_operator();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let k42 = KeyPair::generate(op.dir.path(), "cam-42");
     pivot.add_device("cam-42", &k42);
     let _other = Device::start(BURROW, &pivot, &op, "cam-43");
@@ -109,7 +105,7 @@ fn device_cannot_open_direct_tcpip() {
 
 #[test]
 fn operator_cannot_forward() {
-    let (pivot, op) = pivot_with_operator();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let k42 = KeyPair::generate(op.dir.path(), "cam-42");
     pivot.add_device("cam-42", &k42);
     let out = stock_forward(&pivot, &op, &op.key, "device", "cam-42");
@@ -120,7 +116,7 @@ fn operator_cannot_forward() {
 
 #[test]
 fn pivot_gives_no_shell_exec_or_subsystem() {
-    let (_pivot, op) = pivot_with_operator();
+    let (_pivot, op) = TestPivot::with_operator(BURROW, &[]);
     for args in [vec!["-tt", "pivot"], vec!["pivot", "id"], vec!["-s", "pivot", "sftp"]] {
         let out = op.ssh(&args).stdin(Stdio::null()).output().unwrap();
         assert!(!out.status.success(), "{args:?} succeeded");
@@ -130,7 +126,7 @@ fn pivot_gives_no_shell_exec_or_subsystem() {
 
 #[test]
 fn unknown_key_is_refused() {
-    let (pivot, op) = pivot_with_operator();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let stranger = KeyPair::generate(op.dir.path(), "stranger");
     let out = op.bare_ssh(&pivot, &stranger).args(["-W", "cam-42:22", "alice@127.0.0.1"]).output().unwrap();
     assert!(!out.status.success());
@@ -140,7 +136,7 @@ fn unknown_key_is_refused() {
 
 #[test]
 fn password_authentication_is_not_offered() {
-    let (_pivot, op) = pivot_with_operator();
+    let (_pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let out = op
         .ssh(&[
             "-o",
@@ -170,7 +166,7 @@ impl russh::client::Handler for Pinned {
 
 #[tokio::test]
 async fn password_none_and_keyboard_interactive_are_refused_when_tried() {
-    let (pivot, op) = pivot_with_operator();
+    let (pivot, op) = TestPivot::with_operator(BURROW, &[]);
     let pub_line = pivot.host_key_line();
     let host_key = russh::keys::ssh_key::PublicKey::from_openssh(&pub_line).unwrap();
     let fp = host_key.fingerprint(Default::default()).to_string();
