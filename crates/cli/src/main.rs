@@ -2,6 +2,7 @@
 //! operator commands.
 
 mod admin;
+mod config_file;
 mod login;
 mod malloc;
 mod remote;
@@ -120,7 +121,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 /// `server --help` (their defaults there are the agent's).
 fn command() -> clap::Command {
     Cli::command().mut_subcommand("server", |s| {
-        s.mut_arg("mqtt_username", |a| a.help("MQTT username for the --mqtt-url broker."))
+        s.mut_arg("mqtt_username", |a| a.help("MQTT username for the --mqtt-url broker"))
             .mut_arg("mqtt_password", |a| a.help("MQTT password for the --mqtt-url broker"))
     })
 }
@@ -137,8 +138,28 @@ fn arguments() -> Vec<std::ffi::OsString> {
     args
 }
 
+/// With `server --config FILE`, the arguments with the file's settings added.
+fn with_config_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
+    if args.get(1).is_none_or(|a| a != "server") {
+        return Ok(args);
+    }
+    let Ok(matches) = command().try_get_matches_from(&args) else { return Ok(args) };
+    let server = matches.subcommand_matches("server").expect("the server subcommand");
+    match server.get_one::<PathBuf>("config") {
+        Some(path) => config_file::apply(&command(), &args, 2, path),
+        None => Ok(args),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::from_arg_matches(&command().get_matches_from(arguments())).unwrap_or_else(|e| e.exit());
+    let args = match with_config_file(arguments()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("burrow: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::from_arg_matches(&command().get_matches_from(args)).unwrap_or_else(|e| e.exit());
     if !matches!(cli.command, Command::Server(_) | Command::Agent(_)) {
         // A command whose output goes to `| head` ends quietly when the pipe
         // closes, as other Unix tools do. (Long-running ones keep Rust's
@@ -195,6 +216,23 @@ mod tests {
         let mut missing = Vec::new();
         walk(&command(), "burrow", &mut missing);
         assert!(missing.is_empty(), "arguments without a description: {missing:?}");
+    }
+
+    /// docs/configuration.md lists every setting as the command line defines it.
+    #[test]
+    fn the_configuration_doc_lists_every_setting() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_default();
+        let table = config_file::settings_table(&command());
+        if std::env::var_os("BURROW_WRITE_DOCS").is_some() {
+            let start = doc.find("<!-- settings -->").expect("marker") + "<!-- settings -->\n".len();
+            let end = doc.find("<!-- /settings -->").expect("end marker");
+            std::fs::write(path, format!("{}{table}{}", &doc[..start], &doc[end..])).unwrap();
+            return;
+        }
+        for row in table.lines() {
+            assert!(doc.contains(row), "docs/configuration.md lacks (run with BURROW_WRITE_DOCS=1 to rewrite):\n{row}");
+        }
     }
 
     /// Remote-admin flags belong to the admin commands only.

@@ -20,6 +20,12 @@ use burrow_agent::cli::mqtt_args::MqttClientArgs;
 
 #[derive(clap::Args)]
 pub struct ServerArgs {
+    /// Read settings from this TOML file (see docs/configuration.md); flags and BURROW_* variables override it.
+    #[arg(long, env = "BURROW_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Check the whole configuration, print what is wrong, and exit 0 or 1 without starting (as `sshd -t`).
+    #[arg(long)]
+    check_config: bool,
     #[command(flatten)]
     data: DataDir,
     /// Address of the SSH listener (production uses 443); repeatable, e.g. 0.0.0.0:443 and [::]:443.
@@ -227,6 +233,9 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     config.audit_retention = args.audit_retention.0;
     // Refuse a bad configuration before touching anything.
     burrow_server::check_config(&config)?;
+    if args.check_config {
+        return check_more(&args);
+    }
     // The data dir holds the host key, every registered key and the audit:
     // private to the pivot's user, and so is everything created in it.
     // SAFETY: umask only sets this process's file creation mask.
@@ -321,6 +330,43 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     });
     let listeners = burrow_server::Listeners { ssh, mqtt, http };
     burrow_server::run(config, listeners, shutdown).await?;
+    Ok(())
+}
+
+/// What `--check-config` checks beyond the limits, bans and algorithms,
+/// without binding or creating anything.
+fn check_more(args: &ServerArgs) -> Result<()> {
+    let mut wrong = Vec::new();
+    if let Some(a) = &args.advertise {
+        if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            wrong.push(format!("--advertise {a}: give HOST:PORT"));
+        }
+    }
+    let dir = &args.data.data_dir;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() && !parent.is_dir() {
+        wrong.push(format!("--data-dir {}: neither it nor its parent exists", dir.display()));
+    }
+    if let Some(log) = &args.audit_log {
+        let parent = log.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !parent.is_dir() {
+            wrong.push(format!("--audit-log {}: its directory does not exist", log.display()));
+        }
+    }
+    if let Some(url) = &args.mqtt.mqtt_url {
+        if url.tls {
+            if let Err(e) = args.mqtt.client.tls().load() {
+                wrong.push(format!("--mqtt-url {url}: cannot read the TLS files: {e}"));
+            }
+        }
+    }
+    if args.listen.is_empty() {
+        wrong.push("--listen: give at least one address".into());
+    }
+    if !wrong.is_empty() {
+        bail!("the configuration is wrong:\n  {}", wrong.join("\n  "));
+    }
+    println!("configuration OK");
     Ok(())
 }
 
