@@ -151,6 +151,7 @@ fn first_line(message: &str) -> String {
 
 /// The table of docs/configuration.md: every setting with its flag,
 /// variable, default and meaning, from the command line's own definition.
+#[cfg(test)]
 pub fn settings_table(cmd: &clap::Command) -> String {
     let server = cmd.find_subcommand("server").expect("the server command exists");
     let mut out = String::from("| key | flag | variable | default | meaning |\n|---|---|---|---|---|\n");
