@@ -57,7 +57,48 @@ fn the_units_verify_cleanly_and_are_sandboxed() {
     let server = std::fs::read_to_string(deploy().join("systemd/burrow-server.service")).unwrap();
     assert!(server.contains("\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"));
     assert!(server.contains("\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"));
-    for key in ["Restart=always", "ProtectSystem=strict", "ProtectHome=true", "PrivateTmp=true", "NoNewPrivileges=true"] {
+    for key in ["Restart=always", "ProtectSystem=strict", "ProtectHome=true", "PrivateTmp=true", "NoNewPrivileges=true"]
+    {
         assert!(server.contains(key), "{key}");
     }
+}
+
+/// The local plugin directory that holds hashicorp/aws: these machines
+/// cannot download providers.
+fn terraform_plugins() -> PathBuf {
+    let out = Command::new("find")
+        .args(["/", "-xdev", "-name", "terraform-provider-aws*", "-path", "*registry.terraform.io*"])
+        .output()
+        .unwrap();
+    let found = stdout(&out);
+    let binary = found.lines().next().unwrap_or_else(|| panic!("no local hashicorp/aws provider found"));
+    // DIR/registry.terraform.io/hashicorp/aws/VERSION/OS_ARCH/terraform-provider-aws_…
+    let at = binary.find("/registry.terraform.io/").expect("a plugin-dir layout");
+    PathBuf::from(&binary[..at])
+}
+
+#[test]
+fn the_terraform_is_formatted_and_valid() {
+    require_tool("terraform");
+    let dir = tempfile::tempdir().unwrap();
+    // A copy: init writes .terraform and a lock file next to the code.
+    let copy = Command::new("cp").arg("-r").arg(deploy()).arg(dir.path()).output().unwrap();
+    assert!(copy.status.success(), "{}", stderr(&copy));
+    let aws = dir.path().join("deploy/terraform/aws");
+    let tf = |args: &[&str]| {
+        Command::new("terraform").args(args).current_dir(&aws).env("TF_IN_AUTOMATION", "1").output().unwrap()
+    };
+    let out = tf(&["fmt", "-check", "-recursive", "-diff"]);
+    assert!(out.status.success(), "terraform fmt:\n{}", stdout(&out));
+    let plugins = terraform_plugins();
+    let out =
+        tf(&["init", "-backend=false", "-input=false", "-no-color", &format!("-plugin-dir={}", plugins.display())]);
+    assert!(out.status.success(), "terraform init:\n{}{}", stdout(&out), stderr(&out));
+    let out = tf(&["validate", "-no-color"]);
+    assert!(
+        out.status.success() && stdout(&out).contains("The configuration is valid"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
 }
