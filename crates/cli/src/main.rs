@@ -5,6 +5,7 @@ mod admin;
 mod config_file;
 mod login;
 mod malloc;
+mod openssh;
 mod remote;
 mod server;
 mod wrappers;
@@ -71,6 +72,9 @@ enum Command {
     Sftp(wrappers::SftpArgs),
     /// Forward a local port to DEVICE:PORT.
     Forward(wrappers::ForwardArgs),
+    /// OpenSSH mode: render stock sshd, authorized_keys, fail2ban and ssh_config files from the registry.
+    #[command(subcommand)]
+    Openssh(openssh::OpensshCommand),
 }
 
 fn init_logging(verbose: u8, json: bool) {
@@ -109,6 +113,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ban(cmd) => admin::ban(cmd).await?,
         Command::Audit(args) => admin::audit(args).await?,
         Command::Login(args) => login::run(args).await?,
+        Command::Openssh(cmd) => openssh::run(cmd).await?,
         Command::Ssh(a) => return wrappers::ssh(a).await,
         Command::Scp(a) => return wrappers::scp(a).await,
         Command::Sftp(a) => return wrappers::sftp(a).await,

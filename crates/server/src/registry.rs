@@ -44,6 +44,8 @@ pub enum RegistryError {
     NoSuchDevice(String),
     #[error("the device key changed meanwhile; retry")]
     KeyChanged,
+    #[error("every port of {0} is leased; widen --port-range")]
+    PortsExhausted(String),
     #[error("cannot create or protect the registry file")]
     Io(#[from] std::io::Error),
 }
@@ -145,6 +147,8 @@ const SCHEMA: &[&str] = &[
         used_at INTEGER
     )",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    // OpenSSH mode: the loopback port each device's `ssh -R` may listen on.
+    "CREATE TABLE IF NOT EXISTS openssh_ports (device TEXT PRIMARY KEY, port INTEGER NOT NULL UNIQUE)",
     "CREATE TABLE IF NOT EXISTS bans (
         net TEXT PRIMARY KEY,
         until INTEGER NOT NULL,
@@ -724,6 +728,46 @@ impl Registry {
         .fetch_all(&self.pool)
         .await?;
         Ok(crate::refusal::nearest(id, ids.iter().map(String::as_str)))
+    }
+
+    /// OpenSSH mode: the ports leased to `devices` from `range`, leasing the
+    /// lowest free port to each device without one and freeing the ports of
+    /// devices not listed. A device keeps its port across renders.
+    pub async fn lease_openssh_ports(
+        &self,
+        devices: &[String],
+        range: std::ops::RangeInclusive<u16>,
+    ) -> Result<BTreeMap<String, u16>, RegistryError> {
+        let mut tx = self.write_tx().await?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT device, port FROM openssh_ports").fetch_all(&mut *tx).await?;
+        let mut leased: BTreeMap<String, u16> = BTreeMap::new();
+        for (device, port) in rows {
+            let keep = devices.contains(&device) && u16::try_from(port).is_ok_and(|p| range.contains(&p));
+            if keep {
+                leased.insert(device, port as u16);
+            } else {
+                sqlx::query("DELETE FROM openssh_ports WHERE device = ?").bind(&device).execute(&mut *tx).await?;
+            }
+        }
+        let mut used: std::collections::BTreeSet<u16> = leased.values().copied().collect();
+        for device in devices {
+            if leased.contains_key(device) {
+                continue;
+            }
+            let Some(port) = range.clone().find(|p| !used.contains(p)) else {
+                return Err(RegistryError::PortsExhausted(format!("{}-{}", range.start(), range.end())));
+            };
+            sqlx::query("INSERT INTO openssh_ports (device, port) VALUES (?, ?)")
+                .bind(device)
+                .bind(i64::from(port))
+                .execute(&mut *tx)
+                .await?;
+            used.insert(port);
+            leased.insert(device.clone(), port);
+        }
+        tx.commit().await?;
+        Ok(leased)
     }
 
     /// The device a revoked key belonged to, and when it was revoked.
