@@ -25,7 +25,7 @@ pub enum OpensshCommand {
         data: DataDir,
     },
     /// Write sshd, authorized_keys, fail2ban and ssh_config files for stock sshd as the pivot.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
 }
 
 #[derive(clap::Args)]
@@ -107,7 +107,7 @@ pub async fn run(cmd: OpensshCommand) -> Result<()> {
             );
             Ok(())
         }
-        OpensshCommand::Render(args) => render(args).await,
+        OpensshCommand::Render(args) => render(*args).await,
     }
 }
 
