@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use burrow_core::keys::read_public_key;
-use burrow_core::rpc::{BanInfo, DeviceAdded, DeviceInfo, OperatorInfo, Request, Selector};
+use burrow_core::rpc::{BanInfo, DeviceAdded, DeviceInfo, ListenInfo, OperatorInfo, Request, Selector};
 use burrow_core::Id;
 use burrow_server::admin::{self, Caller};
 use burrow_server::Registry;
@@ -80,6 +80,35 @@ pub enum DeviceCommand {
     /// The device sshd's host keys that operators pin.
     #[command(subcommand)]
     HostKeys(HostKeysCommand),
+    /// Make the pivot listen on a TCP port and relay each connection to the device's PORT, waking it if needed.
+    Listen {
+        /// The device id (e.g. cam-42).
+        id: Id,
+        /// The device's exposed port to relay to.
+        port: u16,
+        /// Where the pivot listens, ADDRESS:PORT [default: a free port of its lease range on 127.0.0.1].
+        #[arg(long, value_name = "ADDRESS:PORT")]
+        bind: Option<String>,
+        #[command(flatten)]
+        data: Target,
+    },
+    /// End a lease made by `device listen`.
+    Unlisten {
+        /// The device id (e.g. cam-42).
+        id: Id,
+        /// The device port of the lease.
+        port: u16,
+        #[command(flatten)]
+        data: Target,
+    },
+    /// List the pivot-side port leases.
+    Listens {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -346,6 +375,28 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
         DeviceCommand::Revoke { id, data } => {
             send(&data, Request::DeviceRevoke { id: id.clone() }).await?;
             println!("revoked device '{id}'");
+        }
+        DeviceCommand::Listen { id, port, bind, data } => {
+            let out = send(&data, Request::DeviceListen { id: id.clone(), port, bind }).await?;
+            println!(
+                "the pivot listens on {} for device '{id}' port {port} (within a second if it runs)",
+                str_of(&out["bind"])
+            );
+        }
+        DeviceCommand::Unlisten { id, port, data } => {
+            send(&data, Request::DeviceUnlisten { id: id.clone(), port }).await?;
+            println!("ended the lease of device '{id}' port {port}");
+        }
+        DeviceCommand::Listens { json, data } => {
+            let leases: Vec<ListenInfo> = typed(send(&data, Request::DeviceListens).await?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&leases)?);
+            } else {
+                println!("{:<24} {:<6} {:<40} ADDED", "ID", "PORT", "PIVOT LISTENS ON");
+                for l in &leases {
+                    println!("{:<24} {:<6} {:<40} {}", safe(&l.id), l.port, safe(&l.bind), safe(&l.added));
+                }
+            }
         }
         DeviceCommand::HostKeys(HostKeysCommand::Reset { id, forget, data }) => {
             let out = send(&data, Request::DeviceHostKeysReset { id: id.clone(), forget }).await?;

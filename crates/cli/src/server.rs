@@ -58,6 +58,12 @@ pub struct ServerArgs {
     bans: BanArgs,
     #[command(flatten)]
     algorithms: AlgorithmArgs,
+    /// Ports `burrow device listen` leases from, FIRST-LAST.
+    #[arg(long, default_value = "30000-39999", value_parser = burrow_server::admin::parse_lease_range)]
+    lease_range: std::ops::RangeInclusive<u16>,
+    /// Which addresses leases bind, as OpenSSH's GatewayPorts: no (loopback), yes (all), clientspecified.
+    #[arg(long, default_value = "no")]
+    lease_gateway_ports: burrow_server::leases::GatewayPorts,
     /// Also append every audit record to FILE as JSON lines.
     #[arg(long, env = "BURROW_AUDIT_LOG")]
     audit_log: Option<PathBuf>,
@@ -230,6 +236,8 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
         macs: Algorithms::list(&a.macs),
     };
     config.audit_log = args.audit_log.clone();
+    config.lease_range = args.lease_range.clone();
+    config.lease_gateway_ports = args.lease_gateway_ports;
     config.audit_retention = args.audit_retention.0;
     // Refuse a bad configuration before touching anything.
     burrow_server::check_config(&config)?;

@@ -90,6 +90,22 @@ pub enum Request {
         #[serde(default)]
         forget: bool,
     },
+    /// Make the pivot listen on `bind` (default: a free port of its lease
+    /// range on 127.0.0.1) and relay each connection to the device's `port`,
+    /// waking it if needed (admin).
+    DeviceListen {
+        id: Id,
+        port: u16,
+        #[serde(default)]
+        bind: Option<String>,
+    },
+    /// End such a lease (admin).
+    DeviceUnlisten {
+        id: Id,
+        port: u16,
+    },
+    /// Every lease (admin).
+    DeviceListens,
     /// Bans in force (admin).
     BanList,
     /// Ban `net` (an address or CIDR) for `secs` seconds (admin).
@@ -128,6 +144,9 @@ impl Request {
                 | Request::DeviceRemove { .. }
                 | Request::DeviceRevoke { .. }
                 | Request::DeviceHostKeysReset { .. }
+                | Request::DeviceListen { .. }
+                | Request::DeviceUnlisten { .. }
+                | Request::DeviceListens
                 | Request::OperatorAdd { .. }
                 | Request::OperatorList
                 | Request::OperatorRemove { .. }
@@ -146,6 +165,8 @@ impl Request {
                 | Request::DeviceRemove { .. }
                 | Request::DeviceRevoke { .. }
                 | Request::DeviceHostKeysReset { .. }
+                | Request::DeviceListen { .. }
+                | Request::DeviceUnlisten { .. }
                 | Request::OperatorAdd { .. }
                 | Request::OperatorRemove { .. }
                 | Request::BanAdd { .. }
@@ -194,6 +215,17 @@ pub struct OperatorInfo {
     pub fingerprint: String,
     /// Label selectors; empty means every device.
     pub allow: Vec<String>,
+    pub added: String,
+}
+
+/// A pivot-side port lease as `device listens` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenInfo {
+    pub id: String,
+    /// The device's exposed port.
+    pub port: u16,
+    /// Where the pivot listens for it.
+    pub bind: String,
     pub added: String,
 }
 

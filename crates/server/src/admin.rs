@@ -6,8 +6,8 @@
 use burrow_core::enroll::EnrollToken;
 use burrow_core::keys::{fingerprint, parse_public_key, PublicKey};
 use burrow_core::rpc::{
-    allowed, rotate_message, BanInfo, DeviceAdded, DeviceInfo, OperatorInfo, Request, Response, Selector, WhoamiInfo,
-    ROTATE_NAMESPACE,
+    allowed, rotate_message, BanInfo, DeviceAdded, DeviceInfo, ListenInfo, OperatorInfo, Request, Response, Selector,
+    WhoamiInfo, ROTATE_NAMESPACE,
 };
 use std::time::Duration;
 
@@ -102,6 +102,9 @@ pub const MQTT_FINGERPRINT_KEY: &str = "mqtt_fingerprint";
 
 /// Meta key where a running pivot records the address devices should dial.
 pub const ADVERTISE_KEY: &str = "advertise";
+
+/// Meta key where a running pivot records its lease range (`FIRST-LAST`).
+pub const LEASE_RANGE_KEY: &str = "lease_range";
 /// Default lifetime of an enrollment token.
 pub const DEFAULT_TOKEN_TTL: u64 = 24 * 3600;
 
@@ -185,6 +188,8 @@ fn audit_event(req: &Request) -> Option<&'static str> {
         Request::Enroll { .. } => "enroll",
         Request::RotateKey { .. } => "rotate_key",
         Request::HostKeys { .. } => "host_keys",
+        Request::DeviceListen { .. } => "lease_add",
+        Request::DeviceUnlisten { .. } => "lease_remove",
         Request::DeviceHostKeysReset { .. } => "host_keys_reset",
         Request::BanAdd { .. } => "ban_add",
         Request::BanRemove { .. } => "ban_remove",
@@ -217,6 +222,10 @@ fn audit_args(req: &Request) -> Value {
             json!({"fingerprints": keys.iter().take(MAX_HOST_KEYS).map(|k| fp(k)).collect::<Vec<_>>()})
         }
         Request::DeviceHostKeysReset { id, forget } => json!({"id": id.as_str(), "forget": forget}),
+        Request::DeviceListen { id, port, bind } => {
+            json!({"id": id.as_str(), "port": port, "bind": bind.as_deref().map(printable)})
+        }
+        Request::DeviceUnlisten { id, port } => json!({"id": id.as_str(), "port": port}),
         Request::BanAdd { net, secs } => json!({"net": printable(net), "secs": secs}),
         Request::BanRemove { net } => json!({"net": printable(net)}),
         _ => Value::Null,
@@ -424,6 +433,49 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             let q = crate::audit::AuditQuery { since, until, device, operator, source, event, limit };
             Ok(serde_json::to_value(reg.audit(&q).await?).unwrap_or_default())
         }
+        Request::DeviceListen { id, port, bind } => {
+            if port == 0 {
+                return Err(AdminError::Invalid("the device port must be 1-65535".into()));
+            }
+            let range = reg.meta(LEASE_RANGE_KEY).await?.ok_or_else(|| {
+                AdminError::Invalid("the pivot's lease range is unknown: start `burrow server` once first".into())
+            })?;
+            let range = parse_lease_range(&range).map_err(AdminError::Invalid)?;
+            let bind: std::net::SocketAddr = match bind.as_deref() {
+                None => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                Some(b) => b.parse().map_err(|_| {
+                    AdminError::Invalid(format!("--bind {}: give ADDRESS:PORT, e.g. 127.0.0.1:9081", printable(b)))
+                })?,
+            };
+            if bind.port() != 0 && !range.contains(&bind.port()) {
+                return Err(AdminError::Invalid(format!(
+                    "port {} is outside the pivot's lease range {}-{}",
+                    bind.port(),
+                    range.start(),
+                    range.end()
+                )));
+            }
+            // A port another program holds is skipped (this runs on the pivot's host).
+            let ip = bind.ip();
+            let bindable = |p: u16| std::net::TcpListener::bind((ip, p)).is_ok();
+            let bound = reg.add_listen(&id, port, bind, range, bindable).await?;
+            Ok(json!({"id": id.as_str(), "port": port, "bind": bound.to_string()}))
+        }
+        Request::DeviceUnlisten { id, port } => {
+            if !reg.remove_listen(&id, port).await? {
+                return Err(AdminError::Invalid(format!("device '{id}' has no lease for port {port}")));
+            }
+            Ok(json!({"id": id.as_str(), "port": port}))
+        }
+        Request::DeviceListens => {
+            let list: Vec<ListenInfo> = reg
+                .listens()
+                .await?
+                .into_iter()
+                .map(|(id, port, bind, at)| ListenInfo { id, port, bind, added: format_unix(at) })
+                .collect();
+            Ok(serde_json::to_value(list).expect("serializes"))
+        }
         Request::HostKeys { keys } => {
             let Caller::Device(id) = caller else { unreachable!("authorized above") };
             if keys.is_empty() || keys.len() > MAX_HOST_KEYS {
@@ -545,6 +597,17 @@ fn operator_json(o: &crate::registry::OperatorRecord) -> Value {
         added: format_unix(o.created_at),
     };
     serde_json::to_value(info).expect("serializes")
+}
+
+/// `FIRST-LAST`, unprivileged.
+pub fn parse_lease_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').ok_or("give FIRST-LAST, e.g. 30000-39999")?;
+    let a: u16 = a.trim().parse().map_err(|_| "FIRST is a port")?;
+    let b: u16 = b.trim().parse().map_err(|_| "LAST is a port")?;
+    if a < 1024 || a > b {
+        return Err("a lease range is unprivileged (from 1024) with FIRST <= LAST".into());
+    }
+    Ok(a..=b)
 }
 
 /// The most host keys a device may report (sshd has three kinds; room for rotation).

@@ -139,6 +139,8 @@ pub const EVENTS: &[&str] = &[
     "rotate_key",
     "host_keys",
     "host_keys_reset",
+    "lease_add",
+    "lease_remove",
     "admin_denied",
 ];
 

@@ -20,6 +20,7 @@ pub mod algorithms;
 pub mod audit;
 pub mod bans;
 pub mod host_key;
+pub mod leases;
 pub mod limits;
 mod metrics;
 pub mod refusal;
@@ -73,6 +74,10 @@ pub struct Config {
     pub advertise: Option<String>,
     /// On-demand wake-ups over MQTT; `None` serves always-on tunnels only.
     pub signal: Option<signal::SignalConfig>,
+    /// Ports `burrow device listen` leases from.
+    pub lease_range: std::ops::RangeInclusive<u16>,
+    /// Which addresses leases may bind, as OpenSSH's `GatewayPorts`.
+    pub lease_gateway_ports: leases::GatewayPorts,
     /// Threads that run SSH connections (see `shards`). One by default: a
     /// relay whose two connections share a thread costs about 10-15% less CPU
     /// per GiB; more threads raise the handshake rate for reconnect storms.
@@ -97,6 +102,8 @@ impl Config {
             drain_timeout: Duration::from_secs(10),
             advertise: None,
             signal: None,
+            lease_range: 30000..=39999,
+            lease_gateway_ports: leases::GatewayPorts::No,
             ssh_threads: 1,
         }
     }
@@ -151,6 +158,8 @@ pub(crate) struct Shared {
     /// Connections held, SSH and devices' MQTT together, under the
     /// descriptor-derived cap (`Config::max_connections`).
     pub connections: Arc<tokio::sync::Semaphore>,
+    /// Pivot-side ports served now.
+    pub leases: leases::Leases,
 }
 
 impl Shared {
@@ -206,6 +215,8 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     }
     let pin = signal.as_ref().and_then(|s| s.certificate_pin()).map(|p| p.to_string()).unwrap_or_default();
     registry.set_meta(admin::MQTT_FINGERPRINT_KEY, &pin).await?;
+    let range = format!("{}-{}", config.lease_range.start(), config.lease_range.end());
+    registry.set_meta(admin::LEASE_RANGE_KEY, &range).await?;
     let (ssh, ssh_lists) = ssh::ssh_config(&config, key).map_err(ServerError::Config)?;
     // The audit writer outlives the connections: it stops after the drain.
     let audit_stop = CancellationToken::new();
@@ -236,7 +247,9 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         signal,
         host_key,
         metrics: Default::default(),
+        leases: Default::default(),
     });
+    leases::sync(&shared, &shutdown).await;
     if let Some(driver) = driver {
         signal::spawn(&shared, driver, listeners.mqtt, &shutdown)?;
     }

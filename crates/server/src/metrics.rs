@@ -188,6 +188,20 @@ fn render(shared: &Shared) -> String {
             &[("", hub.connected() as u64)],
         );
     }
+    let leases = shared.leases.stats();
+    let conns: Vec<(String, u64)> =
+        leases.iter().map(|(d, p, c, _, _)| (format!("{{device=\"{d}\",port=\"{p}\"}}"), *c)).collect();
+    metric("burrow_lease_connections_total", "counter", "Connections accepted on a lease.", &labelled(&conns));
+    let bytes: Vec<(String, u64)> = leases
+        .iter()
+        .flat_map(|(d, p, _, up, down)| {
+            [
+                (format!("{{device=\"{d}\",port=\"{p}\",direction=\"to_device\"}}"), *up),
+                (format!("{{device=\"{d}\",port=\"{p}\",direction=\"from_device\"}}"), *down),
+            ]
+        })
+        .collect();
+    metric("burrow_lease_bytes_total", "counter", "Bytes relayed through a lease.", &labelled(&bytes));
     metric(
         "burrow_audit_dropped_total",
         "counter",

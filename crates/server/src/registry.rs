@@ -44,8 +44,10 @@ pub enum RegistryError {
     NoSuchDevice(String),
     #[error("the device key changed meanwhile; retry")]
     KeyChanged,
-    #[error("every port of {0} is leased; widen --port-range")]
+    #[error("every port of {0} is leased; widen the range")]
     PortsExhausted(String),
+    #[error("{0} is already leased")]
+    ListenTaken(String),
     #[error("cannot create or protect the registry file")]
     Io(#[from] std::io::Error),
 }
@@ -147,6 +149,17 @@ const SCHEMA: &[&str] = &[
         used_at INTEGER
     )",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    // Pivot-side ports: the pivot listens on `bind` and relays each
+    // connection to the device's exposed `port`.
+    "CREATE TABLE IF NOT EXISTS listens (
+        device TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        bind TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (device, port)
+    )",
+    "CREATE TRIGGER IF NOT EXISTS listens_ins AFTER INSERT ON listens BEGIN UPDATE revision SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS listens_del AFTER DELETE ON listens BEGIN UPDATE revision SET n = n + 1; END",
     // OpenSSH mode: the loopback port each device's `ssh -R` may listen on.
     "CREATE TABLE IF NOT EXISTS openssh_ports (device TEXT PRIMARY KEY, port INTEGER NOT NULL UNIQUE)",
     "CREATE TABLE IF NOT EXISTS bans (
@@ -728,6 +741,72 @@ impl Registry {
         .fetch_all(&self.pool)
         .await?;
         Ok(crate::refusal::nearest(id, ids.iter().map(String::as_str)))
+    }
+
+    /// Every pivot-side port lease: (device, port, bind, created_at).
+    pub async fn listens(&self) -> Result<Vec<(String, u16, String, i64)>, RegistryError> {
+        let rows: Vec<(String, i64, String, i64)> =
+            sqlx::query_as("SELECT device, port, bind, created_at FROM listens ORDER BY device, port")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(d, p, b, c)| (d, p as u16, b, c)).collect())
+    }
+
+    /// Leases `bind` for the device's `port`: the device must exist and the
+    /// address be free among leases. With `bind` of port 0, the lowest free
+    /// port of `range` on its address is taken. Returns the address leased.
+    pub async fn add_listen(
+        &self,
+        id: &Id,
+        port: u16,
+        bind: std::net::SocketAddr,
+        range: std::ops::RangeInclusive<u16>,
+        bindable: impl Fn(u16) -> bool,
+    ) -> Result<std::net::SocketAddr, RegistryError> {
+        let mut tx = self.write_tx().await?;
+        if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_none()
+        {
+            return Err(RegistryError::NoSuchDevice(id.to_string()));
+        }
+        let taken: Vec<String> = sqlx::query_scalar("SELECT bind FROM listens").fetch_all(&mut *tx).await?;
+        let taken_ports: std::collections::BTreeSet<u16> =
+            taken.iter().filter_map(|b| b.parse::<std::net::SocketAddr>().ok()).map(|a| a.port()).collect();
+        let bind = if bind.port() == 0 {
+            let Some(p) = range.clone().find(|p| !taken_ports.contains(p) && bindable(*p)) else {
+                return Err(RegistryError::PortsExhausted(format!("{}-{}", range.start(), range.end())));
+            };
+            std::net::SocketAddr::new(bind.ip(), p)
+        } else {
+            bind
+        };
+        if taken_ports.contains(&bind.port()) {
+            return Err(RegistryError::ListenTaken(bind.to_string()));
+        }
+        sqlx::query("INSERT INTO listens (device, port, bind, created_at) VALUES (?, ?, ?, ?)")
+            .bind(id.as_str())
+            .bind(i64::from(port))
+            .bind(bind.to_string())
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(d) if d.is_unique_violation() => {
+                    RegistryError::ListenTaken(format!("port {port} of device '{id}'"))
+                }
+                e => e.into(),
+            })?;
+        tx.commit().await?;
+        Ok(bind)
+    }
+
+    /// Ends the lease of the device's `port`; false if there was none.
+    pub async fn remove_listen(&self, id: &Id, port: u16) -> Result<bool, RegistryError> {
+        let r = sqlx::query("DELETE FROM listens WHERE device = ? AND port = ?")
+            .bind(id.as_str())
+            .bind(i64::from(port))
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     /// OpenSSH mode: the ports leased to `devices` from `range`, leasing the

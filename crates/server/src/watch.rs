@@ -32,6 +32,7 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
             Ok(rev) if seen != Some(rev) => {
                 if seen.is_some() {
                     enforce(&shared).await;
+                    crate::leases::sync(&shared, &shutdown).await;
                 }
                 seen = Some(rev);
             }

@@ -132,11 +132,22 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
         Err(_) => return Err(Refusal::Unknown(excerpt(name, 80))),
     };
     check_allowed(shared, &req.operator, &id).await?;
+    device_tunnel(shared, id, req.port, &|event| req.audit(shared, event)).await
+}
+
+/// The tunnel of device `id` exposing `port`, waking the device if it
+/// sleeps; `audit` makes the record of a wake-up.
+pub(crate) async fn device_tunnel(
+    shared: &Shared,
+    id: Id,
+    port: u32,
+    audit: &(dyn Fn(&str) -> AuditRecord + Sync),
+) -> Result<(Id, Tunnel), Refusal> {
     if let Some(tunnel) = shared.router.tunnel(&id) {
-        if tunnel.ports.contains(&req.port) {
+        if tunnel.ports.contains(&port) {
             return Ok((id, tunnel));
         }
-        return Err(Refusal::PortNotExposed { id, port: req.port });
+        return Err(Refusal::PortNotExposed { id, port });
     }
     let dev = match shared.registry.device(&id).await {
         Ok(Some(dev)) => dev,
@@ -173,8 +184,8 @@ async fn resolve(shared: &Shared, req: &Request) -> Result<(Id, Tunnel), Refusal
             return Err(Refusal::Offline { id, last_seen });
         }
     }
-    let woken = signal.wake(shared, &id, req.port).await;
-    let mut rec = req.audit(shared, "wake").outcome(woken.is_ok(), woken.as_ref().err().map(|r| r.to_string()));
+    let woken = signal.wake(shared, &id, port).await;
+    let mut rec = audit("wake").outcome(woken.is_ok(), woken.as_ref().err().map(|r| r.to_string()));
     rec.device = Some(id.to_string());
     shared.audit.record(rec);
     Ok((id, woken?))
