@@ -78,6 +78,8 @@ pub struct Config {
     pub refused_retry: Duration,
     /// Where to keep the agent's status for `burrow agent status`.
     pub status_path: Option<std::path::PathBuf>,
+    /// Serve `/healthz` over HTTP here.
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -106,6 +108,7 @@ impl Config {
             signal: None,
             refused_retry: Duration::from_secs(180),
             status_path: None,
+            health_listen: None,
         }
     }
 }
@@ -131,6 +134,8 @@ pub enum AgentError {
     NoServer,
     #[error("cannot read the MQTT TLS files")]
     Tls(#[source] std::io::Error),
+    #[error("cannot listen for /healthz on {0}")]
+    Health(std::net::SocketAddr, #[source] std::io::Error),
 }
 
 /// Runs until `shutdown`: on demand when signaling is configured, otherwise
@@ -138,6 +143,11 @@ pub enum AgentError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     let mode = if config.signal.is_some() { "on-demand" } else { "always-on" };
     let status = Arc::new(status::StatusFile::new(config.status_path.clone(), config.id.as_str(), mode));
+    if let Some(addr) = config.health_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| AgentError::Health(addr, e))?;
+        info!(%addr, "serving /healthz");
+        tokio::spawn(status::serve_health(listener, status.clone(), shutdown.clone()));
+    }
     let result = if config.signal.is_some() {
         on_demand::run(Arc::new(config), shutdown, status.clone()).await
     } else {

@@ -109,6 +109,11 @@ impl StatusFile {
         StatusFile { path, now: Mutex::new(now), warned: Default::default() }
     }
 
+    /// The status now.
+    pub(crate) fn snapshot(&self) -> Status {
+        self.now.lock().unwrap().clone()
+    }
+
     /// Records a state; the file is rewritten only when something changed.
     pub(crate) fn set(&self, state: State, reason: Option<String>, pivot: Option<&str>) {
         let snapshot = {
@@ -159,5 +164,64 @@ impl StatusFile {
                 warn!(path = %path.display(), error = %e, "cannot write the agent status; give --status-file");
             }
         }
+    }
+}
+
+/// Serves `GET /healthz` on `listener`: 200 with the status as JSON while
+/// the agent is connected or waiting for wake-ups, 503 otherwise. Anything
+/// else gets 404. One small request per connection, read within 5 s.
+pub(crate) async fn serve_health(
+    listener: tokio::net::TcpListener,
+    status: std::sync::Arc<StatusFile>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let now = status.snapshot();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let mut got = 0;
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while got < buf.len() {
+                    let n = stream.read(&mut buf[got..]).await.ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
+                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Some(())
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf[..got]);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (code, body) = if path == "/healthz" {
+                let body = serde_json::to_string(&now).expect("status serializes") + "\n";
+                (if now.state.healthy() { "200 OK" } else { "503 Service Unavailable" }, body)
+            } else {
+                ("404 Not Found", "not found; try /healthz\n".to_string())
+            };
+            let reply = format!(
+                "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
     }
 }

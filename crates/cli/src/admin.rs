@@ -351,6 +351,13 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
             let via = d.pivot.as_deref().map(|p| format!(" on pivot '{}'", safe(p))).unwrap_or_default();
             println!("tunnel:      {}{via}", if d.tunnel { "open" } else { "closed" });
             println!("last seen:   {}", safe(d.last_seen.as_deref().unwrap_or("never")));
+            if let (Some(at), true) = (&d.health_at, d.tunnel) {
+                let rtt = d.rtt_ms.map_or("no answer".to_string(), |ms| format!("{ms} ms"));
+                println!("round trip:  {rtt} (probed {})", safe(at));
+                for (port, state) in &d.targets {
+                    println!("target {port:<5} {}", safe(state));
+                }
+            }
             println!("labels:      {}", labels_text(&d.labels));
             println!("ports:       {}", ports_text(&d.ports));
             println!("enrolled:    {}", if d.enrolled { "yes" } else { "no (token pending)" });

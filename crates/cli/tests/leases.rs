@@ -53,6 +53,16 @@ fn curl_reaches_a_devices_http_server_through_a_lease() {
     let target = format!("8081=127.0.0.1:{http_port}");
     let _dev = Device::start_exposing(BURROW, &pivot, &op, "cam-42", &[target]);
 
+    // Issue 12's monitor: device show has the tunnel's round trip and
+    // whether each exposed target answers.
+    assert!(wait_until(Duration::from_secs(10), || pivot
+        .admin_ok(&["device", "show", "cam-42"])
+        .contains("round trip:")));
+    let show = pivot.admin_ok(&["device", "show", "cam-42"]);
+    assert!(show.contains("target 22    answers") && show.contains("target 8081  answers"), "{show}");
+    let rtt = pivot.device_json("cam-42").unwrap()["rtt_ms"].as_i64();
+    assert!(rtt.is_some_and(|ms| ms < 5000), "{show}");
+
     let port = leased_port(&pivot.admin_ok(&["device", "listen", "cam-42", "8081"]));
     assert!(wait_until(Duration::from_secs(10), || curl(port).is_some()), "{}", pivot.proc.log_text());
     assert_eq!(curl(port).unwrap(), "hello from cam-42\n");
@@ -94,9 +104,22 @@ fn a_lease_wakes_an_on_demand_device_and_binds_loopback_only() {
     let key = KeyPair::generate(sshd.dir.path(), "cam-7");
     pivot.add_device("cam-7", &key);
     let expose = format!("8081=127.0.0.1:{http_port}");
-    let _agent =
-        TestAgent::on_demand(BURROW, &pivot, "cam-7", &key, &sshd.target(), &pivot.mqtt_url(), &["--expose", &expose]);
+    let health = free_port();
+    let health_at = format!("127.0.0.1:{health}");
+    let extra = ["--expose", &expose, "--health-listen", &health_at];
+    let _agent = TestAgent::on_demand(BURROW, &pivot, "cam-7", &key, &sshd.target(), &pivot.mqtt_url(), &extra);
     assert!(wait_until(Duration::from_secs(20), || pivot.is_present("cam-7")));
+    // The agent's own /healthz: 200 and its state while it waits for wake-ups.
+    let status = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/stderr", "-w", "%{http_code}", &format!("http://{health_at}{path}")])
+            .output()
+            .unwrap();
+        (stdout(&out), stderr(&out))
+    };
+    assert!(wait_until(Duration::from_secs(10), || status("/healthz").0 == "200"));
+    assert!(status("/healthz").1.contains("\"state\":\"waiting\""), "{:?}", status("/healthz"));
+    assert_eq!(status("/nope").0, "404");
     assert!(!pivot.is_online("cam-7") || pivot.device_json("cam-7").unwrap()["tunnel"] == false);
 
     // Asked for every address, the lease binds loopback (GatewayPorts no).

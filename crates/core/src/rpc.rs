@@ -203,6 +203,14 @@ pub struct DeviceInfo {
     pub host_keys_changed: Option<Vec<String>>,
     /// The pivot holding its tunnel.
     pub pivot: Option<String>,
+    /// The last probe of its tunnel: the round trip to the agent, when, and
+    /// for each exposed port whether its target answered.
+    #[serde(default)]
+    pub rtt_ms: Option<i64>,
+    #[serde(default)]
+    pub health_at: Option<String>,
+    #[serde(default)]
+    pub targets: BTreeMap<String, String>,
     pub added: String,
 }
 

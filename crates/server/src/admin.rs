@@ -669,6 +669,9 @@ pub fn device_info(d: &DeviceRecord) -> DeviceInfo {
         host_keys: d.host_keys.clone(),
         host_keys_changed: d.host_keys_changed.clone(),
         pivot: d.tunnel_pivot.clone(),
+        rtt_ms: d.rtt_ms,
+        health_at: d.health_at.map(format_unix),
+        targets: d.targets.clone(),
         added: format_unix(d.created_at),
     }
 }

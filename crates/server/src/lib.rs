@@ -19,6 +19,7 @@ pub mod admin;
 pub mod algorithms;
 pub mod audit;
 pub mod bans;
+mod health;
 pub mod host_key;
 pub mod leases;
 pub mod limits;

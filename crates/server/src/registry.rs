@@ -79,6 +79,10 @@ pub struct DeviceRecord {
     /// Different host keys the device's agent reported since, waiting for
     /// an admin (`device host-keys reset`).
     pub host_keys_changed: Option<Vec<String>>,
+    /// The last probe of its tunnel: round trip, when, and each target's state.
+    pub rtt_ms: Option<i64>,
+    pub health_at: Option<i64>,
+    pub targets: BTreeMap<String, String>,
     pub revoked_at: Option<i64>,
     pub labels: BTreeMap<String, String>,
     pub created_at: i64,
@@ -190,7 +194,12 @@ const SCHEMA: &[&str] = &[
     "CREATE TRIGGER IF NOT EXISTS operators_upd AFTER UPDATE OF fingerprint, admin, allow ON operators BEGIN UPDATE revision SET n = n + 1; END",
 ];
 
-const ADDED_COLUMNS: &[&str] = &["ALTER TABLE devices ADD COLUMN host_keys_changed TEXT"];
+const ADDED_COLUMNS: &[&str] = &[
+    "ALTER TABLE devices ADD COLUMN host_keys_changed TEXT",
+    "ALTER TABLE devices ADD COLUMN rtt_ms INTEGER",
+    "ALTER TABLE devices ADD COLUMN health_at INTEGER",
+    "ALTER TABLE devices ADD COLUMN targets TEXT",
+];
 
 /// What a device's report of its host keys did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,6 +478,22 @@ impl Registry {
     }
 
     /// Marks devices seen now, while their tunnels stay up.
+    /// Records what tunnel probes found (see `health`).
+    pub(crate) async fn record_health(&self, found: &[crate::health::Health]) -> Result<(), RegistryError> {
+        let now = now_unix();
+        for h in found {
+            let targets = h.targets.as_ref().map(|t| serde_json::to_string(t).unwrap_or_default());
+            sqlx::query("UPDATE devices SET rtt_ms = ?, health_at = ?, targets = COALESCE(?, targets) WHERE id = ?")
+                .bind(h.rtt_ms.map(|v| v as i64))
+                .bind(now)
+                .bind(targets)
+                .bind(h.id.as_str())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn touch(&self, ids: &[Id]) -> Result<(), RegistryError> {
         let now = now_unix();
         for id in ids {
@@ -695,6 +720,9 @@ fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> DeviceRecord {
         public_key: r.get("public_key"),
         host_keys: serde_json::from_str(r.get::<&str, _>("host_keys")).unwrap_or_default(),
         host_keys_changed: r.get::<Option<&str>, _>("host_keys_changed").and_then(|t| serde_json::from_str(t).ok()),
+        rtt_ms: r.get("rtt_ms"),
+        health_at: r.get("health_at"),
+        targets: r.get::<Option<&str>, _>("targets").and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default(),
         revoked_at: r.get("revoked_at"),
         labels: serde_json::from_str(r.get::<&str, _>("labels")).unwrap_or_default(),
         created_at: r.get("created_at"),

@@ -17,6 +17,9 @@ const TOUCH_EVERY: Duration = Duration::from_secs(60);
 pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut seen = None;
     let mut last_touch = Instant::now();
+    // Tunnels (by connection) probed since they came up, and the rounds.
+    let mut probed: std::collections::HashSet<u64> = Default::default();
+    let mut rounds = 0u64;
     let mut tick = tokio::time::interval(shared.config.watch_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -39,10 +42,29 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot read registry revision"),
         }
+        let tunnels: Vec<_> = shared
+            .router
+            .tunnel_ids()
+            .into_iter()
+            .filter_map(|id| shared.router.tunnel(&id).map(|t| (id, t)))
+            .collect();
+        probed.retain(|c| tunnels.iter().any(|(_, t)| t.conn == *c));
         if last_touch.elapsed() >= TOUCH_EVERY {
             last_touch = Instant::now();
             if let Err(e) = shared.registry.touch(&shared.router.tunnel_ids()).await {
                 warn!(error = %e, "cannot refresh last-seen times");
+            }
+            rounds += 1;
+            probed.extend(tunnels.iter().map(|(_, t)| t.conn));
+            let s = shared.clone();
+            shared.tracker.spawn(async move { crate::health::probe_all(&s, tunnels, rounds % 5 == 0).await });
+        } else {
+            // A new tunnel is checked at once, its targets too.
+            let fresh: Vec<_> = tunnels.into_iter().filter(|(_, t)| !probed.contains(&t.conn)).collect();
+            if !fresh.is_empty() {
+                probed.extend(fresh.iter().map(|(_, t)| t.conn));
+                let s = shared.clone();
+                shared.tracker.spawn(async move { crate::health::probe_all(&s, fresh, true).await });
             }
         }
     }

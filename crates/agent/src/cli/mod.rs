@@ -120,6 +120,9 @@ pub struct AgentArgs {
     /// Wait after a refusal that needs a person (revoked, unknown key, wrong pin).
     #[arg(long, default_value = "3m", value_parser = parse_duration)]
     refused_retry: std::time::Duration,
+    /// Serve GET /healthz over HTTP on this address (200 when connected or waiting, 503 otherwise).
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    health_listen: Option<std::net::SocketAddr>,
     /// Where to keep the agent's state for `agent status` [default: /run/burrow-agent/status.json as root].
     #[arg(long, env = "BURROW_STATUS_FILE")]
     status_file: Option<PathBuf>,
@@ -283,6 +286,7 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     config.backoff_max = args.reconnect_max;
     config.refused_retry = args.refused_retry;
     config.status_path = Some(args.status_file.unwrap_or_else(default_status_path));
+    config.health_listen = args.health_listen;
     if let (Some(url), false) = (mqtt_url, always_on) {
         config.signal = Some(crate::SignalConfig {
             url,
