@@ -57,7 +57,7 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
             rounds += 1;
             probed.extend(tunnels.iter().map(|(_, t)| t.conn));
             let s = shared.clone();
-            shared.tracker.spawn(async move { crate::health::probe_all(&s, tunnels, rounds % 5 == 0).await });
+            shared.tracker.spawn(async move { crate::health::probe_all(&s, tunnels, rounds.is_multiple_of(5)).await });
         } else {
             // A new tunnel is checked at once, its targets too.
             let fresh: Vec<_> = tunnels.into_iter().filter(|(_, t)| !probed.contains(&t.conn)).collect();
