@@ -8,7 +8,11 @@
 # Everything it makes (namespaces, links, processes, files) is removed on exit.
 set -euo pipefail
 
-BURROW=${BURROW:-$(command -v burrow || echo ./target/release/burrow)}
+# The fresh build first, then one on PATH.
+if [ -z "${BURROW:-}" ]; then
+    if [ -x ./target/release/burrow ]; then BURROW=./target/release/burrow; else BURROW=$(command -v burrow || true); fi
+fi
+[ -n "$BURROW" ] || { echo "no burrow binary: build it, or set BURROW=/path/to/burrow" >&2; exit 1; }
 BURROW=$(realpath "$BURROW")
 SSHD=${SSHD:-/usr/sbin/sshd}
 [ "$(id -u)" = 0 ] || { echo "run as root: network namespaces need it" >&2; exit 1; }

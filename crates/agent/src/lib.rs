@@ -146,6 +146,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     if let Some(addr) = config.health_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| AgentError::Health(addr, e))?;
         info!(%addr, "serving /healthz");
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "/healthz on a non-loopback address: anyone who reaches it reads the agent's state");
+        }
         tokio::spawn(status::serve_health(listener, status.clone(), shutdown.clone()));
     }
     let result = if config.signal.is_some() {

@@ -176,7 +176,13 @@ pub(crate) async fn serve_health(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A few requests at a time: a flood cannot take the agent's descriptors.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = slots.clone().acquire_owned() => s.expect("never closed"),
+        };
         let (mut stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -189,6 +195,7 @@ pub(crate) async fn serve_health(
         };
         let now = status.snapshot();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = vec![0u8; 2048];
             let mut got = 0;
             let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {

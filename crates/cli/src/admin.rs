@@ -213,7 +213,7 @@ pub struct AuditArgs {
     /// Only this event: auth, auth_failures, connection_dropped, tunnel_up, tunnel_down, wake,
     /// channel_open, channel_refused, channel_close, ban, ban_add, ban_remove, device_add,
     /// device_remove, device_revoke, operator_add, operator_remove, enroll, rotate_key, host_keys,
-    /// host_keys_reset, admin_denied.
+    /// host_keys_reset, lease_add, lease_remove, admin_denied.
     #[arg(long)]
     event: Option<String>,
     /// At most this many records (the newest).

@@ -56,9 +56,15 @@ pub struct RenderArgs {
     /// sshd's ClientAliveInterval for devices: a dead tunnel frees its port after three missed.
     #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
     keepalive: Duration,
-    /// The log fail2ban reads sshd's failed logins from.
-    #[arg(long, default_value = "/var/log/auth.log", value_name = "FILE")]
-    sshd_log: PathBuf,
+    /// Where fail2ban reads sshd's failed logins: "systemd" (the journal, as on Debian 12) or a log file.
+    #[arg(long, default_value = "systemd", value_name = "systemd|FILE")]
+    sshd_log: String,
+    /// Where operators keep the rendered ssh_config and known_hosts, as ssh_config names it.
+    #[arg(long, default_value = "~/.ssh/burrow-openssh", value_name = "DIR")]
+    operator_dir: String,
+    /// The pivot sshd's public host key file, pinned in the operators' known_hosts.
+    #[arg(long, value_name = "FILE")]
+    pivot_host_key: Option<PathBuf>,
     /// Failures from one source that ban it (1-19).
     #[arg(long, default_value_t = 5)]
     ban_maxretry: u32,
@@ -164,6 +170,11 @@ async fn render(a: RenderArgs) -> Result<()> {
     let mut op_keys = String::from(header);
     for o in &operators {
         let selectors: Vec<Selector> = o.allow.iter().filter_map(|s| s.parse().ok()).collect();
+        if selectors.len() != o.allow.len() {
+            // An unreadable selector must not widen to "every device".
+            writeln!(op_keys, "# {}: an --allow selector is unreadable; no device", o.name)?;
+            continue;
+        }
         let reach: Vec<u16> = devices.iter().filter(|d| allowed(&selectors, &d.labels)).map(|d| ports[&d.id]).collect();
         let key = parse_public_key(&o.public_key, "an operator key")?;
         if reach.is_empty() {
@@ -234,10 +245,17 @@ async fn render(a: RenderArgs) -> Result<()> {
 
     // fail2ban (seed 004's defaults and rules, checked above).
     let ignore: Vec<String> = bans.ignoreip.iter().map(ToString::to_string).collect();
+    let source = if a.sshd_log == "systemd" {
+        "backend = systemd\njournalmatch = _SYSTEMD_UNIT=ssh.service + _COMM=sshd\n".to_string()
+    } else {
+        if a.sshd_log.contains(char::is_whitespace) {
+            bail!("--sshd-log: a path without spaces");
+        }
+        format!("backend = auto\nlogpath = {}\n", a.sshd_log)
+    };
     let jail = format!(
-        "{header}[burrow-sshd]\nenabled = true\nport = {port}\nfilter = burrow-sshd\nbackend = auto\n\
-         logpath = {}\nmaxretry = {}\nfindtime = {}\nbantime = {}\nignoreip = {}\n",
-        a.sshd_log.display(),
+        "{header}[burrow-sshd]\nenabled = true\nport = {port}\nfilter = burrow-sshd\n{source}\
+         maxretry = {}\nfindtime = {}\nbantime = {}\nignoreip = {}\n",
         bans.maxretry,
         bans.findtime.as_secs(),
         bans.bantime.as_secs(),
@@ -257,11 +275,17 @@ async fn render(a: RenderArgs) -> Result<()> {
     let mut ssh_config = String::from(header);
     write!(
         ssh_config,
-        "# ssh -F THIS_FILE cam-42  (the pivot's own key goes into known_hosts as [{host}]:{port})\n\
+        "# Copy this file and known_hosts to {dir} on an operator's machine, then: ssh -F {dir}/ssh_config cam-42\n\
          Host burrow-pivot\n    HostName {host}\n    Port {port}\n    User {op}\n\n",
-        op = a.operator_user
+        op = a.operator_user,
+        dir = a.operator_dir
     )?;
     let mut known = String::from(header);
+    if let Some(path) = &a.pivot_host_key {
+        let key = burrow_core::keys::read_public_key(path)?;
+        let name = if port == 22 { host.to_string() } else { format!("[{host}]:{port}") };
+        writeln!(known, "{name} {}", openssh_line(&key))?;
+    }
     for d in &devices {
         let p = ports[&d.id];
         write!(
@@ -297,7 +321,10 @@ async fn render(a: RenderArgs) -> Result<()> {
     }
     println!("rendered {} devices and {} operators into {}", devices.len(), operators.len(), out.display());
     for d in &devices {
-        println!("  {}: ssh -N -R 127.0.0.1:{}:127.0.0.1:22 {}@{host} -p {port}", d.id, ports[&d.id], a.device_user);
+        println!(
+            "  {}: ssh -N -o ExitOnForwardFailure=yes -o ServerAliveInterval=30 -R 127.0.0.1:{}:127.0.0.1:22 {}@{host} -p {port}",
+            d.id, ports[&d.id], a.device_user
+        );
     }
     Ok(())
 }

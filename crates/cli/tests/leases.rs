@@ -93,6 +93,12 @@ fn curl_reaches_a_devices_http_server_through_a_lease() {
     // Outside the range is refused.
     let out = pivot.admin(&["device", "listen", "cam-42", "8081", "--bind", "127.0.0.1:80"]);
     assert!(stderr(&out).contains("outside the pivot's lease range"), "{}", stderr(&out));
+    // A removed device's leases go with it.
+    let port = leased_port(&pivot.admin_ok(&["device", "listen", "cam-42", "8081"]));
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    pivot.admin_ok(&["device", "remove", "cam-42"]);
+    assert!(!pivot.admin_ok(&["device", "listens"]).contains("cam-42"));
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_err()));
 }
 
 #[test]
@@ -122,10 +128,11 @@ fn a_lease_wakes_an_on_demand_device_and_binds_loopback_only() {
     assert_eq!(status("/nope").0, "404");
     assert!(!pivot.is_online("cam-7") || pivot.device_json("cam-7").unwrap()["tunnel"] == false);
 
-    // Asked for every address, the lease binds loopback (GatewayPorts no).
+    // Asked for every address, the lease binds loopback (GatewayPorts no),
+    // and says so.
     let free = free_port_in(38000..=38999);
     let out = pivot.admin_ok(&["device", "listen", "cam-7", "8081", "--bind", &format!("0.0.0.0:{free}")]);
-    assert!(out.contains(&format!("0.0.0.0:{free}")), "{out}");
+    assert!(out.contains(&format!("listens on 127.0.0.1:{free}")), "{out}");
     assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", free)).is_ok()));
     let bound = Command::new("ss").args(["-Htln", &format!("sport = :{free}")]).output().unwrap();
     assert!(stdout(&bound).contains(&format!("127.0.0.1:{free}")), "{}", stdout(&bound));

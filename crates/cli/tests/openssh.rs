@@ -60,6 +60,7 @@ fn stock_sshd_runs_the_rendered_files() {
 
     // Render, and start stock sshd from it.
     let pivot_port = free_port();
+    let pivot_key = KeyPair::generate(w, "pivot_host_key");
     let out = w.join("out");
     let sshd_log = w.join("sshd.log");
     let pivot_addr = format!("127.0.0.1:{pivot_port}");
@@ -78,6 +79,10 @@ fn stock_sshd_runs_the_rendered_files() {
         OPERATOR_USER,
         "--sshd-log",
         sshd_log.to_str().unwrap(),
+        "--operator-dir",
+        out.to_str().unwrap(),
+        "--pivot-host-key",
+        pivot_key.public.to_str().unwrap(),
     ];
     let rendered = burrow(&render_args);
     let port_of = |id: &str| -> u16 {
@@ -90,7 +95,6 @@ fn stock_sshd_runs_the_rendered_files() {
     let again = burrow(&render_args);
     assert_eq!(again, rendered);
 
-    let pivot_key = KeyPair::generate(w, "pivot_host_key");
     let main_config = w.join("sshd_config");
     std::fs::write(
         &main_config,
@@ -126,11 +130,7 @@ fn stock_sshd_runs_the_rendered_files() {
     assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", p1)).is_ok()), "no tunnel");
 
     // The operator reaches cam-1 by name with the rendered ssh_config and
-    // known_hosts (plus the pivot's own key, as its admin publishes it).
-    let known = out.join("known_hosts");
-    let mut text = std::fs::read_to_string(&known).unwrap();
-    text.push_str(&format!("[127.0.0.1]:{pivot_port} {}\n", pivot_key.public_line()));
-    std::fs::write(&known, text).unwrap();
+    // known_hosts, which pins the pivot's key and cam-1's.
     let op_config = w.join("operator_config");
     std::fs::write(
         &op_config,
@@ -188,6 +188,11 @@ fn stock_sshd_runs_the_rendered_files() {
         .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" matched")?.parse().ok()))
         .unwrap_or_else(|| panic!("no summary: {report}{}", stderr(&regex)));
     assert!(matched >= 2, "the filter matched {matched} failed logins:\n{report}");
+    let jail = std::fs::read_to_string(conf.join("jail.d/burrow-sshd.conf")).unwrap();
+    assert!(
+        jail.contains("maxretry = 5") && jail.contains("findtime = 600") && jail.contains("bantime = 3600"),
+        "{jail}"
+    );
     let t = Command::new("fail2ban-client").arg("-c").arg(&conf).arg("-t").output().unwrap();
     assert!(t.status.success(), "fail2ban-client -t: {}{}", stdout(&t), stderr(&t));
     // Seed 004's rules are checked before anything is written.

@@ -105,6 +105,9 @@ pub const ADVERTISE_KEY: &str = "advertise";
 
 /// Meta key where a running pivot records its lease range (`FIRST-LAST`).
 pub const LEASE_RANGE_KEY: &str = "lease_range";
+
+/// Meta key where a running pivot records its `--lease-gateway-ports`.
+pub const LEASE_GATEWAY_KEY: &str = "lease_gateway_ports";
 /// Default lifetime of an enrollment token.
 pub const DEFAULT_TOKEN_TTL: u64 = 24 * 3600;
 
@@ -447,6 +450,11 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                     AdminError::Invalid(format!("--bind {}: give ADDRESS:PORT, e.g. 127.0.0.1:9081", printable(b)))
                 })?,
             };
+            // The address the pivot will really bind, as its GatewayPorts
+            // setting says: what is stored, shown and checked.
+            let gateway: crate::leases::GatewayPorts =
+                reg.meta(LEASE_GATEWAY_KEY).await?.and_then(|g| g.parse().ok()).unwrap_or_default();
+            let bind = gateway.bind(bind);
             if bind.port() != 0 && !range.contains(&bind.port()) {
                 return Err(AdminError::Invalid(format!(
                     "port {} is outside the pivot's lease range {}-{}",
@@ -459,6 +467,9 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             let ip = bind.ip();
             let bindable = |p: u16| std::net::TcpListener::bind((ip, p)).is_ok();
             let bound = reg.add_listen(&id, port, bind, range, bindable).await?;
+            if !bound.ip().is_loopback() {
+                tracing::warn!(device = %id, %bound, "a lease on a non-loopback address: anyone who reaches it reaches the device's port, with no authentication");
+            }
             Ok(json!({"id": id.as_str(), "port": port, "bind": bound.to_string()}))
         }
         Request::DeviceUnlisten { id, port } => {

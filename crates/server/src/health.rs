@@ -42,7 +42,11 @@ pub(crate) async fn probe_all(shared: &Arc<Shared>, tunnels: Vec<(Id, Tunnel)>, 
         let limit = limit.clone();
         set.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("never closed");
-            probe(id, tunnel, targets).await
+            // A device that stops reading cannot hold the round: every
+            // probe, closes included, ends within its bound.
+            let bound = PROBE_TIMEOUT * (2 + 2 * tunnel.ports.len() as u32);
+            let fallback = Health { id: id.clone(), rtt_ms: None, targets: None };
+            tokio::time::timeout(bound, probe(id, tunnel, targets)).await.unwrap_or(fallback)
         });
     }
     let mut found = Vec::new();
@@ -66,8 +70,9 @@ async fn probe(id: Id, tunnel: Tunnel, with_targets: bool) -> Health {
         // either way one round trip.
         Ok(Err(russh::Error::ChannelOpenFailure(_))) => Some(started.elapsed().as_millis() as u64),
         Ok(Ok(ch)) => {
-            let _ = ch.close().await;
-            Some(started.elapsed().as_millis() as u64)
+            let rtt = started.elapsed().as_millis() as u64;
+            let _ = tokio::time::timeout(PROBE_TIMEOUT, ch.close()).await;
+            Some(rtt)
         }
         _ => None,
     };
@@ -82,7 +87,7 @@ async fn probe(id: Id, tunnel: Tunnel, with_targets: bool) -> Health {
             .await;
             let state = match r {
                 Ok(Ok(ch)) => {
-                    let _ = ch.close().await;
+                    let _ = tokio::time::timeout(PROBE_TIMEOUT, ch.close()).await;
                     "answers".to_string()
                 }
                 Ok(Err(russh::Error::ChannelOpenFailure(f))) => format!("refused: {}", f.description()),

@@ -45,8 +45,16 @@ impl std::str::FromStr for GatewayPorts {
 }
 
 impl GatewayPorts {
+    pub fn name(self) -> &'static str {
+        match self {
+            GatewayPorts::No => "no",
+            GatewayPorts::Yes => "yes",
+            GatewayPorts::ClientSpecified => "clientspecified",
+        }
+    }
+
     /// The address actually bound for a lease of `asked`.
-    fn bind(self, asked: SocketAddr) -> SocketAddr {
+    pub fn bind(self, asked: SocketAddr) -> SocketAddr {
         match self {
             GatewayPorts::No if asked.is_ipv6() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, asked.port())),
             GatewayPorts::No => SocketAddr::from(([127, 0, 0, 1], asked.port())),
@@ -56,6 +64,9 @@ impl GatewayPorts {
         }
     }
 }
+
+/// Connections one lease relays at once; more wait in its listen backlog.
+const PER_LEASE: usize = 256;
 
 /// Connections and bytes of one lease, for `/metrics`.
 #[derive(Default)]
@@ -120,6 +131,10 @@ pub(crate) async fn sync(shared: &Arc<Shared>, shutdown: &CancellationToken) {
             warn!(device = %device, bind = %bind, "lease ignored: unreadable");
             continue;
         };
+        if !shared.config.lease_range.contains(&asked.port()) {
+            warn!(device = %id, port, bind = %asked, "lease outside --lease-range; not served (unlisten it, or widen the range)");
+            continue;
+        }
         let addr = shared.config.lease_gateway_ports.bind(asked);
         let listener = match std::net::TcpListener::bind(addr).and_then(|l| {
             l.set_nonblocking(true)?;
@@ -147,7 +162,18 @@ async fn accept(
     stats: Arc<LeaseStats>,
     stop: CancellationToken,
 ) {
+    let own = Arc::new(tokio::sync::Semaphore::new(PER_LEASE));
     loop {
+        // A place of this lease's own, and one of the pivot's connections
+        // (the descriptor budget SSH and MQTT share), before accepting.
+        let mine = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = own.clone().acquire_owned() => p.expect("never closed"),
+        };
+        let pivot_wide = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = shared.connections.clone().acquire_owned() => p.expect("never closed"),
+        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
@@ -166,6 +192,7 @@ async fn accept(
         stats.connections.fetch_add(1, Ordering::Relaxed);
         let (shared, id, stats, stop) = (shared.clone(), id.clone(), stats.clone(), stop.clone());
         shared.tracker.clone().spawn(async move {
+            let _held = (mine, pivot_wide);
             tokio::select! {
                 _ = relay(&shared, id, port, stream, peer, &stats) => {}
                 _ = stop.cancelled() => {}
@@ -188,7 +215,8 @@ async fn relay(shared: &Shared, id: Id, port: u16, mut stream: TcpStream, peer: 
         Ok((_, t)) => t,
         Err(refusal) => {
             info!(device = %id, port, %peer, "lease connection refused: {refusal}");
-            shared.audit.record(audit("channel_refused").outcome(false, Some(refusal.to_string())));
+            // Merged per source, as failures are: a flood cannot crowd out the audit.
+            shared.audit.failure(peer.ip(), audit("channel_refused").outcome(false, Some(refusal.to_string())));
             return;
         }
     };

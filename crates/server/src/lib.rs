@@ -218,6 +218,7 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     registry.set_meta(admin::MQTT_FINGERPRINT_KEY, &pin).await?;
     let range = format!("{}-{}", config.lease_range.start(), config.lease_range.end());
     registry.set_meta(admin::LEASE_RANGE_KEY, &range).await?;
+    registry.set_meta(admin::LEASE_GATEWAY_KEY, config.lease_gateway_ports.name()).await?;
     let (ssh, ssh_lists) = ssh::ssh_config(&config, key).map_err(ServerError::Config)?;
     // The audit writer outlives the connections: it stops after the drain.
     let audit_stop = CancellationToken::new();

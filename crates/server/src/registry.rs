@@ -356,8 +356,13 @@ impl Registry {
 
     /// Returns whether the device existed.
     pub async fn remove_device(&self, id: &Id) -> Result<bool, RegistryError> {
-        sqlx::query("DELETE FROM enrollments WHERE device = ?").bind(id.as_str()).execute(&self.pool).await?;
-        let r = sqlx::query("DELETE FROM devices WHERE id = ?").bind(id.as_str()).execute(&self.pool).await?;
+        let mut tx = self.write_tx().await?;
+        sqlx::query("DELETE FROM enrollments WHERE device = ?").bind(id.as_str()).execute(&mut *tx).await?;
+        // Its pivot-side ports go with it: a later device of the same id
+        // must not inherit them.
+        sqlx::query("DELETE FROM listens WHERE device = ?").bind(id.as_str()).execute(&mut *tx).await?;
+        let r = sqlx::query("DELETE FROM devices WHERE id = ?").bind(id.as_str()).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(r.rows_affected() > 0)
     }
 

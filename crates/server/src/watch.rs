@@ -20,6 +20,8 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
     // Tunnels (by connection) probed since they came up, and the rounds.
     let mut probed: std::collections::HashSet<u64> = Default::default();
     let mut rounds = 0u64;
+    // One full round at a time: a slow one is not stacked on.
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tick = tokio::time::interval(shared.config.watch_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -56,8 +58,14 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             rounds += 1;
             probed.extend(tunnels.iter().map(|(_, t)| t.conn));
-            let s = shared.clone();
-            shared.tracker.spawn(async move { crate::health::probe_all(&s, tunnels, rounds.is_multiple_of(5)).await });
+            if !busy.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let (s, busy) = (shared.clone(), busy.clone());
+                let targets = rounds.is_multiple_of(5);
+                shared.tracker.spawn(async move {
+                    crate::health::probe_all(&s, tunnels, targets).await;
+                    busy.store(false, std::sync::atomic::Ordering::Release);
+                });
+            }
         } else {
             // A new tunnel is checked at once, its targets too.
             let fresh: Vec<_> = tunnels.into_iter().filter(|(_, t)| !probed.contains(&t.conn)).collect();
