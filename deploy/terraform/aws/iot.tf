@@ -84,9 +84,10 @@ resource "aws_iot_policy" "pivot" {
     Version = "2012-10-17"
     Statement = [
       {
-        Effect   = "Allow"
-        Action   = "iot:Connect"
-        Resource = "${local.iot_arn}:client/${var.name}-pivot-*"
+        Effect = "Allow"
+        Action = "iot:Connect"
+        # The pivot's client id is burrow-pivot-<pivot_name>-<pid>.
+        Resource = "${local.iot_arn}:client/burrow-pivot-*"
       },
       {
         Effect   = "Allow"

@@ -115,6 +115,8 @@ resource "aws_instance" "pivot" {
     server_unit   = local.server_unit
     sysusers      = local.sysusers
     mqtt_url      = var.use_iot_core ? "mqtts://${data.aws_iot_endpoint.mqtt[0].endpoint_address}:8883" : ""
+    admin_name    = var.admin_name
+    admin_key     = var.admin_public_key
   })
   user_data_replace_on_change = true
 

@@ -72,3 +72,24 @@ variable "device_ids" {
     error_message = "Device ids are 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit."
   }
 }
+
+variable "admin_public_key" {
+  description = "OpenSSH public key of the first admin operator, registered at first boot."
+  type        = string
+
+  validation {
+    condition     = can(regex("^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/=]+( [A-Za-z0-9@._-]*)?$", var.admin_public_key))
+    error_message = "Give one OpenSSH public key line (type, key, an optional plain comment)."
+  }
+}
+
+variable "admin_name" {
+  description = "Name of that first admin operator."
+  type        = string
+  default     = "admin"
+
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9_-]{0,62}$", var.admin_name))
+    error_message = "An operator name is 1-63 characters of a-z, 0-9, '_' and '-'."
+  }
+}
