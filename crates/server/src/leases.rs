@@ -65,6 +65,54 @@ impl GatewayPorts {
     }
 }
 
+/// A lease connection with no byte either way for this long is closed, so
+/// an idle client cannot keep an on-demand device awake.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Copies both ways until either side ends or both stay silent for
+/// [`IDLE`]; returns (bytes to the device, bytes from it).
+async fn pipe<D>(client: TcpStream, device: D) -> (u64, u64)
+where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = client.into_split();
+    let (mut dr, mut dw) = tokio::io::split(device);
+    let (mut up, mut down) = (0u64, 0u64);
+    let (mut a, mut b) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    // A side that has finished sending is half-closed on the other side,
+    // and the copy goes on the other way until that ends too.
+    let (mut client_done, mut device_done) = (false, false);
+    while !(client_done && device_done) {
+        tokio::select! {
+            r = cr.read(&mut a), if !client_done => match r {
+                Ok(0) => {
+                    client_done = true;
+                    let _ = dw.shutdown().await;
+                }
+                Ok(n) => {
+                    if dw.write_all(&a[..n]).await.is_err() { break }
+                    up += n as u64;
+                }
+                Err(_) => break,
+            },
+            r = dr.read(&mut b), if !device_done => match r {
+                Ok(0) => {
+                    device_done = true;
+                    let _ = cw.shutdown().await;
+                }
+                Ok(n) => {
+                    if cw.write_all(&b[..n]).await.is_err() { break }
+                    down += n as u64;
+                }
+                Err(_) => break,
+            },
+            _ = tokio::time::sleep(IDLE) => break,
+        }
+    }
+    (up, down)
+}
+
 /// Connections one lease relays at once; more wait in its listen backlog.
 const PER_LEASE: usize = 256;
 
@@ -203,7 +251,7 @@ async fn accept(
 
 /// One client connection: find (or wake) the device's tunnel, open a
 /// channel to its port, and copy both ways until either side closes.
-async fn relay(shared: &Shared, id: Id, port: u16, mut stream: TcpStream, peer: SocketAddr, stats: &LeaseStats) {
+async fn relay(shared: &Shared, id: Id, port: u16, stream: TcpStream, peer: SocketAddr, stats: &LeaseStats) {
     let audit = |event: &str| {
         let mut rec = AuditRecord::new(event);
         rec.source = Some(peer.to_string());
@@ -237,8 +285,7 @@ async fn relay(shared: &Shared, id: Id, port: u16, mut stream: TcpStream, peer: 
     rec.started = Some(rec.at);
     let opened = rec.at;
     shared.audit.record(rec);
-    let mut device = channel.into_stream();
-    let (up, down) = tokio::io::copy_bidirectional(&mut stream, &mut device).await.unwrap_or((0, 0));
+    let (up, down) = pipe(stream, channel.into_stream()).await;
     stats.to_device.fetch_add(up, Ordering::Relaxed);
     stats.from_device.fetch_add(down, Ordering::Relaxed);
     shared.metrics.bytes_to_device.fetch_add(up, Ordering::Relaxed);
