@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use burrow_core::keys::{openssh_line, parse_public_key};
 use burrow_core::rpc::{allowed, Selector};
-use burrow_server::bans::{parse_net, BanConfig, IpNet};
 use burrow_server::Registry;
 use clap::Subcommand;
 
@@ -65,18 +64,8 @@ pub struct RenderArgs {
     /// The pivot sshd's public host key file, pinned in the operators' known_hosts.
     #[arg(long, value_name = "FILE")]
     pivot_host_key: Option<PathBuf>,
-    /// Failures from one source that ban it (1-19).
-    #[arg(long, default_value_t = 5)]
-    ban_maxretry: u32,
-    /// Window in which failures are counted (at least 60s).
-    #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
-    ban_findtime: Duration,
-    /// How long a ban lasts (at least --ban-findtime).
-    #[arg(long, default_value = "1h", value_parser = crate::parse_duration)]
-    ban_bantime: Duration,
-    /// Never ban these addresses or CIDRs (repeatable; must include 127.0.0.1).
-    #[arg(long, value_parser = parse_net, default_values = ["127.0.0.1/8", "::1/128"])]
-    ban_ignoreip: Vec<IpNet>,
+    #[command(flatten)]
+    bans: crate::server::BanArgs,
 }
 
 fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -121,13 +110,7 @@ async fn render(a: RenderArgs) -> Result<()> {
     check_user("--device-user", &a.device_user)?;
     check_user("--operator-user", &a.operator_user)?;
     check_user("--device-login", &a.device_login)?;
-    let bans = BanConfig {
-        maxretry: a.ban_maxretry,
-        findtime: a.ban_findtime,
-        bantime: a.ban_bantime,
-        ignoreip: a.ban_ignoreip.clone(),
-    };
-    bans.check().map_err(anyhow::Error::msg)?;
+    let bans = a.bans.config()?;
     let (host, port) = a.pivot.rsplit_once(':').context("--pivot is HOST:PORT")?;
     let port: u16 = port.parse().context("--pivot HOST:PORT")?;
     if host.is_empty() || host.contains(char::is_whitespace) {

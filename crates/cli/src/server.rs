@@ -104,9 +104,10 @@ struct LimitArgs {
     fd_reserve: u64,
 }
 
-/// Bans after repeated failures, as fail2ban's sshd jail.
+/// Bans after repeated failures, as fail2ban's sshd jail (the pivot's own,
+/// or the jail `burrow openssh render` writes).
 #[derive(clap::Args)]
-struct BanArgs {
+pub struct BanArgs {
     /// Failures from one source that ban it (1-19).
     #[arg(long, default_value_t = 5)]
     ban_maxretry: u32,
@@ -119,6 +120,20 @@ struct BanArgs {
     /// Never ban these addresses or CIDRs (repeatable; replaces the default, must include 127.0.0.1).
     #[arg(long, value_parser = parse_net, default_values = ["127.0.0.1/8", "::1/128"])]
     ban_ignoreip: Vec<IpNet>,
+}
+
+impl BanArgs {
+    /// The rules, checked (maxretry, findtime, bantime, ignoreip).
+    pub fn config(&self) -> Result<BanConfig> {
+        let c = BanConfig {
+            maxretry: self.ban_maxretry,
+            findtime: self.ban_findtime,
+            bantime: self.ban_bantime,
+            ignoreip: self.ban_ignoreip.clone(),
+        };
+        c.check().map_err(anyhow::Error::msg)?;
+        Ok(c)
+    }
 }
 
 /// SSH algorithms offered, in order; only names from a known-good set are accepted.
