@@ -56,6 +56,9 @@ pub struct Config {
     /// The pivot, `HOST:PORT`, for always-on mode. On demand, each wake
     /// request names the pivot to dial.
     pub server: Option<String>,
+    /// Other pivots (behind one host key) to fail over to, in order, when
+    /// `server` cannot be reached.
+    pub fallbacks: Vec<String>,
     pub id: Id,
     pub key: Arc<PrivateKey>,
     /// Where `key` came from; re-read before each connection so a rotated
@@ -92,6 +95,7 @@ impl Config {
     ) -> Self {
         Config {
             server,
+            fallbacks: Vec::new(),
             id,
             key: Arc::new(key),
             key_path: None,
@@ -155,18 +159,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         on_demand::run(Arc::new(config), shutdown, status.clone()).await
     } else {
         let server = config.server.clone().ok_or(AgentError::NoServer)?;
-        always_on(Arc::new(config), &server, shutdown, &status).await;
+        let mut pivots = vec![server];
+        pivots.extend(config.fallbacks.iter().cloned());
+        always_on(Arc::new(config), &pivots, shutdown, &status).await;
         Ok(())
     };
     status.set(status::State::Stopped, None, None);
     result
 }
 
-/// Holds the tunnel up, reconnecting with backoff, until `shutdown`.
-async fn always_on(config: Arc<Config>, server: &str, shutdown: CancellationToken, status: &status::StatusFile) {
+/// Holds the tunnel up, reconnecting with backoff, until `shutdown`. With
+/// several pivots, a lost or unreachable one is followed at once by the
+/// next; the backoff applies once every pivot has been tried.
+async fn always_on(config: Arc<Config>, pivots: &[String], shutdown: CancellationToken, status: &status::StatusFile) {
     let mut backoff = backoff::Backoff::new(config.backoff_initial, config.backoff_max);
     let mut last_refusal: Option<String> = None;
+    let mut at = 0;
+    let mut tried = 0;
     loop {
+        let server = pivots[at].as_str();
         info!(server, device = %config.id, "connecting");
         status.set(status::State::Connecting, None, Some(server));
         let started = Instant::now();
@@ -179,6 +190,7 @@ async fn always_on(config: Arc<Config>, server: &str, shutdown: CancellationToke
             Ok(()) => {
                 info!("connection to the pivot closed");
                 last_refusal = None;
+                tried = 0; // it was up: every pivot may be tried again at once
             }
             Err(e) if e.is_lasting() => {
                 // Said once; the same refusal again is only a debug line.
@@ -206,6 +218,23 @@ async fn always_on(config: Arc<Config>, server: &str, shutdown: CancellationToke
         if started.elapsed() >= config.stable_after {
             backoff.reset();
         }
+        // Another pivot is tried at once (after a short jitter, so that a
+        // fleet does not move in one wave), until each has been tried.
+        if delay.is_none() && tried + 1 < pivots.len() {
+            tried += 1;
+            at = (at + 1) % pivots.len();
+            let d = Duration::from_millis(rand::random_range(0..250));
+            info!(next = %pivots[at], "trying the next pivot");
+            tokio::select! {
+                _ = tokio::time::sleep(d) => continue,
+                _ = shutdown.cancelled() => {
+                    info!("stopped");
+                    return;
+                }
+            }
+        }
+        tried = 0;
+        at = (at + 1) % pivots.len();
         let delay = match delay {
             Some(d) => d,
             None => {

@@ -178,3 +178,40 @@ fn device_list_show_and_labels() {
     let ops = pivot.admin_ok(&["operator", "list"]);
     assert!(ops.contains("alice"), "{ops}");
 }
+
+/// Issue 13 (part): an always-on agent given several pivots behind one host
+/// key fails over to the next when its pivot dies, within seconds.
+#[test]
+fn an_agent_fails_over_to_the_next_pivot_when_its_pivot_dies() {
+    let mut a = TestPivot::start(BURROW);
+    let mut b = TestPivot::start(BURROW);
+    // Pivots behind one name share one host key.
+    b.proc.terminate(Duration::from_secs(10));
+    for f in ["host_key", "host_key.pub"] {
+        std::fs::copy(a.data.path().join(f), b.data.path().join(f)).unwrap();
+    }
+    b.restart();
+    let sshd_op = Operator::new(&b);
+    b.add_operator("alice", &sshd_op.key);
+    let sshd = Sshd::start(&[&sshd_op.key]);
+    let key = KeyPair::generate(sshd.dir.path(), "cam-9");
+    a.add_device("cam-9", &key);
+    b.add_device("cam-9", &key);
+    let mut cmd = std::process::Command::new(BURROW);
+    cmd.args(["agent", "--id", "cam-9", "--expose", &format!("22={}", sshd.target())])
+        .args(["--pivot", &a.addr.to_string(), "--pivot", &b.addr.to_string(), "--key"])
+        .arg(&key.private)
+        .arg("--pivot-host-key")
+        .arg(a.host_key_pub());
+    let agent = Proc::spawn("burrow agent (two pivots)", &mut cmd, sshd.dir.path().join("agent.log"));
+    assert!(a.wait_online("cam-9", true, Duration::from_secs(20)), "{}", agent.log_text());
+    assert!(!b.is_online("cam-9"));
+
+    a.proc.kill();
+    let died = std::time::Instant::now();
+    assert!(b.wait_online("cam-9", true, Duration::from_secs(10)), "no failover: {}", agent.log_text());
+    assert!(died.elapsed() < Duration::from_secs(10));
+    sshd_op.trust_device("cam-9", &sshd);
+    let out = sshd_op.ssh_device("cam-9", "echo through-b");
+    assert_eq!(stdout(&out).trim(), "through-b", "{}", stderr(&out));
+}

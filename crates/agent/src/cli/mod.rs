@@ -85,9 +85,9 @@ pub struct AgentArgs {
     /// Agent config file, as written by `burrow agent enroll`; flags override it.
     #[arg(long, env = "BURROW_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// The pivot to hold a tunnel to, HOST:PORT (always on); on demand, each wake-up names the pivot to dial.
-    #[arg(long = "pivot", alias = "server", env = "BURROW_SERVER", value_name = "HOST:PORT")]
-    server: Option<String>,
+    /// The pivot to hold a tunnel to, HOST:PORT (always on); repeat for others to fail over to, in order.
+    #[arg(long = "pivot", alias = "server", env = "BURROW_SERVER", value_name = "HOST:PORT", value_delimiter = ',')]
+    server: Vec<String>,
     /// This device's id.
     #[arg(long, env = "BURROW_ID")]
     id: Option<Id>,
@@ -232,7 +232,11 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
         .or_else(|| file.as_ref().map(|f| f.pivot_host_key.clone()))
         .context("give --pivot-host-key (or --config FILE)")?;
     let pin = HostKeyPin::parse(&pin).context("--pivot-host-key")?;
-    let server = args.server.or_else(|| file.as_ref().map(|f| f.server.clone()));
+    let mut pivots = args.server;
+    if pivots.is_empty() {
+        pivots.extend(file.as_ref().map(|f| f.server.clone()));
+    }
+    let server = pivots.first().cloned();
     let expose = if !args.expose.is_empty() {
         args.expose
     } else {
@@ -278,6 +282,7 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
         bail!("give --pivot HOST:PORT (always on) or --mqtt-url URL (on demand)");
     }
     let mut config = crate::Config::new(server, id, key, pin, expose);
+    config.fallbacks = pivots.into_iter().skip(1).collect();
     config.key_path = Some(key_path);
     config.keepalive_interval = args.keepalive;
     if args.reconnect_max < config.backoff_initial {
