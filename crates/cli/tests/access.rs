@@ -263,6 +263,10 @@ fn health_and_metrics_over_http() {
     let (status, body) = http_get(http, "/healthz");
     assert!(status.contains(" 200 "), "{status}\n{body}");
     assert!(body.contains("registry: ok"), "{body}");
+    // Issue 13: the pivot's name, its registry backend and its peers.
+    assert!(body.contains("pivot: local") && body.contains("(sqlite)") && body.contains("peers: none"), "{body}");
+    let (_, m) = http_get(http, "/metrics");
+    assert!(m.contains("burrow_pivot_info{pivot=\"local\",backend=\"sqlite\"} 1"), "{m}");
 
     let out = op.ssh_device("cam-42", "head -c 100000 /dev/urandom");
     assert_eq!(out.stdout.len(), 100_000, "{}", stderr(&out));

@@ -92,7 +92,21 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         None => (StatusCode::OK, "ok".to_string()),
         Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {e}")),
     };
-    (status, format!("registry: {registry}\nsignaling: {signaling}\n"))
+    // Other pivots on this registry, as its tunnel records show them.
+    let me = &shared.config.pivot_name;
+    let peers = match tokio::time::timeout(Duration::from_secs(2), shared.registry.pivots_with_tunnels()).await {
+        Ok(Ok(all)) => {
+            let others: Vec<String> = all.into_iter().filter(|p| p != me).collect();
+            if others.is_empty() {
+                "none".to_string()
+            } else {
+                others.join(", ")
+            }
+        }
+        _ => "unknown".to_string(),
+    };
+    let backend = crate::registry::BACKEND;
+    (status, format!("pivot: {me}\nregistry: {registry} ({backend})\nsignaling: {signaling}\npeers: {peers}\n"))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -117,6 +131,8 @@ fn render(shared: &Shared) -> String {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
+    let info = format!("{{pivot=\"{}\",backend=\"{}\"}}", shared.config.pivot_name, crate::registry::BACKEND);
+    metric("burrow_pivot_info", "gauge", "This pivot's name and registry backend.", &[(info.as_str(), 1)]);
     metric(
         "burrow_tunnels",
         "gauge",

@@ -31,6 +31,9 @@ mod tunnels;
 pub use bans::BanRecord;
 pub use devices::HostKeyReport;
 
+/// The registry's database engine, for `/healthz` and `/metrics`.
+pub const BACKEND: &str = "sqlite";
+
 /// File name of the SQLite registry inside the data dir.
 pub const DB_FILE: &str = "registry.db";
 

@@ -3,6 +3,15 @@
 use super::*;
 
 impl Registry {
+    /// The pivots that hold tunnels now, by their tunnel records.
+    pub async fn pivots_with_tunnels(&self) -> Result<Vec<String>, RegistryError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT tunnel_pivot FROM devices WHERE tunnel_pivot IS NOT NULL ORDER BY tunnel_pivot",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Records that `pivot` now holds the device's tunnel with these ports.
     pub async fn tunnel_up(&self, id: &Id, pivot: &str, ports: &[u32]) -> Result<(), RegistryError> {
         sqlx::query("UPDATE devices SET tunnel_pivot = ?, ports = ?, last_seen = ? WHERE id = ?")
