@@ -6,7 +6,7 @@
 //! held across `.await`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,8 @@ pub enum Bind {
 #[derive(Default)]
 pub struct Router {
     tunnels: Mutex<HashMap<Id, Tunnel>>,
+    /// Bumped whenever a tunnel is created or replaced.
+    generation: AtomicU64,
     sessions: Mutex<Sessions>,
 }
 
@@ -100,15 +102,24 @@ impl Router {
         self.tunnels.lock().unwrap().get(id).cloned()
     }
 
+    /// Changes whenever a tunnel comes up (new, or replacing an older one).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// Routes `id:port` to connection `conn`. A tunnel of the same device on
     /// another connection is replaced, so a device that reconnects after a
     /// network drop is never locked out.
     pub fn bind(&self, id: &Id, conn: ConnId, handle: &Handle, port: u32) -> (Bind, Vec<u32>) {
         let mut tunnels = self.tunnels.lock().unwrap();
         let mut result = Bind::Added;
-        let entry = tunnels.entry(id.clone()).or_insert_with(|| Tunnel::new(conn, handle));
+        let entry = tunnels.entry(id.clone()).or_insert_with(|| {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+            Tunnel::new(conn, handle)
+        });
         if entry.conn != conn {
             let old = std::mem::replace(entry, Tunnel::new(conn, handle));
+            self.generation.fetch_add(1, Ordering::Relaxed);
             result = Bind::Replaced(old.handle);
         }
         entry.ports.insert(port);

@@ -20,6 +20,7 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
     // Tunnels (by connection) probed since they came up, and the rounds.
     let mut probed: std::collections::HashSet<u64> = Default::default();
     let mut rounds = 0u64;
+    let mut seen_generation = u64::MAX;
     // One full round at a time: a slow one is not stacked on.
     let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tick = tokio::time::interval(shared.config.watch_interval);
@@ -44,20 +45,24 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot read registry revision"),
         }
-        let tunnels: Vec<_> = shared
-            .router
-            .tunnel_ids()
-            .into_iter()
-            .filter_map(|id| shared.router.tunnel(&id).map(|t| (id, t)))
-            .collect();
-        probed.retain(|c| tunnels.iter().any(|(_, t)| t.conn == *c));
-        if last_touch.elapsed() >= TOUCH_EVERY {
+        // The tunnel list is read only when a tunnel came up or a round is due.
+        let due = last_touch.elapsed() >= TOUCH_EVERY;
+        let generation = shared.router.generation();
+        if !due && generation == seen_generation {
+            continue;
+        }
+        seen_generation = generation;
+        let tunnels = shared.router.tunnels();
+        let live: std::collections::HashSet<u64> = tunnels.iter().map(|(_, t)| t.conn).collect();
+        probed.retain(|c| live.contains(c));
+        if due {
             last_touch = Instant::now();
-            if let Err(e) = shared.registry.touch(&shared.router.tunnel_ids()).await {
+            let ids: Vec<_> = tunnels.iter().map(|(id, _)| id.clone()).collect();
+            if let Err(e) = shared.registry.touch(&ids).await {
                 warn!(error = %e, "cannot refresh last-seen times");
             }
             rounds += 1;
-            probed.extend(tunnels.iter().map(|(_, t)| t.conn));
+            probed.extend(live);
             if !busy.swap(true, std::sync::atomic::Ordering::AcqRel) {
                 let (s, busy) = (shared.clone(), busy.clone());
                 let targets = rounds.is_multiple_of(5);

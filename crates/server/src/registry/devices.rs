@@ -151,6 +151,8 @@ impl Registry {
     /// Records what tunnel probes found (see `health`).
     pub(crate) async fn record_health(&self, found: &[crate::health::Health]) -> Result<(), RegistryError> {
         let now = now_unix();
+        // One transaction for the round: one commit, not one per tunnel.
+        let mut tx = self.write_tx().await?;
         for h in found {
             let targets = h.targets.as_ref().map(|t| serde_json::to_string(t).unwrap_or_default());
             sqlx::query("UPDATE devices SET rtt_ms = ?, health_at = ?, targets = COALESCE(?, targets) WHERE id = ?")
@@ -158,9 +160,10 @@ impl Registry {
                 .bind(now)
                 .bind(targets)
                 .bind(h.id.as_str())
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 
