@@ -181,47 +181,29 @@ async fn render(a: RenderArgs) -> Result<()> {
 
     // The sshd Match blocks (seed 000's restrictions), for sshd_config.d.
     let mut sshd = String::from(header);
+    // What both kinds of user get: keys only, nothing but the forwarding
+    // each is allowed.
+    let common = "    AuthenticationMethods publickey\n    PubkeyAuthentication yes\n    PasswordAuthentication no\n\
+                  \x20   KbdInteractiveAuthentication no\n    PermitTTY no\n    X11Forwarding no\n\
+                  \x20   AllowAgentForwarding no\n    AllowStreamLocalForwarding no\n    PermitTunnel no\n\
+                  \x20   PermitUserRC no\n    MaxSessions 0\n    ForceCommand /bin/false\n";
+    let dir = installed.display();
     write!(
         sshd,
         "# Include it from sshd_config (Include {dir}/sshd_burrow.conf), then `sshd -t` and reload.\n\n\
-         Match User {dev}\n\
-         \x20   AuthenticationMethods publickey\n\
-         \x20   PubkeyAuthentication yes\n\
-         \x20   PasswordAuthentication no\n\
-         \x20   KbdInteractiveAuthentication no\n\
+         Match User {dev}\n{common}\
          \x20   AuthorizedKeysFile {dir}/authorized_keys.devices\n\
-         \x20   PermitTTY no\n\
-         \x20   X11Forwarding no\n\
-         \x20   AllowAgentForwarding no\n\
-         \x20   AllowStreamLocalForwarding no\n\
-         \x20   PermitTunnel no\n\
          \x20   AllowTcpForwarding remote\n\
          \x20   GatewayPorts no\n\
          \x20   PermitOpen none\n\
          \x20   PermitListen {listens}\n\
-         \x20   PermitUserRC no\n\
-         \x20   MaxSessions 0\n\
-         \x20   ForceCommand /bin/false\n\
          \x20   ClientAliveInterval {alive}\n\
          \x20   ClientAliveCountMax 3\n\n\
-         Match User {op}\n\
-         \x20   AuthenticationMethods publickey\n\
-         \x20   PubkeyAuthentication yes\n\
-         \x20   PasswordAuthentication no\n\
-         \x20   KbdInteractiveAuthentication no\n\
+         Match User {op}\n{common}\
          \x20   AuthorizedKeysFile {dir}/authorized_keys.operators\n\
-         \x20   PermitTTY no\n\
-         \x20   X11Forwarding no\n\
-         \x20   AllowAgentForwarding no\n\
-         \x20   AllowStreamLocalForwarding no\n\
-         \x20   PermitTunnel no\n\
          \x20   AllowTcpForwarding local\n\
          \x20   PermitOpen {opens}\n\
-         \x20   PermitListen none\n\
-         \x20   PermitUserRC no\n\
-         \x20   MaxSessions 0\n\
-         \x20   ForceCommand /bin/false\n",
-        dir = installed.display(),
+         \x20   PermitListen none\n",
         dev = a.device_user,
         op = a.operator_user,
     )?;

@@ -19,7 +19,7 @@ fn the_nat_demo_runs_and_cleans_up() {
     let text = stdout(&out);
     assert!(out.status.success(), "demo failed:\n{text}\n{}", stderr(&out));
     for line in [
-        "a direct ssh to cam-1 (192.168.50.2) fails",
+        "a direct connection to cam-1 (192.168.50.2:22) fails",
         "cam-1                    connected",
         "cam-2                    waiting",
         "copied 1 MiB through the pivot, identical",

@@ -113,9 +113,12 @@ fn stock_sshd_runs_the_rendered_files() {
     let _pivot = Proc::spawn("stock sshd pivot", &mut cmd, w.join("pivot-stderr.log"));
     assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", pivot_port)).is_ok()));
 
+    let known_hosts = out.join("known_hosts");
     let device_ssh = |key: &KeyPair, extra: &[&str]| -> Command {
         let mut c = Command::new("ssh");
-        c.args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        // Devices pin the pivot's key too: the rendered known_hosts has it.
+        c.args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
             .args(["-o", "IdentitiesOnly=yes", "-i"])
             .arg(&key.private)
             .args(["-p", &pivot_port.to_string()])
