@@ -12,6 +12,13 @@
 //! target/release/burrow-bench vs-openssh [--gib 1] [--runs 5] [--tunnels 1000,10000]
 //! ```
 //!
+//! `storm` kills a pivot holding N always-on tunnels and restarts it (see
+//! `storm.rs`):
+//!
+//! ```text
+//! target/release/burrow-bench storm 10000 [--procs 4] [--timeout 120s]
+//! ```
+//!
 //! `wake` measures what an on-demand wake-up adds to opening a channel: the
 //! time from an operator's `direct-tcpip` open to its confirmation, for a
 //! sleeping device (woken over the embedded MQTT broker) against a device
@@ -19,6 +26,7 @@
 
 mod agent_size;
 mod mqtt_hold;
+mod storm;
 mod vs_openssh;
 
 use std::path::PathBuf;
@@ -188,6 +196,16 @@ usage:
       --wakes N               wake-up samples [200]
       --plaintext             burrow without TLS (--mqtt-plaintext)
       --skip-mosquitto        burrow only
+  burrow-bench storm N [FLAGS]
+      N always-on agents (burrow_agent::run) hold tunnels; the pivot is killed
+      (SIGKILL) and restarted: time until all are back, the pivot's peak memory
+      and CPU, handshake failures by cause
+      --procs N               generator processes [4]
+      --timeout DUR           bound from the restart until all are back [120s]
+      --ssh-threads N         passed to the pivot's --ssh-threads
+      --max-startups SPEC     passed to the pivot [its default, 10:30:100]
+      --database-url URL      passed to the pivot as is (devices are still
+                              registered in the data dir's registry)
   burrow-bench agent-size [AGENT_BIN]
       stripped size of burrow-agent [target/agent/burrow-agent] and the idle
       memory of an on-demand and an always-on agent (build it with
@@ -236,6 +254,32 @@ async fn main() -> Result<()> {
             let arg = |i: usize| args.get(i).context("usage: burrow-bench mqtt-register DATA_DIR N");
             mqtt_hold::register(std::path::Path::new(arg(1)?), arg(2)?.parse()?).await
         }
+        Some("storm") => {
+            let n = args.get(1).context("usage: burrow-bench storm N")?.parse()?;
+            let mut o = storm::Options {
+                devices: n,
+                procs: 4,
+                timeout: Duration::from_secs(120),
+                ssh_threads: None,
+                database_url: None,
+                max_startups: None,
+            };
+            let mut it = args[2..].iter();
+            while let Some(flag) = it.next() {
+                let mut val = || it.next().context("flag needs a value");
+                match flag.as_str() {
+                    "--procs" => o.procs = val()?.parse()?,
+                    "--timeout" => o.timeout = storm::parse_duration(val()?)?,
+                    "--ssh-threads" => o.ssh_threads = Some(val()?.parse()?),
+                    "--max-startups" => o.max_startups = Some(val()?.clone()),
+                    "--database-url" => o.database_url = Some(val()?.clone()),
+                    other => bail!("unknown flag {other}\n{USAGE}"),
+                }
+            }
+            storm::run(&burrow_bin()?, o).await
+        }
+        // A generator process of storm.
+        Some("storm-devices") => storm::generator(&args[1..]).await,
         // A generator process of mqtt-hold.
         Some("mqtt-devices") => mqtt_hold::generator(&args[1..]).await,
         Some("vs-openssh") => {

@@ -57,13 +57,13 @@ fn now_nanos() -> u128 {
 }
 
 /// The same key for device `i` in every process, so none is passed around.
-fn device_key(i: usize) -> PrivateKey {
+pub(crate) fn device_key(i: usize) -> PrivateKey {
     use sha2::Digest;
     let seed: [u8; 32] = sha2::Sha256::digest(format!("burrow-bench-device-{i}")).into();
     PrivateKey::from(Ed25519Keypair::from_seed(&seed))
 }
 
-fn device_id(i: usize) -> String {
+pub(crate) fn device_id(i: usize) -> String {
     format!("{PREFIX}-{i}")
 }
 

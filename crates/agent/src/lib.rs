@@ -2,7 +2,8 @@
 //! reverse tunnel to the device's own services.
 //!
 //! # Layout
-//! - [`Config`] and [`run`]: the reconnect loop, until shutdown.
+//! - [`Config`] and [`run`]: the reconnect loop, until shutdown; [`Event`]s
+//!   for whatever watches it.
 //! - `session`: one SSH connection to the pivot: host-key check, auth, forwards.
 //! - `forward`: serving a `forwarded-tcpip` channel by connecting to a local target.
 //! - `on_demand`: waiting on MQTT for signed wake requests, one tunnel per request.
@@ -83,6 +84,35 @@ pub struct Config {
     pub status_path: Option<std::path::PathBuf>,
     /// Serve `/healthz` over HTTP here.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// When the tunnel comes up, read the host keys of the sshd behind port
+    /// 22 and report them to the pivot (on by default). Off only for load
+    /// tests whose thousands of agents front one stand-in listener.
+    pub scan_host_keys: bool,
+    /// Told when the tunnel comes up and when a connection ends, e.g. by a
+    /// load test counting failures by cause. The log and the status file
+    /// say the same for people.
+    pub on_event: Option<EventHook>,
+}
+
+/// What the agent tells [`Config::on_event`].
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The tunnel is up: authenticated, and every exposed port forwarded.
+    TunnelUp,
+    /// A connection to the pivot ended, other than by shutdown. `up` says
+    /// whether its tunnel had come up (if not, the handshake failed);
+    /// `error` is why, `None` when the pivot closed the connection.
+    Ended { up: bool, error: Option<&'a SessionError> },
+}
+
+/// A callback for [`Event`]s. It runs on the agent's task: return quickly.
+#[derive(Clone)]
+pub struct EventHook(pub Arc<dyn Fn(Event<'_>) + Send + Sync>);
+
+impl std::fmt::Debug for EventHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventHook")
+    }
 }
 
 impl Config {
@@ -113,6 +143,8 @@ impl Config {
             refused_retry: Duration::from_secs(180),
             status_path: None,
             health_listen: None,
+            scan_host_keys: true,
+            on_event: None,
         }
     }
 }

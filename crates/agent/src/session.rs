@@ -14,7 +14,7 @@ use tracing::info;
 
 use crate::pivot_client::Pinned;
 use crate::status::{State, StatusFile};
-use crate::{forward, Config};
+use crate::{forward, Config, Event};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -113,12 +113,28 @@ fn ssh_config(config: &Config) -> Arc<client::Config> {
     })
 }
 
-/// Holds one connection to `server` until it ends (Ok) or fails to come up (Err).
+/// Holds one connection to `server` until it ends (Ok) or fails to come up
+/// (Err), and tells `config.on_event`.
 pub(crate) async fn hold(
     config: Arc<Config>,
     server: &str,
     shutdown: &CancellationToken,
     status: &StatusFile,
+) -> Result<(), SessionError> {
+    let mut up = false;
+    let result = connect_and_serve(config.clone(), server, shutdown, status, &mut up).await;
+    if let (Some(hook), false) = (&config.on_event, shutdown.is_cancelled()) {
+        (hook.0)(Event::Ended { up, error: result.as_ref().err() });
+    }
+    result
+}
+
+async fn connect_and_serve(
+    config: Arc<Config>,
+    server: &str,
+    shutdown: &CancellationToken,
+    status: &StatusFile,
+    up: &mut bool,
 ) -> Result<(), SessionError> {
     let server = server.to_string();
     let tcp = tokio::select! {
@@ -178,9 +194,15 @@ pub(crate) async fn hold(
     let ports: Vec<u16> = config.expose.iter().map(|e| e.port).collect();
     info!(device = %config.id, ?ports, "tunnel up");
     status.set(State::Connected, None, Some(&server));
-    tokio::select! {
-        _ = report_host_keys(&config, &handle) => {}
-        _ = shutdown.cancelled() => {}
+    *up = true;
+    if let Some(hook) = &config.on_event {
+        (hook.0)(Event::TunnelUp);
+    }
+    if config.scan_host_keys {
+        tokio::select! {
+            _ = report_host_keys(&config, &handle) => {}
+            _ = shutdown.cancelled() => {}
+        }
     }
 
     tokio::select! {

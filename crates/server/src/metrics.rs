@@ -92,11 +92,16 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         None => (StatusCode::OK, "ok".to_string()),
         Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {e}")),
     };
-    // Other pivots on this registry, as its tunnel records show them.
+    // The other pivots registered on this registry, alive or not yet reaped.
     let me = &shared.config.pivot_name;
-    let peers = match tokio::time::timeout(Duration::from_secs(2), shared.registry.pivots_with_tunnels()).await {
+    let peers = match tokio::time::timeout(Duration::from_secs(2), shared.registry.pivots()).await {
         Ok(Ok(all)) => {
-            let others: Vec<String> = all.into_iter().filter(|p| p != me).collect();
+            let now = burrow_core::time::now_unix();
+            let others: Vec<String> = all
+                .iter()
+                .filter(|p| &p.name != me)
+                .map(|p| format!("{} {} ({})", p.name, p.address, if p.alive(now) { "alive" } else { "dead" }))
+                .collect();
             if others.is_empty() {
                 "none".to_string()
             } else {
@@ -105,7 +110,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         }
         _ => "unknown".to_string(),
     };
-    let backend = crate::registry::BACKEND;
+    let backend = shared.registry.backend().name();
     (status, format!("pivot: {me}\nregistry: {registry} ({backend})\nsignaling: {signaling}\npeers: {peers}\n"))
 }
 
@@ -131,7 +136,7 @@ fn render(shared: &Shared) -> String {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
-    let info = format!("{{pivot=\"{}\",backend=\"{}\"}}", shared.config.pivot_name, crate::registry::BACKEND);
+    let info = format!("{{pivot=\"{}\",backend=\"{}\"}}", shared.config.pivot_name, shared.registry.backend().name());
     metric("burrow_pivot_info", "gauge", "This pivot's name and registry backend.", &[(info.as_str(), 1)]);
     metric(
         "burrow_tunnels",

@@ -11,12 +11,13 @@
 //! the test is failing, so a red test shows what the servers saw.
 
 //! One module per component: [`process`], [`sshd`], [`pivot`], [`agent`],
-//! [`operator`] and [`mosquitto`]; everything is re-exported here.
+//! [`operator`], [`mosquitto`] and [`postgres`]; everything is re-exported here.
 
 pub mod agent;
 pub mod mosquitto;
 pub mod operator;
 pub mod pivot;
+pub mod postgres;
 pub mod process;
 pub mod sshd;
 
@@ -24,5 +25,6 @@ pub use agent::*;
 pub use mosquitto::*;
 pub use operator::*;
 pub use pivot::*;
+pub use postgres::*;
 pub use process::*;
 pub use sshd::*;

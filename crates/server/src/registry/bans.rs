@@ -17,8 +17,8 @@ impl Registry {
     /// only ever lengthened (lift it with `remove_ban` to shorten it).
     pub async fn add_ban(&self, net: &str, until: i64, reason: &str, actor: &str) -> Result<(), RegistryError> {
         sqlx::query(
-            "INSERT INTO bans (net, until, reason, actor, created_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT(net) DO UPDATE SET until = MAX(until, excluded.until), reason = excluded.reason,
+            "INSERT INTO bans (net, until, reason, actor, created_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT(net) DO UPDATE SET until = CASE WHEN excluded.until > bans.until THEN excluded.until ELSE bans.until END, reason = excluded.reason,
              actor = excluded.actor, created_at = excluded.created_at",
         )
         .bind(net)
@@ -33,7 +33,7 @@ impl Registry {
 
     /// True if the ban existed (and was still active).
     pub async fn remove_ban(&self, net: &str) -> Result<bool, RegistryError> {
-        let r = sqlx::query("DELETE FROM bans WHERE net = ? AND until > ?")
+        let r = sqlx::query("DELETE FROM bans WHERE net = $1 AND until > $2")
             .bind(net)
             .bind(now_unix())
             .execute(&self.pool)
@@ -43,14 +43,14 @@ impl Registry {
 
     /// Deletes bans that ran out.
     pub async fn prune_bans(&self) -> Result<(), RegistryError> {
-        sqlx::query("DELETE FROM bans WHERE until <= ?").bind(now_unix()).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM bans WHERE until <= $1").bind(now_unix()).execute(&self.pool).await?;
         Ok(())
     }
 
     /// Bans still in force, newest first.
     pub async fn bans(&self) -> Result<Vec<BanRecord>, RegistryError> {
         let now = now_unix();
-        let rows = sqlx::query("SELECT * FROM bans WHERE until > ? ORDER BY created_at DESC, net")
+        let rows = sqlx::query("SELECT * FROM bans WHERE until > $1 ORDER BY created_at DESC, net")
             .bind(now)
             .fetch_all(&self.pool)
             .await?;

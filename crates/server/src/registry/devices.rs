@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(super) fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> DeviceRecord {
+pub(super) fn device_from_row(r: &sqlx::any::AnyRow) -> DeviceRecord {
     DeviceRecord {
         id: r.get("id"),
         fingerprint: r.get("fingerprint"),
@@ -37,7 +37,7 @@ impl Registry {
     /// Takes the host keys a device's agent reported (see [`HostKeyReport`]).
     pub async fn report_host_keys(&self, id: &Id, keys: &[String]) -> Result<HostKeyReport, RegistryError> {
         let mut tx = self.write_tx().await?;
-        let row: Option<String> = sqlx::query_scalar("SELECT host_keys FROM devices WHERE id = ?")
+        let row: Option<String> = sqlx::query_scalar("SELECT host_keys FROM devices WHERE id = $1")
             .bind(id.as_str())
             .fetch_optional(&mut *tx)
             .await?;
@@ -45,20 +45,20 @@ impl Registry {
         let registered: Vec<String> = serde_json::from_str(&row).unwrap_or_default();
         let json = serde_json::to_string(keys).unwrap_or_else(|_| "[]".into());
         let report = if registered.is_empty() {
-            sqlx::query("UPDATE devices SET host_keys = ?, host_keys_changed = NULL WHERE id = ?")
+            sqlx::query("UPDATE devices SET host_keys = $1, host_keys_changed = NULL WHERE id = $2")
                 .bind(&json)
                 .bind(id.as_str())
                 .execute(&mut *tx)
                 .await?;
             HostKeyReport::Registered
         } else if keys.iter().all(|k| registered.contains(k)) {
-            sqlx::query("UPDATE devices SET host_keys_changed = NULL WHERE id = ?")
+            sqlx::query("UPDATE devices SET host_keys_changed = NULL WHERE id = $1")
                 .bind(id.as_str())
                 .execute(&mut *tx)
                 .await?;
             HostKeyReport::Known
         } else {
-            sqlx::query("UPDATE devices SET host_keys_changed = ? WHERE id = ?")
+            sqlx::query("UPDATE devices SET host_keys_changed = $1 WHERE id = $2")
                 .bind(&json)
                 .bind(id.as_str())
                 .execute(&mut *tx)
@@ -75,7 +75,7 @@ impl Registry {
     /// accept and no `forget`.
     pub async fn reset_host_keys(&self, id: &Id, forget: bool) -> Result<Option<Vec<String>>, RegistryError> {
         let mut tx = self.write_tx().await?;
-        let changed: Option<Option<String>> = sqlx::query_scalar("SELECT host_keys_changed FROM devices WHERE id = ?")
+        let changed: Option<Option<String>> = sqlx::query_scalar("SELECT host_keys_changed FROM devices WHERE id = $1")
             .bind(id.as_str())
             .fetch_optional(&mut *tx)
             .await?;
@@ -85,7 +85,7 @@ impl Registry {
             None if forget => "[]".into(),
             None => return Ok(None),
         };
-        sqlx::query("UPDATE devices SET host_keys = ?, host_keys_changed = NULL WHERE id = ?")
+        sqlx::query("UPDATE devices SET host_keys = $1, host_keys_changed = NULL WHERE id = $2")
             .bind(&now)
             .bind(id.as_str())
             .execute(&mut *tx)
@@ -104,13 +104,13 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.write_tx().await?;
-        if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
+        if sqlx::query("SELECT 1 FROM devices WHERE id = $1").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
         {
             return Err(RegistryError::DeviceExists(id.clone()));
         }
         check_key_free(&mut tx, &fp).await?;
         sqlx::query(
-            "INSERT INTO devices (id, public_key, fingerprint, labels, created_at, host_keys) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO devices (id, public_key, fingerprint, labels, created_at, host_keys) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(id.as_str())
         .bind(openssh_line(key))
@@ -127,18 +127,18 @@ impl Registry {
     /// Returns whether the device existed.
     pub async fn remove_device(&self, id: &Id) -> Result<bool, RegistryError> {
         let mut tx = self.write_tx().await?;
-        sqlx::query("DELETE FROM enrollments WHERE device = ?").bind(id.as_str()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM enrollments WHERE device = $1").bind(id.as_str()).execute(&mut *tx).await?;
         // Its pivot-side ports go with it: a later device of the same id
         // must not inherit them.
-        sqlx::query("DELETE FROM listens WHERE device = ?").bind(id.as_str()).execute(&mut *tx).await?;
-        let r = sqlx::query("DELETE FROM devices WHERE id = ?").bind(id.as_str()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM listens WHERE device = $1").bind(id.as_str()).execute(&mut *tx).await?;
+        let r = sqlx::query("DELETE FROM devices WHERE id = $1").bind(id.as_str()).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(r.rows_affected() > 0)
     }
 
     pub async fn device(&self, id: &Id) -> Result<Option<DeviceRecord>, RegistryError> {
         let row =
-            sqlx::query("SELECT * FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&self.pool).await?;
+            sqlx::query("SELECT * FROM devices WHERE id = $1").bind(id.as_str()).fetch_optional(&self.pool).await?;
         Ok(row.map(|r| device_from_row(&r)))
     }
 
@@ -155,7 +155,7 @@ impl Registry {
         let mut tx = self.write_tx().await?;
         for h in found {
             let targets = h.targets.as_ref().map(|t| serde_json::to_string(t).unwrap_or_default());
-            sqlx::query("UPDATE devices SET rtt_ms = ?, health_at = ?, targets = COALESCE(?, targets) WHERE id = ?")
+            sqlx::query("UPDATE devices SET rtt_ms = $1, health_at = $2, targets = COALESCE($3, targets) WHERE id = $4")
                 .bind(h.rtt_ms.map(|v| v as i64))
                 .bind(now)
                 .bind(targets)
@@ -170,7 +170,7 @@ impl Registry {
     pub async fn touch(&self, ids: &[Id]) -> Result<(), RegistryError> {
         let now = now_unix();
         for id in ids {
-            sqlx::query("UPDATE devices SET last_seen = ? WHERE id = ?")
+            sqlx::query("UPDATE devices SET last_seen = $1 WHERE id = $2")
                 .bind(now)
                 .bind(id.as_str())
                 .execute(&self.pool)
@@ -182,9 +182,9 @@ impl Registry {
     /// Records presence heard over MQTT; `at` (when known) also counts as seen.
     pub async fn set_presence(&self, id: &Id, online: bool, at: Option<i64>) -> Result<(), RegistryError> {
         sqlx::query(
-            "UPDATE devices SET presence = ?, presence_at = COALESCE(?2, presence_at),
-             last_seen = CASE WHEN ?2 IS NULL THEN last_seen ELSE MAX(COALESCE(last_seen, 0), ?2) END
-             WHERE id = ?3",
+            "UPDATE devices SET presence = $1, presence_at = COALESCE($2, presence_at),
+             last_seen = CASE WHEN $2 IS NULL OR last_seen > $2 THEN last_seen ELSE $2 END
+             WHERE id = $3",
         )
         .bind(if online { "online" } else { "offline" })
         .bind(at)
@@ -203,7 +203,7 @@ impl Registry {
 
     /// Marks the device revoked: its key no longer authenticates. True if it existed.
     pub async fn revoke_device(&self, id: &Id) -> Result<bool, RegistryError> {
-        let r = sqlx::query("UPDATE devices SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+        let r = sqlx::query("UPDATE devices SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
             .bind(now_unix())
             .bind(id.as_str())
             .execute(&self.pool)
@@ -214,7 +214,7 @@ impl Registry {
     /// Whether any device (revoked ones included) or operator has this key.
     pub async fn key_registered(&self, fp: &str) -> Result<bool, RegistryError> {
         let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM devices WHERE fingerprint = ?1 UNION ALL SELECT 1 FROM operators WHERE fingerprint = ?1",
+            "SELECT 1 FROM devices WHERE fingerprint = $1 UNION ALL SELECT 1 FROM operators WHERE fingerprint = $1",
         )
         .bind(fp)
         .fetch_optional(&self.pool)
@@ -228,7 +228,7 @@ impl Registry {
         let head: String = id.chars().take(2).collect();
         let len = id.len() as i64;
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM devices WHERE substr(id, 1, 2) = ? AND length(id) BETWEEN ? AND ? ORDER BY id LIMIT 500",
+            "SELECT id FROM devices WHERE substr(id, 1, 2) = $1 AND length(id) BETWEEN $2 AND $3 ORDER BY id LIMIT 500",
         )
         .bind(head)
         .bind(len - 2)
@@ -240,7 +240,7 @@ impl Registry {
 
     /// The device a revoked key belonged to, and when it was revoked.
     pub async fn revoked_device(&self, fp: &str) -> Result<Option<(String, i64)>, RegistryError> {
-        let row = sqlx::query("SELECT id, revoked_at FROM devices WHERE fingerprint = ? AND revoked_at IS NOT NULL")
+        let row = sqlx::query("SELECT id, revoked_at FROM devices WHERE fingerprint = $1 AND revoked_at IS NOT NULL")
             .bind(fp)
             .fetch_optional(&self.pool)
             .await?;

@@ -2,8 +2,14 @@
 //! the pivots last knew about each device's tunnel.
 //!
 //! SQLite in WAL mode by default, so admin commands on the pivot host change
-//! it while the server runs. Every change to an identity bumps `revision`,
-//! which running pivots watch to drop connections whose key was removed.
+//! it while the server runs; PostgreSQL (`--database-url`) for several
+//! pivots sharing one registry. Both run the same numbered migrations
+//! (`schema`) and the same queries, through sqlx's `Any` driver: the SQL
+//! here is the dialect both engines share, with `$N` parameters.
+//!
+//! Every change to an identity bumps `revision`, which a pivot on SQLite
+//! polls every second to drop connections whose key was removed; on
+//! PostgreSQL the same triggers also `NOTIFY` every pivot at once.
 //!
 //! By area: `devices`, `operators`, `tokens` (enrollment and key rotation),
 //! `tunnels` (tunnel records and port leases), `bans` and `audit`; this
@@ -11,28 +17,30 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use burrow_core::keys::{fingerprint, openssh_line, PublicKey};
 use burrow_core::time::now_unix;
 use burrow_core::Id;
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use std::sync::Arc;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyPool, ConnectOptions, Row};
 
 mod audit;
 mod bans;
 mod devices;
 mod operators;
+mod pivots;
+mod schema;
 mod tokens;
 mod tunnels;
 
 pub use bans::BanRecord;
 pub use devices::HostKeyReport;
-
-/// The registry's database engine, for `/healthz` and `/metrics`.
-pub const BACKEND: &str = "sqlite";
+pub use pivots::{PivotRecord, PIVOT_DEAD_AFTER};
 
 /// File name of the SQLite registry inside the data dir.
 pub const DB_FILE: &str = "registry.db";
@@ -67,6 +75,21 @@ pub enum RegistryError {
     ListenTaken(String),
     #[error("cannot create or protect the registry file")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Url(String),
+    #[error("cannot connect to the registry at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("registry migration {version} ({name}) failed")]
+    Migration {
+        version: i64,
+        name: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
 }
 
 /// Who a key belongs to.
@@ -135,139 +158,206 @@ pub struct OperatorRecord {
     pub created_at: i64,
 }
 
-#[derive(Clone)]
-pub struct Registry {
-    pool: SqlitePool,
+/// Which engine holds the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A file in the pivot's data dir: one pivot, no setup.
+    Sqlite,
+    /// A PostgreSQL database shared by several pivots.
+    Postgres,
 }
 
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS devices (
-        id TEXT PRIMARY KEY,
-        public_key TEXT,
-        fingerprint TEXT UNIQUE,
-        host_keys TEXT NOT NULL DEFAULT '[]',
-        revoked_at INTEGER,
-        labels TEXT NOT NULL DEFAULT '{}',
-        created_at INTEGER NOT NULL,
-        last_seen INTEGER,
-        tunnel_pivot TEXT,
-        ports TEXT NOT NULL DEFAULT '[]',
-        presence TEXT,
-        presence_at INTEGER
-    )",
-    "CREATE TABLE IF NOT EXISTS operators (
-        name TEXT PRIMARY KEY,
-        public_key TEXT NOT NULL,
-        fingerprint TEXT NOT NULL UNIQUE,
-        admin INTEGER NOT NULL DEFAULT 0,
-        allow TEXT NOT NULL DEFAULT '[]',
-        created_at INTEGER NOT NULL
-    )",
-    "CREATE TABLE IF NOT EXISTS enrollments (
-        digest TEXT PRIMARY KEY,
-        device TEXT NOT NULL,
-        expires_at INTEGER NOT NULL,
-        used_at INTEGER
-    )",
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    // Pivot-side ports: the pivot listens on `bind` and relays each
-    // connection to the device's exposed `port`.
-    "CREATE TABLE IF NOT EXISTS listens (
-        device TEXT NOT NULL,
-        port INTEGER NOT NULL,
-        bind TEXT NOT NULL UNIQUE,
-        created_at INTEGER NOT NULL,
-        PRIMARY KEY (device, port)
-    )",
-    "CREATE TRIGGER IF NOT EXISTS listens_ins AFTER INSERT ON listens BEGIN UPDATE revision SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS listens_del AFTER DELETE ON listens BEGIN UPDATE revision SET n = n + 1; END",
-    // OpenSSH mode: the loopback port each device's `ssh -R` may listen on.
-    "CREATE TABLE IF NOT EXISTS openssh_ports (device TEXT PRIMARY KEY, port INTEGER NOT NULL UNIQUE)",
-    "CREATE TABLE IF NOT EXISTS bans (
-        net TEXT PRIMARY KEY,
-        until INTEGER NOT NULL,
-        reason TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        created_at INTEGER NOT NULL
-    )",
-    // Append-only: nothing but the retention prune deletes from it.
-    "CREATE TABLE IF NOT EXISTS audit (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at INTEGER NOT NULL,
-        event TEXT NOT NULL,
-        source_ip TEXT,
-        device TEXT,
-        operator TEXT,
-        record TEXT NOT NULL
-    )",
-    "CREATE INDEX IF NOT EXISTS audit_at ON audit (at)",
-    "CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO revision (id, n) VALUES (1, 0)",
-    "CREATE TRIGGER IF NOT EXISTS devices_ins AFTER INSERT ON devices BEGIN UPDATE revision SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS devices_del AFTER DELETE ON devices BEGIN UPDATE revision SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS devices_key AFTER UPDATE OF fingerprint, revoked_at ON devices BEGIN UPDATE revision SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS operators_ins AFTER INSERT ON operators BEGIN UPDATE revision SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS operators_del AFTER DELETE ON operators BEGIN UPDATE revision SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS operators_upd AFTER UPDATE OF fingerprint, admin, allow ON operators BEGIN UPDATE revision SET n = n + 1; END",
-];
+impl Backend {
+    /// The name in `/healthz` and `/metrics`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
 
-const ADDED_COLUMNS: &[&str] = &[
-    "ALTER TABLE devices ADD COLUMN host_keys_changed TEXT",
-    "ALTER TABLE devices ADD COLUMN rtt_ms INTEGER",
-    "ALTER TABLE devices ADD COLUMN health_at INTEGER",
-    "ALTER TABLE devices ADD COLUMN targets TEXT",
-];
+#[derive(Clone)]
+pub struct Registry {
+    pool: AnyPool,
+    backend: Backend,
+    /// The PostgreSQL URL, for the `LISTEN` connection.
+    url: Option<Arc<str>>,
+}
+
+/// Channel of the PostgreSQL notifications the registry's triggers send;
+/// the payload names what changed (see [`Change`]).
+pub const NOTIFY_CHANNEL: &str = "burrow_registry";
+
+/// What a notification says changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A device's or operator's key or role, or a lease: recheck sessions.
+    Identities,
+    /// The bans in force.
+    Bans,
+    /// Notifications may have been missed (the listening connection was
+    /// lost): recheck everything.
+    Unknown,
+}
+
+/// PostgreSQL serializes the registry's write transactions on this advisory
+/// lock, as SQLite's `BEGIN IMMEDIATE` does: a check-then-write (a key used
+/// by one identity only, across tables) cannot interleave with another.
+const WRITE_LOCK: i64 = 0x6275_7272_6f77; // "burrow"
 
 impl Registry {
-    /// Opens (creating if needed) the registry in `data_dir`.
+    /// Opens (creating if needed) the SQLite registry in `data_dir`.
     pub async fn open(data_dir: &Path) -> Result<Self, RegistryError> {
+        sqlx::any::install_default_drivers();
         private_files(data_dir)?;
-        let opts = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(data_dir.join(DB_FILE))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
-        // A handful of connections: the registry sees a query per connection
-        // attempt and per refusal, not per byte relayed.
+        let url = SqliteConnectOptions::new().filename(data_dir.join(DB_FILE)).create_if_missing(true).to_url_lossy();
+        let opts = AnyConnectOptions::from_url(&url)?;
         // A new file is set up by whoever comes first, the server or an admin
         // command; the other may see it locked for a moment. SQLite does not
         // always run the busy handler for that (e.g. switching to WAL), so retry.
         let mut attempt = 0;
         loop {
-            match Self::connect(opts.clone()).await {
+            let opened = match Self::connect_sqlite(opts.clone()).await {
                 Ok(pool) => {
+                    let registry = Registry { pool, backend: Backend::Sqlite, url: None };
+                    match registry.migrate().await {
+                        Ok(()) => Ok(registry),
+                        Err(e) => {
+                            registry.close().await;
+                            Err(e)
+                        }
+                    }
+                }
+                Err(e) => Err(e.into()),
+            };
+            match opened {
+                Ok(registry) => {
                     private_files(data_dir)?;
-                    return Ok(Registry { pool });
+                    return Ok(registry);
                 }
                 Err(e) if attempt < 100 && is_busy(&e) => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// A write transaction that takes the write lock up front: a deferred one
-    /// that reads first cannot wait for a concurrent writer and fails "locked".
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+    /// Opens the PostgreSQL registry at `url` (`postgres://…`), creating its
+    /// tables if needed.
+    pub async fn open_url(url: &str) -> Result<Self, RegistryError> {
+        sqlx::any::install_default_drivers();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(RegistryError::Url(format!(
+                "'{}' is not a PostgreSQL URL (postgres://USER@HOST/DB); leave --database-url out for SQLite in the data dir",
+                redact_url(url)
+            )));
+        }
+        let parsed = url.parse().map_err(|e| RegistryError::Url(format!("bad --database-url: {e}")))?;
+        let opts = AnyConnectOptions::from_url(&parsed)?;
+        // Queries are short: a pivot makes one per connection attempt, not per byte.
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .map_err(|e| RegistryError::Connect { url: redact_url(url), source: e })?;
+        let registry = Registry { pool, backend: Backend::Postgres, url: Some(url.into()) };
+        registry.migrate().await?;
+        Ok(registry)
     }
 
-    async fn connect(opts: SqliteConnectOptions) -> Result<SqlitePool, sqlx::Error> {
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
-        for stmt in SCHEMA {
-            sqlx::query(stmt).execute(&pool).await?;
+    /// PostgreSQL at `database_url` if given, else SQLite in `data_dir`.
+    pub async fn open_for(database_url: Option<&str>, data_dir: &Path) -> Result<Self, RegistryError> {
+        match database_url {
+            Some(url) => Self::open_url(url).await,
+            None => Self::open(data_dir).await,
         }
-        // Columns added since the first release, for registries made before.
-        for stmt in ADDED_COLUMNS {
-            if let Err(e) = sqlx::query(stmt).execute(&pool).await {
-                if !e.to_string().contains("duplicate column") {
-                    return Err(e);
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A write transaction that holds the registry's write lock from the
+    /// start: on SQLite a deferred one that reads first cannot wait for a
+    /// concurrent writer and fails "locked"; on PostgreSQL see [`WRITE_LOCK`].
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK).execute(&mut *tx).await?;
+                Ok(tx)
+            }
+        }
+    }
+
+    async fn connect_sqlite(opts: AnyConnectOptions) -> Result<AnyPool, sqlx::Error> {
+        // A handful of connections: the registry sees a query per connection
+        // attempt and per refusal, not per byte relayed.
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        // Readers never wait for the writer (admin commands change the
+        // registry while the pivot runs). The file keeps the mode.
+        sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+        Ok(pool)
+    }
+
+    /// Runs the numbered migrations not applied yet, in one write
+    /// transaction: pivots starting together apply each exactly once.
+    async fn migrate(&self) -> Result<(), RegistryError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations").fetch_all(&mut *tx).await?;
+        for m in schema::MIGRATIONS {
+            if applied.contains(&m.version) {
+                continue;
+            }
+            let statements = match self.backend {
+                Backend::Sqlite => m.sqlite,
+                Backend::Postgres => m.postgres,
+            };
+            for stmt in statements {
+                if let Err(e) = sqlx::query(stmt).execute(&mut *tx).await {
+                    // Registries made before numbered migrations may have
+                    // some of migration 2's columns already.
+                    if !(self.backend == Backend::Sqlite && e.to_string().contains("duplicate column")) {
+                        return Err(RegistryError::Migration { version: m.version, name: m.name, source: e });
+                    }
                 }
             }
+            sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
+                .bind(m.version)
+                .bind(m.name)
+                .bind(now_unix())
+                .execute(&mut *tx)
+                .await?;
         }
-        Ok(pool)
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The highest migration applied.
+    pub async fn schema_version(&self) -> Result<i64, RegistryError> {
+        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// A counter that grows with every change to devices' or operators' keys.
@@ -275,9 +365,46 @@ impl Registry {
         Ok(sqlx::query_scalar("SELECT n FROM revision WHERE id = 1").fetch_one(&self.pool).await?)
     }
 
+    /// On PostgreSQL, what changed, as the registry's triggers announce it on
+    /// every pivot's writes (`LISTEN`); `None` on SQLite, whose
+    /// [`revision`](Self::revision) is polled instead. A lost connection is
+    /// made again and reported as [`Change::Unknown`]. The task ends when the
+    /// receiver is dropped.
+    pub async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Change>>, RegistryError> {
+        let Some(url) = self.url.clone() else { return Ok(None) };
+        let mut listener = sqlx::postgres::PgListener::connect(&url)
+            .await
+            .map_err(|e| RegistryError::Connect { url: redact_url(&url), source: e })?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    _ = tx.closed() => return,
+                    got = listener.try_recv() => match got {
+                        Ok(Some(n)) if n.payload() == "bans" => Change::Bans,
+                        Ok(Some(_)) => Change::Identities,
+                        // The connection was lost; the next call makes it again.
+                        Ok(None) => Change::Unknown,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "registry notifications lost; reconnecting");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            Change::Unknown
+                        }
+                    },
+                };
+                // A full queue already holds a recheck; one more adds nothing.
+                if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = tx.try_send(change) {
+                    return;
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), RegistryError> {
         sqlx::query(
-            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         )
         .bind(key)
         .bind(value)
@@ -287,7 +414,7 @@ impl Registry {
     }
 
     pub async fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
-        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?").bind(key).fetch_optional(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(&self.pool).await?)
     }
 
     /// A trivial query, for health checks.
@@ -298,6 +425,19 @@ impl Registry {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// `url` without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(unparsable URL)".to_string(),
     }
 }
 
@@ -321,15 +461,18 @@ fn private_files(data_dir: &Path) -> Result<(), RegistryError> {
     Ok(())
 }
 
-fn is_busy(e: &sqlx::Error) -> bool {
-    let text = e.to_string();
+fn is_busy(e: &RegistryError) -> bool {
+    let text = match e {
+        RegistryError::Db(e) | RegistryError::Migration { source: e, .. } => e.to_string(),
+        _ => return false,
+    };
     text.contains("locked") || text.contains("busy")
 }
 
-async fn check_key_free(tx: &mut sqlx::SqliteConnection, fp: &str) -> Result<(), RegistryError> {
+async fn check_key_free(tx: &mut sqlx::AnyConnection, fp: &str) -> Result<(), RegistryError> {
     let owner: Option<String> = sqlx::query_scalar(
-        "SELECT 'device ''' || id || '''' FROM devices WHERE fingerprint = ?1
-         UNION ALL SELECT 'operator ''' || name || '''' FROM operators WHERE fingerprint = ?1",
+        "SELECT 'device ''' || id || '''' FROM devices WHERE fingerprint = $1
+         UNION ALL SELECT 'operator ''' || name || '''' FROM operators WHERE fingerprint = $1",
     )
     .bind(fp)
     .fetch_optional(&mut *tx)

@@ -12,7 +12,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.write_tx().await?;
-        if sqlx::query("SELECT 1 FROM operators WHERE name = ?")
+        if sqlx::query("SELECT 1 FROM operators WHERE name = $1")
             .bind(name.as_str())
             .fetch_optional(&mut *tx)
             .await?
@@ -22,12 +22,12 @@ impl Registry {
         }
         check_key_free(&mut tx, &fp).await?;
         sqlx::query(
-            "INSERT INTO operators (name, public_key, fingerprint, admin, allow, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO operators (name, public_key, fingerprint, admin, allow, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(name.as_str())
         .bind(openssh_line(key))
         .bind(&fp)
-        .bind(admin)
+        .bind(i64::from(admin))
         .bind(serde_json::to_string(allow).unwrap_or_else(|_| "[]".into()))
         .bind(now_unix())
         .execute(&mut *tx)
@@ -37,7 +37,7 @@ impl Registry {
     }
 
     pub async fn remove_operator(&self, name: &Id) -> Result<bool, RegistryError> {
-        let r = sqlx::query("DELETE FROM operators WHERE name = ?").bind(name.as_str()).execute(&self.pool).await?;
+        let r = sqlx::query("DELETE FROM operators WHERE name = $1").bind(name.as_str()).execute(&self.pool).await?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -63,8 +63,8 @@ impl Registry {
     /// Who owns the key with this fingerprint, if anyone.
     pub async fn identify(&self, fp: &str) -> Result<Option<Identity>, RegistryError> {
         let row = sqlx::query(
-            "SELECT 'device' AS kind, id AS name, 0 AS admin FROM devices WHERE fingerprint = ?1 AND revoked_at IS NULL
-             UNION ALL SELECT 'operator', name, admin FROM operators WHERE fingerprint = ?1",
+            "SELECT 'device' AS kind, id AS name, 0 AS admin FROM devices WHERE fingerprint = $1 AND revoked_at IS NULL
+             UNION ALL SELECT 'operator', name, admin FROM operators WHERE fingerprint = $1",
         )
         .bind(fp)
         .fetch_optional(&self.pool)

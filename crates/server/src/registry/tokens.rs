@@ -12,17 +12,17 @@ impl Registry {
         expires_at: i64,
     ) -> Result<(), RegistryError> {
         let mut tx = self.write_tx().await?;
-        if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
+        if sqlx::query("SELECT 1 FROM devices WHERE id = $1").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
         {
             return Err(RegistryError::DeviceExists(id.clone()));
         }
-        sqlx::query("INSERT INTO devices (id, labels, created_at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO devices (id, labels, created_at) VALUES ($1, $2, $3)")
             .bind(id.as_str())
             .bind(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
             .bind(now_unix())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO enrollments (digest, device, expires_at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO enrollments (digest, device, expires_at) VALUES ($1, $2, $3)")
             .bind(token_digest)
             .bind(id.as_str())
             .bind(expires_at)
@@ -43,7 +43,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let now = now_unix();
         let mut tx = self.write_tx().await?;
-        let row = sqlx::query("SELECT device, expires_at, used_at FROM enrollments WHERE digest = ?")
+        let row = sqlx::query("SELECT device, expires_at, used_at FROM enrollments WHERE digest = $1")
             .bind(token_digest)
             .fetch_optional(&mut *tx)
             .await?
@@ -58,7 +58,7 @@ impl Registry {
         if now >= expires_at {
             return Err(RegistryError::TokenExpired(expires_at));
         }
-        let has_key: Option<Option<String>> = sqlx::query_scalar("SELECT fingerprint FROM devices WHERE id = ?")
+        let has_key: Option<Option<String>> = sqlx::query_scalar("SELECT fingerprint FROM devices WHERE id = $1")
             .bind(id.as_str())
             .fetch_optional(&mut *tx)
             .await?;
@@ -69,14 +69,14 @@ impl Registry {
         }
         let fp = fingerprint(key);
         check_key_free(&mut tx, &fp).await?;
-        sqlx::query("UPDATE devices SET public_key = ?, fingerprint = ?, host_keys = ? WHERE id = ?")
+        sqlx::query("UPDATE devices SET public_key = $1, fingerprint = $2, host_keys = $3 WHERE id = $4")
             .bind(openssh_line(key))
             .bind(&fp)
             .bind(serde_json::to_string(host_keys).unwrap_or_else(|_| "[]".into()))
             .bind(id.as_str())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE enrollments SET used_at = ? WHERE digest = ?")
+        sqlx::query("UPDATE enrollments SET used_at = $1 WHERE digest = $2")
             .bind(now)
             .bind(token_digest)
             .execute(&mut *tx)
@@ -90,7 +90,7 @@ impl Registry {
         let fp = fingerprint(key);
         let mut tx = self.write_tx().await?;
         check_key_free(&mut tx, &fp).await?;
-        let r = sqlx::query("UPDATE devices SET public_key = ?, fingerprint = ? WHERE id = ? AND fingerprint = ?")
+        let r = sqlx::query("UPDATE devices SET public_key = $1, fingerprint = $2 WHERE id = $3 AND fingerprint = $4")
             .bind(openssh_line(key))
             .bind(&fp)
             .bind(id.as_str())

@@ -14,7 +14,7 @@ impl Registry {
 
     /// Records that `pivot` now holds the device's tunnel with these ports.
     pub async fn tunnel_up(&self, id: &Id, pivot: &str, ports: &[u32]) -> Result<(), RegistryError> {
-        sqlx::query("UPDATE devices SET tunnel_pivot = ?, ports = ?, last_seen = ? WHERE id = ?")
+        sqlx::query("UPDATE devices SET tunnel_pivot = $1, ports = $2, last_seen = $3 WHERE id = $4")
             .bind(pivot)
             .bind(serde_json::to_string(ports).unwrap_or_else(|_| "[]".into()))
             .bind(now_unix())
@@ -27,7 +27,7 @@ impl Registry {
     /// Records that the device's tunnel on `pivot` closed, unless another pivot took it over.
     pub async fn tunnel_down(&self, id: &Id, pivot: &str) -> Result<(), RegistryError> {
         sqlx::query(
-            "UPDATE devices SET tunnel_pivot = NULL, ports = '[]', last_seen = ? WHERE id = ? AND tunnel_pivot = ?",
+            "UPDATE devices SET tunnel_pivot = NULL, ports = '[]', last_seen = $1 WHERE id = $2 AND tunnel_pivot = $3",
         )
         .bind(now_unix())
         .bind(id.as_str())
@@ -39,7 +39,7 @@ impl Registry {
 
     /// At start, forgets tunnels a previous run of this pivot left marked open.
     pub async fn clear_tunnels(&self, pivot: &str) -> Result<(), RegistryError> {
-        sqlx::query("UPDATE devices SET tunnel_pivot = NULL, ports = '[]' WHERE tunnel_pivot = ?")
+        sqlx::query("UPDATE devices SET tunnel_pivot = NULL, ports = '[]' WHERE tunnel_pivot = $1")
             .bind(pivot)
             .execute(&self.pool)
             .await?;
@@ -67,7 +67,7 @@ impl Registry {
         bindable: impl Fn(u16) -> bool,
     ) -> Result<std::net::SocketAddr, RegistryError> {
         let mut tx = self.write_tx().await?;
-        if sqlx::query("SELECT 1 FROM devices WHERE id = ?").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_none()
+        if sqlx::query("SELECT 1 FROM devices WHERE id = $1").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_none()
         {
             return Err(RegistryError::NoSuchDevice(id.to_string()));
         }
@@ -85,7 +85,7 @@ impl Registry {
         if taken_ports.contains(&bind.port()) {
             return Err(RegistryError::ListenTaken(bind.to_string()));
         }
-        sqlx::query("INSERT INTO listens (device, port, bind, created_at) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO listens (device, port, bind, created_at) VALUES ($1, $2, $3, $4)")
             .bind(id.as_str())
             .bind(i64::from(port))
             .bind(bind.to_string())
@@ -104,7 +104,7 @@ impl Registry {
 
     /// Ends the lease of the device's `port`; false if there was none.
     pub async fn remove_listen(&self, id: &Id, port: u16) -> Result<bool, RegistryError> {
-        let r = sqlx::query("DELETE FROM listens WHERE device = ? AND port = ?")
+        let r = sqlx::query("DELETE FROM listens WHERE device = $1 AND port = $2")
             .bind(id.as_str())
             .bind(i64::from(port))
             .execute(&self.pool)
@@ -129,7 +129,7 @@ impl Registry {
             if keep {
                 leased.insert(device, port as u16);
             } else {
-                sqlx::query("DELETE FROM openssh_ports WHERE device = ?").bind(&device).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM openssh_ports WHERE device = $1").bind(&device).execute(&mut *tx).await?;
             }
         }
         let mut used: std::collections::BTreeSet<u16> = leased.values().copied().collect();
@@ -140,7 +140,7 @@ impl Registry {
             let Some(port) = range.clone().find(|p| !used.contains(p)) else {
                 return Err(RegistryError::PortsExhausted(format!("{}-{}", range.start(), range.end())));
             };
-            sqlx::query("INSERT INTO openssh_ports (device, port) VALUES (?, ?)")
+            sqlx::query("INSERT INTO openssh_ports (device, port) VALUES ($1, $2)")
                 .bind(device)
                 .bind(i64::from(port))
                 .execute(&mut *tx)
