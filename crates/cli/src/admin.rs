@@ -258,6 +258,9 @@ pub struct Target {
     /// The pivot's data dir, when run on the pivot host.
     #[arg(long, env = "BURROW_DATA_DIR", default_value = "/var/lib/burrow")]
     pub data_dir: PathBuf,
+    /// Run on this PostgreSQL registry (the pivots' --database-url) instead of the data dir's SQLite one.
+    #[arg(long, env = "BURROW_DATABASE_URL", value_name = "URL", hide_env_values = true, conflicts_with = "pivot")]
+    pub database_url: Option<String>,
     /// Run on this pivot (HOST:PORT) over SSH instead of on a local data dir.
     #[arg(long, env = "BURROW_PIVOT", value_name = "HOST:PORT")]
     pub pivot: Option<String>,
@@ -278,15 +281,17 @@ pub async fn send(data: &Target, req: Request) -> Result<Value> {
     let dir = &data.data_dir;
     // Only `burrow server` creates a registry: a mistyped or missing
     // --data-dir must not quietly get an empty one the pivot never reads.
-    if !dir.join(burrow_server::registry::DB_FILE).exists() {
+    if data.database_url.is_none() && !dir.join(burrow_server::registry::DB_FILE).exists() {
         bail!(
             "no registry in {}: on the pivot host give its --data-dir (or set BURROW_DATA_DIR); from elsewhere give --pivot HOST:PORT; or start `burrow server --data-dir {}` once to create one",
             dir.display(),
             dir.display()
         );
     }
-    let registry =
-        Registry::open(dir).await.with_context(|| format!("cannot open the registry in {}", dir.display()))?;
+    let registry = match &data.database_url {
+        Some(url) => Registry::open_url(url).await.context("cannot open the PostgreSQL registry")?,
+        None => Registry::open(dir).await.with_context(|| format!("cannot open the registry in {}", dir.display()))?,
+    };
     let host_key =
         read_public_key(&dir.join("host_key.pub")).map(|k| burrow_core::keys::openssh_line(&k)).unwrap_or_default();
     let origin = admin::Origin { actor: Caller::Local.actor(), ..Default::default() };

@@ -28,13 +28,16 @@ pub struct ServerArgs {
     check_config: bool,
     #[command(flatten)]
     data: DataDir,
+    /// Keep the registry in this PostgreSQL database, shared by several pivots (postgres://USER@HOST/DB) [default: SQLite in --data-dir].
+    #[arg(long, env = "BURROW_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// Address of the SSH listener (production uses 443); repeatable, e.g. 0.0.0.0:443 and [::]:443.
     #[arg(long, env = "BURROW_LISTEN", default_value = "0.0.0.0:2222", value_delimiter = ',')]
     listen: Vec<SocketAddr>,
     /// HOST:PORT devices dial, named in wake-ups and enrollment tokens [default: the first --listen; 127.0.0.1:PORT for 0.0.0.0].
     #[arg(long, env = "BURROW_ADVERTISE")]
     advertise: Option<String>,
-    /// This pivot's name in the registry's tunnel records.
+    /// This pivot's name in the registry; pivots sharing a --database-url each need their own.
     #[arg(long, env = "BURROW_PIVOT_NAME", default_value = "local")]
     pivot_name: String,
     /// Devices answer to `ID` and `ID.<suffix>`.
@@ -254,8 +257,21 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     config.lease_range = args.lease_range.clone();
     config.lease_gateway_ports = args.lease_gateway_ports;
     config.audit_retention = args.audit_retention.0;
+    config.database_url = args.database_url.clone();
     // Refuse a bad configuration before touching anything.
     burrow_server::check_config(&config)?;
+    burrow_core::Id::parse(&args.pivot_name).map_err(|e| anyhow::anyhow!("--pivot-name: {e}"))?;
+    if let Some(url) = &args.database_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!(
+                "--database-url {}: give a PostgreSQL URL (postgres://USER@HOST/DB), or leave it out for SQLite in --data-dir",
+                burrow_server::registry::redact_url(url)
+            );
+        }
+        if args.pivot_name == "local" {
+            warn!("--database-url is shared with other pivots: give this one its own --pivot-name (it is 'local')");
+        }
+    }
     if args.check_config {
         return check_more(&args);
     }

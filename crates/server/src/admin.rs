@@ -46,10 +46,12 @@ impl Caller {
         }
     }
 
-    pub fn from_identity(identity: &Identity) -> Caller {
+    /// `None` for a peer pivot: it makes no requests.
+    pub fn from_identity(identity: &Identity) -> Option<Caller> {
         match identity {
-            Identity::Device(id) => Caller::Device(id.clone()),
-            Identity::Operator { name, admin } => Caller::Operator { name: name.clone(), admin: *admin },
+            Identity::Device(id) => Some(Caller::Device(id.clone())),
+            Identity::Operator { name, admin } => Some(Caller::Operator { name: name.clone(), admin: *admin }),
+            Identity::Pivot(_) => None,
         }
     }
 }

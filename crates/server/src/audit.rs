@@ -71,6 +71,9 @@ pub struct AuditRecord {
     /// `device:port` of a channel or wake-up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// The other pivot a channel was relayed through, holding the device's tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -16,7 +16,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::audit::AuditRecord;
-use crate::ssh::route::device_tunnel;
+use crate::ssh::route::{device_tunnel, Route};
+
+/// The device's end of a lease connection: its tunnel here, or a channel
+/// through the peer pivot holding it.
+enum DeviceStream {
+    Local(russh::ChannelStream<russh::server::Msg>),
+    Peer(russh::ChannelStream<russh::client::Msg>),
+}
 use crate::Shared;
 
 /// OpenSSH's `GatewayPorts`, for leases: which address a lease may bind.
@@ -259,8 +266,8 @@ async fn relay(shared: &Shared, id: Id, port: u16, stream: TcpStream, peer: Sock
         rec.target = Some(format!("{id}:{port} (lease)"));
         rec
     };
-    let tunnel = match device_tunnel(shared, id.clone(), u32::from(port), &audit).await {
-        Ok((_, t)) => t,
+    let route = match device_tunnel(shared, id.clone(), u32::from(port), &audit).await {
+        Ok((_, route)) => route,
         Err(refusal) => {
             info!(device = %id, port, %peer, "lease connection refused: {refusal}");
             // Merged per source, as failures are: a flood cannot crowd out the audit.
@@ -268,24 +275,36 @@ async fn relay(shared: &Shared, id: Id, port: u16, stream: TcpStream, peer: Sock
             return;
         }
     };
-    let channel = match tunnel
-        .handle
-        .channel_open_forwarded_tcpip(id.as_str(), u32::from(port), peer.ip().to_string(), u32::from(peer.port()))
-        .await
-    {
-        Ok(ch) => ch,
-        Err(e) => {
-            info!(device = %id, port, %peer, error = %e, "lease connection refused by the device");
-            shared.audit.record(audit("channel_refused").outcome(false, Some(e.to_string())));
-            return;
+    let originator = (peer.ip().to_string(), u32::from(peer.port()));
+    let (device, _active) = match route {
+        Route::Local(tunnel) => {
+            match tunnel.handle.channel_open_forwarded_tcpip(id.as_str(), u32::from(port), originator.0, originator.1).await
+            {
+                Ok(ch) => (DeviceStream::Local(ch.into_stream()), Some(tunnel.activity.enter())),
+                Err(e) => {
+                    info!(device = %id, port, %peer, error = %e, "lease connection refused by the device");
+                    shared.audit.record(audit("channel_refused").outcome(false, Some(e.to_string())));
+                    return;
+                }
+            }
         }
+        Route::Peer(pivot) => match shared.peers.open(&pivot, &id, u32::from(port), originator).await {
+            Ok(ch) => (DeviceStream::Peer(ch.into_stream()), None),
+            Err(refusal) => {
+                info!(device = %id, port, %peer, via = %pivot.name, "lease connection refused: {refusal}");
+                shared.audit.record(audit("channel_refused").outcome(false, Some(refusal.to_string())));
+                return;
+            }
+        },
     };
-    let _active = tunnel.activity.enter();
     let mut rec = audit("channel_open").outcome(true, None);
     rec.started = Some(rec.at);
     let opened = rec.at;
     shared.audit.record(rec);
-    let (up, down) = pipe(stream, channel.into_stream()).await;
+    let (up, down) = match device {
+        DeviceStream::Local(ch) => pipe(stream, ch).await,
+        DeviceStream::Peer(ch) => pipe(stream, ch).await,
+    };
     stats.to_device.fetch_add(up, Ordering::Relaxed);
     stats.from_device.fetch_add(down, Ordering::Relaxed);
     shared.metrics.bytes_to_device.fetch_add(up, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`Config`] and [`run`]: the entry point; takes a bound listener and a shutdown token.
 //! - [`host_key`]: the pivot's ed25519 host key, created on first start.
-//! - [`registry`]: devices, operators and tunnel state in SQLite.
+//! - [`registry`]: devices, operators, tunnel state and the pivots, in SQLite or PostgreSQL.
 //! - [`admin`]: the admin commands, run locally or over SSH (the `@burrow` channel).
 //! - [`refusal`]: the reasons an operator cannot reach a device.
 //! - [`limits`]: what a peer may cost before and after authenticating.
@@ -47,8 +47,10 @@ pub use registry::{Identity, Registry, RegistryError};
 /// Everything the pivot needs, already checked.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Holds `host_key`, `host_key.pub` and the registry.
+    /// Holds `host_key`, `host_key.pub` and (without `database_url`) the registry.
     pub data_dir: PathBuf,
+    /// The PostgreSQL registry several pivots share; `None` for SQLite in `data_dir`.
+    pub database_url: Option<String>,
     /// This pivot's name in the registry's tunnel records.
     pub pivot_name: String,
     /// `cam-42.<suffix>` names the same device as `cam-42`.
@@ -89,6 +91,7 @@ impl Config {
     pub fn new(data_dir: PathBuf) -> Self {
         Config {
             data_dir,
+            database_url: None,
             pivot_name: "local".into(),
             host_suffix: "burrow".into(),
             keepalive_interval: Duration::from_secs(30),
@@ -161,6 +164,8 @@ pub(crate) struct Shared {
     pub connections: Arc<tokio::sync::Semaphore>,
     /// Pivot-side ports served now.
     pub leases: leases::Leases,
+    /// Connections to the other pivots of the registry, for relays.
+    pub peers: ssh::peers::Peers,
 }
 
 impl Shared {
@@ -195,12 +200,30 @@ pub fn check_config(config: &Config) -> Result<usize, ServerError> {
 pub async fn run(mut config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
     config.max_connections = check_config(&config)?;
     let key = host_key::load_or_create(&config.data_dir)?;
-    let registry = Registry::open(&config.data_dir).await?;
+    let registry = Registry::open_for(config.database_url.as_deref(), &config.data_dir).await?;
+    info!(backend = registry.backend().name(), "registry open");
     registry.clear_tunnels(&config.pivot_name).await?;
+    // Changes other pivots and admin commands make, as they commit
+    // (PostgreSQL); SQLite is polled instead.
+    let changes = registry.listen().await?;
     if let Some(addr) = &config.advertise {
         registry.set_meta(admin::ADVERTISE_KEY, addr).await?;
     }
     let host_key = burrow_core::keys::openssh_line(key.public_key());
+    let boot = format!("{:x}", burrow_core::time::now_unix());
+    // Peers reach this pivot where devices do: its own address, never a
+    // load balancer's (a wake-up names it for the same reason).
+    let address = config.advertise.clone().unwrap_or_default();
+    if let Some(old) = registry.register_pivot(&config.pivot_name, &address, &host_key, &boot).await? {
+        warn!(
+            pivot = %config.pivot_name,
+            "a pivot named '{}' at {} beat {} s ago and is taken over; if it still runs, give each pivot its own --pivot-name",
+            old.name,
+            old.address,
+            burrow_core::time::now_unix() - old.seen_at
+        );
+    }
+    let peers = ssh::peers::Peers::new(&config.pivot_name, key.clone(), config.keepalive_interval);
     let (signal, driver) = match &config.signal {
         Some(sc) => {
             let (s, driver) = signal::setup(sc.clone(), key.clone(), &config.pivot_name, &config.data_dir)?;
@@ -238,7 +261,7 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         admin_buffered: Default::default(),
         bans,
         audit,
-        boot: format!("{:x}", burrow_core::time::now_unix()),
+        boot,
         ssh_lists,
         connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         config,
@@ -250,13 +273,14 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         host_key,
         metrics: Default::default(),
         leases: Default::default(),
+        peers,
     });
     leases::sync(&shared, &shutdown).await;
     if let Some(driver) = driver {
         signal::spawn(&shared, driver, listeners.mqtt, &shutdown)?;
     }
 
-    shared.tracker.spawn(watch::watch(shared.clone(), shutdown.clone()));
+    shared.tracker.spawn(watch::watch(shared.clone(), changes, shutdown.clone()));
     if let Some(http) = listeners.http {
         shared.tracker.spawn(metrics::serve(shared.clone(), http, shutdown.clone()));
     }
@@ -273,6 +297,7 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     audit_tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), audit_tasks.wait()).await;
     shared.registry.clear_tunnels(&shared.config.pivot_name).await?;
+    shared.registry.unregister_pivot(&shared.config.pivot_name, &shared.boot).await?;
     shared.registry.close().await;
     Ok(())
 }

@@ -27,6 +27,8 @@ pub(crate) struct Metrics {
     pub connections_accepted: AtomicU64,
     pub channels_opened: AtomicU64,
     pub channels_closed: AtomicU64,
+    /// Channels relayed through a peer pivot holding the device's tunnel.
+    pub channels_relayed: AtomicU64,
     pub bytes_to_device: AtomicU64,
     pub bytes_to_operator: AtomicU64,
     refusals: ByReason,
@@ -120,11 +122,12 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 fn render(shared: &Shared) -> String {
     let m = &shared.metrics;
-    let (mut devices, mut operators) = (0, 0);
+    let (mut devices, mut operators, mut peers) = (0, 0, 0);
     for (_, s) in shared.router.sessions() {
         match s.identity {
             Identity::Device(_) => devices += 1,
             Identity::Operator { .. } => operators += 1,
+            Identity::Pivot(_) => peers += 1,
         }
     }
     let opened = m.channels_opened.load(Ordering::Relaxed);
@@ -157,6 +160,24 @@ fn render(shared: &Shared) -> String {
         &[("", m.connections_accepted.load(Ordering::Relaxed))],
     );
     metric("burrow_channels_opened_total", "counter", "Operator channels relayed to a device.", &[("", opened)]);
+    metric(
+        "burrow_channels_via_peer_total",
+        "counter",
+        "Operator channels relayed through the peer pivot holding the device's tunnel.",
+        &[("", m.channels_relayed.load(Ordering::Relaxed))],
+    );
+    metric(
+        "burrow_peer_sessions",
+        "gauge",
+        "Peer pivots logged in to this one, to reach tunnels it holds.",
+        &[("", peers)],
+    );
+    metric(
+        "burrow_peer_connections",
+        "gauge",
+        "This pivot's connections to peer pivots.",
+        &[("", shared.peers.connected() as u64)],
+    );
     metric(
         "burrow_channels_open",
         "gauge",

@@ -44,6 +44,11 @@ pub enum Refusal {
     Signaling(String),
     #[error("too many channels open on this connection (limit {0}); close some or open another connection")]
     TooManyChannels(usize),
+    #[error("device '{id}' is connected to pivot '{pivot}', which this pivot cannot reach: {reason}")]
+    Peer { id: Id, pivot: String, reason: String },
+    /// The refusal of the pivot holding the tunnel, passed on as it is.
+    #[error("{0}")]
+    Relayed(String),
 }
 
 fn last_seen_text(t: Option<i64>) -> String {
@@ -73,6 +78,8 @@ impl Refusal {
             Refusal::WakeRefused { .. } => "wake_refused",
             Refusal::Signaling(_) => "signaling",
             Refusal::TooManyChannels(_) => "too_many_channels",
+            Refusal::Peer { .. } => "peer_unreachable",
+            Refusal::Relayed(_) => "relayed",
         }
     }
 

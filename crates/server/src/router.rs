@@ -72,6 +72,8 @@ pub struct Session {
     pub identity: Identity,
     pub fingerprint: String,
     pub handle: Handle,
+    /// Where it connected from, for bans made while it is open.
+    pub peer: std::net::IpAddr,
 }
 
 /// What happened when a device asked to forward a port.

@@ -1,22 +1,38 @@
-//! Applies registry changes to a running pivot: bans, and a removed device or operator
-//! loses its open connections within one poll interval. Also keeps the
-//! devices' last-seen time fresh while their tunnels stay up.
+//! Applies registry changes to a running pivot: bans, and a removed device
+//! or operator loses its open connections. On SQLite the registry is polled
+//! every tick (one second); on PostgreSQL its triggers notify every pivot as
+//! a change commits, and a slow poll backs the notifications up.
+//!
+//! Also keeps this pivot's heartbeat in the registry, clears the tunnel
+//! records of pivots that stopped beating, and keeps the devices'
+//! last-seen time fresh while their tunnels stay up.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::registry::Identity;
+use crate::registry::{Change, Identity};
 use crate::Shared;
 
 /// How often an open tunnel refreshes its device's `last_seen`.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
+/// How often this pivot beats, well within `PIVOT_DEAD_AFTER`.
+const BEAT_EVERY: Duration = Duration::from_secs(2);
+/// With notifications, how often the registry is still polled, in case one was missed.
+const POLL_BACKUP: Duration = Duration::from_secs(30);
+/// How often tunnel records naming no registered pivot are looked for.
+const ORPHANS_EVERY: Duration = Duration::from_secs(60);
 
-pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn watch(shared: Arc<Shared>, mut changes: Option<Receiver<Change>>, shutdown: CancellationToken) {
     let mut seen = None;
+    let mut seen_bans = None;
     let mut last_touch = Instant::now();
+    let mut last_poll = Instant::now();
+    let mut last_beat = Instant::now();
+    let mut last_orphans = Instant::now();
     // Tunnels (by connection) probed since they came up, and the rounds.
     let mut probed: std::collections::HashSet<u64> = Default::default();
     let mut rounds = 0u64;
@@ -26,24 +42,56 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(shared.config.watch_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let mut change = None;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            got = next_change(&mut changes) => match got {
+                Some(c) => change = Some(c),
+                None => {
+                    warn!("registry notifications ended; polling every {:?} instead", shared.config.watch_interval);
+                    changes = None;
+                }
+            },
+        }
+        // Without notifications (SQLite), or as their backup, poll.
+        let poll = changes.is_none() || last_poll.elapsed() >= POLL_BACKUP;
+        if poll {
+            last_poll = Instant::now();
         }
         // Bans made by a CLI command or another pivot hold here within a tick.
-        if let Some(bans) = active_bans(&shared.registry).await {
-            shared.bans.reload(bans);
-        }
-        match shared.registry.revision().await {
-            Ok(rev) if seen != Some(rev) => {
-                if seen.is_some() {
-                    enforce(&shared).await;
-                    crate::leases::sync(&shared, &shutdown).await;
+        if poll || matches!(change, Some(Change::Bans | Change::Unknown)) {
+            if let Some(bans) = active_bans(&shared.registry).await {
+                if seen_bans.as_ref() != Some(&bans) {
+                    seen_bans = Some(bans.clone());
+                    shared.bans.reload(bans);
+                    drop_banned(&shared).await;
                 }
-                seen = Some(rev);
             }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot read registry revision"),
+        }
+        if poll || matches!(change, Some(Change::Identities | Change::Unknown)) {
+            match shared.registry.revision().await {
+                Ok(rev) if seen != Some(rev) => {
+                    if seen.is_some() {
+                        enforce(&shared).await;
+                        crate::leases::sync(&shared, &shutdown).await;
+                    }
+                    seen = Some(rev);
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot read registry revision"),
+            }
+        }
+        if last_beat.elapsed() >= BEAT_EVERY {
+            last_beat = Instant::now();
+            let orphans = last_orphans.elapsed() >= ORPHANS_EVERY;
+            if orphans {
+                last_orphans = Instant::now();
+            }
+            beat(&shared, orphans).await;
+        }
+        if change.is_some() {
+            continue;
         }
         // The tunnel list is read only when a tunnel came up or a round is due.
         let due = last_touch.elapsed() >= TOUCH_EVERY;
@@ -83,10 +131,82 @@ pub(crate) async fn watch(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
+async fn next_change(changes: &mut Option<Receiver<Change>>) -> Option<Change> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// This pivot is alive; pivots that stopped beating lose their tunnel
+/// records. If the others took this pivot for dead (its beats did not reach
+/// the registry for a while), it registers again and republishes its tunnels.
+async fn beat(shared: &Shared, orphans: bool) {
+    let reg = &shared.registry;
+    let me = &shared.config.pivot_name;
+    match reg.pivot_beat(me, &shared.boot).await {
+        Ok(true) => {}
+        Ok(false) => {
+            error!(pivot = %me, "this pivot's registration was taken over or reaped; registering again (is another pivot running with --pivot-name {me}?)");
+            let address = shared.config.advertise.clone().unwrap_or_default();
+            if let Err(e) = reg.register_pivot(me, &address, &shared.host_key, &shared.boot).await {
+                warn!(error = %e, "cannot register this pivot");
+                return;
+            }
+            for (id, tunnel) in shared.router.tunnels() {
+                let ports: Vec<u32> = tunnel.ports.iter().copied().collect();
+                if let Err(e) = reg.tunnel_up(&id, me, &ports).await {
+                    warn!(error = %e, "cannot republish tunnel records");
+                    break;
+                }
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot beat in the registry");
+            return;
+        }
+    }
+    let now = burrow_core::time::now_unix();
+    let dead = match reg.pivots().await {
+        Ok(all) => all.iter().any(|p| !p.alive(now)),
+        Err(_) => false,
+    };
+    if dead || orphans {
+        match reg.reap_pivots(now).await {
+            Ok(0) => {}
+            Ok(n) => info!(cleared = n, "cleared the tunnel records of pivots that stopped"),
+            Err(e) => warn!(error = %e, "cannot clear dead pivots' records"),
+        }
+    }
+}
+
+/// Ends the sessions whose source a ban now covers (a ban made on another
+/// pivot, or by an admin, holds on connections already open here).
+async fn drop_banned(shared: &Shared) {
+    if shared.bans.active() == 0 {
+        return;
+    }
+    for (conn, session) in shared.router.sessions() {
+        if !shared.bans.banned(session.peer) {
+            continue;
+        }
+        info!(conn, peer = %session.peer, "{} is banned; disconnecting", session.identity);
+        shared.router.remove_session(conn);
+        let _ = session
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, format!("source {} is banned", session.peer), "en".into())
+            .await;
+    }
+}
+
 /// Disconnects every session whose key no longer maps to the same identity.
 pub(crate) async fn enforce(shared: &Shared) {
     enforce_mqtt(shared).await;
     for (conn, session) in shared.router.sessions() {
+        // Peer pivots are checked at login against the live pivots.
+        if let Identity::Pivot(_) = session.identity {
+            continue;
+        }
         let now = match shared.registry.identify(&session.fingerprint).await {
             Ok(now) => now,
             Err(e) => {

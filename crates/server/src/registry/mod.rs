@@ -97,6 +97,8 @@ pub enum RegistryError {
 pub enum Identity {
     Device(Id),
     Operator { name: Id, admin: bool },
+    /// Another pivot of the same registry, proven by its registered host key.
+    Pivot(Id),
 }
 
 impl std::fmt::Display for Identity {
@@ -104,6 +106,7 @@ impl std::fmt::Display for Identity {
         match self {
             Identity::Device(id) => write!(f, "device '{id}'"),
             Identity::Operator { name, .. } => write!(f, "operator '{name}'"),
+            Identity::Pivot(name) => write!(f, "pivot '{name}'"),
         }
     }
 }

@@ -16,7 +16,8 @@ use russh::Channel;
 use tracing::{debug, info, warn};
 
 use super::kexinit::NegotiatedSlot;
-use super::route::{open_for_operator, refuse, Refusal, Request};
+use super::peers::{PEER_MAX_CHANNELS, PEER_USER_PREFIX};
+use super::route::{open_for_operator, open_for_peer, refuse, Refusal, Request};
 use super::rpc;
 use crate::admin::Caller;
 use crate::audit::AuditRecord;
@@ -187,6 +188,7 @@ impl Connection {
         match self.identity() {
             Some(Identity::Device(id)) => rec.device = Some(id.to_string()),
             Some(Identity::Operator { name, .. }) => rec.operator = Some(name.to_string()),
+            Some(Identity::Pivot(name)) => rec.user = Some(format!("{PEER_USER_PREFIX}{name}")),
             None => {}
         }
         rec
@@ -198,6 +200,19 @@ impl Connection {
         // any handler method can await inside each connection's task for the
         // whole life of the connection, and a query's future is large.
         Ok(Box::pin(self.shared.registry.identify(&fp)).await?.map(|i| (i, fp)))
+    }
+
+    /// Another live pivot of this registry, logging in as `@pivot:NAME`
+    /// with the host key NAME registered.
+    async fn peer_pivot(&self, name: &str, fp: &str) -> Result<Option<Identity>, HandlerError> {
+        let Ok(id) = burrow_core::Id::parse(name) else { return Ok(None) };
+        if id.as_str() == self.shared.config.pivot_name {
+            return Ok(None);
+        }
+        let Some(pivot) = Box::pin(self.shared.registry.pivot(id.as_str())).await? else { return Ok(None) };
+        let registered = burrow_core::keys::parse_public_key(&pivot.host_key, "pivot host key").map(|k| fingerprint(&k));
+        let alive = pivot.alive(burrow_core::time::now_unix());
+        Ok((alive && registered.as_deref().ok() == Some(fp)).then_some(Identity::Pivot(id)))
     }
 }
 
@@ -213,6 +228,12 @@ impl Handler for Connection {
                 &fp,
                 "ssh-rsa (SHA-1) signatures are not accepted; use rsa-sha2-256 or an ed25519 key",
             ));
+        }
+        if let Some(name) = user.strip_prefix(PEER_USER_PREFIX) {
+            return Ok(match self.peer_pivot(name, &fp).await? {
+                Some(_) => Auth::Accept,
+                None => self.refuse_key(user, &fp, "not the host key of a live pivot of this registry"),
+            });
         }
         Ok(match self.lookup(offer.public_key).await? {
             Some(_) => Auth::Accept,
@@ -230,6 +251,16 @@ impl Handler for Connection {
         let fp = fingerprint(key.public_key);
         if *key.algorithm == (Algorithm::Rsa { hash: None }) {
             return Ok(self.refuse_key(user, &fp, "ssh-rsa (SHA-1) signatures are not accepted"));
+        }
+        if let Some(name) = user.strip_prefix(PEER_USER_PREFIX) {
+            return Ok(match self.peer_pivot(name, &fp).await? {
+                Some(identity) => {
+                    self.authed = Some((excerpt(user, 64), fp.clone()));
+                    self.pending = Some((identity, fp));
+                    Auth::Accept
+                }
+                None => self.refuse_key(user, &fp, "not the host key of a live pivot of this registry"),
+            });
         }
         match self.lookup(key.public_key).await? {
             Some(found) => {
@@ -303,7 +334,12 @@ impl Handler for Connection {
         info!(peer = %self.peer, conn = self.conn, "{identity} authenticated");
         self.shared.router.add_session(
             self.conn,
-            RouterSession { identity: identity.clone(), fingerprint: fp, handle: session.handle() },
+            RouterSession {
+                identity: identity.clone(),
+                fingerprint: fp,
+                handle: session.handle(),
+                peer: self.peer.ip().to_canonical(),
+            },
         );
         let _ = self.state.identity.set(identity);
         let mut rec = self.audit("auth").outcome(true, None);
@@ -341,6 +377,7 @@ impl Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let limit = match (self.identity(), &self.enrollee) {
+            (Some(Identity::Pivot(_)), _) => PEER_MAX_CHANNELS,
             (Some(_), _) => self.shared.config.limits.max_channels,
             (None, Some(_)) => ENROLL_CHANNELS,
             (None, None) => return Ok(()),
@@ -358,10 +395,13 @@ impl Handler for Connection {
                 Box::pin(refuse(&self.shared, reply, Refusal::TooManyChannels(ENROLL_REQUESTS))).await;
                 return Ok(());
             }
-            let caller = match (self.identity(), &self.enrollee) {
-                (Some(identity), _) => Caller::from_identity(identity),
+            let caller = match (self.identity().map(Caller::from_identity), &self.enrollee) {
+                (Some(Some(caller)), _) => caller,
                 (None, Some(key)) => Caller::Enrollee(key.clone()),
-                (None, None) => return Ok(()),
+                _ => {
+                    Box::pin(refuse(&self.shared, reply, Refusal::DeviceForbidden)).await;
+                    return Ok(());
+                }
             };
             let from = rpc::From { peer: self.peer, conn: self.conn, state: self.state.clone() };
             self.shared.tracker.spawn(rpc::serve(self.shared.clone(), caller, from, channel, reply, open));
@@ -369,6 +409,15 @@ impl Handler for Connection {
         }
         let operator = match self.identity() {
             Some(Identity::Operator { name, .. }) => name.clone(),
+            Some(Identity::Pivot(pivot)) => {
+                let (shared, pivot) = (self.shared.clone(), pivot.clone());
+                let (host, originator) = (host_to_connect.to_string(), (originator_address.to_string(), originator_port));
+                self.shared.tracker.spawn(async move {
+                    open_for_peer(shared, pivot, host, port_to_connect, originator, channel, reply).await;
+                    drop(open);
+                });
+                return Ok(());
+            }
             other => {
                 warn!(peer = %self.peer, identity = %other.map_or("an enrollment key".to_string(), |i| i.to_string()), host_to_connect, "direct-tcpip refused: not an operator");
                 Box::pin(refuse(&self.shared, reply, Refusal::DeviceForbidden)).await;

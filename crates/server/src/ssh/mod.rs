@@ -10,6 +10,7 @@
 pub(crate) mod accept;
 pub(crate) mod handler;
 pub(crate) mod kexinit;
+pub(crate) mod peers;
 pub(crate) mod relay;
 pub(crate) mod route;
 pub(crate) mod rpc;

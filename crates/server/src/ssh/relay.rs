@@ -7,8 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use russh::server::Msg;
-use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 
 /// Relays until either side closes. A close ends the relay at once: the
 /// closing side takes no more data, and each pump forwards everything that
@@ -16,7 +15,13 @@ use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 /// to our own close, so waiting for it would hang.)
 /// Bytes moved from `a` to `b` are added to `a_to_b`, the others to
 /// `b_to_a`; returns this relay's own totals, `(a to b, b to a)`.
-pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> (u64, u64) {
+/// Either side may be a server's channel or a client's (a relay through a
+/// peer pivot).
+pub(crate) async fn relay<A, B>(a: Channel<A>, b: Channel<B>, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> (u64, u64)
+where
+    A: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    B: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
     let (a_read, a_write) = a.split();
     let (b_read, b_write) = b.split();
     let (mut ab, mut ba) = (0, 0);
@@ -29,7 +34,10 @@ pub(crate) async fn relay(a: Channel<Msg>, b: Channel<Msg>, a_to_b: &AtomicU64, 
     (ab, ba)
 }
 
-async fn pump(mut from: ChannelReadHalf, to: &ChannelWriteHalf<Msg>, moved: &AtomicU64, mine: &mut u64) {
+async fn pump<S>(mut from: ChannelReadHalf, to: &ChannelWriteHalf<S>, moved: &AtomicU64, mine: &mut u64)
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
     while let Some(msg) = from.wait().await {
         let go_on = match msg {
             ChannelMsg::Data { data } => {
