@@ -21,6 +21,8 @@ pub struct TestPivot {
     pub mqtt_fingerprint: Option<String>,
     pub proc: Proc,
     pub extra_args: Vec<String>,
+    /// Its `--database-url`, which admin commands then use too.
+    pub database_url: Option<String>,
 }
 
 impl TestPivot {
@@ -49,12 +51,28 @@ impl TestPivot {
     /// Extra flags go to `burrow server`; unless they name an external broker
     /// (or `--no-mqtt`), the embedded broker listens on a free loopback port.
     pub fn start_with(bin: &str, extra: &[&str]) -> TestPivot {
+        Self::start_in(bin, extra, None)
+    }
+
+    /// Another pivot behind the same name as `other`: its own data dir
+    /// holding `other`'s host key (as pivots behind one DNS name do).
+    pub fn start_sharing_host_key(bin: &str, extra: &[&str], other: &TestPivot) -> TestPivot {
+        Self::start_in(bin, extra, Some(other.data.path()))
+    }
+
+    fn start_in(bin: &str, extra: &[&str], host_key_from: Option<&Path>) -> TestPivot {
         let data = tempfile::Builder::new().prefix("burrow-pivot").tempdir().unwrap();
+        if let Some(from) = host_key_from {
+            for f in ["host_key", "host_key.pub"] {
+                std::fs::copy(from.join(f), data.path().join(f)).unwrap();
+            }
+        }
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let database_url = extra.iter().position(|a| a == "--database-url").and_then(|i| extra.get(i + 1)).cloned();
         let (proc, addr, mqtt_addr) =
             spawn_pivot(Path::new(bin), data.path(), "127.0.0.1:0", "127.0.0.1:0", &extra, 0).unwrap();
         let mqtt_fingerprint = certificate_line(&proc.log_text());
-        TestPivot { bin: bin.into(), data, addr, mqtt_addr, mqtt_fingerprint, proc, extra_args: extra }
+        TestPivot { bin: bin.into(), data, addr, mqtt_addr, mqtt_fingerprint, proc, extra_args: extra, database_url }
     }
 
     /// Stops the pivot and starts a new process on the same addresses and data dir.
@@ -123,9 +141,15 @@ impl TestPivot {
         std::fs::read_to_string(self.host_key_pub()).unwrap().trim().to_string()
     }
 
-    /// Runs `burrow ARGS --data-dir DATA` and returns its output.
+    /// Runs `burrow ARGS --data-dir DATA` (and the pivot's
+    /// `--database-url`, if it has one) and returns its output.
     pub fn admin(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin).args(args).arg("--data-dir").arg(self.data.path()).output().expect("burrow runs")
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).arg("--data-dir").arg(self.data.path());
+        if let Some(url) = &self.database_url {
+            cmd.args(["--database-url", url]);
+        }
+        cmd.output().expect("burrow runs")
     }
 
     /// Like [`admin`](Self::admin), but panics unless it succeeds.

@@ -1,0 +1,244 @@
+//! Several pivots sharing one PostgreSQL registry and one Mosquitto broker,
+//! as in production behind a DNS name or a TCP load balancer: operators
+//! land on either pivot, devices connect to one, and a pivot can die.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use burrow_testkit::*;
+
+const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
+
+/// An operator's ssh_config for pivot `b` beside the `pivot` (a) entry the
+/// testkit writes: the same host key, pinned for b's port too.
+fn add_pivot_entry(op: &Operator, name: &str, pivot: &TestPivot, bind: Option<&str>) {
+    let mut config = std::fs::read_to_string(&op.config).unwrap();
+    let bind = bind.map(|b| format!("  BindAddress {b}\n")).unwrap_or_default();
+    config = format!("Host {name}\n  HostName 127.0.0.1\n  Port {}\n{bind}\n{config}", pivot.addr.port());
+    std::fs::write(&op.config, config).unwrap();
+    let mut kh = std::fs::read_to_string(&op.known_hosts).unwrap();
+    kh.push_str(&format!("[127.0.0.1]:{} {}\n", pivot.addr.port(), pivot.host_key_line()));
+    std::fs::write(&op.known_hosts, kh).unwrap();
+}
+
+fn ssh_via(op: &Operator, jump: &str, id: &str, remote: &str) -> Output {
+    op.ssh(&["-J", jump, &format!("root@{id}"), remote]).stdin(Stdio::null()).output().expect("ssh runs")
+}
+
+/// `burrow ARGS` over SSH on `pivot`, as the admin operator `key`.
+fn remote_admin(pivot: &TestPivot, key: &KeyPair, home: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(BURROW)
+        .args(args)
+        .args(["--pivot", &pivot.addr.to_string(), "--identity", key.private.to_str().unwrap()])
+        .args(["--pivot-host-key", pivot.host_key_pub().to_str().unwrap()])
+        .env("HOME", home)
+        .env_remove("BURROW_DATABASE_URL")
+        .output()
+        .unwrap()
+}
+
+fn metric(pivot: &TestPivot, name: &str) -> u64 {
+    let out = Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{}/metrics", pivot.http_port())]).output();
+    let text = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn two_pivots_share_postgres_and_mosquitto() {
+    require_tool("curl");
+    let pg = Postgres::start();
+    let url = pg.create_database();
+    let mosquitto = Mosquitto::start();
+    let murl = mosquitto.url();
+    let common = |name: &'static str| -> Vec<String> {
+        [
+            "--database-url",
+            &url,
+            "--pivot-name",
+            name,
+            "--mqtt-url",
+            &murl,
+            "--mqtt-username",
+            "pivot",
+            "--idle-timeout",
+            "2s",
+            "--http-listen",
+            "127.0.0.1:0",
+            // Operators of the ban test connect from 127.0.0.2.
+            "--ban-ignoreip",
+            "127.0.0.1/32",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args_a = common("a");
+    let a = TestPivot::start_with(BURROW, &args_a.iter().map(String::as_str).collect::<Vec<_>>());
+    let args_b = common("b");
+    let b = TestPivot::start_sharing_host_key(BURROW, &args_b.iter().map(String::as_str).collect::<Vec<_>>(), &a);
+    assert_eq!(a.host_key_line(), b.host_key_line());
+
+    // Alice lands on a, Bob on b; Carol is an admin. One registry: each is
+    // added once.
+    let alice = Operator::new(&a);
+    let bob = Operator::new(&a);
+    add_pivot_entry(&bob, "pivot-b", &b, None);
+    add_pivot_entry(&alice, "pivot-b", &b, None);
+    a.add_operator("alice", &alice.key);
+    b.add_operator("bob", &bob.key);
+    let carol = KeyPair::generate(alice.dir.path(), "carol");
+    a.admin_ok(&["operator", "add", "carol", "--admin", "--key", carol.public.to_str().unwrap()]);
+
+    // /healthz names the pivot, its peers and the backend.
+    let health = |p: &TestPivot| {
+        let out = Command::new("curl").args(["-s", &format!("http://127.0.0.1:{}/healthz", p.http_port())]).output();
+        String::from_utf8_lossy(&out.unwrap().stdout).into_owned()
+    };
+    let h = health(&b);
+    assert!(h.contains("pivot: b") && h.contains("(postgres)") && h.contains(&format!("a 127.0.0.1:{}", a.addr.port())), "{h}");
+
+    // An always-on device on a, given both pivots, reachable from b.
+    let sshd = Sshd::start(&[&alice.key, &bob.key]);
+    let key = KeyPair::generate(sshd.dir.path(), "cam-a");
+    a.add_device("cam-a", &key);
+    alice.trust_device("cam-a", &sshd);
+    bob.trust_device("cam-a", &sshd);
+    let mut cmd = Command::new(BURROW);
+    cmd.args(["agent", "--id", "cam-a", "--expose", &format!("22={}", sshd.target())])
+        .args(["--pivot", &a.addr.to_string(), "--pivot", &b.addr.to_string(), "--key"])
+        .arg(&key.private)
+        .arg("--pivot-host-key")
+        .arg(a.host_key_pub());
+    let agent = Proc::spawn("burrow agent cam-a", &mut cmd, sshd.dir.path().join("agent.log"));
+    let on = |p: &TestPivot, id: &str, pivot: &str| p.device_json(id).is_some_and(|d| d["pivot"] == pivot);
+    assert!(wait_until(Duration::from_secs(20), || on(&a, "cam-a", "a")), "{}", agent.log_text());
+    let out = ssh_via(&bob, "pivot-b", "cam-a", "echo via-b");
+    assert_eq!(stdout(&out).trim(), "via-b", "{}\n{}", stderr(&out), b.proc.log_text());
+    assert!(metric(&b, "burrow_channels_via_peer_total") >= 1);
+    assert_eq!(metric(&b, "burrow_peer_connections"), 1);
+    assert_eq!(metric(&a, "burrow_peer_sessions"), 1);
+    // 64 MiB each way through the relay, checked end to end.
+    let big = bob.dir.path().join("big");
+    let mut f = std::fs::File::create(&big).unwrap();
+    std::io::copy(&mut std::io::Read::take(std::fs::File::open("/dev/urandom").unwrap(), 64 << 20), &mut f).unwrap();
+    let remote = sshd.dir.path().join("big.copy");
+    let out = Command::new("scp")
+        .arg("-F")
+        .arg(&bob.config)
+        .args(["-q", "-J", "pivot-b"])
+        .arg(&big)
+        .arg(format!("root@cam-a:{}", remote.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scp to cam-a via b: {}", stderr(&out));
+    assert_eq!(sha256(&big), sha256(&remote));
+    let back = bob.dir.path().join("big.back");
+    let out = Command::new("scp")
+        .arg("-F")
+        .arg(&bob.config)
+        .args(["-q", "-J", "pivot-b"])
+        .arg(format!("root@cam-a:{}", remote.display()))
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scp from cam-a via b: {}", stderr(&out));
+    assert_eq!(sha256(&big), sha256(&back));
+    // The audit is shared: b's channel names the pivot it went through.
+    let mut audit = String::new();
+    let relayed = wait_until(Duration::from_secs(10), || {
+        audit = a.admin_ok(&["audit", "--device", "cam-a", "--event", "channel_open", "--json"]);
+        audit.contains("\"via\":\"a\"") && audit.contains("\"pivot\":\"b\"")
+    });
+    assert!(relayed, "{audit}");
+
+    // An on-demand device is woken to dial the pivot the operator is on.
+    let sshd_d = Sshd::start(&[&alice.key, &bob.key]);
+    let key_d = KeyPair::generate(sshd_d.dir.path(), "cam-d");
+    a.add_device("cam-d", &key_d);
+    alice.trust_device("cam-d", &sshd_d);
+    bob.trust_device("cam-d", &sshd_d);
+    let sleepy = TestAgent::on_demand(BURROW, &a, "cam-d", &key_d, &sshd_d.target(), &murl, &["--mqtt-username", "cam-d"]);
+    assert!(wait_until(Duration::from_secs(20), || a.is_present("cam-d")), "{}", sleepy.proc.log_text());
+    for (op, jump, pivot, p) in [(&alice, "pivot", "a", &a), (&bob, "pivot-b", "b", &b)] {
+        assert!(wait_until(Duration::from_secs(15), || !a.is_online("cam-d")), "the idle tunnel did not close");
+        let out = ssh_via(op, jump, "cam-d", &format!("echo woken-for-{pivot}"));
+        assert_eq!(stdout(&out).trim(), format!("woken-for-{pivot}"), "{}\n{}", stderr(&out), sleepy.proc.log_text());
+        let mut woken = String::new();
+        let by = wait_until(Duration::from_secs(10), || {
+            woken = p.admin_ok(&["audit", "--device", "cam-d", "--event", "wake", "--json"]);
+            woken.contains(&format!("\"pivot\":\"{pivot}\""))
+        });
+        assert!(by, "{woken}");
+    }
+
+    // A ban added on b drops the banned source on a: the open session and
+    // any new one.
+    let dave = Operator::new(&a);
+    add_pivot_entry(&dave, "pivot-a-from-2", &a, Some("127.0.0.2"));
+    a.add_operator("dave", &dave.key);
+    let mut held = dave.ssh(&["-N", "pivot-a-from-2"]);
+    held.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut held = held.spawn().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || a.proc.log_text().contains("operator 'dave' authenticated")),
+        "dave did not log in"
+    );
+    let mut held_out = String::new();
+    if let Some(status) = held.try_wait().unwrap() {
+        std::io::Read::read_to_string(held.stderr.as_mut().unwrap(), &mut held_out).unwrap();
+        panic!("dave's session ended before the ban ({status}): {held_out}");
+    }
+    let out = remote_admin(&b, &carol, alice.dir.path(), &["ban", "add", "127.0.0.2", "--for", "1h"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let banned_at = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || held.try_wait().unwrap().is_some()),
+        "a did not drop the session banned on b"
+    );
+    println!("ban on b dropped the session on a after {:?}", banned_at.elapsed());
+    let out = dave.ssh(&["pivot-a-from-2", "true"]).stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success(), "a banned source got in again");
+
+    // An operator removed on a is disconnected from b within 1 s.
+    let logins = |p: &TestPivot| p.proc.log_text().matches("operator 'bob' authenticated").count();
+    let before = logins(&b);
+    let mut session = bob.ssh(&["-J", "pivot-b", "root@cam-a", "sleep 60"]);
+    session.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut session = session.spawn().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || logins(&b) > before),
+        "bob's session did not start"
+    );
+    let out = remote_admin(&a, &carol, alice.dir.path(), &["operator", "remove", "bob"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let removed_at = Instant::now();
+    assert!(wait_until(Duration::from_secs(5), || session.try_wait().unwrap().is_some()), "bob is still connected to b");
+    let took = removed_at.elapsed();
+    println!("removal on a ended bob's session on b after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // Pivot a dies: the always-on device is back through b within 10 s,
+    // and the next ssh works.
+    let mut a = a;
+    a.proc.kill();
+    let died = Instant::now();
+    assert!(wait_until(Duration::from_secs(10), || on(&b, "cam-a", "b")), "no failover: {}", agent.log_text());
+    println!("cam-a back through b after {:?}", died.elapsed());
+    let out = ssh_via(&alice, "pivot-b", "cam-a", "echo after-failover");
+    assert_eq!(stdout(&out).trim(), "after-failover", "{}", stderr(&out));
+    // b forgets a once it stopped beating.
+    assert!(
+        wait_until(Duration::from_secs(20), || health(&b).contains("peers: none")),
+        "b still lists a: {}",
+        health(&b)
+    );
+    drop(held);
+    let _ = session.kill();
+}
