@@ -158,6 +158,17 @@ fn two_pivots_share_postgres_and_mosquitto() {
     });
     assert!(relayed, "{audit}");
 
+    // A stock `ssh -R` device (no agent, no MQTT, one connection) on a is
+    // reached from b the same way.
+    let sshd_s = Sshd::start(&[&bob.key]);
+    let key_s = KeyPair::generate(sshd_s.dir.path(), "cam-s");
+    a.add_device("cam-s", &key_s);
+    bob.trust_device("cam-s", &sshd_s);
+    let _stock = alice.stock_device(&a, "cam-s", &key_s, &sshd_s, "stock-ssh.log");
+    assert!(wait_until(Duration::from_secs(20), || on(&a, "cam-s", "a")), "the stock device did not connect");
+    let out = ssh_via(&bob, "pivot-b", "cam-s", "echo stock-via-b");
+    assert_eq!(stdout(&out).trim(), "stock-via-b", "{}", stderr(&out));
+
     // An on-demand device is woken to dial the pivot the operator is on.
     let sshd_d = Sshd::start(&[&alice.key, &bob.key]);
     let key_d = KeyPair::generate(sshd_d.dir.path(), "cam-d");
