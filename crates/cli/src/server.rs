@@ -311,6 +311,11 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
             Some(BrokerConfig::Embedded { plaintext: m.mqtt_plaintext })
         }
     };
+    if args.database_url.is_some() && args.advertise.is_none() && local.ip().is_unspecified() {
+        bail!(
+            "--advertise HOST:PORT is needed with --database-url when listening on {local}: the other pivots and woken devices dial this pivot there"
+        );
+    }
     let advertise = args.advertise.clone().unwrap_or_else(|| {
         if local.ip().is_unspecified() {
             warn!(
@@ -401,6 +406,17 @@ fn check_more(args: &ServerArgs) -> Result<()> {
     }
     if args.listen.is_empty() {
         wrong.push("--listen: give at least one address".into());
+    }
+    if let Some(url) = &args.database_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            wrong.push(format!(
+                "--database-url {}: give a PostgreSQL URL (postgres://USER@HOST/DB)",
+                burrow_server::registry::redact_url(url)
+            ));
+        }
+    }
+    if let Err(e) = burrow_core::Id::parse(&args.pivot_name) {
+        wrong.push(format!("--pivot-name: {e}"));
     }
     if !wrong.is_empty() {
         bail!("the configuration is wrong:\n  {}", wrong.join("\n  "));

@@ -244,7 +244,15 @@ fn two_pivots_share_postgres_and_mosquitto() {
     println!("cam-a back through b after {:?}", died.elapsed());
     let out = ssh_via(&alice, "pivot-b", "cam-a", "echo after-failover");
     assert_eq!(stdout(&out).trim(), "after-failover", "{}", stderr(&out));
-    // b forgets a once it stopped beating.
+    // b clears a's tunnel records once a stopped beating: the stock
+    // device's record (a never closed it) goes, and a with it.
+    assert!(
+        wait_until(Duration::from_secs(20), || b.device_json("cam-s").is_some_and(|d| d["pivot"].is_null())),
+        "a's tunnel record of cam-s was left: {:?}",
+        b.device_json("cam-s")
+    );
+    let out = ssh_via(&alice, "pivot-b", "cam-s", "true");
+    assert!(stderr(&out).contains("device 'cam-s' is offline"), "{}", stderr(&out));
     assert!(
         wait_until(Duration::from_secs(20), || health(&b).contains("peers: none")),
         "b still lists a: {}",

@@ -33,7 +33,7 @@ mod ssh;
 mod watch;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,9 +166,16 @@ pub(crate) struct Shared {
     pub leases: leases::Leases,
     /// Connections to the other pivots of the registry, for relays.
     pub peers: ssh::peers::Peers,
+    /// The registry's clock minus this machine's, in seconds, as of the last heartbeat.
+    pub clock_offset: AtomicI64,
 }
 
 impl Shared {
+    /// Now by the registry's clock (Unix seconds), which judges pivots' liveness.
+    pub fn registry_now(&self) -> i64 {
+        burrow_core::time::now_unix() + self.clock_offset.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A connection's id in audit records, unique across restarts.
     pub fn session_id(&self, conn: u64) -> String {
         format!("{}-{conn}", self.boot)
@@ -214,13 +221,15 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     // Peers reach this pivot where devices do: its own address, never a
     // load balancer's (a wake-up names it for the same reason).
     let address = config.advertise.clone().unwrap_or_default();
-    if let Some(old) = registry.register_pivot(&config.pivot_name, &address, &host_key, &boot).await? {
+    let now = registry.db_now().await?;
+    let clock_offset = AtomicI64::new(now - burrow_core::time::now_unix());
+    if let Some(old) = registry.register_pivot(&config.pivot_name, &address, &host_key, &boot, now).await? {
         warn!(
             pivot = %config.pivot_name,
             "a pivot named '{}' at {} beat {} s ago and is taken over; if it still runs, give each pivot its own --pivot-name",
             old.name,
             old.address,
-            burrow_core::time::now_unix() - old.seen_at
+            now - old.seen_at
         );
     }
     let peers = ssh::peers::Peers::new(&config.pivot_name, key.clone(), config.keepalive_interval);
@@ -274,6 +283,7 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         metrics: Default::default(),
         leases: Default::default(),
         peers,
+        clock_offset,
     });
     leases::sync(&shared, &shutdown).await;
     if let Some(driver) = driver {
@@ -281,6 +291,7 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     }
 
     shared.tracker.spawn(watch::watch(shared.clone(), changes, shutdown.clone()));
+    shared.tracker.spawn(watch::heartbeat(shared.clone(), shutdown.clone()));
     if let Some(http) = listeners.http {
         shared.tracker.spawn(metrics::serve(shared.clone(), http, shutdown.clone()));
     }

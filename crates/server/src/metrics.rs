@@ -98,7 +98,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let me = &shared.config.pivot_name;
     let peers = match tokio::time::timeout(Duration::from_secs(2), shared.registry.pivots()).await {
         Ok(Ok(all)) => {
-            let now = burrow_core::time::now_unix();
+            let now = shared.registry_now();
             let others: Vec<String> = all
                 .iter()
                 .filter(|p| &p.name != me)

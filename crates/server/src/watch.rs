@@ -31,8 +31,6 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut changes: Option<Receiver<Chan
     let mut seen_bans = None;
     let mut last_touch = Instant::now();
     let mut last_poll = Instant::now();
-    let mut last_beat = Instant::now();
-    let mut last_orphans = Instant::now();
     // Tunnels (by connection) probed since they came up, and the rounds.
     let mut probed: std::collections::HashSet<u64> = Default::default();
     let mut rounds = 0u64;
@@ -82,14 +80,6 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut changes: Option<Receiver<Chan
                 Err(e) => warn!(error = %e, "cannot read registry revision"),
             }
         }
-        if last_beat.elapsed() >= BEAT_EVERY {
-            last_beat = Instant::now();
-            let orphans = last_orphans.elapsed() >= ORPHANS_EVERY;
-            if orphans {
-                last_orphans = Instant::now();
-            }
-            beat(&shared, orphans).await;
-        }
         if change.is_some() {
             continue;
         }
@@ -138,64 +128,124 @@ async fn next_change(changes: &mut Option<Receiver<Change>>) -> Option<Change> {
     }
 }
 
+/// This pivot's heartbeat, in a task of its own so that no other work (an
+/// enforcement pass over many sessions, a slow disconnect) can delay it past
+/// `PIVOT_DEAD_AFTER`. Each beat also reads the database's clock, by which
+/// every pivot judges liveness, and rechecks peer pivots' sessions.
+pub(crate) async fn heartbeat(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(BEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_orphans = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let orphans = last_orphans.elapsed() >= ORPHANS_EVERY;
+        if orphans {
+            last_orphans = Instant::now();
+        }
+        let _ = tokio::time::timeout(BEAT_EVERY * 2, beat(&shared, orphans)).await;
+    }
+}
+
 /// This pivot is alive; pivots that stopped beating lose their tunnel
 /// records. If the others took this pivot for dead (its beats did not reach
 /// the registry for a while), it registers again and republishes its tunnels.
-async fn beat(shared: &Shared, orphans: bool) {
+async fn beat(shared: &Arc<Shared>, orphans: bool) {
     let reg = &shared.registry;
     let me = &shared.config.pivot_name;
-    match reg.pivot_beat(me, &shared.boot).await {
+    let now = match reg.db_now().await {
+        Ok(now) => now,
+        Err(e) => {
+            warn!(error = %e, "cannot reach the registry to beat");
+            return;
+        }
+    };
+    shared.clock_offset.store(now - burrow_core::time::now_unix(), std::sync::atomic::Ordering::Relaxed);
+    match reg.pivot_beat(me, &shared.boot, now).await {
         Ok(true) => {}
         Ok(false) => {
             error!(pivot = %me, "this pivot's registration was taken over or reaped; registering again (is another pivot running with --pivot-name {me}?)");
             let address = shared.config.advertise.clone().unwrap_or_default();
-            if let Err(e) = reg.register_pivot(me, &address, &shared.host_key, &shared.boot).await {
+            if let Err(e) = reg.register_pivot(me, &address, &shared.host_key, &shared.boot, now).await {
                 warn!(error = %e, "cannot register this pivot");
                 return;
             }
-            for (id, tunnel) in shared.router.tunnels() {
-                let ports: Vec<u32> = tunnel.ports.iter().copied().collect();
-                if let Err(e) = reg.tunnel_up(&id, me, &ports).await {
-                    warn!(error = %e, "cannot republish tunnel records");
-                    break;
+            // Apart from the beat, which must not wait on thousands of rows.
+            let s = shared.clone();
+            shared.tracker.spawn(async move {
+                for (id, tunnel) in s.router.tunnels() {
+                    let ports: Vec<u32> = tunnel.ports.iter().copied().collect();
+                    if let Err(e) = s.registry.tunnel_up(&id, &s.config.pivot_name, &ports).await {
+                        warn!(error = %e, "cannot republish tunnel records");
+                        break;
+                    }
                 }
-            }
+            });
         }
         Err(e) => {
             warn!(error = %e, "cannot beat in the registry");
             return;
         }
     }
-    let now = burrow_core::time::now_unix();
-    let dead = match reg.pivots().await {
-        Ok(all) => all.iter().any(|p| !p.alive(now)),
-        Err(_) => false,
+    let pivots = match reg.pivots().await {
+        Ok(all) => all,
+        Err(_) => return,
     };
-    if dead || orphans {
+    if orphans || pivots.iter().any(|p| !p.alive(now)) {
         match reg.reap_pivots(now).await {
             Ok(0) => {}
             Ok(n) => info!(cleared = n, "cleared the tunnel records of pivots that stopped"),
             Err(e) => warn!(error = %e, "cannot clear dead pivots' records"),
         }
     }
+    // A peer stays logged in only while it is a live pivot with that key.
+    for (conn, session) in shared.router.sessions() {
+        let Identity::Pivot(name) = session.identity.clone() else { continue };
+        let still = pivots.iter().any(|p| {
+            p.name == name.as_str()
+                && p.alive(now)
+                && burrow_core::keys::parse_public_key(&p.host_key, "pivot host key")
+                    .is_ok_and(|k| burrow_core::fingerprint(&k) == session.fingerprint)
+        });
+        if !still {
+            end_session(shared, conn, session, format!("pivot '{name}' is no longer a live pivot of this registry"))
+                .await;
+        }
+    }
 }
 
-/// Ends the sessions whose source a ban now covers (a ban made on another
-/// pivot, or by an admin, holds on connections already open here).
+/// Ends one session with `why`, without waiting long on a peer that does
+/// not read.
+async fn end_session(shared: &Shared, conn: u64, session: crate::router::Session, why: String) {
+    info!(conn, peer = %session.peer, "{why}; disconnecting");
+    shared.router.remove_session(conn);
+    let bye = session.handle.disconnect(russh::Disconnect::ByApplication, why, "en".into());
+    let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
+}
+
+/// Ends the sessions whose source an admin's ban now covers, made here or
+/// on another pivot. Bans a pivot made by itself (failures) refuse new
+/// connections only: one device failing behind a NAT must not cut every
+/// device behind that address off every pivot.
 async fn drop_banned(shared: &Shared) {
     if shared.bans.active() == 0 {
         return;
     }
+    let manual: Vec<crate::bans::IpNet> = match shared.registry.bans().await {
+        Ok(list) => list.iter().filter(|b| !b.actor.starts_with("pivot:")).filter_map(|b| b.net.parse().ok()).collect(),
+        Err(_) => return,
+    };
+    if manual.is_empty() {
+        return;
+    }
     for (conn, session) in shared.router.sessions() {
-        if !shared.bans.banned(session.peer) {
+        if shared.bans.ignored(session.peer) || !manual.iter().any(|n| n.contains(&session.peer)) {
             continue;
         }
-        info!(conn, peer = %session.peer, "{} is banned; disconnecting", session.identity);
-        shared.router.remove_session(conn);
-        let _ = session
-            .handle
-            .disconnect(russh::Disconnect::ByApplication, format!("source {} is banned", session.peer), "en".into())
-            .await;
+        let why = format!("source {} is banned", session.peer);
+        end_session(shared, conn, session, why).await;
     }
 }
 
@@ -224,9 +274,7 @@ pub(crate) async fn enforce(shared: &Shared) {
             (Identity::Device(id), _) if revoked(shared, id).await => format!("device '{id}' was revoked"),
             (who, _) => format!("{who} was removed from the registry"),
         };
-        info!(conn, "{why}; disconnecting");
-        shared.router.remove_session(conn);
-        let _ = session.handle.disconnect(russh::Disconnect::ByApplication, why, "en".into()).await;
+        end_session(shared, conn, session, why).await;
     }
 }
 

@@ -420,6 +420,16 @@ impl Registry {
         Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(&self.pool).await?)
     }
 
+    /// The database's clock, in Unix seconds: the one clock every pivot's
+    /// heartbeat is judged by, however far the pivots' own clocks drift.
+    pub async fn db_now(&self) -> Result<i64, RegistryError> {
+        let sql = match self.backend {
+            Backend::Sqlite => "SELECT CAST(strftime('%s', 'now') AS INTEGER)",
+            Backend::Postgres => "SELECT CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)",
+        };
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
+    }
+
     /// A trivial query, for health checks.
     pub async fn ping(&self) -> Result<(), RegistryError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -431,12 +441,23 @@ impl Registry {
     }
 }
 
-/// `url` without its password, for messages and logs.
+/// `url` without its password (in the user part or a `password=`
+/// parameter), for messages and logs.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
+            }
+            if u.query().is_some() {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let secret = k.eq_ignore_ascii_case("password") || k.starts_with("ssl") && k.contains("key");
+                        (k.into_owned(), if secret { "***".to_string() } else { v.into_owned() })
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
             }
             u.to_string()
         }

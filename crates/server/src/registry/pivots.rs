@@ -43,15 +43,15 @@ impl Registry {
     /// Registers this run of pivot `name` (a new `boot`), replacing its
     /// record. Returns the record replaced if that pivot still looked
     /// alive: two processes given the same `--pivot-name`, or a restart
-    /// within [`PIVOT_DEAD_AFTER`].
+    /// within [`PIVOT_DEAD_AFTER`]. `now` is [`Registry::db_now`].
     pub async fn register_pivot(
         &self,
         name: &str,
         address: &str,
         host_key: &str,
         boot: &str,
+        now: i64,
     ) -> Result<Option<PivotRecord>, RegistryError> {
-        let now = now_unix();
         let mut tx = self.write_tx().await?;
         let old = sqlx::query("SELECT * FROM pivots WHERE name = $1").bind(name).fetch_optional(&mut *tx).await?;
         let old = old.map(|r| pivot_from_row(&r)).filter(|p| p.alive(now));
@@ -72,10 +72,11 @@ impl Registry {
     }
 
     /// This pivot is alive. False if its record is gone (the others took it
-    /// for dead) or names another run: the caller registers again.
-    pub async fn pivot_beat(&self, name: &str, boot: &str) -> Result<bool, RegistryError> {
+    /// for dead) or names another run: the caller registers again. `now`
+    /// is [`Registry::db_now`].
+    pub async fn pivot_beat(&self, name: &str, boot: &str, now: i64) -> Result<bool, RegistryError> {
         let r = sqlx::query("UPDATE pivots SET seen_at = $1 WHERE name = $2 AND boot = $3")
-            .bind(now_unix())
+            .bind(now)
             .bind(name)
             .bind(boot)
             .execute(&self.pool)
@@ -101,7 +102,7 @@ impl Registry {
 
     /// Forgets dead pivots and clears the tunnel records that name a pivot
     /// not alive (dead, or gone before pivots registered). Returns how many
-    /// tunnel records were cleared. `now` is the time in Unix seconds.
+    /// tunnel records were cleared. `now` is [`Registry::db_now`].
     pub async fn reap_pivots(&self, now: i64) -> Result<u64, RegistryError> {
         let cutoff = now - PIVOT_DEAD_AFTER;
         let mut tx = self.write_tx().await?;

@@ -211,7 +211,7 @@ impl Connection {
         }
         let Some(pivot) = Box::pin(self.shared.registry.pivot(id.as_str())).await? else { return Ok(None) };
         let registered = burrow_core::keys::parse_public_key(&pivot.host_key, "pivot host key").map(|k| fingerprint(&k));
-        let alive = pivot.alive(burrow_core::time::now_unix());
+        let alive = pivot.alive(self.shared.registry_now());
         Ok((alive && registered.as_deref().ok() == Some(fp)).then_some(Identity::Pivot(id)))
     }
 }

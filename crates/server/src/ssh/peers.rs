@@ -36,6 +36,8 @@ pub(crate) const PEER_MAX_CHANNELS: usize = 4096;
 
 /// How long connecting and logging in to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a relayed channel may take to open (the device's answer included).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct PeerClient {
     /// The host key the peer registered.
@@ -56,7 +58,8 @@ pub(crate) struct Peers {
     key: Arc<PrivateKey>,
     config: Arc<client::Config>,
     /// One lock per peer, so a slow or dead peer holds up only its own callers.
-    conns: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<client::Handle<PeerClient>>>>>>,
+    /// The lock is held only while connecting, never while a channel opens.
+    conns: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<client::Handle<PeerClient>>>>>>>,
 }
 
 impl Peers {
@@ -83,27 +86,38 @@ impl Peers {
         originator: (String, u32),
     ) -> Result<Channel<client::Msg>, Refusal> {
         let slot = self.conns.lock().unwrap().entry(peer.name.clone()).or_default().clone();
-        let mut conn = slot.lock().await;
-        if conn.as_ref().is_none_or(|h| h.is_closed()) {
-            *conn = None;
-            let handle = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(peer))
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())))
-                .map_err(|reason| {
-                    warn!(peer = %peer.name, address = %peer.address, "cannot reach peer pivot: {reason}");
-                    Refusal::Peer { id: id.clone(), pivot: peer.name.clone(), reason }
-                })?;
-            info!(peer = %peer.name, address = %peer.address, "connected to peer pivot");
-            *conn = Some(handle);
-        }
-        let handle = conn.as_ref().expect("connected above");
-        let opened = handle.channel_open_direct_tcpip(id.as_str(), port, originator.0, originator.1).await;
-        drop(conn);
+        let handle = {
+            let mut conn = slot.lock().await;
+            match conn.as_ref() {
+                Some(h) if !h.is_closed() => h.clone(),
+                _ => {
+                    *conn = None;
+                    let handle = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(peer))
+                        .await
+                        .unwrap_or_else(|_| Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())))
+                        .map_err(|reason| {
+                            warn!(peer = %peer.name, address = %peer.address, "cannot reach peer pivot: {reason}");
+                            Refusal::Peer { id: id.clone(), pivot: peer.name.clone(), reason }
+                        })?;
+                    info!(peer = %peer.name, address = %peer.address, "connected to peer pivot");
+                    let handle = Arc::new(handle);
+                    *conn = Some(handle.clone());
+                    handle
+                }
+            }
+        };
+        // A device that never answers holds up only its own operator.
+        let opened = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            handle.channel_open_direct_tcpip(id.as_str(), port, originator.0, originator.1),
+        )
+        .await;
         match opened {
-            Ok(ch) => Ok(ch),
+            Ok(Ok(ch)) => Ok(ch),
             // The peer's refusal is already the operator's message.
-            Err(russh::Error::ChannelOpenFailure(f)) => Err(Refusal::Relayed(f.description().to_string())),
-            Err(e) => Err(Refusal::Peer { id: id.clone(), pivot: peer.name.clone(), reason: e.to_string() }),
+            Ok(Err(russh::Error::ChannelOpenFailure(f))) => Err(Refusal::Relayed(f.description().to_string())),
+            Ok(Err(e)) => Err(Refusal::Peer { id: id.clone(), pivot: peer.name.clone(), reason: e.to_string() }),
+            Err(_) => Err(Refusal::NoAnswer { id: id.clone(), secs: OPEN_TIMEOUT.as_secs() }),
         }
     }
 

@@ -295,7 +295,7 @@ pub(crate) async fn device_tunnel(
 async fn holding_peer(shared: &Shared, dev: &crate::registry::DeviceRecord) -> Option<PivotRecord> {
     let name = dev.tunnel_pivot.as_deref().filter(|p| *p != shared.config.pivot_name)?;
     match shared.registry.pivot(name).await {
-        Ok(Some(pivot)) if pivot.alive(burrow_core::time::now_unix()) => Some(pivot),
+        Ok(Some(pivot)) if pivot.alive(shared.registry_now()) => Some(pivot),
         Ok(_) => None,
         Err(e) => {
             warn!(error = %e, "registry lookup failed");
