@@ -292,8 +292,12 @@ pub async fn send(data: &Target, req: Request) -> Result<Value> {
         Some(url) => Registry::open_url(url).await.context("cannot open the PostgreSQL registry")?,
         None => Registry::open(dir).await.with_context(|| format!("cannot open the registry in {}", dir.display()))?,
     };
-    let host_key =
+    let mut host_key =
         read_public_key(&dir.join("host_key.pub")).map(|k| burrow_core::keys::openssh_line(&k)).unwrap_or_default();
+    // Off the pivot hosts, the pivots' shared key is in the registry.
+    if host_key.is_empty() && data.database_url.is_some() {
+        host_key = registry.pivots().await.ok().and_then(|p| p.into_iter().next()).map(|p| p.host_key).unwrap_or_default();
+    }
     let origin = admin::Origin { actor: Caller::Local.actor(), ..Default::default() };
     let ctx = admin::Context { registry: &registry, host_key, origin };
     let resp = admin::execute(&ctx, &Caller::Local, req).await;

@@ -34,8 +34,8 @@ pub struct ServerArgs {
     /// Address of the SSH listener (production uses 443); repeatable, e.g. 0.0.0.0:443 and [::]:443.
     #[arg(long, env = "BURROW_LISTEN", default_value = "0.0.0.0:2222", value_delimiter = ',')]
     listen: Vec<SocketAddr>,
-    /// HOST:PORT devices dial, named in wake-ups and enrollment tokens [default: the first --listen; 127.0.0.1:PORT for 0.0.0.0].
-    #[arg(long, env = "BURROW_ADVERTISE")]
+    /// HOST:PORT this pivot is reached at by woken devices, enrollment tokens and other pivots [default: the first --listen].
+    #[arg(long, env = "BURROW_ADVERTISE", value_name = "HOST:PORT")]
     advertise: Option<String>,
     /// This pivot's name in the registry; pivots sharing a --database-url each need their own.
     #[arg(long, env = "BURROW_PIVOT_NAME", default_value = "local")]
@@ -226,6 +226,11 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// Several pivots on one registry, each with its embedded broker.
+fn m_url_missing(args: &ServerArgs) -> bool {
+    args.mqtt.mqtt_url.is_none() && !args.mqtt.no_mqtt
+}
+
 pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
     let dir = &args.data.data_dir;
     let mut config = burrow_server::Config::new(dir.clone());
@@ -269,7 +274,12 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
             );
         }
         if args.pivot_name == "local" {
-            warn!("--database-url is shared with other pivots: give this one its own --pivot-name (it is 'local')");
+            bail!("--database-url is shared by several pivots: give this one its own --pivot-name (not 'local')");
+        }
+        if m_url_missing(&args) {
+            bail!(
+                "--database-url is shared by several pivots: give them one broker with --mqtt-url (or --no-mqtt); each pivot's embedded broker would know only its own devices"
+            );
         }
     }
     if args.check_config {
@@ -311,6 +321,11 @@ pub async fn run(args: ServerArgs, shutdown: CancellationToken) -> Result<()> {
             Some(BrokerConfig::Embedded { plaintext: m.mqtt_plaintext })
         }
     };
+    if let Some(a) = &args.advertise {
+        if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            bail!("--advertise {a}: give HOST:PORT");
+        }
+    }
     if args.database_url.is_some() && args.advertise.is_none() && local.ip().is_unspecified() {
         bail!(
             "--advertise HOST:PORT is needed with --database-url when listening on {local}: the other pivots and woken devices dial this pivot there"

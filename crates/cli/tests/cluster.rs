@@ -85,6 +85,25 @@ fn two_pivots_share_postgres_and_mosquitto() {
     let b = TestPivot::start_sharing_host_key(BURROW, &args_b.iter().map(String::as_str).collect::<Vec<_>>(), &a);
     assert_eq!(a.host_key_line(), b.host_key_line());
 
+    // A third pivot under a's name, one left at the default name, or one
+    // with its own embedded broker is refused, before it touches anything.
+    let spare = tempfile::tempdir().unwrap();
+    for (extra, why) in [
+        (vec!["--pivot-name", "a", "--mqtt-url", &murl], "a pivot named 'a' at 127.0.0.1:"),
+        (vec!["--mqtt-url", &murl], "give this one its own --pivot-name"),
+        (vec!["--pivot-name", "c"], "give them one broker with --mqtt-url"),
+    ] {
+        let out = Command::new(BURROW)
+            .args(["server", "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--database-url", &url])
+            .arg("--data-dir")
+            .arg(spare.path())
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success() && stderr(&out).contains(why), "{extra:?}: {}", stderr(&out));
+    }
+    assert!(!a.proc.log_text().contains("cleared the tunnel records"));
+
     // Alice lands on a, Bob on b; Carol is an admin. One registry: each is
     // added once.
     let alice = Operator::new(&a);

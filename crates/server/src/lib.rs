@@ -209,13 +209,6 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     let key = host_key::load_or_create(&config.data_dir)?;
     let registry = Registry::open_for(config.database_url.as_deref(), &config.data_dir).await?;
     info!(backend = registry.backend().name(), "registry open");
-    registry.clear_tunnels(&config.pivot_name).await?;
-    // Changes other pivots and admin commands make, as they commit
-    // (PostgreSQL); SQLite is polled instead.
-    let changes = registry.listen().await?;
-    if let Some(addr) = &config.advertise {
-        registry.set_meta(admin::ADVERTISE_KEY, addr).await?;
-    }
     let host_key = burrow_core::keys::openssh_line(key.public_key());
     let boot = format!("{:x}", burrow_core::time::now_unix());
     // Peers reach this pivot where devices do: its own address, never a
@@ -223,14 +216,36 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     let address = config.advertise.clone().unwrap_or_default();
     let now = registry.db_now().await?;
     let clock_offset = AtomicI64::new(now - burrow_core::time::now_unix());
-    if let Some(old) = registry.register_pivot(&config.pivot_name, &address, &host_key, &boot, now).await? {
-        warn!(
-            pivot = %config.pivot_name,
-            "a pivot named '{}' at {} beat {} s ago and is taken over; if it still runs, give each pivot its own --pivot-name",
-            old.name,
-            old.address,
-            now - old.seen_at
-        );
+    // Another live pivot under this name elsewhere is a misconfiguration
+    // that would clear its tunnel records: refuse. The same name at the same
+    // address is this pivot restarting.
+    if let Some(old) = registry.pivot(&config.pivot_name).await? {
+        if old.alive(now) && old.address != address {
+            return Err(ServerError::Config(format!(
+                "a pivot named '{}' at {} beat {} s ago: give each pivot its own --pivot-name (or wait {} s if that one is gone)",
+                old.name,
+                old.address,
+                now - old.seen_at,
+                crate::registry::PIVOT_DEAD_AFTER
+            )));
+        }
+    }
+    registry.register_pivot(&config.pivot_name, &address, &host_key, &boot, now).await?;
+    for other in registry.pivots().await? {
+        if other.name != config.pivot_name && other.alive(now) && other.host_key != host_key {
+            warn!(
+                peer = %other.name,
+                "pivot '{}' has another host key: devices and operators pin one key, so copy host_key and host_key.pub from one pivot to every other",
+                other.name
+            );
+        }
+    }
+    registry.clear_tunnels(&config.pivot_name).await?;
+    // Changes other pivots and admin commands make, as they commit
+    // (PostgreSQL); SQLite is polled instead.
+    let changes = registry.listen().await?;
+    if let Some(addr) = &config.advertise {
+        registry.set_meta(admin::ADVERTISE_KEY, addr).await?;
     }
     let peers = ssh::peers::Peers::new(&config.pivot_name, key.clone(), config.keepalive_interval);
     let (signal, driver) = match &config.signal {

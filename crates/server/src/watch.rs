@@ -166,7 +166,18 @@ async fn beat(shared: &Arc<Shared>, orphans: bool) {
     match reg.pivot_beat(me, &shared.boot, now).await {
         Ok(true) => {}
         Ok(false) => {
-            error!(pivot = %me, "this pivot's registration was taken over or reaped; registering again (is another pivot running with --pivot-name {me}?)");
+            match reg.pivot(me).await {
+                Ok(Some(other)) => error!(
+                    pivot = %me,
+                    "another pivot at {} registered as '{me}'; taking the name back (give each pivot its own --pivot-name)",
+                    other.address
+                ),
+                _ => error!(
+                    pivot = %me,
+                    "the other pivots took this one for dead (its beats did not reach the registry for {} s); registering again",
+                    crate::registry::PIVOT_DEAD_AFTER
+                ),
+            }
             let address = shared.config.advertise.clone().unwrap_or_default();
             if let Err(e) = reg.register_pivot(me, &address, &shared.host_key, &shared.boot, now).await {
                 warn!(error = %e, "cannot register this pivot");

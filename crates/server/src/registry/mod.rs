@@ -260,6 +260,13 @@ impl Registry {
         }
         let parsed = url.parse().map_err(|e| RegistryError::Url(format!("bad --database-url: {e}")))?;
         let opts = AnyConnectOptions::from_url(&parsed)?;
+        // One connection first: the pool would only say it timed out, and
+        // this says why (refused, unknown host, wrong password).
+        let probe = tokio::time::timeout(Duration::from_secs(10), <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts))
+            .await
+            .map_err(|_| RegistryError::Url(format!("{}: no answer within 10 s", redact_url(url))))?
+            .map_err(|e| RegistryError::Connect { url: redact_url(url), source: e })?;
+        let _ = sqlx::Connection::close(probe).await;
         // Queries are short: a pivot makes one per connection attempt, not per byte.
         let pool = AnyPoolOptions::new()
             .max_connections(16)
@@ -321,6 +328,10 @@ impl Registry {
     /// transaction: pivots starting together apply each exactly once.
     async fn migrate(&self) -> Result<(), RegistryError> {
         let mut tx = self.write_tx().await?;
+        if self.backend == Backend::Postgres {
+            // No "already exists, skipping" notice at every start.
+            sqlx::query("SET LOCAL client_min_messages = warning").execute(&mut *tx).await?;
+        }
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                 version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
