@@ -203,7 +203,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
 /// Holds the tunnel up, reconnecting with backoff, until `shutdown`. With
 /// several pivots, a lost or unreachable one is followed at once by the
 /// next; the backoff applies once every pivot has been tried.
-async fn always_on(config: Arc<Config>, pivots: &[String], shutdown: CancellationToken, status: &status::StatusFile) {
+async fn always_on(config: Arc<Config>, given: &[String], shutdown: CancellationToken, status: &status::StatusFile) {
+    let mut pivots = expand(given).await;
     let mut backoff = backoff::Backoff::new(config.backoff_initial, config.backoff_max);
     let mut last_refusal: Option<String> = None;
     let mut at = 0;
@@ -266,6 +267,8 @@ async fn always_on(config: Arc<Config>, pivots: &[String], shutdown: Cancellatio
             }
         }
         tried = 0;
+        // A round is over: names are looked up again for the next one.
+        pivots = expand(given).await;
         at = (at + 1) % pivots.len();
         let delay = match delay {
             Some(d) => d,
@@ -283,6 +286,26 @@ async fn always_on(config: Arc<Config>, pivots: &[String], shutdown: Cancellatio
             }
         }
     }
+}
+
+/// The pivots to try in turn: each given `HOST:PORT`, and a name with
+/// several addresses as each of its addresses (so a dead pivot behind a
+/// shared name costs one connect timeout, not all of them). A name that
+/// does not resolve now stays as given, to fail and be retried.
+async fn expand(given: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for pivot in given {
+        let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host(pivot.as_str()).await {
+            Ok(a) => a.collect(),
+            Err(_) => Vec::new(),
+        };
+        if addrs.len() > 1 {
+            out.extend(addrs.iter().map(|a| a.to_string()).filter(|a| !out.contains(a)).collect::<Vec<_>>());
+        } else if !out.contains(pivot) {
+            out.push(pivot.clone());
+        }
+    }
+    out
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -296,7 +296,8 @@ pub async fn send(data: &Target, req: Request) -> Result<Value> {
         read_public_key(&dir.join("host_key.pub")).map(|k| burrow_core::keys::openssh_line(&k)).unwrap_or_default();
     // Off the pivot hosts, the pivots' shared key is in the registry.
     if host_key.is_empty() && data.database_url.is_some() {
-        host_key = registry.pivots().await.ok().and_then(|p| p.into_iter().next()).map(|p| p.host_key).unwrap_or_default();
+        host_key =
+            registry.pivots().await.ok().and_then(|p| p.into_iter().next()).map(|p| p.host_key).unwrap_or_default();
     }
     let origin = admin::Origin { actor: Caller::Local.actor(), ..Default::default() };
     let ctx = admin::Context { registry: &registry, host_key, origin };

@@ -121,7 +121,10 @@ fn two_pivots_share_postgres_and_mosquitto() {
         String::from_utf8_lossy(&out.unwrap().stdout).into_owned()
     };
     let h = health(&b);
-    assert!(h.contains("pivot: b") && h.contains("(postgres)") && h.contains(&format!("a 127.0.0.1:{}", a.addr.port())), "{h}");
+    assert!(
+        h.contains("pivot: b") && h.contains("(postgres)") && h.contains(&format!("a 127.0.0.1:{}", a.addr.port())),
+        "{h}"
+    );
 
     // An always-on device on a, given both pivots, reachable from b.
     let sshd = Sshd::start(&[&alice.key, &bob.key]);
@@ -194,7 +197,8 @@ fn two_pivots_share_postgres_and_mosquitto() {
     a.add_device("cam-d", &key_d);
     alice.trust_device("cam-d", &sshd_d);
     bob.trust_device("cam-d", &sshd_d);
-    let sleepy = TestAgent::on_demand(BURROW, &a, "cam-d", &key_d, &sshd_d.target(), &murl, &["--mqtt-username", "cam-d"]);
+    let sleepy =
+        TestAgent::on_demand(BURROW, &a, "cam-d", &key_d, &sshd_d.target(), &murl, &["--mqtt-username", "cam-d"]);
     assert!(wait_until(Duration::from_secs(20), || a.is_present("cam-d")), "{}", sleepy.proc.log_text());
     for (op, jump, pivot, p) in [(&alice, "pivot", "a", &a), (&bob, "pivot-b", "b", &b)] {
         assert!(wait_until(Duration::from_secs(15), || !a.is_online("cam-d")), "the idle tunnel did not close");
@@ -242,14 +246,14 @@ fn two_pivots_share_postgres_and_mosquitto() {
     let mut session = bob.ssh(&["-J", "pivot-b", "root@cam-a", "sleep 60"]);
     session.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let mut session = session.spawn().unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || logins(&b) > before),
-        "bob's session did not start"
-    );
+    assert!(wait_until(Duration::from_secs(10), || logins(&b) > before), "bob's session did not start");
     let out = remote_admin(&a, &carol, alice.dir.path(), &["operator", "remove", "bob"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let removed_at = Instant::now();
-    assert!(wait_until(Duration::from_secs(5), || session.try_wait().unwrap().is_some()), "bob is still connected to b");
+    assert!(
+        wait_until(Duration::from_secs(5), || session.try_wait().unwrap().is_some()),
+        "bob is still connected to b"
+    );
     let took = removed_at.elapsed();
     println!("removal on a ended bob's session on b after {took:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
@@ -279,4 +283,109 @@ fn two_pivots_share_postgres_and_mosquitto() {
     );
     drop(held);
     let _ = session.kill();
+}
+
+/// A network namespace of this test's own, whose `/etc/hosts` (bind-mounted
+/// by `ip netns exec` from `/etc/netns/NAME/hosts`) gives one name two
+/// addresses. Removed on drop.
+struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    fn new(hosts: &str) -> Namespace {
+        require_tool("ip");
+        let name = format!("burrow-dns-{}", std::process::id());
+        let ok = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        ok(&["netns", "add", &name]);
+        let ns = Namespace { name };
+        ok(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        std::fs::create_dir_all(format!("/etc/netns/{}", ns.name)).unwrap();
+        std::fs::write(format!("/etc/netns/{}/hosts", ns.name), hosts).unwrap();
+        ns
+    }
+
+    fn exec(&self, bin: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, bin]);
+        cmd
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+    }
+}
+
+/// The registry in `dir` (a pivot's own) records device `id`'s tunnel.
+fn tunnel_in(dir: &std::path::Path, id: &str) -> bool {
+    let out = Command::new(BURROW).args(["device", "list", "--json", "--data-dir"]).arg(dir).output().unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.iter().any(|x| x["id"] == id && x["tunnel"] == true)
+}
+
+/// An always-on agent given one name with two addresses (two pivots behind
+/// one DNS name) moves to the other address when its pivot dies.
+#[test]
+fn an_agent_given_a_name_with_several_addresses_fails_over_between_them() {
+    let ns = Namespace::new("127.0.0.1 localhost\n127.0.0.1 pivots.test\n127.0.0.2 pivots.test\n");
+    let resolved = ns.exec("getent").args(["hosts", "pivots.test"]).output().unwrap();
+    let text = stdout(&resolved);
+    assert!(text.contains("127.0.0.1") && text.contains("127.0.0.2"), "pivots.test: {text}");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let start = |dir: &std::path::Path, ip: &str, n: usize| {
+        let mut cmd = ns.exec(BURROW);
+        cmd.args(["server", "--no-mqtt", "--listen", &format!("{ip}:2222"), "--data-dir"]).arg(dir);
+        let p = Proc::spawn(&format!("pivot {ip}"), &mut cmd, dir.join(format!("server-{n}.log")));
+        assert!(
+            wait_until(Duration::from_secs(20), || p.log_text().contains("burrow pivot listening on")),
+            "{}",
+            p.log_text()
+        );
+        p
+    };
+    let a = start(da.path(), "127.0.0.1", 0);
+    for f in ["host_key", "host_key.pub"] {
+        std::fs::copy(da.path().join(f), db.path().join(f)).unwrap();
+    }
+    let b = start(db.path(), "127.0.0.2", 0);
+    let key = KeyPair::generate(da.path(), "cam-n");
+    for d in [da.path(), db.path()] {
+        let out = Command::new(BURROW)
+            .args(["device", "add", "cam-n", "--key", key.public.to_str().unwrap(), "--data-dir"])
+            .arg(d)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let mut agent = ns.exec(BURROW);
+    agent
+        .args(["agent", "--id", "cam-n", "--pivot", "pivots.test:2222", "--expose", "22=127.0.0.1:9", "--key"])
+        .arg(&key.private)
+        .arg("--pivot-host-key")
+        .arg(da.path().join("host_key.pub"))
+        .args(["--status-file", da.path().join("agent.status.json").to_str().unwrap()]);
+    let agent = Proc::spawn("agent", &mut agent, da.path().join("agent.log"));
+    let dirs = [da.path(), db.path()];
+    let mut first = None;
+    assert!(wait_until(Duration::from_secs(20), || {
+        first = dirs.iter().position(|d| tunnel_in(d, "cam-n"));
+        first.is_some()
+    }));
+    let first = first.unwrap();
+    let mut pivots = [a, b];
+    pivots[first].kill();
+    let died = Instant::now();
+    let other = 1 - first;
+    assert!(
+        wait_until(Duration::from_secs(10), || tunnel_in(dirs[other], "cam-n")),
+        "no failover to the name's other address: {}",
+        agent.log_text()
+    );
+    println!("moved to the name's other address after {:?}", died.elapsed());
 }

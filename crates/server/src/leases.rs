@@ -278,7 +278,10 @@ async fn relay(shared: &Shared, id: Id, port: u16, stream: TcpStream, peer: Sock
     let originator = (peer.ip().to_string(), u32::from(peer.port()));
     let (device, _active) = match route {
         Route::Local(tunnel) => {
-            match tunnel.handle.channel_open_forwarded_tcpip(id.as_str(), u32::from(port), originator.0, originator.1).await
+            match tunnel
+                .handle
+                .channel_open_forwarded_tcpip(id.as_str(), u32::from(port), originator.0, originator.1)
+                .await
             {
                 Ok(ch) => (DeviceStream::Local(ch.into_stream()), Some(tunnel.activity.enter())),
                 Err(e) => {

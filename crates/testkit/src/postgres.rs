@@ -36,7 +36,9 @@ fn bin_dir() -> PathBuf {
     found.sort();
     match found.pop() {
         Some((_, dir)) => dir,
-        None => panic!("PostgreSQL's initdb is required by this test; install postgresql (see .ci/run) or set BURROW_PG_BIN"),
+        None => panic!(
+            "PostgreSQL's initdb is required by this test; install postgresql (see .ci/run) or set BURROW_PG_BIN"
+        ),
     }
 }
 
@@ -102,7 +104,18 @@ impl Postgres {
     pub fn create_database(&self) -> String {
         let name = format!("burrow_{}", self.databases.fetch_add(1, Ordering::SeqCst));
         let out = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                USER,
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
             .args(["-c", &format!("CREATE DATABASE {name}")])
             .output()
             .expect("run psql");

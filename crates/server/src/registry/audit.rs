@@ -13,15 +13,17 @@ impl Registry {
     pub async fn insert_audit(&self, records: &[crate::audit::AuditRecord]) -> Result<(), RegistryError> {
         let mut tx = self.write_tx().await?;
         for r in records {
-            sqlx::query("INSERT INTO audit (at, event, source_ip, device, operator, record) VALUES ($1, $2, $3, $4, $5, $6)")
-                .bind(r.at)
-                .bind(&r.event)
-                .bind(r.source_ip())
-                .bind(&r.device)
-                .bind(&r.operator)
-                .bind(serde_json::to_string(r).unwrap_or_default())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO audit (at, event, source_ip, device, operator, record) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(r.at)
+            .bind(&r.event)
+            .bind(r.source_ip())
+            .bind(&r.device)
+            .bind(&r.operator)
+            .bind(serde_json::to_string(r).unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())

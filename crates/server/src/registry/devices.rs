@@ -104,7 +104,11 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.write_tx().await?;
-        if sqlx::query("SELECT 1 FROM devices WHERE id = $1").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
+        if sqlx::query("SELECT 1 FROM devices WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
         {
             return Err(RegistryError::DeviceExists(id.clone()));
         }
@@ -155,13 +159,15 @@ impl Registry {
         let mut tx = self.write_tx().await?;
         for h in found {
             let targets = h.targets.as_ref().map(|t| serde_json::to_string(t).unwrap_or_default());
-            sqlx::query("UPDATE devices SET rtt_ms = $1, health_at = $2, targets = COALESCE($3, targets) WHERE id = $4")
-                .bind(h.rtt_ms.map(|v| v as i64))
-                .bind(now)
-                .bind(targets)
-                .bind(h.id.as_str())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE devices SET rtt_ms = $1, health_at = $2, targets = COALESCE($3, targets) WHERE id = $4",
+            )
+            .bind(h.rtt_ms.map(|v| v as i64))
+            .bind(now)
+            .bind(targets)
+            .bind(h.id.as_str())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())

@@ -96,7 +96,10 @@ pub enum RegistryError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     Device(Id),
-    Operator { name: Id, admin: bool },
+    Operator {
+        name: Id,
+        admin: bool,
+    },
     /// Another pivot of the same registry, proven by its registered host key.
     Pivot(Id),
 }
@@ -262,10 +265,13 @@ impl Registry {
         let opts = AnyConnectOptions::from_url(&parsed)?;
         // One connection first: the pool would only say it timed out, and
         // this says why (refused, unknown host, wrong password).
-        let probe = tokio::time::timeout(Duration::from_secs(10), <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts))
-            .await
-            .map_err(|_| RegistryError::Url(format!("{}: no answer within 10 s", redact_url(url))))?
-            .map_err(|e| RegistryError::Connect { url: redact_url(url), source: e })?;
+        let probe = tokio::time::timeout(
+            Duration::from_secs(10),
+            <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts),
+        )
+        .await
+        .map_err(|_| RegistryError::Url(format!("{}: no answer within 10 s", redact_url(url))))?
+        .map_err(|e| RegistryError::Connect { url: redact_url(url), source: e })?;
         let _ = sqlx::Connection::close(probe).await;
         // Queries are short: a pivot makes one per connection attempt, not per byte.
         let pool = AnyPoolOptions::new()
@@ -369,9 +375,7 @@ impl Registry {
 
     /// The highest migration applied.
     pub async fn schema_version(&self) -> Result<i64, RegistryError> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetch_one(&self.pool).await?)
     }
 
     /// A counter that grows with every change to devices' or operators' keys.

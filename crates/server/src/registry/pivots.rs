@@ -86,7 +86,11 @@ impl Registry {
 
     /// This run of the pivot stops: its record goes, if still its own.
     pub async fn unregister_pivot(&self, name: &str, boot: &str) -> Result<(), RegistryError> {
-        sqlx::query("DELETE FROM pivots WHERE name = $1 AND boot = $2").bind(name).bind(boot).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM pivots WHERE name = $1 AND boot = $2")
+            .bind(name)
+            .bind(boot)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -12,7 +12,11 @@ impl Registry {
         expires_at: i64,
     ) -> Result<(), RegistryError> {
         let mut tx = self.write_tx().await?;
-        if sqlx::query("SELECT 1 FROM devices WHERE id = $1").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_some()
+        if sqlx::query("SELECT 1 FROM devices WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
         {
             return Err(RegistryError::DeviceExists(id.clone()));
         }

@@ -67,7 +67,11 @@ impl Registry {
         bindable: impl Fn(u16) -> bool,
     ) -> Result<std::net::SocketAddr, RegistryError> {
         let mut tx = self.write_tx().await?;
-        if sqlx::query("SELECT 1 FROM devices WHERE id = $1").bind(id.as_str()).fetch_optional(&mut *tx).await?.is_none()
+        if sqlx::query("SELECT 1 FROM devices WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_none()
         {
             return Err(RegistryError::NoSuchDevice(id.to_string()));
         }

@@ -210,7 +210,8 @@ impl Connection {
             return Ok(None);
         }
         let Some(pivot) = Box::pin(self.shared.registry.pivot(id.as_str())).await? else { return Ok(None) };
-        let registered = burrow_core::keys::parse_public_key(&pivot.host_key, "pivot host key").map(|k| fingerprint(&k));
+        let registered =
+            burrow_core::keys::parse_public_key(&pivot.host_key, "pivot host key").map(|k| fingerprint(&k));
         let alive = pivot.alive(self.shared.registry_now());
         Ok((alive && registered.as_deref().ok() == Some(fp)).then_some(Identity::Pivot(id)))
     }
@@ -411,7 +412,8 @@ impl Handler for Connection {
             Some(Identity::Operator { name, .. }) => name.clone(),
             Some(Identity::Pivot(pivot)) => {
                 let (shared, pivot) = (self.shared.clone(), pivot.clone());
-                let (host, originator) = (host_to_connect.to_string(), (originator_address.to_string(), originator_port));
+                let (host, originator) =
+                    (host_to_connect.to_string(), (originator_address.to_string(), originator_port));
                 self.shared.tracker.spawn(async move {
                     open_for_peer(shared, pivot, host, port_to_connect, originator, channel, reply).await;
                     drop(open);

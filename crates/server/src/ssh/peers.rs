@@ -48,9 +48,14 @@ impl client::Handler for PeerClient {
     type Error = russh::Error;
 
     async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-        Ok(matches!(key, russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } if key.key_data() == self.expected.key_data()))
+        Ok(
+            matches!(key, russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } if key.key_data() == self.expected.key_data()),
+        )
     }
 }
+
+/// One peer's connection, once made.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<client::Handle<PeerClient>>>>>;
 
 /// This pivot's connections to its peers, made on first use and kept.
 pub(crate) struct Peers {
@@ -59,7 +64,7 @@ pub(crate) struct Peers {
     config: Arc<client::Config>,
     /// One lock per peer, so a slow or dead peer holds up only its own callers.
     /// The lock is held only while connecting, never while a channel opens.
-    conns: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<client::Handle<PeerClient>>>>>>>,
+    conns: std::sync::Mutex<HashMap<String, Slot>>,
 }
 
 impl Peers {
@@ -125,11 +130,10 @@ impl Peers {
         let expected = parse_public_key(&peer.host_key, "peer host key").map_err(|e| e.to_string())?;
         let addr = peer.address.clone();
         let handler = PeerClient { expected };
-        let mut handle =
-            client::connect(self.config.clone(), addr.as_str(), handler).await.map_err(|e| match e {
-                russh::Error::UnknownKey => "its host key is not the one it registered".to_string(),
-                e => e.to_string(),
-            })?;
+        let mut handle = client::connect(self.config.clone(), addr.as_str(), handler).await.map_err(|e| match e {
+            russh::Error::UnknownKey => "its host key is not the one it registered".to_string(),
+            e => e.to_string(),
+        })?;
         let user = format!("{PEER_USER_PREFIX}{}", self.me);
         let auth = handle
             .authenticate_publickey(user, PrivateKeyWithHashAlg::new(self.key.clone(), None))

@@ -78,14 +78,16 @@ pub(crate) async fn open_for_operator(
         };
         let tunnel = match route {
             Route::Local(tunnel) => tunnel,
-            Route::Peer(pivot) => match shared.peers.open(&pivot, &id, req.port, (orig_addr.clone(), orig_port)).await {
-                Ok(ch) => break (id, Opened::Peer(ch, pivot.name)),
-                Err(refusal) => {
-                    warn!(operator = %req.operator, peer = %req.peer, conn = req.conn, device = %id, port = req.port, via = %pivot.name, "refused: {refusal}");
-                    refused(&shared, &req, reply, refusal).await;
-                    return;
+            Route::Peer(pivot) => {
+                match shared.peers.open(&pivot, &id, req.port, (orig_addr.clone(), orig_port)).await {
+                    Ok(ch) => break (id, Opened::Peer(ch, pivot.name)),
+                    Err(refusal) => {
+                        warn!(operator = %req.operator, peer = %req.peer, conn = req.conn, device = %id, port = req.port, via = %pivot.name, "refused: {refusal}");
+                        refused(&shared, &req, reply, refusal).await;
+                        return;
+                    }
                 }
-            },
+            }
         };
         let opened =
             tunnel.handle.channel_open_forwarded_tcpip(id.as_str(), req.port, orig_addr.clone(), orig_port).await;
@@ -166,7 +168,9 @@ pub(crate) async fn open_for_peer(
         Ok(id) => match shared.router.tunnel(&id) {
             Some(t) if t.ports.contains(&port) => Ok((id, t)),
             Some(_) => Err(Refusal::PortNotExposed { id, port }),
-            None => Err(Refusal::TunnelFailed { reason: format!("its tunnel is no longer on pivot '{me}'; retry"), id }),
+            None => {
+                Err(Refusal::TunnelFailed { reason: format!("its tunnel is no longer on pivot '{me}'; retry"), id })
+            }
         },
     };
     let (id, tunnel) = match found {
