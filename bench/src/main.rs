@@ -25,6 +25,7 @@
 //! whose tunnel is already up. Both devices front the same real sshd.
 
 mod agent_size;
+mod cluster;
 mod mqtt_hold;
 mod storm;
 mod vs_openssh;
@@ -204,8 +205,16 @@ usage:
       --timeout DUR           bound from the restart until all are back [120s]
       --ssh-threads N         passed to the pivot's --ssh-threads
       --max-startups SPEC     passed to the pivot [its default, 10:30:100]
-      --database-url URL      passed to the pivot as is (devices are still
-                              registered in the data dir's registry)
+      --down DUR              how long the pivot stays dead before the restart [0]
+      --database-url URL      the pivot's registry in PostgreSQL (passed on with
+                              --pivot-name storm; devices are registered there)
+  burrow-bench backends [FLAGS]
+      the registry on SQLite and on PostgreSQL (device connection rate,
+      channel-open latency), and two pivots on PostgreSQL: channel open and
+      scp to a device on the other pivot (relayed) against the same pivot
+      --devices N             devices connecting for the rate [2000]
+      --samples N             channel opens [300]
+      --mib N                 scp size [256]
   burrow-bench agent-size [AGENT_BIN]
       stripped size of burrow-agent [target/agent/burrow-agent] and the idle
       memory of an on-demand and an always-on agent (build it with
@@ -218,6 +227,20 @@ usage:
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("backends") => {
+            let mut o = cluster::Options::default();
+            let mut it = args[1..].iter();
+            while let Some(flag) = it.next() {
+                let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+                match flag.as_str() {
+                    "--devices" => o.devices = val()?.parse()?,
+                    "--samples" => o.samples = val()?.parse()?,
+                    "--mib" => o.mib = val()?.parse()?,
+                    other => bail!("unknown flag {other}\n{USAGE}"),
+                }
+            }
+            cluster::run(&burrow_bin()?, o).await
+        }
         Some("wake") => {
             let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(50);
             wake(n).await
@@ -263,6 +286,7 @@ async fn main() -> Result<()> {
                 ssh_threads: None,
                 database_url: None,
                 max_startups: None,
+                down: Duration::ZERO,
             };
             let mut it = args[2..].iter();
             while let Some(flag) = it.next() {
@@ -273,6 +297,7 @@ async fn main() -> Result<()> {
                     "--ssh-threads" => o.ssh_threads = Some(val()?.parse()?),
                     "--max-startups" => o.max_startups = Some(val()?.clone()),
                     "--database-url" => o.database_url = Some(val()?.clone()),
+                    "--down" => o.down = storm::parse_duration(val()?)?,
                     other => bail!("unknown flag {other}\n{USAGE}"),
                 }
             }

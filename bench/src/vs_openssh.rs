@@ -584,7 +584,7 @@ pub(crate) async fn register_devices(
 }
 
 /// Incompressible bytes, fast.
-fn write_blob(path: &Path, len: u64) -> Result<()> {
+pub(crate) fn write_blob(path: &Path, len: u64) -> Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
