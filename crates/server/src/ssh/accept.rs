@@ -40,6 +40,10 @@ async fn accept_any(
     .await
 }
 
+/// How long the accept loop waits for an unauthenticated slot to free
+/// before it accepts anyway (and the drop policy decides).
+const STALL: Duration = Duration::from_millis(250);
+
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
@@ -48,6 +52,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let limit = shared.connections.clone();
+    let start = shared.config.limits.max_startups.start;
     let mut backoff = Duration::from_millis(10);
     let mut next = 0;
     loop {
@@ -55,6 +60,19 @@ pub(crate) async fn serve(
             _ = shutdown.cancelled() => return,
             p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
         };
+        // In a reconnect storm the unauthenticated slots turn over in
+        // milliseconds: while they are at the drop threshold, leave new
+        // connections in the kernel's listen queue for a moment instead of
+        // accepting and dropping them (a dropped device backs off for
+        // seconds). Slots that do not turn over (slow or hostile peers) end
+        // the wait after STALL, and the drop policy applies as before.
+        let stall_until = Instant::now() + STALL;
+        while shared.preauth.in_use() >= start && Instant::now() < stall_until {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        }
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = accept_any(&listeners, &mut next) => match r {
