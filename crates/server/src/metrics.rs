@@ -90,14 +90,20 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         None => "disabled".to_string(),
         Some(s) => s.unavailable().map(|why| format!("unavailable: {why}")).unwrap_or_else(|| "ok".into()),
     };
+    let reachable = failure.is_none();
     let (status, registry) = match failure {
         None => (StatusCode::OK, "ok".to_string()),
         Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {e}")),
     };
     // The other pivots registered on this registry, alive or not yet reaped.
     let me = &shared.config.pivot_name;
-    let peers = match tokio::time::timeout(Duration::from_secs(2), shared.registry.pivots()).await {
-        Ok(Ok(all)) => {
+    // A registry that did not answer is not asked again: 503 within 2 s.
+    let listed = match reachable {
+        true => tokio::time::timeout(Duration::from_secs(2), shared.registry.pivots()).await.ok(),
+        false => None,
+    };
+    let peers = match listed {
+        Some(Ok(all)) => {
             let now = shared.registry_now();
             let others: Vec<String> = all
                 .iter()
