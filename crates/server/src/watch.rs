@@ -19,6 +19,8 @@ use crate::Shared;
 
 /// How often an open tunnel refreshes its device's `last_seen`.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
+/// New tunnels probed at once per tick; more wait for the regular rounds.
+const FRESH_PROBES: usize = 32;
 /// How often this pivot beats, well within `PIVOT_DEAD_AFTER`.
 const BEAT_EVERY: Duration = Duration::from_secs(2);
 /// With notifications, how often the registry is still polled, in case one was missed.
@@ -110,10 +112,13 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut changes: Option<Receiver<Chan
                 });
             }
         } else {
-            // A new tunnel is checked at once, its targets too.
-            let fresh: Vec<_> = tunnels.into_iter().filter(|(_, t)| !probed.contains(&t.conn)).collect();
+            // A new tunnel is checked at once, its targets too; in a burst (a
+            // reconnect storm) only the first few, and the rest wait for the
+            // regular rounds rather than add two channels each to the storm.
+            let mut fresh: Vec<_> = tunnels.into_iter().filter(|(_, t)| !probed.contains(&t.conn)).collect();
+            probed.extend(fresh.iter().map(|(_, t)| t.conn));
+            fresh.truncate(FRESH_PROBES);
             if !fresh.is_empty() {
-                probed.extend(fresh.iter().map(|(_, t)| t.conn));
                 let s = shared.clone();
                 shared.tracker.spawn(async move { crate::health::probe_all(&s, fresh, true).await });
             }
