@@ -85,6 +85,17 @@ fn two_pivots_share_postgres_and_mosquitto() {
     let b = TestPivot::start_sharing_host_key(BURROW, &args_b.iter().map(String::as_str).collect::<Vec<_>>(), &a);
     assert_eq!(a.host_key_line(), b.host_key_line());
 
+    // /healthz names the pivot, its peers and the backend.
+    let health = |p: &TestPivot| {
+        let out = Command::new("curl").args(["-s", &format!("http://127.0.0.1:{}/healthz", p.http_port())]).output();
+        String::from_utf8_lossy(&out.unwrap().stdout).into_owned()
+    };
+    // "listening" is printed before a pivot registers: wait until both are.
+    let both = wait_until(Duration::from_secs(20), || {
+        let h = health(&b);
+        h.contains(&format!("a 127.0.0.1:{} (alive)", a.addr.port())) && h.contains("pivot: b")
+    });
+    assert!(both, "the pivots did not register: {}", health(&b));
     // A third pivot under a's name, one left at the default name, or one
     // with its own embedded broker is refused, before it touches anything.
     let spare = tempfile::tempdir().unwrap();
@@ -93,14 +104,15 @@ fn two_pivots_share_postgres_and_mosquitto() {
         (vec!["--mqtt-url", &murl], "give this one its own --pivot-name"),
         (vec!["--pivot-name", "c"], "give them one broker with --mqtt-url"),
     ] {
-        let out = Command::new(BURROW)
-            .args(["server", "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--database-url", &url])
+        let mut cmd = Command::new(BURROW);
+        cmd.args(["server", "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--database-url", &url])
             .arg("--data-dir")
             .arg(spare.path())
-            .args(&extra)
-            .output()
-            .unwrap();
-        assert!(!out.status.success() && stderr(&out).contains(why), "{extra:?}: {}", stderr(&out));
+            .args(&extra);
+        // Bounded: a pivot that wrongly starts must not hang the test.
+        let mut p = Proc::spawn("refused pivot", &mut cmd, spare.path().join("refused.log"));
+        assert!(wait_until(Duration::from_secs(20), || !p.is_running()), "{extra:?} was not refused: {}", p.log_text());
+        assert!(p.log_text().contains(why), "{extra:?}: {}", p.log_text());
     }
     assert!(!a.proc.log_text().contains("cleared the tunnel records"));
 
@@ -115,11 +127,6 @@ fn two_pivots_share_postgres_and_mosquitto() {
     let carol = KeyPair::generate(alice.dir.path(), "carol");
     a.admin_ok(&["operator", "add", "carol", "--admin", "--key", carol.public.to_str().unwrap()]);
 
-    // /healthz names the pivot, its peers and the backend.
-    let health = |p: &TestPivot| {
-        let out = Command::new("curl").args(["-s", &format!("http://127.0.0.1:{}/healthz", p.http_port())]).output();
-        String::from_utf8_lossy(&out.unwrap().stdout).into_owned()
-    };
     let h = health(&b);
     assert!(
         h.contains("pivot: b") && h.contains("(postgres)") && h.contains(&format!("a 127.0.0.1:{}", a.addr.port())),
