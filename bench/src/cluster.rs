@@ -9,8 +9,6 @@
 //!    throughput to a device on pivot A, for an operator on A (direct)
 //!    and on B (relayed from B to A).
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,19 +33,6 @@ impl Default for Options {
     fn default() -> Self {
         Options { devices: 2000, samples: 300, mib: 256 }
     }
-}
-
-async fn register(url: Option<&str>, dir: &Path, prefix: &str, n: usize) -> Result<Vec<(String, Arc<PrivateKey>)>> {
-    let registry = burrow_server::Registry::open_for(url, dir).await?;
-    let mut keys = Vec::with_capacity(n);
-    for i in 0..n {
-        let key = burrow_core::keys::generate_ed25519();
-        let id = burrow_core::Id::parse(&format!("{prefix}-{i}"))?;
-        registry.add_device(&id, key.public_key(), &BTreeMap::new(), &[]).await?;
-        keys.push((id.to_string(), Arc::new(key)));
-    }
-    registry.close().await;
-    Ok(keys)
 }
 
 /// Connects every device, 64 at a time; returns devices per second.
@@ -105,7 +90,8 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     for engine in ["sqlite", "postgres"] {
         let url = (engine == "postgres").then(|| pg.create_database());
         let pivot = TestPivot::start_with(bin, &pivot_args(url.as_deref(), "a"));
-        let devices = register(url.as_deref(), pivot.data.path(), "dev", o.devices).await?;
+        let devices =
+            crate::vs_openssh::register_devices_in(url.as_deref(), pivot.data.path(), "dev", o.devices).await?;
         let rate = connection_rate(pivot.addr.port(), devices).await?;
         let sshd = Sshd::start(&[]);
         let (dev, op) = (KeyPair::generate(sshd.dir.path(), "lat"), KeyPair::generate(sshd.dir.path(), "op"));

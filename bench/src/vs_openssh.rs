@@ -571,7 +571,17 @@ pub(crate) async fn register_devices(
     prefix: &str,
     count: usize,
 ) -> Result<Vec<(String, Arc<PrivateKey>)>> {
-    let registry = burrow_server::Registry::open(data_dir).await?;
+    register_devices_in(None, data_dir, prefix, count).await
+}
+
+/// Like [`register_devices`], in the PostgreSQL registry at `url` if given.
+pub(crate) async fn register_devices_in(
+    url: Option<&str>,
+    data_dir: &Path,
+    prefix: &str,
+    count: usize,
+) -> Result<Vec<(String, Arc<PrivateKey>)>> {
+    let registry = burrow_server::Registry::open_for(url, data_dir).await?;
     let mut keys = Vec::with_capacity(count);
     for i in 0..count {
         let key = burrow_core::keys::generate_ed25519();
