@@ -140,6 +140,12 @@ pub enum OperatorCommand {
         /// Reach only devices with these labels (k=v[,k=v]); repeat for alternatives.
         #[arg(long)]
         allow: Vec<Selector>,
+        /// A user the operator's certificates log in as on devices; repeatable [default: root].
+        #[arg(long = "device-user", value_name = "USER", value_parser = parse_device_user)]
+        device_users: Vec<String>,
+        /// Lifetime of the operator's certificates (at most 7d).
+        #[arg(long, default_value = "8h", value_parser = parse_cert_ttl)]
+        cert_ttl: Duration,
         #[command(flatten)]
         data: Target,
     },
@@ -158,6 +164,77 @@ pub enum OperatorCommand {
         #[command(flatten)]
         data: Target,
     },
+}
+
+fn parse_device_user(s: &str) -> Result<String, String> {
+    burrow_core::cert::validate_device_user(s).map(|_| s.to_string())
+}
+
+fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
+    let d = crate::parse_duration(s)?;
+    if d > burrow_core::cert::MAX_CERT_TTL {
+        return Err("at most 7d: removing an operator relies on their certificates expiring".into());
+    }
+    Ok(d)
+}
+
+/// `burrow ca …`: the user CA that signs operators' certificates.
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Print the CA's public keys, for sshd's TrustedUserCAKeys.
+    Show {
+        /// Print JSON with each key's state and dates instead of key lines.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data: Target,
+    },
+    /// Add a new CA key: devices trust it at once, it signs after the overlap, and the old key retires after.
+    Rotate {
+        /// How long devices have to pick up the new key before it signs.
+        #[arg(long, default_value = "24h", value_parser = crate::parse_duration)]
+        overlap: Duration,
+        /// Sign with the new key at once and drop the old one (after a CA key was stolen).
+        #[arg(long, conflicts_with = "overlap")]
+        now: bool,
+        #[command(flatten)]
+        data: Target,
+    },
+}
+
+pub async fn ca(cmd: CaCommand) -> Result<()> {
+    match cmd {
+        CaCommand::Show { json, data } => {
+            let keys: Vec<burrow_core::rpc::CaKeyInfo> = typed(send(&data, Request::CaShow).await?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+                return Ok(());
+            }
+            // Key lines only, so `burrow ca show > user_ca.pub` is a TrustedUserCAKeys file.
+            for k in &keys {
+                let key = burrow_core::keys::parse_public_key(&k.public_key, "a CA key")?;
+                println!("{} burrow-user-ca-{}", burrow_core::keys::openssh_line(&key), safe(&k.state));
+            }
+        }
+        CaCommand::Rotate { overlap, now, data } => {
+            let overlap_secs = if now { 0 } else { overlap.as_secs() };
+            let out = send(&data, Request::CaRotate { overlap_secs, now }).await?;
+            let fp = str_of(&out["fingerprint"]);
+            if now {
+                println!("new CA key {fp} signs from now; the old keys are no longer trusted");
+                println!("devices drop the old keys as their agents next connect; certificates they signed stop working then");
+            } else {
+                println!(
+                    "new CA key {fp}: devices trust it as their agents connect; it signs from {}",
+                    str_of(&out["signs_from"])
+                );
+                if let Some(until) = out["old_retires_at"].as_str() {
+                    println!("the old key signs until then and is trusted until {}", safe(until));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -213,7 +290,7 @@ pub struct AuditArgs {
     /// Only this event: auth, auth_failures, connection_dropped, tunnel_up, tunnel_down, wake,
     /// channel_open, channel_refused, channel_close, ban, ban_add, ban_remove, device_add,
     /// device_remove, device_revoke, operator_add, operator_remove, enroll, rotate_key, host_keys,
-    /// host_keys_reset, lease_add, lease_remove, admin_denied.
+    /// host_keys_reset, lease_add, lease_remove, certificate, ca_rotate, admin_denied.
     #[arg(long)]
     event: Option<String>,
     /// At most this many records (the newest).
@@ -373,6 +450,13 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
             println!("enrolled:    {}", if d.enrolled { "yes" } else { "no (token pending)" });
             println!("revoked:     {}", yes(d.revoked));
             println!("fingerprint: {}", safe(d.fingerprint.as_deref().unwrap_or("-")));
+            match (d.access.as_str(), &d.trust_at) {
+                ("certificates", Some(at)) => println!(
+                    "access:      certificates (its sshd trusts the pivot's CA; trust fetched {})",
+                    safe(at)
+                ),
+                _ => println!("access:      authorized_keys (operators' keys must be on the device)"),
+            }
             for k in &d.host_keys {
                 println!("host key:    {}", safe(k));
             }
@@ -436,22 +520,38 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
 
 pub async fn operator(cmd: OperatorCommand) -> Result<()> {
     match cmd {
-        OperatorCommand::Add { name, key, admin, allow, data } => {
+        OperatorCommand::Add { name, key, admin, allow, device_users, cert_ttl, data } => {
             let key = burrow_core::keys::openssh_line(&read_public_key(&key)?);
             let allow = allow.iter().map(Selector::to_string).collect();
-            let out = send(&data, Request::OperatorAdd { name: name.clone(), key, admin, allow }).await?;
+            let cert_ttl_secs = Some(cert_ttl.as_secs().max(1));
+            let req = Request::OperatorAdd { name: name.clone(), key, admin, allow, device_users, cert_ttl_secs };
+            let out = send(&data, req).await?;
             let role = if str_of(&out["role"]) == "admin" { " with admin rights" } else { "" };
             println!("added operator '{name}'{role} ({})", str_of(&out["fingerprint"]));
+            let users: Vec<String> = out["device_users"].as_array().into_iter().flatten().map(str_of).collect();
+            println!(
+                "certificates from `burrow login` log in to devices as {} for {}",
+                users.join(", "),
+                spoken_duration(cert_ttl)
+            );
         }
         OperatorCommand::List { json, data } => {
             let operators: Vec<OperatorInfo> = typed(send(&data, Request::OperatorList).await?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&operators)?);
             } else {
-                println!("{:<24} {:<9} {:<52} ALLOW", "NAME", "ROLE", "FINGERPRINT");
+                println!("{:<24} {:<9} {:<52} {:<16} {:<9} ALLOW", "NAME", "ROLE", "FINGERPRINT", "DEVICE USERS", "CERT TTL");
                 for o in &operators {
                     let allow = if o.allow.is_empty() { "*".to_string() } else { safe(&o.allow.join(" | ")) };
-                    println!("{:<24} {:<9} {:<52} {allow}", safe(&o.name), safe(&o.role), safe(&o.fingerprint));
+                    let ttl = humantime::format_duration(Duration::from_secs(o.cert_ttl_secs)).to_string();
+                    println!(
+                        "{:<24} {:<9} {:<52} {:<16} {:<9} {allow}",
+                        safe(&o.name),
+                        safe(&o.role),
+                        safe(&o.fingerprint),
+                        safe(&o.device_users.join(",")),
+                        ttl
+                    );
                 }
             }
         }

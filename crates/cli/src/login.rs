@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burrow_agent::pivot_client::{self, ClientError};
-use burrow_core::rpc::{DeviceInfo, Request, WhoamiInfo};
+use burrow_core::rpc::{CertificateIssued, DeviceInfo, Request, WhoamiInfo};
 use burrow_core::HostKeyPin;
 
 use crate::remote::{credentials, home, LoginState, Remote, DEFAULT_LOGIN};
@@ -114,7 +114,22 @@ pub async fn run(args: LoginArgs) -> Result<()> {
         }
     }
     std::fs::write(&known_hosts, kh)?;
-    std::fs::write(&config, ssh_config(host, port, &args.name, &ids, &known_hosts, identity.as_deref()))?;
+    // Operators get a certificate that devices trusting the pivot's CA
+    // accept, with no key of theirs on the device.
+    let cert_path = certificate_path(&ssh_dir, &args.name);
+    let cert = if me.kind == "operator" {
+        match fetch_certificate(&remote, &cert_path).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("burrow: no certificate ({e:#}); devices that trust the pivot's CA will refuse this login");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let cert_file = cert.as_ref().map(|_| cert_path.as_path());
+    std::fs::write(&config, ssh_config(host, port, &args.name, &ids, &known_hosts, identity.as_deref(), cert_file))?;
     include_in_user_config(&ssh_dir, &config)?;
     LoginState {
         name: args.name.clone(),
@@ -122,6 +137,7 @@ pub async fn run(args: LoginArgs) -> Result<()> {
         fingerprint: pin.fingerprint(),
         identity: identity.clone(),
         ssh_config: config.clone(),
+        certificate: cert.as_ref().map(|_| cert_path.clone()),
     }
     .save()?;
     println!(
@@ -138,8 +154,66 @@ pub async fn run(args: LoginArgs) -> Result<()> {
             unpinned.join(", ")
         );
     }
-    println!("try: ssh root@DEVICE.{}", args.name);
+    let mut user = "root".to_string();
+    if let Some(c) = &cert {
+        println!(
+            "certificate {} (serial {}) valid until {}, in {}",
+            burrow_core::text::printable(&c.key_id),
+            c.serial,
+            burrow_core::text::printable(&c.valid_before),
+            cert_path.display()
+        );
+        let users: Vec<&str> = c.principals.iter().filter_map(|p| principal_user(p)).collect();
+        if let Some(u) = users.iter().find(|u| **u != "*") {
+            user = u.to_string();
+        }
+    }
+    println!("try: ssh {user}@DEVICE.{}", args.name);
     Ok(())
+}
+
+/// Where a login keeps its certificate: `~/.ssh/burrow/id-cert.pub` for the
+/// default login, in the login's own directory for others.
+pub fn certificate_path(ssh_dir: &Path, name: &str) -> PathBuf {
+    if name == DEFAULT_LOGIN {
+        ssh_dir.join("burrow").join("id-cert.pub")
+    } else {
+        ssh_dir.join("burrow").join(name).join("id-cert.pub")
+    }
+}
+
+/// The device user of a principal `burrow:USER:SCOPE`.
+fn principal_user(p: &str) -> Option<&str> {
+    p.strip_prefix(burrow_core::cert::PRINCIPAL_PREFIX)?.split_once(':').map(|(u, _)| u)
+}
+
+/// Asks the pivot for a certificate of the operator's key and writes it to
+/// `path`, after checking that it is one: a user certificate for that key.
+pub async fn fetch_certificate(remote: &Remote, path: &Path) -> Result<CertificateIssued> {
+    let issued: CertificateIssued = serde_json::from_value(remote.call(&Request::Certificate).await?)
+        .context("the pivot's answer has an unexpected shape (a burrow version without certificates?)")?;
+    let cert = russh::keys::ssh_key::Certificate::from_openssh(&issued.certificate)
+        .context("the pivot sent something that is not an OpenSSH certificate")?;
+    if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::User {
+        bail!("the pivot sent a host certificate, not a user certificate");
+    }
+    // Written back from its parts, never as sent.
+    let text = cert.to_openssh().context("cannot encode the certificate")?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{text}\n")).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(issued)
+}
+
+/// Whether the certificate at `path` is valid for at least `margin` more.
+pub fn certificate_fresh(path: &Path, margin: std::time::Duration) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    let Ok(cert) = russh::keys::ssh_key::Certificate::from_openssh(text.trim()) else { return false };
+    let now = burrow_core::time::now_unix().max(0) as u64;
+    cert.valid_before() > now.saturating_add(margin.as_secs()) && cert.valid_after() <= now
 }
 
 fn ssh_config(
@@ -149,6 +223,7 @@ fn ssh_config(
     ids: &[String],
     known_hosts: &Path,
     identity: Option<&Path>,
+    certificate: Option<&Path>,
 ) -> String {
     let mut c = String::from("# Written by `burrow login`; run it again to refresh.\n");
     // The pivot knows each device by its bare id whatever this login is
@@ -158,7 +233,13 @@ fn ssh_config(
         let _ = write!(c, "Host {id}.{name}\n    HostName {id}\n");
     }
     let _ = write!(c, "Host {name}-pivot\n    HostName {host}\n    Port {port}\n\n");
-    let _ = write!(c, "Host *.{name}\n    ProxyJump {name}-pivot\n\n");
+    let _ = write!(c, "Host *.{name}\n    ProxyJump {name}-pivot\n");
+    // For devices only: the pivot knows the plain key.
+    if let Some(cert) = certificate {
+        let abs = std::path::absolute(cert).unwrap_or_else(|_| cert.to_path_buf());
+        let _ = writeln!(c, "    CertificateFile {}", abs.display());
+    }
+    c.push('\n');
     let _ = write!(
         c,
         "Host {name}-pivot *.{name}\n    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n",

@@ -62,6 +62,9 @@ enum Command {
     Ban(admin::BanCommand),
     /// Query the audit trail (admin; locally or with --pivot).
     Audit(admin::AuditArgs),
+    /// The user CA that signs operators' certificates (locally or with --pivot).
+    #[command(subcommand)]
+    Ca(admin::CaCommand),
     /// Write OpenSSH config and known_hosts for ID.burrow names.
     Login(login::LoginArgs),
     /// ssh to a device, after checking it can be reached.
@@ -112,6 +115,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Operator(cmd) => admin::operator(cmd).await?,
         Command::Ban(cmd) => admin::ban(cmd).await?,
         Command::Audit(args) => admin::audit(args).await?,
+        Command::Ca(cmd) => admin::ca(cmd).await?,
         Command::Login(args) => login::run(args).await?,
         Command::Openssh(cmd) => openssh::run(cmd).await?,
         Command::Ssh(a) => return wrappers::ssh(a).await,

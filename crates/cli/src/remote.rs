@@ -23,6 +23,10 @@ pub struct LoginState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<PathBuf>,
     pub ssh_config: PathBuf,
+    /// The operator's certificate from the pivot's CA, renewed by `burrow
+    /// ssh/scp/sftp` when it runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<PathBuf>,
 }
 
 /// The login name used when none is given: devices are `ID.burrow`.

@@ -88,12 +88,26 @@ impl Session {
     /// Asks the pivot whether `id:port` is reachable; prints its refusal if not.
     async fn check(&self, id: &str, port: u32) -> Result<bool> {
         let id = burrow_core::Id::parse(id)?;
+        self.renew_certificate().await;
         match self.remote.call(&Request::Check { id, port }).await {
             Ok(_) => Ok(true),
             Err(e) => {
                 eprintln!("burrow: {e:#}");
                 Ok(false)
             }
+        }
+    }
+
+    /// Gets a new certificate if the login's has run out (or will within a
+    /// minute): the device's sshd would refuse it.
+    async fn renew_certificate(&self) {
+        let Some(path) = &self.state.certificate else { return };
+        if crate::login::certificate_fresh(path, std::time::Duration::from_secs(60)) {
+            return;
+        }
+        match crate::login::fetch_certificate(&self.remote, path).await {
+            Ok(c) => tracing::debug!(serial = c.serial, "renewed the certificate"),
+            Err(e) => eprintln!("burrow: cannot renew the certificate {}: {e:#}", path.display()),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Enrollment, end-to-end host-key pinning, remote administration, label
 //! access and the operator's everyday tools (`burrow login`, `burrow ssh`…).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -9,11 +9,6 @@ use burrow_core::enroll::EnrollToken;
 use burrow_testkit::*;
 
 const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
-
-fn fingerprint(pub_file: &Path) -> String {
-    let key = burrow_core::keys::read_public_key(pub_file).unwrap();
-    burrow_core::fingerprint(&key)
-}
 
 /// Prints a token for `id` via `burrow device add ID` (no key).
 fn token_for(pivot: &TestPivot, id: &str, extra: &[&str]) -> String {
@@ -47,64 +42,6 @@ fn start_enrolled_agent(e: &Enrolled, extra: &[&str]) -> Proc {
     Proc::spawn("burrow agent (config)", &mut cmd, e.dir.path().join(format!("agent-{}.log", extra.len())))
 }
 
-/// An operator's laptop: its own HOME, so `burrow login` writes only there.
-struct Laptop {
-    home: tempfile::TempDir,
-    key: KeyPair,
-}
-
-impl Laptop {
-    fn new() -> Laptop {
-        let home = tempfile::Builder::new().prefix("burrow-home").tempdir().unwrap();
-        let key = KeyPair::generate(home.path(), "id_operator");
-        Laptop { home, key }
-    }
-
-    fn burrow(&self, args: &[&str]) -> Output {
-        Command::new(BURROW)
-            .env("HOME", self.home.path())
-            .env_remove("SSH_AUTH_SOCK")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn login(&self, pivot: &TestPivot) -> Output {
-        let fp = fingerprint(&pivot.host_key_pub());
-        let addr = pivot.addr.to_string();
-        self.burrow(&["login", &addr, "--pivot-host-key", &fp, "--identity", self.key.private.to_str().unwrap()])
-    }
-
-    /// The stock ssh client with the user config `burrow login` extended.
-    fn ssh(&self, args: &[&str]) -> Output {
-        Command::new("ssh")
-            .arg("-F")
-            .arg(self.home.path().join(".ssh/config"))
-            .args(["-o", "BatchMode=yes"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    /// `burrow --pivot ADDR …` with this laptop's key and the pivot's pinned fingerprint.
-    fn remote(&self, pivot: &TestPivot, args: &[&str]) -> Output {
-        let fp = fingerprint(&pivot.host_key_pub());
-        let addr = pivot.addr.to_string();
-        let mut all = args.to_vec();
-        all.extend_from_slice(&[
-            "--pivot",
-            &addr,
-            "--pivot-host-key",
-            &fp,
-            "--identity",
-            self.key.private.to_str().unwrap(),
-        ]);
-        self.burrow(&all)
-    }
-}
-
 /// A pivot, an operator's laptop, and `cam-42` enrolled with a running agent.
 struct Fleet {
     pivot: TestPivot,
@@ -116,7 +53,7 @@ struct Fleet {
 
 fn enrolled_fleet() -> Fleet {
     let pivot = TestPivot::start(BURROW);
-    let laptop = Laptop::new();
+    let laptop = Laptop::new(BURROW);
     pivot.add_operator("alice", &laptop.key);
     let sshd = Sshd::start(&[&laptop.key]);
     let (dev, out) = enroll(&token_for(&pivot, "cam-42", &[]), &sshd);
@@ -134,7 +71,7 @@ fn ok(out: &Output) -> String {
 #[test]
 fn from_token_to_strict_ssh_by_name() {
     let pivot = TestPivot::start(BURROW);
-    let laptop = Laptop::new();
+    let laptop = Laptop::new(BURROW);
     pivot.add_operator("alice", &laptop.key);
     let sshd = Sshd::start(&[&laptop.key]);
     let token = token_for(&pivot, "cam-42", &["--label", "site=lab"]);
@@ -196,7 +133,7 @@ fn from_token_to_strict_ssh_by_name() {
 #[test]
 fn wrappers_print_the_pivots_refusal_for_an_offline_device() {
     let pivot = TestPivot::start(BURROW);
-    let laptop = Laptop::new();
+    let laptop = Laptop::new(BURROW);
     pivot.add_operator("alice", &laptop.key);
     let key = KeyPair::generate(laptop.home.path(), "dev");
     pivot.add_device("cam-42", &key);
@@ -285,7 +222,7 @@ fn revoking_a_device_disconnects_it_and_refuses_it() {
     ok(&out);
     let agent = start_enrolled_agent(&dev, &[]);
     assert!(pivot.wait_online("cam-42", true, Duration::from_secs(20)));
-    let laptop = Laptop::new();
+    let laptop = Laptop::new(BURROW);
     pivot.add_operator("root", &laptop.key);
     pivot.admin_ok(&["operator", "remove", "root"]);
     pivot.admin_ok(&["device", "revoke", "cam-42"]);
@@ -339,8 +276,8 @@ fn operator_as(pivot: &TestPivot, laptop: &Laptop) -> Operator {
 #[test]
 fn remote_administration_by_role() {
     let pivot = TestPivot::start(BURROW);
-    let admin = Laptop::new();
-    let bob = Laptop::new();
+    let admin = Laptop::new(BURROW);
+    let bob = Laptop::new(BURROW);
     pivot.admin_ok(&["operator", "add", "root-op", "--key", admin.key.public.to_str().unwrap(), "--admin"]);
     let dev_key = KeyPair::generate(admin.home.path(), "cam7");
 
@@ -379,7 +316,7 @@ fn remote_administration_by_role() {
     assert!(pivot.device_json("cam-7").is_some());
 
     // An unregistered key and a wrong pin are refused.
-    let stranger = Laptop::new();
+    let stranger = Laptop::new(BURROW);
     let out = stranger.remote(&pivot, &["device", "list"]);
     assert!(stderr(&out).contains("the pivot refused our key"), "{}", stderr(&out));
     let addr = pivot.addr.to_string();
@@ -400,7 +337,7 @@ fn remote_administration_by_role() {
 #[test]
 fn label_selectors_allow_and_deny() {
     let pivot = TestPivot::start(BURROW);
-    let bob = Laptop::new();
+    let bob = Laptop::new(BURROW);
     let sshd = Sshd::start(&[&bob.key]);
     pivot.admin_ok(&["operator", "add", "bob", "--key", bob.key.public.to_str().unwrap(), "--allow", "site=berlin"]);
     let expose = [format!("22={}", sshd.target())];
@@ -507,7 +444,7 @@ fn remote_admin_signs_with_keys_from_ssh_agent() {
     require_tool("ssh-agent");
     require_tool("ssh-add");
     let pivot = TestPivot::start(BURROW);
-    let admin = Laptop::new();
+    let admin = Laptop::new(BURROW);
     pivot.admin_ok(&["operator", "add", "root-op", "--key", admin.key.public.to_str().unwrap(), "--admin"]);
     let stranger = KeyPair::generate(admin.home.path(), "id_unregistered");
     let cam_key = KeyPair::generate(admin.home.path(), "cam1");
@@ -556,7 +493,7 @@ fn remote_admin_signs_with_keys_from_ssh_agent() {
 #[test]
 fn host_keys_given_at_device_add_are_pinned_and_login_names_devices_without() {
     let pivot = TestPivot::start(BURROW);
-    let laptop = Laptop::new();
+    let laptop = Laptop::new(BURROW);
     pivot.add_operator("alice", &laptop.key);
     let sshd = Sshd::start(&[&laptop.key]);
     let dir = tempfile::tempdir().unwrap();
@@ -582,7 +519,7 @@ fn host_keys_given_at_device_add_are_pinned_and_login_names_devices_without() {
 #[test]
 fn the_agent_registers_its_sshds_host_keys_and_a_change_waits_for_an_admin() {
     let pivot = TestPivot::start(BURROW);
-    let laptop = Laptop::new();
+    let laptop = Laptop::new(BURROW);
     pivot.add_operator("alice", &laptop.key);
     let sshd = Sshd::start(&[&laptop.key]);
     let key = KeyPair::generate(laptop.home.path(), "cam-5");

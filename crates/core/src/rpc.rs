@@ -55,6 +55,13 @@ pub enum Request {
         key: String,
         admin: bool,
         allow: Vec<String>,
+        /// Users the operator may log in as on devices with a certificate
+        /// (empty: [`crate::cert::DEFAULT_DEVICE_USER`]).
+        #[serde(default)]
+        device_users: Vec<String>,
+        /// Lifetime of the operator's certificates (default 8 h).
+        #[serde(default, deserialize_with = "deserialize_cert_ttl")]
+        cert_ttl_secs: Option<u64>,
     },
     OperatorList,
     OperatorRemove {
@@ -116,6 +123,22 @@ pub enum Request {
     BanRemove {
         net: String,
     },
+    /// Sign the caller's operator key: a short-lived certificate that
+    /// devices trusting the pivot's CA accept.
+    Certificate,
+    /// Sent by a device that trusts the CA: the CA keys, the revoked
+    /// operator keys, its id and labels, for its sshd to decide alone.
+    Trust,
+    /// The user CA's public keys.
+    CaShow,
+    /// Add a new CA key (admin). Devices trust it at once; it signs after
+    /// `overlap_secs`, and the old key is trusted until the certificates it
+    /// signed expire. `now`: sign with it at once and drop the old key.
+    CaRotate {
+        overlap_secs: u64,
+        #[serde(default)]
+        now: bool,
+    },
     /// Audit records matching every filter given (admin).
     Audit {
         #[serde(default)]
@@ -154,6 +177,7 @@ impl Request {
                 | Request::BanAdd { .. }
                 | Request::BanRemove { .. }
                 | Request::Audit { .. }
+                | Request::CaRotate { .. }
         )
     }
 
@@ -174,7 +198,18 @@ impl Request {
                 | Request::Enroll { .. }
                 | Request::RotateKey { .. }
                 | Request::HostKeys { .. }
+                | Request::Certificate
+                | Request::Trust
+                | Request::CaRotate { .. }
         )
+    }
+
+    /// Whether it may change who reaches what now, so the pivot rechecks
+    /// open sessions after it. Host keys, certificates, trust reports and
+    /// CA keys change only what later logins present.
+    pub fn changes_access(&self) -> bool {
+        self.mutates()
+            && !matches!(self, Request::HostKeys { .. } | Request::Certificate | Request::Trust | Request::CaRotate { .. })
     }
 }
 
@@ -211,6 +246,13 @@ pub struct DeviceInfo {
     pub health_at: Option<String>,
     #[serde(default)]
     pub targets: BTreeMap<String, String>,
+    /// How operators log in to its sshd: "certificates" once its agent
+    /// trusts the pivot's CA, else "authorized_keys".
+    #[serde(default)]
+    pub access: String,
+    /// When its agent last fetched the CA keys and labels (RFC 3339).
+    #[serde(default)]
+    pub trust_at: Option<String>,
     pub added: String,
 }
 
@@ -223,7 +265,43 @@ pub struct OperatorInfo {
     pub fingerprint: String,
     /// Label selectors; empty means every device.
     pub allow: Vec<String>,
+    /// Users the operator's certificates log in as on devices.
+    #[serde(default)]
+    pub device_users: Vec<String>,
+    /// Lifetime of the operator's certificates, in seconds.
+    #[serde(default)]
+    pub cert_ttl_secs: u64,
     pub added: String,
+}
+
+/// A certificate the pivot issued (`Certificate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateIssued {
+    /// The certificate, an OpenSSH `...-cert-v01@openssh.com` line.
+    pub certificate: String,
+    pub serial: u64,
+    pub key_id: String,
+    pub principals: Vec<String>,
+    /// RFC 3339.
+    pub valid_after: String,
+    pub valid_before: String,
+    /// The CA key that signed it.
+    pub ca_fingerprint: String,
+}
+
+/// One key of the user CA (`CaShow`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaKeyInfo {
+    /// OpenSSH public key line.
+    pub public_key: String,
+    pub fingerprint: String,
+    /// signing, next (trusted, signs from `signs_from`) or retiring
+    /// (trusted until `retires_at`, signs no more).
+    pub state: String,
+    pub added: String,
+    pub signs_from: String,
+    #[serde(default)]
+    pub retires_at: Option<String>,
 }
 
 /// A pivot-side port lease as `device listens` returns it.
@@ -302,6 +380,17 @@ fn deserialize_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Er
             "ttl_secs {secs} is outside 1..={} (100 years)",
             MAX_DURATION.as_secs()
         ))),
+        _ => Ok(ttl),
+    }
+}
+
+fn deserialize_cert_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let ttl = Option::<u64>::deserialize(d)?;
+    let max = crate::cert::MAX_CERT_TTL.as_secs();
+    match ttl {
+        Some(secs) if secs == 0 || secs > max => {
+            Err(serde::de::Error::custom(format!("cert_ttl_secs {secs} is outside 1..={max} (7 days)")))
+        }
         _ => Ok(ttl),
     }
 }

@@ -5,9 +5,10 @@
 
 use burrow_core::enroll::EnrollToken;
 use burrow_core::keys::{fingerprint, parse_public_key, PublicKey};
+use burrow_core::cert::{DeviceTrust, DEFAULT_CERT_TTL, DEFAULT_DEVICE_USER, MAX_CA_KEYS, MAX_REVOKED_KEYS};
 use burrow_core::rpc::{
-    allowed, rotate_message, BanInfo, DeviceAdded, DeviceInfo, ListenInfo, OperatorInfo, Request, Response, Selector,
-    WhoamiInfo, ROTATE_NAMESPACE,
+    allowed, rotate_message, BanInfo, CaKeyInfo, CertificateIssued, DeviceAdded, DeviceInfo, ListenInfo, OperatorInfo,
+    Request, Response, Selector, WhoamiInfo, ROTATE_NAMESPACE,
 };
 use std::time::Duration;
 
@@ -154,6 +155,13 @@ pub async fn execute_audited(ctx: &Context<'_>, caller: &Caller, req: Request) -
             if let Some(removed) = v.get("removed") {
                 args["removed"] = removed.clone();
             }
+            // What was signed: an auditor ties a device's sshd log line
+            // (key id and serial) to the operator and what it allowed.
+            if event == "certificate" {
+                for k in ["serial", "key_id", "principals", "valid_after", "valid_before", "ca_fingerprint"] {
+                    args[k] = v[k].clone();
+                }
+            }
         }
         let mut rec = AuditRecord::new(event)
             .outcome(result.is_ok(), result.as_ref().err().map(|e| printable(&e.to_string()).into_owned()));
@@ -198,6 +206,8 @@ fn audit_event(req: &Request) -> Option<&'static str> {
         Request::DeviceHostKeysReset { .. } => "host_keys_reset",
         Request::BanAdd { .. } => "ban_add",
         Request::BanRemove { .. } => "ban_remove",
+        Request::Certificate => "certificate",
+        Request::CaRotate { .. } => "ca_rotate",
         _ => return None,
     })
 }
@@ -213,10 +223,14 @@ fn audit_args(req: &Request) -> Value {
             "enrollment_token": key.is_none(), "ttl_secs": ttl_secs, "address": address.as_deref().map(printable),
         }),
         Request::DeviceRemove { id } | Request::DeviceRevoke { id } => json!({"id": id.as_str()}),
-        Request::OperatorAdd { name, key, admin, allow } => json!({
+        Request::OperatorAdd { name, key, admin, allow, device_users, cert_ttl_secs } => json!({
             "name": name.as_str(), "fingerprint": fp(key), "role": role(*admin),
             "allow": allow.iter().map(|a| printable(a).into_owned()).collect::<Vec<_>>(),
+            "device_users": device_users.iter().map(|u| printable(u).into_owned()).collect::<Vec<_>>(),
+            "cert_ttl_secs": cert_ttl_secs,
         }),
+        Request::Certificate => json!({}),
+        Request::CaRotate { overlap_secs, now } => json!({"overlap_secs": overlap_secs, "now": now}),
         Request::OperatorRemove { name } => json!({"name": name.as_str()}),
         Request::Enroll { token, host_keys } => json!({
             "id": EnrollToken::decode(token).map(|t| printable(&t.device).into_owned()).ok(),
@@ -357,14 +371,112 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             }
             Ok(json!({"id": id.as_str()}))
         }
-        Request::OperatorAdd { name, key: line, admin, allow } => {
+        Request::OperatorAdd { name, key: line, admin, allow, device_users, cert_ttl_secs } => {
             let k = key(&line, "the operator key")?;
-            let allow: Vec<String> = allow
+            let selectors: Vec<Selector> =
+                allow.iter().map(|s| s.parse::<Selector>().map_err(AdminError::Invalid)).collect::<Result<_, _>>()?;
+            let allow: Vec<String> = selectors.iter().map(Selector::to_string).collect();
+            if device_users.len() > burrow_core::cert::MAX_DEVICE_USERS {
+                return Err(AdminError::Invalid(format!(
+                    "at most {} device users per operator",
+                    burrow_core::cert::MAX_DEVICE_USERS
+                )));
+            }
+            let mut users: Vec<String> = Vec::new();
+            for u in device_users {
+                burrow_core::cert::validate_device_user(&u).map_err(AdminError::Invalid)?;
+                if !users.contains(&u) {
+                    users.push(u);
+                }
+            }
+            // The certificate this operator will get must be one sshd takes.
+            burrow_core::cert::principals(&selectors, &device_users_or_default(&users))
+                .map_err(AdminError::Invalid)?;
+            let ttl = cert_ttl_secs.map(|t| t as i64);
+            reg.add_operator(&name, &k, admin, &allow, &users, ttl).await?;
+            Ok(json!({
+                "name": name.as_str(), "role": role(admin), "fingerprint": fingerprint(&k), "allow": allow,
+                "device_users": device_users_or_default(&users),
+                "cert_ttl_secs": cert_ttl_secs.unwrap_or(DEFAULT_CERT_TTL.as_secs()),
+            }))
+        }
+        Request::Certificate => {
+            let Caller::Operator { name, .. } = caller else { unreachable!("authorized above") };
+            let op = reg.operator(name).await?.ok_or_else(|| AdminError::Denied(format!("operator '{name}' was removed")))?;
+            let k = key(&op.public_key, "the operator key")?;
+            let selectors: Vec<Selector> = op.allow.iter().filter_map(|s| s.parse().ok()).collect();
+            let principals = burrow_core::cert::principals(&selectors, &device_users_or_default(&op.device_users))
+                .map_err(AdminError::Invalid)?;
+            let ttl = op.cert_ttl.map_or(DEFAULT_CERT_TTL, |t| Duration::from_secs(t.max(1) as u64));
+            let issued = crate::ca::issue(reg, name, &k, &principals, ttl, now_unix()).await?;
+            let info = CertificateIssued {
+                certificate: issued.certificate,
+                serial: issued.serial,
+                key_id: crate::ca::key_id(name, issued.serial),
+                principals,
+                valid_after: format_unix(issued.valid_after),
+                valid_before: format_unix(issued.valid_before),
+                ca_fingerprint: issued.ca_fingerprint,
+            };
+            Ok(serde_json::to_value(info).expect("serializes"))
+        }
+        Request::Trust => {
+            let Caller::Device(id) = caller else { unreachable!("authorized above") };
+            let dev = reg.device(id).await?.ok_or_else(|| Refusal::Unknown(id.to_string()))?;
+            let now = now_unix();
+            let ca_keys: Vec<String> = reg
+                .user_cas()
+                .await?
+                .into_iter()
+                .filter(|c| c.trusted(now))
+                .take(MAX_CA_KEYS)
+                .map(|c| c.public_key)
+                .collect();
+            if ca_keys.is_empty() {
+                return Err(crate::RegistryError::NoUserCa.into());
+            }
+            let revoked_keys = reg.revoked_operator_keys(now, MAX_REVOKED_KEYS).await?;
+            reg.set_trust_at(id, now).await?;
+            let trust = DeviceTrust { id: id.to_string(), labels: dev.labels, ca_keys, revoked_keys };
+            Ok(serde_json::to_value(trust).expect("serializes"))
+        }
+        Request::CaShow => {
+            let now = now_unix();
+            let cas = reg.user_cas().await?;
+            let signing = crate::registry::signing_ca(&cas, now).map(|c| c.fingerprint.clone());
+            let list: Vec<CaKeyInfo> = cas
                 .iter()
-                .map(|s| s.parse::<Selector>().map(|s| s.to_string()).map_err(AdminError::Invalid))
-                .collect::<Result<_, _>>()?;
-            reg.add_operator(&name, &k, admin, &allow).await?;
-            Ok(json!({"name": name.as_str(), "role": role(admin), "fingerprint": fingerprint(&k), "allow": allow}))
+                .filter(|c| c.trusted(now))
+                .map(|c| CaKeyInfo {
+                    public_key: c.public_key.clone(),
+                    fingerprint: c.fingerprint.clone(),
+                    state: if signing.as_deref() == Some(c.fingerprint.as_str()) {
+                        "signing"
+                    } else if c.signs_from > now {
+                        "next"
+                    } else {
+                        "retiring"
+                    }
+                    .into(),
+                    added: format_unix(c.created_at),
+                    signs_from: format_unix(c.signs_from),
+                    retires_at: c.retires_at.map(format_unix),
+                })
+                .collect();
+            Ok(serde_json::to_value(list).expect("serializes"))
+        }
+        Request::CaRotate { overlap_secs, now: at_once } => {
+            if overlap_secs > burrow_core::time::MAX_DURATION.as_secs() {
+                return Err(AdminError::Invalid("--overlap is longer than 100 years".into()));
+            }
+            let (public, fp, pem, _key) = crate::ca::new_key();
+            let now = now_unix();
+            let (signs_from, old_retires) =
+                reg.rotate_user_ca(&public, &fp, &pem, now, Duration::from_secs(overlap_secs), at_once).await?;
+            Ok(json!({
+                "fingerprint": fp, "public_key": public, "signs_from": format_unix(signs_from),
+                "old_retires_at": old_retires.map(format_unix),
+            }))
         }
         Request::OperatorList => Ok(Value::Array(reg.operators().await?.iter().map(operator_json).collect())),
         Request::OperatorRemove { name } => {
@@ -559,8 +671,13 @@ fn authorize(caller: &Caller, req: &Request) -> Result<(), AdminError> {
     let ok = match (caller, req) {
         (Caller::Enrollee(_), Request::Enroll { .. }) => true,
         (Caller::Enrollee(_), _) | (_, Request::Enroll { .. }) => false,
-        (Caller::Device(_), Request::RotateKey { .. } | Request::HostKeys { .. } | Request::Whoami) => true,
-        (Caller::Device(_), _) | (_, Request::RotateKey { .. } | Request::HostKeys { .. }) => false,
+        (Caller::Device(_), Request::RotateKey { .. } | Request::HostKeys { .. } | Request::Trust | Request::Whoami) => {
+            true
+        }
+        (Caller::Device(_), _) | (_, Request::RotateKey { .. } | Request::HostKeys { .. } | Request::Trust) => false,
+        // A certificate is for the key that asks: an operator's.
+        (Caller::Operator { .. }, Request::Certificate) => true,
+        (_, Request::Certificate) => false,
         (Caller::Local, _) => true,
         (Caller::Operator { admin, .. }, r) => *admin || !r.needs_admin(),
     };
@@ -569,7 +686,12 @@ fn authorize(caller: &Caller, req: &Request) -> Result<(), AdminError> {
     }
     Err(AdminError::Denied(match caller {
         Caller::Operator { name, .. } => format!("operator '{name}' does not have the admin role"),
-        Caller::Device(id) => format!("device '{id}' may only rotate its own key and report its host keys"),
+        Caller::Device(id) => {
+            format!("device '{id}' may only rotate its own key, report its host keys and fetch what it trusts")
+        }
+        Caller::Local if matches!(req, Request::Certificate) => {
+            "certificates are for operators: run `burrow login` with an operator's key".into()
+        }
         Caller::Enrollee(_) => "an unregistered key may only enroll".into(),
         Caller::Local => "not for local use".into(),
     }))
@@ -607,6 +729,8 @@ fn operator_json(o: &crate::registry::OperatorRecord) -> Value {
         role: role(o.admin).into(),
         fingerprint: o.fingerprint.clone(),
         allow: o.allow.clone(),
+        device_users: device_users_or_default(&o.device_users),
+        cert_ttl_secs: o.cert_ttl.map_or(DEFAULT_CERT_TTL.as_secs(), |t| t.max(0) as u64),
         added: format_unix(o.created_at),
     };
     serde_json::to_value(info).expect("serializes")
@@ -685,6 +809,17 @@ pub fn device_info(d: &DeviceRecord) -> DeviceInfo {
         rtt_ms: d.rtt_ms,
         health_at: d.health_at.map(format_unix),
         targets: d.targets.clone(),
+        access: if d.trust_at.is_some() { "certificates" } else { "authorized_keys" }.into(),
+        trust_at: d.trust_at.map(format_unix),
         added: format_unix(d.created_at),
+    }
+}
+
+/// An operator's device users, or the default one.
+fn device_users_or_default(users: &[String]) -> Vec<String> {
+    if users.is_empty() {
+        vec![DEFAULT_DEVICE_USER.to_string()]
+    } else {
+        users.to_vec()
     }
 }

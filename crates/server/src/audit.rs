@@ -144,6 +144,8 @@ pub const EVENTS: &[&str] = &[
     "host_keys_reset",
     "lease_add",
     "lease_remove",
+    "certificate",
+    "ca_rotate",
     "admin_denied",
 ];
 

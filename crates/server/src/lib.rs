@@ -20,6 +20,7 @@ pub mod algorithms;
 pub mod audit;
 pub mod bans;
 mod health;
+pub mod ca;
 pub mod host_key;
 pub mod leases;
 pub mod limits;
@@ -122,6 +123,8 @@ pub enum ServerError {
     Config(String),
     #[error("cannot load the host key")]
     HostKey(#[from] host_key::HostKeyError),
+    #[error("cannot set up the user CA")]
+    Ca(#[from] ca::CaError),
     #[error("cannot open the registry")]
     Registry(#[from] RegistryError),
     #[error("cannot set up signaling")]
@@ -209,6 +212,7 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
     let key = host_key::load_or_create(&config.data_dir)?;
     let registry = Registry::open_for(config.database_url.as_deref(), &config.data_dir).await?;
     info!(backend = registry.backend().name(), "registry open");
+    ca::ensure(&registry, &config.data_dir, burrow_core::time::now_unix()).await?;
     let host_key = burrow_core::keys::openssh_line(key.public_key());
     let boot = format!("{:x}", burrow_core::time::now_unix());
     // Peers reach this pivot where devices do: its own address, never a

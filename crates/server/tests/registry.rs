@@ -142,9 +142,9 @@ async fn devices_and_keys(reg: Registry) {
 
 async fn operators_and_identify(reg: Registry) {
     let (k1, k2) = (key(), key());
-    reg.add_operator(&id("alice"), &k1, true, &[]).await.unwrap();
-    reg.add_operator(&id("bob"), &k2, false, &["site=lyon".into()]).await.unwrap();
-    assert!(matches!(reg.add_operator(&id("bob"), &key(), false, &[]).await, Err(RegistryError::OperatorExists(_))));
+    reg.add_operator(&id("alice"), &k1, true, &[], &[], None).await.unwrap();
+    reg.add_operator(&id("bob"), &k2, false, &["site=lyon".into()], &[], None).await.unwrap();
+    assert!(matches!(reg.add_operator(&id("bob"), &key(), false, &[], &[], None).await, Err(RegistryError::OperatorExists(_))));
     assert!(matches!(
         reg.add_device(&id("cam-1"), &k2, &BTreeMap::new(), &[]).await,
         Err(RegistryError::KeyInUse { .. })
@@ -349,7 +349,7 @@ async fn revision_tracks_identity_changes(reg: Registry) {
     reg.revoke_device(&id("cam-1")).await.unwrap();
     let r2 = reg.revision().await.unwrap();
     assert!(r2 > r1);
-    reg.add_operator(&id("alice"), &key(), false, &[]).await.unwrap();
+    reg.add_operator(&id("alice"), &key(), false, &[], &[], None).await.unwrap();
     assert!(reg.revision().await.unwrap() > r2);
 }
 
@@ -363,7 +363,7 @@ async fn concurrent_writers_keep_keys_unique(reg: Registry) {
                 if i % 2 == 0 {
                     reg.add_device(&id(&format!("cam-{i}")), &k, &BTreeMap::new(), &[]).await
                 } else {
-                    reg.add_operator(&id(&format!("op-{i}")), &k, false, &[]).await
+                    reg.add_operator(&id(&format!("op-{i}")), &k, false, &[], &[], None).await
                 }
             })
         })

@@ -99,3 +99,71 @@ impl Operator {
         format!("ssh -F {} -J pivot", self.config.display())
     }
 }
+
+/// The SHA256 fingerprint of a `.pub` file, as `--pivot-host-key` takes it.
+pub fn fingerprint(pub_file: &std::path::Path) -> String {
+    let key = burrow_core::keys::read_public_key(pub_file).unwrap();
+    burrow_core::fingerprint(&key)
+}
+
+/// An operator's laptop: its own HOME, so `burrow login` writes only there.
+pub struct Laptop {
+    pub bin: PathBuf,
+    pub home: TempDir,
+    pub key: KeyPair,
+}
+
+impl Laptop {
+    pub fn new(bin: &str) -> Laptop {
+        require_tool("ssh");
+        let home = tempfile::Builder::new().prefix("burrow-home").tempdir().unwrap();
+        let key = KeyPair::generate(home.path(), "id_operator");
+        Laptop { bin: bin.into(), home, key }
+    }
+
+    /// `burrow ARGS` with this laptop's HOME and no ssh-agent.
+    pub fn burrow(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .env("HOME", self.home.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `burrow login` to `pivot` with this laptop's key.
+    pub fn login(&self, pivot: &TestPivot) -> Output {
+        let fp = fingerprint(&pivot.host_key_pub());
+        let addr = pivot.addr.to_string();
+        self.burrow(&["login", &addr, "--pivot-host-key", &fp, "--identity", self.key.private.to_str().unwrap()])
+    }
+
+    /// The stock ssh client with the user config `burrow login` extended.
+    pub fn ssh(&self, args: &[&str]) -> Output {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(self.home.path().join(".ssh/config"))
+            .args(["-o", "BatchMode=yes"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `burrow --pivot ADDR …` with this laptop's key and the pivot's pinned fingerprint.
+    pub fn remote(&self, pivot: &TestPivot, args: &[&str]) -> Output {
+        let fp = fingerprint(&pivot.host_key_pub());
+        let addr = pivot.addr.to_string();
+        let mut all = args.to_vec();
+        all.extend_from_slice(&[
+            "--pivot",
+            &addr,
+            "--pivot-host-key",
+            &fp,
+            "--identity",
+            self.key.private.to_str().unwrap(),
+        ]);
+        self.burrow(&all)
+    }
+}

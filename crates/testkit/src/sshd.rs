@@ -63,3 +63,23 @@ impl Sshd {
         format!("127.0.0.1:{}", self.port)
     }
 }
+
+/// A copy of a binary where sshd agrees to run it as an
+/// `AuthorizedPrincipalsCommand`: a root-owned directory no one else can
+/// write, under `/run` (a build tree in `/tmp` is not). Removed on drop.
+pub struct SshdRunnable {
+    pub dir: TempDir,
+    pub path: std::path::PathBuf,
+}
+
+impl SshdRunnable {
+    pub fn copy(bin: &str) -> SshdRunnable {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new().prefix("burrow-bin").tempdir_in("/run").expect("a directory under /run (root)");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("burrow");
+        std::fs::copy(bin, &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        SshdRunnable { dir, path }
+    }
+}

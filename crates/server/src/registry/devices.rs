@@ -19,6 +19,7 @@ pub(super) fn device_from_row(r: &sqlx::any::AnyRow) -> DeviceRecord {
         tunnel_pivot: r.get("tunnel_pivot"),
         ports: serde_json::from_str(r.get::<&str, _>("ports")).unwrap_or_default(),
         presence: r.get("presence"),
+        trust_at: r.get("trust_at"),
     }
 }
 

@@ -31,6 +31,7 @@ use sqlx::{AnyPool, ConnectOptions, Row};
 
 mod audit;
 mod bans;
+mod cas;
 mod devices;
 mod operators;
 mod pivots;
@@ -39,6 +40,7 @@ mod tokens;
 mod tunnels;
 
 pub use bans::BanRecord;
+pub use cas::{signing_ca, CaRecord, CertRequest, IssuedCert};
 pub use devices::HostKeyReport;
 pub use pivots::{PivotRecord, PIVOT_DEAD_AFTER};
 
@@ -73,6 +75,15 @@ pub enum RegistryError {
     PortsExhausted(String),
     #[error("{0} is already leased")]
     ListenTaken(String),
+    #[error("the registry has no user CA key: start `burrow server` once")]
+    NoUserCa,
+    #[error(
+        "a CA rotation is in progress: key {fingerprint} signs from {}; wait for it, or add --now to switch at once",
+        burrow_core::time::format_unix(*.signs_from)
+    )]
+    RotationPending { fingerprint: String, signs_from: i64 },
+    #[error("cannot sign the certificate: {0}")]
+    Sign(String),
     #[error("cannot create or protect the registry file")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -139,6 +150,8 @@ pub struct DeviceRecord {
     pub ports: Vec<u32>,
     /// "online" or "offline" as last heard over MQTT; `None` if never heard.
     pub presence: Option<String>,
+    /// When its agent last fetched the CA keys (its sshd takes certificates).
+    pub trust_at: Option<i64>,
 }
 
 impl DeviceRecord {
@@ -161,6 +174,10 @@ pub struct OperatorRecord {
     pub admin: bool,
     /// Label selectors (`k=v[,k=v]`); empty means every device.
     pub allow: Vec<String>,
+    /// Users its certificates log in as on devices; empty: the default.
+    pub device_users: Vec<String>,
+    /// Its certificates' lifetime in seconds; `None`: the default.
+    pub cert_ttl: Option<i64>,
     pub created_at: i64,
 }
 

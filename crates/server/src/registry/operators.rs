@@ -9,6 +9,8 @@ impl Registry {
         key: &PublicKey,
         admin: bool,
         allow: &[String],
+        device_users: &[String],
+        cert_ttl: Option<i64>,
     ) -> Result<(), RegistryError> {
         let fp = fingerprint(key);
         let mut tx = self.write_tx().await?;
@@ -22,7 +24,8 @@ impl Registry {
         }
         check_key_free(&mut tx, &fp).await?;
         sqlx::query(
-            "INSERT INTO operators (name, public_key, fingerprint, admin, allow, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO operators (name, public_key, fingerprint, admin, allow, created_at, device_users, cert_ttl)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(name.as_str())
         .bind(openssh_line(key))
@@ -30,6 +33,8 @@ impl Registry {
         .bind(i64::from(admin))
         .bind(serde_json::to_string(allow).unwrap_or_else(|_| "[]".into()))
         .bind(now_unix())
+        .bind(serde_json::to_string(device_users).unwrap_or_else(|_| "[]".into()))
+        .bind(cert_ttl)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -51,6 +56,11 @@ impl Registry {
                 public_key: r.get("public_key"),
                 admin: r.get::<i64, _>("admin") != 0,
                 allow: serde_json::from_str(r.get::<&str, _>("allow")).unwrap_or_default(),
+                device_users: r
+                    .get::<Option<&str>, _>("device_users")
+                    .and_then(|t| serde_json::from_str(t).ok())
+                    .unwrap_or_default(),
+                cert_ttl: r.get("cert_ttl"),
                 created_at: r.get("created_at"),
             })
             .collect())

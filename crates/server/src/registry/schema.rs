@@ -21,6 +21,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "initial", sqlite: SQLITE_1, postgres: POSTGRES_1 },
     Migration { version: 2, name: "host keys and health", sqlite: SQLITE_2, postgres: POSTGRES_2 },
     Migration { version: 3, name: "pivots", sqlite: PIVOTS, postgres: PIVOTS },
+    Migration { version: 4, name: "user CA", sqlite: USER_CA, postgres: USER_CA },
 ];
 
 const SQLITE_1: &[&str] = &[
@@ -198,4 +199,33 @@ const PIVOTS: &[&str] = &[
         seen_at BIGINT NOT NULL
     )",
     "CREATE INDEX devices_tunnel_pivot ON devices (tunnel_pivot)",
+];
+
+/// The user CA that signs operators' certificates (shared by every pivot of
+/// the registry), the certificates it issued, what each operator's
+/// certificates carry, and when each device last fetched what it trusts.
+const USER_CA: &[&str] = &[
+    "CREATE TABLE user_cas (
+        fingerprint TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        private_key TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        signs_from BIGINT NOT NULL,
+        retires_at BIGINT
+    )",
+    "CREATE TABLE certificates (
+        serial BIGINT PRIMARY KEY,
+        operator TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        principals TEXT NOT NULL,
+        ca_fingerprint TEXT NOT NULL,
+        valid_after BIGINT NOT NULL,
+        valid_before BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    )",
+    "CREATE INDEX certificates_valid_before ON certificates (valid_before)",
+    "ALTER TABLE operators ADD COLUMN device_users TEXT",
+    "ALTER TABLE operators ADD COLUMN cert_ttl BIGINT",
+    "ALTER TABLE devices ADD COLUMN trust_at BIGINT",
 ];

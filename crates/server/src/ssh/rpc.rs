@@ -110,8 +110,8 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
     if matches!(req, Request::HostKeys { .. }) && from.state.host_keys_reported.swap(true, Ordering::Relaxed) {
         return (Response::err("host keys were already reported on this connection"), false);
     }
-    // Host keys change no session: nothing to enforce after them.
-    let mutates = req.mutates() && !matches!(req, Request::HostKeys { .. });
+    // Host keys, certificates and CA keys change no session: nothing to enforce after them.
+    let mutates = req.changes_access();
     let enrolling = matches!(req, Request::Enroll { .. });
     let what = serde_json::to_value(&req).ok().and_then(|v| v.get("op").cloned()).unwrap_or_default();
     let origin = admin::Origin {

@@ -1,0 +1,121 @@
+//! The user CA: signs operators' keys into short-lived certificates that
+//! devices' sshd trust (`TrustedUserCAKeys`). Its keys live in the registry,
+//! so every pivot of a registry signs with the same one.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use burrow_core::cert::CLOCK_SLACK;
+use burrow_core::keys::{fingerprint, generate_ed25519, openssh_line, write_private_key, PublicKey};
+use burrow_core::Id;
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::{LineEnding, PrivateKey};
+
+use crate::registry::{CertRequest, IssuedCert, Registry, RegistryError};
+
+/// The CA key's file in the data dir: where the first pivot of a registry
+/// generates it (or finds one an admin put there), then the current
+/// signing key as the registry has it.
+pub const USER_CA_FILE: &str = "user_ca";
+
+/// What an operator's certificate lets them do in a session, as OpenSSH's
+/// own certificates do by default, less X11 and `~/.ssh/rc`.
+const EXTENSIONS: &[&str] = &["permit-agent-forwarding", "permit-port-forwarding", "permit-pty"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot read or write {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not an OpenSSH private key")]
+    Parse(String),
+    #[error("{path} is readable by other users (mode {mode:o}); run chmod 600 {path}")]
+    Permissions { path: String, mode: u32 },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// A new CA key: (OpenSSH public line, fingerprint, OpenSSH private PEM).
+pub fn new_key() -> (String, String, String, PrivateKey) {
+    let key = generate_ed25519();
+    let pem = key.to_openssh(LineEnding::LF).map(|p| p.to_string()).expect("ed25519 key encodes");
+    (openssh_line(key.public_key()), fingerprint(key.public_key()), pem, key)
+}
+
+/// Makes sure the registry has a user CA. The first pivot of a registry
+/// creates it: from `DATA/user_ca` if an admin put a key there, else a new
+/// ed25519 key it writes there (0600, and `user_ca.pub`). Every pivot then
+/// signs with the registry's keys, which `burrow ca rotate` adds to.
+pub async fn ensure(registry: &Registry, data_dir: &Path, now: i64) -> Result<(), CaError> {
+    if !registry.user_cas().await?.is_empty() {
+        return Ok(());
+    }
+    let path = data_dir.join(USER_CA_FILE);
+    let io = |source| CaError::Io { path: path.display().to_string(), source };
+    let key = if path.exists() {
+        let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(CaError::Permissions { path: path.display().to_string(), mode });
+        }
+        let text = std::fs::read_to_string(&path).map_err(io)?;
+        PrivateKey::from_openssh(text).map_err(|_| CaError::Parse(path.display().to_string()))?
+    } else {
+        let key = generate_ed25519();
+        write_private_key(&path, &key).map_err(io)?;
+        std::fs::write(data_dir.join(format!("{USER_CA_FILE}.pub")), format!("{}\n", openssh_line(key.public_key())))
+            .map_err(io)?;
+        key
+    };
+    let pem = key.to_openssh(LineEnding::LF).map(|p| p.to_string()).expect("ed25519 key encodes");
+    let fp = fingerprint(key.public_key());
+    if registry.init_user_ca(&openssh_line(key.public_key()), &fp, &pem, now).await? {
+        tracing::info!(ca = %fp, "created the user CA that signs operators' certificates");
+    }
+    Ok(())
+}
+
+/// The key id of a certificate: the operator and the serial, which the
+/// device's sshd logs with every login it accepts.
+pub fn key_id(operator: &Id, serial: u64) -> String {
+    format!("burrow operator={operator} serial={serial}")
+}
+
+/// Signs `key` for `operator` with the CA key that signs now, recording it
+/// in the registry.
+pub async fn issue(
+    registry: &Registry,
+    operator: &Id,
+    key: &PublicKey,
+    principals: &[String],
+    ttl: std::time::Duration,
+    now: i64,
+) -> Result<IssuedCert, RegistryError> {
+    let req = CertRequest { operator, key, principals, ttl, now, slack: CLOCK_SLACK };
+    registry
+        .issue_certificate(req, |serial, ca, valid_after, valid_before| {
+            let ca_key = PrivateKey::from_openssh(&ca.private_key).map_err(|_| "the CA key is unreadable".to_string())?;
+            let mut b = Builder::new_with_random_nonce(
+                &mut rand::rng(),
+                key.key_data().clone(),
+                valid_after.max(0) as u64,
+                valid_before.max(0) as u64,
+            )
+            .map_err(|e| e.to_string())?;
+            b.serial(serial).map_err(|e| e.to_string())?;
+            b.cert_type(CertType::User).map_err(|e| e.to_string())?;
+            b.key_id(key_id(operator, serial)).map_err(|e| e.to_string())?;
+            for p in principals {
+                b.valid_principal(p.clone()).map_err(|e| e.to_string())?;
+            }
+            for ext in EXTENSIONS {
+                b.extension(*ext, "").map_err(|e| e.to_string())?;
+            }
+            b.comment(format!("burrow:{operator}")).map_err(|e| e.to_string())?;
+            let cert = b.sign(&ca_key).map_err(|e| e.to_string())?;
+            cert.to_openssh().map_err(|e| e.to_string())
+        })
+        .await
+}
