@@ -171,6 +171,8 @@ pub(crate) struct Shared {
     pub peers: ssh::peers::Peers,
     /// The registry's clock minus this machine's, in seconds, as of the last heartbeat.
     pub clock_offset: AtomicI64,
+    /// Certificates issued per operator in the current minute.
+    pub certificates: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
 }
 
 impl Shared {
@@ -303,6 +305,7 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         leases: Default::default(),
         peers,
         clock_offset,
+        certificates: Default::default(),
     });
     leases::sync(&shared, &shutdown).await;
     if let Some(driver) = driver {

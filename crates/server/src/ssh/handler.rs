@@ -59,6 +59,8 @@ pub(crate) struct ConnState {
     pub host_keys_reported: AtomicBool,
     /// `tcpip-forward` and cancel requests, ever.
     pub forward_requests: AtomicUsize,
+    /// When the device last fetched what it trusts on this connection.
+    pub trust_fetched: Mutex<Option<std::time::Instant>>,
     // std Mutexes: each is taken for a field update, never across .await.
     /// Until authentication: the connection's unauthenticated slot, and a
     /// duplicate of its socket to close it with when the grace time ends
@@ -87,6 +89,7 @@ impl ConnState {
             enroll_requests: AtomicUsize::new(0),
             host_keys_reported: AtomicBool::new(false),
             forward_requests: AtomicUsize::new(0),
+            trust_fetched: Mutex::new(None),
             preauth: Mutex::new(Some((slot, killer))),
             attempts: Mutex::default(),
         }

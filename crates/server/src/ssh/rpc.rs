@@ -110,6 +110,9 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
     if matches!(req, Request::HostKeys { .. }) && from.state.host_keys_reported.swap(true, Ordering::Relaxed) {
         return (Response::err("host keys were already reported on this connection"), false);
     }
+    if let Some(why) = throttled(shared, caller, from, &req) {
+        return (Response::err(why), false);
+    }
     // Host keys, certificates and CA keys change no session: nothing to enforce after them.
     let mutates = req.changes_access();
     let enrolling = matches!(req, Request::Enroll { .. });
@@ -141,4 +144,36 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
     }
     let mutated = mutates && response.ok;
     (response, mutated)
+}
+
+/// Certificates an operator may get in a minute: each one is a registry
+/// write and an audit record.
+const CERTIFICATES_PER_MINUTE: u32 = 10;
+/// The shortest wait between two trust fetches on one device connection
+/// (agents fetch on connect and hourly).
+const TRUST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a certificate or trust request must wait, if it must.
+fn throttled(shared: &Shared, caller: &Caller, from: &From, req: &Request) -> Option<String> {
+    let now = std::time::Instant::now();
+    match (req, caller) {
+        (Request::Certificate, Caller::Operator { name, .. }) => {
+            let mut map = shared.certificates.lock().unwrap();
+            map.retain(|_, (start, _)| now.duration_since(*start) < std::time::Duration::from_secs(60));
+            let (_, n) = map.entry(name.to_string()).or_insert((now, 0));
+            *n += 1;
+            (*n > CERTIFICATES_PER_MINUTE).then(|| {
+                format!("operator '{name}' asked for more than {CERTIFICATES_PER_MINUTE} certificates in a minute; retry shortly")
+            })
+        }
+        (Request::Trust, Caller::Device(_)) => {
+            let mut last = from.state.trust_fetched.lock().unwrap();
+            if last.is_some_and(|t| now.duration_since(t) < TRUST_INTERVAL) {
+                return Some(format!("trust fetched less than {TRUST_INTERVAL:?} ago on this connection"));
+            }
+            *last = Some(now);
+            None
+        }
+        _ => None,
+    }
 }
