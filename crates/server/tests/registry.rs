@@ -36,6 +36,7 @@ cases!(
     revision_tracks_identity_changes,
     concurrent_writers_keep_keys_unique,
     migrations_are_numbered_and_idempotent,
+    user_ca_rotation_and_certificates,
 );
 
 fn id(s: &str) -> Id {
@@ -380,7 +381,7 @@ async fn concurrent_writers_keep_keys_unique(reg: Registry) {
 }
 
 async fn migrations_are_numbered_and_idempotent(reg: Registry) {
-    assert_eq!(reg.schema_version().await.unwrap(), 3);
+    assert_eq!(reg.schema_version().await.unwrap(), 4);
     reg.set_meta("k", "v1").await.unwrap();
     reg.set_meta("k", "v2").await.unwrap();
     assert_eq!(reg.meta("k").await.unwrap().as_deref(), Some("v2"));
@@ -394,7 +395,7 @@ async fn reopening_applies_nothing_twice() {
     reg.add_device(&id("cam-1"), &key(), &BTreeMap::new(), &[]).await.unwrap();
     reg.close().await;
     let reg = Registry::open(dir.path()).await.unwrap();
-    assert_eq!(reg.schema_version().await.unwrap(), 3);
+    assert_eq!(reg.schema_version().await.unwrap(), 4);
     assert_eq!(reg.devices().await.unwrap().len(), 1);
 
     let pg = burrow_testkit::Postgres::start();
@@ -402,11 +403,80 @@ async fn reopening_applies_nothing_twice() {
     // Two pivots starting at once apply each migration once.
     let (a, b) = tokio::join!(Registry::open_url(&url), Registry::open_url(&url));
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(pg.psql(&url, "SELECT count(*) FROM schema_migrations"), "3");
+    assert_eq!(pg.psql(&url, "SELECT count(*) FROM schema_migrations"), "4");
     a.add_device(&id("cam-1"), &key(), &BTreeMap::new(), &[]).await.unwrap();
     assert_eq!(b.devices().await.unwrap().len(), 1);
 }
 
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<Change>) -> Change {
     tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a notification").unwrap()
+}
+
+/// The CA: one key from the start, rotations that overlap or cut at once,
+/// serials that only go up, and the keys of removed operators.
+async fn user_ca_rotation_and_certificates(reg: Registry) {
+    use burrow_server::registry::signing_ca;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_unix();
+    burrow_server::ca::ensure(&reg, dir.path(), now).await.unwrap();
+    let k1 = reg.user_cas().await.unwrap();
+    assert_eq!(k1.len(), 1);
+    // A second pivot finds it there and adds none.
+    let other = tempfile::tempdir().unwrap();
+    burrow_server::ca::ensure(&reg, other.path(), now).await.unwrap();
+    assert_eq!(reg.user_cas().await.unwrap().len(), 1);
+    assert!(!other.path().join("user_ca").exists());
+
+    let alice_key = key();
+    reg.add_operator(&id("alice"), &alice_key, false, &[], &[], Some(3600)).await.unwrap();
+    let p = vec!["burrow:root:*".to_string()];
+    let issue = |ttl: u64, at: i64| {
+        let reg = reg.clone();
+        let k = alice_key.clone();
+        let p = p.clone();
+        async move {
+            burrow_server::ca::issue(&reg, &id("alice"), &k, &p, Duration::from_secs(ttl), at).await.unwrap()
+        }
+    };
+    let c1 = issue(3600, now).await;
+    let c2 = issue(3600, now).await;
+    assert_eq!((c1.serial, c2.serial), (1, 2));
+    assert_eq!(c1.ca_fingerprint, k1[0].fingerprint);
+    assert_eq!(c1.valid_before, now + 3600);
+    assert!(c1.valid_after < now);
+    let cert = russh::keys::ssh_key::Certificate::from_openssh(&c1.certificate).unwrap();
+    assert_eq!(cert.serial(), 1);
+    assert_eq!(cert.valid_principals(), &p[..]);
+    assert_eq!(cert.key_id(), "burrow operator=alice serial=1");
+
+    // A planned rotation: the new key is trusted now, signs after the overlap.
+    let (public, fp, pem, _) = burrow_server::ca::new_key();
+    let (from, old_until) = reg.rotate_user_ca(&public, &fp, &pem, now, Duration::from_secs(600), false).await.unwrap();
+    assert_eq!(from, now + 600);
+    // The old key outlives the last certificate it may sign (8 h, the longest).
+    assert_eq!(old_until, Some(now + 600 + 8 * 3600));
+    let cas = reg.user_cas().await.unwrap();
+    assert_eq!(cas.iter().filter(|c| c.trusted(now)).count(), 2);
+    assert_eq!(signing_ca(&cas, now).unwrap().fingerprint, k1[0].fingerprint);
+    assert_eq!(signing_ca(&cas, now + 600).unwrap().fingerprint, fp);
+    // One rotation at a time.
+    let (p2, f2, k2, _) = burrow_server::ca::new_key();
+    let pending = reg.rotate_user_ca(&p2, &f2, &k2, now, Duration::from_secs(600), false).await;
+    assert!(matches!(pending, Err(RegistryError::RotationPending { .. })), "{pending:?}");
+    assert_eq!(issue(3600, now + 601).await.ca_fingerprint, fp);
+    // At once: the new key signs, every other one is dropped.
+    reg.rotate_user_ca(&p2, &f2, &k2, now + 700, Duration::ZERO, true).await.unwrap();
+    let cas = reg.user_cas().await.unwrap();
+    let trusted: Vec<&str> = cas.iter().filter(|c| c.trusted(now + 700)).map(|c| c.fingerprint.as_str()).collect();
+    assert_eq!(trusted, [f2.as_str()]);
+    assert_eq!(issue(3600, now + 700).await.serial, 4);
+
+    // Removing alice lists her key for devices' RevokedKeys while her
+    // certificates run; a re-added, unrelated operator's is not listed.
+    assert!(reg.revoked_operator_keys(now, 10).await.unwrap().is_empty());
+    reg.remove_operator(&id("alice")).await.unwrap();
+    let revoked = reg.revoked_operator_keys(now, 10).await.unwrap();
+    assert_eq!(revoked, [burrow_core::keys::openssh_line(&alice_key)]);
+    assert!(reg.revoked_operator_keys(now + 2 * 3600, 10).await.unwrap().is_empty(), "expired ones are not listed");
 }
