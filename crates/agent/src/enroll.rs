@@ -97,6 +97,7 @@ pub async fn enroll(e: Enrollment) -> Result<AgentFile, EnrollError> {
         always_on: e.always_on || e.mqtt_url.is_none(),
         mqtt_url: e.mqtt_url,
         mqtt_fingerprint: token.mqtt_fingerprint,
+        trust_dir: None,
     };
     file.save(&e.config_path)?;
     Ok(file)

@@ -9,6 +9,8 @@
 //! - `on_demand`: waiting on MQTT for signed wake requests, one tunnel per request.
 //! - [`enroll`]: joining with a token, rotating the device key.
 //! - [`pivot_client`]: one-off admin requests to the pivot over SSH.
+//! - [`trust`]: operator certificates: the CA keys, revoked keys and labels
+//!   sshd reads, the `principals` answer, and the sshd drop-in.
 //! - `backoff`: jittered exponential backoff.
 //! - [`status`]: the state `burrow agent status` reads.
 
@@ -23,6 +25,7 @@ pub mod pivot_client;
 mod session;
 pub mod status;
 pub mod tls;
+pub mod trust;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,6 +91,13 @@ pub struct Config {
     /// 22 and report them to the pivot (on by default). Off only for load
     /// tests whose thousands of agents front one stand-in listener.
     pub scan_host_keys: bool,
+    /// Keep the files sshd reads to let operators in with certificates
+    /// (CA keys, revoked keys, labels) here: fetched on every connection,
+    /// before the tunnel carries any login, and every `trust_refresh` while
+    /// connected. `None`: the device does not trust the pivot's CA.
+    pub trust_dir: Option<std::path::PathBuf>,
+    /// How often a connected agent fetches the trust again (±10%).
+    pub trust_refresh: Duration,
     /// Told when the tunnel comes up and when a connection ends, e.g. by a
     /// load test counting failures by cause. The log and the status file
     /// say the same for people.
@@ -144,6 +154,8 @@ impl Config {
             status_path: None,
             health_listen: None,
             scan_host_keys: true,
+            trust_dir: None,
+            trust_refresh: Duration::from_secs(3600),
             on_event: None,
         }
     }

@@ -1,6 +1,7 @@
 //! One connection to the pivot: check its host key against the pin,
-//! authenticate with the device key, request a forward per exposed port, and
-//! serve channels until the connection ends.
+//! authenticate with the device key, refresh the operator trust (when the
+//! device's sshd trusts the pivot's CA), request a forward per exposed port,
+//! and serve channels until the connection ends.
 
 use std::sync::Arc;
 
@@ -182,6 +183,14 @@ async fn connect_and_serve(
         }
         Err(e) => return Err(refused(&config.id).unwrap_or(e.into())),
     }
+    // Before any forward: once the tunnel carries logins, sshd must already
+    // trust a CA the pivot has just added.
+    if let Some(dir) = &config.trust_dir {
+        tokio::select! {
+            _ = crate::trust::refresh(&handle, config.id.as_str(), dir) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
     for e in &config.expose {
         if handle.tcpip_forward(config.id.as_str(), u32::from(e.port)).await.is_err() {
             // A key let in only to be told why it is refused.
@@ -205,19 +214,37 @@ async fn connect_and_serve(
         }
     }
 
-    tokio::select! {
-        r = &mut handle => {
-            r?;
-            if let Some((why, _)) = said.lock().unwrap().take() {
-                info!("the pivot closed the tunnel: {why}");
+    let mut trust_due = next_trust_refresh(&config);
+    loop {
+        tokio::select! {
+            r = &mut handle => {
+                r?;
+                if let Some((why, _)) = said.lock().unwrap().take() {
+                    info!("the pivot closed the tunnel: {why}");
+                }
+                return Ok(());
             }
-            Ok(())
-        }
-        _ = shutdown.cancelled() => {
-            let _ = handle.disconnect(russh::Disconnect::ByApplication, "agent stopping", "en").await;
-            Ok(())
+            _ = shutdown.cancelled() => {
+                let _ = handle.disconnect(russh::Disconnect::ByApplication, "agent stopping", "en").await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep_until(trust_due), if config.trust_dir.is_some() => {
+                if let Some(dir) = &config.trust_dir {
+                    tokio::select! {
+                        _ = crate::trust::refresh(&handle, config.id.as_str(), dir) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
+                trust_due = next_trust_refresh(&config);
+            }
         }
     }
+}
+
+/// When a connected agent fetches the operator trust next: `trust_refresh`
+/// from now, ±10% so that a fleet connected together spreads out.
+fn next_trust_refresh(config: &Config) -> tokio::time::Instant {
+    tokio::time::Instant::now() + config.trust_refresh.mul_f64(rand::random_range(0.9..=1.1))
 }
 
 /// Tells the pivot which host keys the device's sshd (the target of port 22)

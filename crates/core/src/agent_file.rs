@@ -27,6 +27,11 @@ pub struct AgentFile {
     pub mqtt_fingerprint: Option<String>,
     #[serde(default)]
     pub always_on: bool,
+    /// Where the device keeps what its sshd reads to let operators in with
+    /// certificates (the CA keys, revoked keys and labels). When set, the
+    /// agent refreshes them whenever it connects to the pivot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +84,15 @@ mod tests {
             mqtt_url: Some("mqtts://pivot:8883".into()),
             mqtt_fingerprint: Some("SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s".into()),
             always_on: false,
+            trust_dir: Some("/etc/burrow/trust".into()),
         };
         f.save(&path).unwrap();
         assert_eq!(AgentFile::load(&path).unwrap(), f);
+        // Without a trust dir the key is left out, and an old file loads.
+        let plain = AgentFile { trust_dir: None, ..f.clone() };
+        plain.save(&path).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("trust_dir"));
+        assert_eq!(AgentFile::load(&path).unwrap(), plain);
         std::fs::write(&path, "id = 'x'\nbogus = 1\n").unwrap();
         assert!(matches!(AgentFile::load(&path), Err(AgentFileError::Parse(..))));
         std::fs::remove_dir_all(dir).unwrap();

@@ -335,7 +335,7 @@ proptest! {
 
     #[test]
     fn agent_files_round_trip(id in valid_id(), server in host(), key in "/[a-z/]{1,20}", pin in fingerprint_text(), expose in prop::collection::vec("[0-9]{1,5}=[a-z]{1,5}:[0-9]{1,5}", 0..3), mqtt in prop::option::of("mqtt://[a-z]{1,8}"), always_on in any::<bool>()) {
-        let f = AgentFile { id, server, key: key.into(), pivot_host_key: pin, expose, mqtt_url: mqtt, mqtt_fingerprint: None, always_on };
+        let f = AgentFile { id, server, key: key.into(), pivot_host_key: pin, expose, mqtt_url: mqtt, mqtt_fingerprint: None, always_on, trust_dir: None };
         let text = toml::to_string(&f).unwrap();
         prop_assert_eq!(toml::from_str::<AgentFile>(&text).unwrap(), f);
     }

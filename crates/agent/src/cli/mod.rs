@@ -1,9 +1,11 @@
 //! The agent's command line: `burrow agent …` in the full binary, and the
 //! whole of the device-only `burrow-agent`.
 //!
-//! `run` (the default), `enroll`, `rotate-key` and `status`.
+//! `run` (the default), `enroll`, `rotate-key`, `status`, and for operators'
+//! certificates `trust-operators` and `principals` (in `operators`).
 
 pub mod mqtt_args;
+mod operators;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -53,6 +55,10 @@ enum AgentSub {
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Let operators in with certificates from the pivot's CA on this enrolled device (or retry doing so).
+    TrustOperators(operators::TrustOperatorsArgs),
+    /// For sshd's AuthorizedPrincipalsCommand: print the principals that let a certificate log in as USER here.
+    Principals(operators::PrincipalsArgs),
 }
 
 #[derive(clap::Args)]
@@ -78,6 +84,11 @@ struct EnrollArgs {
     /// Record always-on mode in the config.
     #[arg(long)]
     always_on: bool,
+    /// Let operators in with certificates from the pivot's CA: write an sshd drop-in, with no authorized_keys to manage.
+    #[arg(long)]
+    trust_operators: bool,
+    #[command(flatten)]
+    sshd: operators::SshdArgs,
 }
 
 #[derive(clap::Args)]
@@ -126,6 +137,12 @@ pub struct AgentArgs {
     /// Where to keep the agent's state for `agent status` [default: /run/burrow-agent/status.json as root].
     #[arg(long, env = "BURROW_STATUS_FILE")]
     status_file: Option<PathBuf>,
+    /// Keep the CA keys, revoked keys and labels sshd reads here, fetched on every connection [default: trust_dir in the config file].
+    #[arg(long, env = "BURROW_TRUST_DIR", value_name = "DIR")]
+    trust_dir: Option<PathBuf>,
+    /// How often a connected agent refetches the CA keys and labels (it also does on every connection).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    trust_refresh: std::time::Duration,
 }
 
 /// `agent status`: exits 0 when the agent runs and is connected (or waits
@@ -191,6 +208,8 @@ pub async fn run(cmd: AgentCmd, shutdown: CancellationToken) -> Result<()> {
             println!("device key replaced; new fingerprint {fp}");
             Ok(())
         }
+        Some(AgentSub::TrustOperators(a)) => operators::trust_operators(a).await,
+        Some(AgentSub::Principals(a)) => operators::principals(a),
         None => agent(cmd.args, shutdown).await,
     }
 }
@@ -201,8 +220,20 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
     let key_path = e.key.clone().unwrap_or_else(|| config.with_file_name("device_key"));
     let key_path = std::path::absolute(&key_path).with_context(|| format!("bad path {}", key_path.display()))?;
     let e = EnrollArgs { config, ..e };
+    let plan = if e.trust_operators {
+        // The device id is in the token; sshd must take the drop-in before
+        // the token is spent.
+        let id = burrow_core::enroll::EnrollToken::decode(&e.token)?.device;
+        let plan = e.sshd.plan(&e.config, None)?;
+        plan.dry_run(&id).context("not enrolled, and the token is still good")?;
+        Some(plan)
+    } else if e.sshd.given() {
+        bail!("--sshd-config-dir, --sshd-check, --sshd-reload and --trust-dir go with --trust-operators");
+    } else {
+        None
+    };
     let host_keys = if e.host_keys.is_empty() { crate::enroll::default_host_keys() } else { e.host_keys };
-    let file = crate::enroll::enroll(crate::enroll::Enrollment {
+    let mut file = crate::enroll::enroll(crate::enroll::Enrollment {
         token: e.token,
         config_path: e.config.clone(),
         key_path,
@@ -215,6 +246,16 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
     println!("enrolled device '{}' with pivot {}", file.id, file.server);
     println!("config written to {}; start the agent with:", e.config.display());
     println!("  {} --config {}", program(), e.config.display());
+    if let Some(plan) = plan {
+        plan.apply(&mut file, &e.config).await.with_context(|| {
+            format!(
+                "device '{}' is enrolled, but sshd does not trust the pivot's CA yet; once fixed, run `{} trust-operators --config {}`",
+                file.id,
+                program(),
+                e.config.display()
+            )
+        })?;
+    }
     Ok(())
 }
 
@@ -292,6 +333,8 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     config.refused_retry = args.refused_retry;
     config.status_path = Some(args.status_file.unwrap_or_else(default_status_path));
     config.health_listen = args.health_listen;
+    config.trust_dir = args.trust_dir.or_else(|| file.as_ref().and_then(|f| f.trust_dir.clone()));
+    config.trust_refresh = args.trust_refresh;
     if let (Some(url), false) = (mqtt_url, always_on) {
         config.signal = Some(crate::SignalConfig {
             url,
