@@ -479,4 +479,12 @@ async fn user_ca_rotation_and_certificates(reg: Registry) {
     let revoked = reg.revoked_operator_keys(now, 10).await.unwrap();
     assert_eq!(revoked, [burrow_core::keys::openssh_line(&alice_key)]);
     assert!(reg.revoked_operator_keys(now + 2 * 3600, 10).await.unwrap().is_empty(), "expired ones are not listed");
+
+    // A device's trust fetch is noted, at most once a minute.
+    reg.add_device(&id("cam-1"), &key(), &BTreeMap::new(), &[]).await.unwrap();
+    reg.set_trust_at(&id("cam-1"), now).await.unwrap();
+    reg.set_trust_at(&id("cam-1"), now + 30).await.unwrap();
+    assert_eq!(reg.device(&id("cam-1")).await.unwrap().unwrap().trust_at, Some(now));
+    reg.set_trust_at(&id("cam-1"), now + 61).await.unwrap();
+    assert_eq!(reg.device(&id("cam-1")).await.unwrap().unwrap().trust_at, Some(now + 61));
 }

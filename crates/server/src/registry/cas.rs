@@ -215,9 +215,10 @@ impl Registry {
         Ok(rows)
     }
 
-    /// Notes that a device fetched what it trusts: its sshd takes certificates.
+    /// Notes that a device fetched what it trusts: its sshd takes
+    /// certificates. At most one write a minute per device.
     pub async fn set_trust_at(&self, id: &Id, now: i64) -> Result<(), RegistryError> {
-        sqlx::query("UPDATE devices SET trust_at = $1 WHERE id = $2")
+        sqlx::query("UPDATE devices SET trust_at = $1 WHERE id = $2 AND (trust_at IS NULL OR trust_at < $1 - 60)")
             .bind(now)
             .bind(id.as_str())
             .execute(&self.pool)

@@ -151,7 +151,7 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
 const CERTIFICATES_PER_MINUTE: u32 = 10;
 /// The shortest wait between two trust fetches on one device connection
 /// (agents fetch on connect and hourly).
-const TRUST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const TRUST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a certificate or trust request must wait, if it must.
 fn throttled(shared: &Shared, caller: &Caller, from: &From, req: &Request) -> Option<String> {

@@ -1,0 +1,340 @@
+//! Issue 14: operators reach devices with certificates from the pivot's CA,
+//! with no key of theirs in any `authorized_keys`. A real sshd on the device
+//! side is configured only by `burrow agent enroll --trust-operators`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use burrow_testkit::*;
+
+const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}\n{}", stderr(out), stdout(out));
+    stdout(out)
+}
+
+/// A device whose sshd has no authorized keys at all and includes the
+/// drop-in directory that `--trust-operators` writes to.
+struct Device {
+    /// Holds the agent config, the device key and the trust files.
+    dir: tempfile::TempDir,
+    drop_in: PathBuf,
+    config: PathBuf,
+    sshd: Sshd,
+    bin: SshdRunnable,
+}
+
+impl Device {
+    fn new() -> Device {
+        let dir = tempfile::Builder::new().prefix("burrow-device").tempdir().unwrap();
+        // sshd's AuthorizedPrincipalsCommandUser (nobody) reads the trust files.
+        set_mode(dir.path(), 0o755);
+        let drop_in = dir.path().join("sshd_config.d");
+        std::fs::create_dir(&drop_in).unwrap();
+        let sshd = Sshd::start_with(&[], &format!("Include {}/*.conf\n", drop_in.display()));
+        let config = dir.path().join("etc/agent.toml");
+        Device { dir, drop_in, config, sshd, bin: SshdRunnable::copy(BURROW) }
+    }
+
+    fn sshd_config(&self) -> PathBuf {
+        self.sshd.dir.path().join("sshd_config")
+    }
+
+    fn check_cmd(&self) -> String {
+        format!("{} -t -f {}", SSHD, self.sshd_config().display())
+    }
+
+    fn reload_cmd(&self) -> String {
+        format!("kill -HUP {}", self.sshd.proc.pid())
+    }
+
+    /// `burrow agent enroll --trust-operators` as a device would run it, from
+    /// the root-owned copy of the binary that sshd will run.
+    fn enroll(&self, token: &str, check: &str) -> Output {
+        Command::new(&self.bin.path)
+            .args(["agent", "enroll", "--token", token, "--config"])
+            .arg(&self.config)
+            .arg("--host-key")
+            .arg(&self.sshd.host_key.public)
+            .args(["--expose", &format!("22={}", self.sshd.target()), "--trust-operators", "--sshd-config-dir"])
+            .arg(&self.drop_in)
+            .args(["--sshd-check", check, "--sshd-reload", &self.reload_cmd()])
+            .output()
+            .unwrap()
+    }
+
+    fn agent(&self, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(&self.bin.path);
+        cmd.args(["agent", "--config"]).arg(&self.config).args(extra);
+        Proc::spawn("burrow agent", &mut cmd, self.dir.path().join("agent.log"))
+    }
+
+    fn trust_dir(&self) -> PathBuf {
+        self.config.with_file_name("trust")
+    }
+
+    /// The CA keys the device's sshd trusts now.
+    fn trusted_cas(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.trust_dir().join("user_ca.pub")).unwrap_or_default();
+        text.lines().filter_map(|l| l.split_whitespace().nth(1).map(str::to_string)).collect()
+    }
+
+    fn sshd_log(&self) -> String {
+        self.sshd.proc.log_text()
+    }
+
+    /// ssh straight to the device's sshd, around the pivot and its checks.
+    fn ssh_direct(&self, laptop: &Laptop, cert: &Path) -> Output {
+        Command::new("ssh")
+            .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .arg("-i")
+            .arg(&laptop.key.private)
+            .arg("-o")
+            .arg(format!("CertificateFile={}", cert.display()))
+            .args(["-p", &self.sshd.port.to_string(), "root@127.0.0.1", "echo direct-ok"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn cert_path(laptop: &Laptop) -> PathBuf {
+    laptop.home.path().join(".ssh/burrow/id-cert.pub")
+}
+
+fn cert_of(path: &Path) -> russh::keys::ssh_key::Certificate {
+    russh::keys::ssh_key::Certificate::from_openssh(std::fs::read_to_string(path).unwrap().trim()).unwrap()
+}
+
+fn add_operator(pivot: &TestPivot, name: &str, laptop: &Laptop, extra: &[&str]) {
+    let mut args = vec!["operator", "add", name, "--key", laptop.key.public.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    pivot.admin_ok(&args);
+}
+
+/// A pivot and `cam-1` (site=berlin) enrolled with --trust-operators, its
+/// agent connected.
+fn fleet(agent_args: &[&str]) -> (TestPivot, Device, Proc) {
+    let pivot = TestPivot::start(BURROW);
+    let dev = Device::new();
+    let token = pivot.admin_ok(&["device", "add", "cam-1", "--label", "site=berlin"]).trim().to_string();
+    let out = dev.enroll(&token, &dev.check_cmd());
+    let said = ok(&out);
+    assert!(said.contains("enrolled device 'cam-1'"), "{said}");
+    let agent = dev.agent(agent_args);
+    assert!(pivot.wait_online("cam-1", true, Duration::from_secs(20)), "{}", agent.log_text());
+    (pivot, dev, agent)
+}
+
+#[test]
+fn operators_reach_a_device_with_certificates_only() {
+    require_tool("rsync");
+    let (pivot, dev, _agent) = fleet(&[]);
+
+    // What enroll wrote: a drop-in naming the CA file and the principals command.
+    let conf = std::fs::read_to_string(dev.drop_in.join("burrow.conf")).unwrap();
+    assert!(conf.contains("TrustedUserCAKeys ") && conf.contains("RevokedKeys "), "{conf}");
+    assert!(conf.contains("AuthorizedPrincipalsCommand ") && conf.contains(" principals %u"), "{conf}");
+    let ca = pivot.admin_ok(&["ca", "show"]);
+    let ca_key = ca.split_whitespace().nth(1).unwrap().to_string();
+    assert_eq!(dev.trusted_cas(), [ca_key.clone()]);
+    // The pivot made its CA in its data dir on first start, owner-only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pivot.data.path().join("user_ca")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let show = pivot.admin_ok(&["device", "show", "cam-1"]);
+    assert!(show.contains("access:      certificates"), "{show}");
+    // No operator key is on the device.
+    assert_eq!(std::fs::read_to_string(dev.sshd.dir.path().join("authorized_keys")).unwrap(), "");
+
+    // alice logs in once; stock ssh, scp and rsync then just work.
+    let alice = Laptop::new(BURROW);
+    add_operator(&pivot, "alice", &alice, &["--device-user", "root"]);
+    let said = ok(&alice.login(&pivot));
+    assert!(said.contains("certificate burrow operator=alice serial="), "{said}");
+    let cert = cert_of(&cert_path(&alice));
+    assert_eq!(cert.valid_principals(), ["burrow:root:*"]);
+    let ssh_config = std::fs::read_to_string(alice.home.path().join(".ssh/burrow/burrow/config")).unwrap();
+    assert!(ssh_config.contains(&format!("CertificateFile {}", cert_path(&alice).display())), "{ssh_config}");
+
+    assert_eq!(ok(&alice.ssh(&["root@cam-1.burrow", "echo cert-ok"])).trim(), "cert-ok");
+    let local = alice.home.path().join("fw.bin");
+    std::fs::write(&local, vec![7u8; 300_000]).unwrap();
+    let ssh_cfg = alice.home.path().join(".ssh/config");
+    let remote_dir = dev.sshd.dir.path();
+    let out = Command::new("scp")
+        .arg("-F")
+        .arg(&ssh_cfg)
+        .args(["-o", "BatchMode=yes"])
+        .arg(&local)
+        .arg(format!("root@cam-1.burrow:{}/scp.bin", remote_dir.display()))
+        .output()
+        .unwrap();
+    ok(&out);
+    assert_eq!(std::fs::read(remote_dir.join("scp.bin")).unwrap().len(), 300_000);
+    let out = Command::new("rsync")
+        .arg("-e")
+        .arg(format!("ssh -F {} -o BatchMode=yes", ssh_cfg.display()))
+        .arg(&local)
+        .arg(format!("root@cam-1.burrow:{}/rsync.bin", remote_dir.display()))
+        .output()
+        .unwrap();
+    ok(&out);
+    assert_eq!(std::fs::read(remote_dir.join("rsync.bin")).unwrap().len(), 300_000);
+
+    // The device's sshd names the operator's key id and serial for each login.
+    let log = dev.sshd_log();
+    let accepted: Vec<&str> = log.lines().filter(|l| l.contains("Accepted publickey")).collect();
+    assert!(accepted.len() >= 3, "{log}");
+    let id = format!("ID burrow operator=alice serial={} ", cert.serial());
+    assert!(accepted.iter().all(|l| l.contains(&id)), "{accepted:#?}");
+    // The pivot's audit ties that serial to the operator and what it allowed.
+    let audit = pivot.admin_ok(&["audit", "--event", "certificate", "--json"]);
+    let rec: serde_json::Value = serde_json::from_str(audit.lines().next().unwrap()).unwrap();
+    assert_eq!(rec["operator"], "alice", "{rec}");
+    assert_eq!(rec["args"]["serial"], cert.serial(), "{rec}");
+    assert_eq!(rec["args"]["principals"][0], "burrow:root:*", "{rec}");
+    assert!(rec["args"]["valid_before"].as_str().is_some(), "{rec}");
+
+    // bob may reach only site=paris. The pivot refuses him; so does the
+    // device's sshd on its own, when his certificate reaches it around the
+    // pivot (no pivot check at all on that route).
+    let bob = Laptop::new(BURROW);
+    add_operator(&pivot, "bob", &bob, &["--allow", "site=paris"]);
+    ok(&bob.login(&pivot));
+    assert_eq!(cert_of(&cert_path(&bob)).valid_principals(), ["burrow:root:site=paris"]);
+    let out = bob.ssh(&["root@cam-1.burrow", "true"]);
+    assert!(!out.status.success());
+    let out = dev.ssh_direct(&bob, &cert_path(&bob));
+    assert!(!out.status.success(), "the device's sshd let a site=paris certificate into a site=berlin device");
+    let log = dev.sshd_log();
+    let bob_lines: Vec<&str> = log.lines().filter(|l| l.contains("operator=bob")).collect();
+    assert!(!bob_lines.is_empty() && bob_lines.iter().all(|l| !l.contains("Accepted")), "{log}");
+    // The same route works for alice: it is the principals that refuse bob.
+    assert_eq!(ok(&dev.ssh_direct(&alice, &cert_path(&alice))).trim(), "direct-ok");
+
+    // Removing alice stops new certificates at once.
+    pivot.admin_ok(&["operator", "remove", "alice"]);
+    let out = alice.remote(&pivot, &["device", "list"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn an_expired_certificate_is_refused_until_burrow_renews_it() {
+    let (pivot, dev, _agent) = fleet(&[]);
+    let carol = Laptop::new(BURROW);
+    add_operator(&pivot, "carol", &carol, &["--cert-ttl", "3s"]);
+    ok(&carol.login(&pivot));
+    let first = cert_of(&cert_path(&carol));
+    assert_eq!(ok(&carol.ssh(&["root@cam-1.burrow", "echo fresh"])).trim(), "fresh");
+    let expired = || burrow_core::time::now_unix() as u64 >= first.valid_before();
+    assert!(wait_until(Duration::from_secs(10), expired));
+    let out = carol.ssh(&["root@cam-1.burrow", "true"]);
+    assert!(!out.status.success(), "an expired certificate was accepted");
+    let log = dev.sshd_log();
+    assert!(log.contains("expired") || log.contains("Certificate invalid"), "{log}");
+    // `burrow ssh` sees it ran out and gets a new one first.
+    assert_eq!(ok(&carol.burrow(&["ssh", "root@cam-1", "echo renewed"])).trim(), "renewed");
+    let second = cert_of(&cert_path(&carol));
+    assert!(second.serial() > first.serial());
+}
+
+#[test]
+fn a_ca_rotation_keeps_access_working_throughout() {
+    let (pivot, dev, agent) = fleet(&["--trust-refresh", "1s"]);
+    let dave = Laptop::new(BURROW);
+    add_operator(&pivot, "dave", &dave, &[]);
+    let can_reach = |what: &str| {
+        let out = dave.ssh(&["root@cam-1.burrow", "echo in"]);
+        assert!(out.status.success(), "{what}: {}\n{}", stderr(&out), agent.log_text());
+    };
+    ok(&dave.login(&pivot));
+    can_reach("before the rotation");
+    let old_cert = dave.home.path().join("old-cert.pub");
+    std::fs::copy(cert_path(&dave), &old_cert).unwrap();
+    let old_ca = dev.trusted_cas();
+    assert_eq!(old_ca.len(), 1);
+
+    let out = ok(&pivot.admin(&["ca", "rotate", "--overlap", "8s"]));
+    assert!(out.contains("signs from"), "{out}");
+    // Devices trust both keys while the old one still signs.
+    assert!(wait_until(Duration::from_secs(10), || dev.trusted_cas().len() == 2), "{}", agent.log_text());
+    let new_ca: String = dev.trusted_cas().into_iter().find(|k| *k != old_ca[0]).unwrap();
+    let signer = |path: &Path| {
+        let cert = cert_of(path);
+        russh::keys::ssh_key::PublicKey::from(cert.signature_key().clone()).to_openssh().unwrap().split_whitespace().nth(1).unwrap().to_string()
+    };
+    // During the overlap a login is signed by the old key; access never
+    // stops, up to the switch.
+    ok(&dave.login(&pivot));
+    assert_eq!(signer(&cert_path(&dave)), old_ca[0]);
+    let switched = || {
+        let keys: serde_json::Value = serde_json::from_str(&pivot.admin_ok(&["ca", "show", "--json"])).unwrap();
+        keys.as_array().unwrap().iter().any(|k| k["state"] == "signing" && k["public_key"].as_str().unwrap().contains(&new_ca))
+    };
+    while !switched() {
+        can_reach("during the overlap");
+    }
+    ok(&dave.login(&pivot));
+    assert_eq!(signer(&cert_path(&dave)), new_ca);
+    can_reach("with a certificate from the new key");
+    // A certificate from the old key still runs out its validity.
+    let out = dev.ssh_direct(&dave, &old_cert);
+    assert_eq!(ok(&out).trim(), "direct-ok");
+
+    // After a CA key theft: the new key signs at once and devices drop the old ones.
+    ok(&pivot.admin(&["ca", "rotate", "--now"]));
+    assert!(wait_until(Duration::from_secs(10), || dev.trusted_cas().len() == 1 && dev.trusted_cas()[0] != new_ca));
+    ok(&dave.login(&pivot));
+    can_reach("after rotating at once");
+    let out = dev.ssh_direct(&dave, &old_cert);
+    assert!(!out.status.success(), "a certificate from a dropped CA key was accepted");
+}
+
+/// `sshd -t` failing leaves the device's sshd config and process as they were.
+#[test]
+fn a_failing_sshd_check_leaves_sshd_as_it_was() {
+    let (pivot, dev, _agent) = fleet(&[]);
+    let erin = Laptop::new(BURROW);
+    add_operator(&pivot, "erin", &erin, &[]);
+    ok(&erin.login(&pivot));
+    let before = std::fs::read_to_string(dev.drop_in.join("burrow.conf")).unwrap();
+
+    // Another drop-in goes bad; re-applying trust must not reload anything.
+    std::fs::write(dev.drop_in.join("00-local.conf"), "ThisIsNotAnSshdOption yes\n").unwrap();
+    let marker = dev.dir.path().join("reloaded");
+    let out = Command::new(&dev.bin.path)
+        .args(["agent", "trust-operators", "--config"])
+        .arg(&dev.config)
+        .arg("--sshd-config-dir")
+        .arg(&dev.drop_in)
+        .args(["--sshd-check", &dev.check_cmd(), "--sshd-reload", &format!("touch {}", marker.display())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("ThisIsNotAnSshdOption"), "sshd -t's complaint is not shown: {err}");
+    assert!(err.contains("untouched"), "{err}");
+    assert_eq!(std::fs::read_to_string(dev.drop_in.join("burrow.conf")).unwrap(), before);
+    assert!(!marker.exists(), "sshd was reloaded after a failed check");
+    // The running sshd still serves the config it had.
+    assert_eq!(ok(&erin.ssh(&["root@cam-1.burrow", "echo still"])).trim(), "still");
+
+    // Enrolling another device on this sshd fails before its token is used.
+    let token = pivot.admin_ok(&["device", "add", "cam-2"]).trim().to_string();
+    let other = Device::new();
+    std::fs::write(other.drop_in.join("00-local.conf"), "ThisIsNotAnSshdOption yes\n").unwrap();
+    let check = format!("{} -t -f {}", SSHD, other.sshd_config().display());
+    let out = other.enroll(&token, &check);
+    assert!(!out.status.success());
+    assert!(!other.drop_in.join("burrow.conf").exists(), "a drop-in that failed the check was left in place");
+    let show = pivot.admin_ok(&["device", "show", "cam-2"]);
+    assert!(show.contains("not-enrolled"), "the token was used by a failed enrollment: {show}");
+}
