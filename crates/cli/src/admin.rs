@@ -451,10 +451,9 @@ pub async fn device(cmd: DeviceCommand) -> Result<()> {
             println!("revoked:     {}", yes(d.revoked));
             println!("fingerprint: {}", safe(d.fingerprint.as_deref().unwrap_or("-")));
             match (d.access.as_str(), &d.trust_at) {
-                ("certificates", Some(at)) => println!(
-                    "access:      certificates (its sshd trusts the pivot's CA; trust fetched {})",
-                    safe(at)
-                ),
+                ("certificates", Some(at)) => {
+                    println!("access:      certificates (its sshd trusts the pivot's CA; trust fetched {})", safe(at))
+                }
                 _ => println!("access:      authorized_keys (operators' keys must be on the device)"),
             }
             for k in &d.host_keys {
@@ -540,7 +539,10 @@ pub async fn operator(cmd: OperatorCommand) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&operators)?);
             } else {
-                println!("{:<24} {:<9} {:<52} {:<16} {:<9} ALLOW", "NAME", "ROLE", "FINGERPRINT", "DEVICE USERS", "CERT TTL");
+                println!(
+                    "{:<24} {:<9} {:<52} {:<16} {:<9} ALLOW",
+                    "NAME", "ROLE", "FINGERPRINT", "DEVICE USERS", "CERT TTL"
+                );
                 for o in &operators {
                     let allow = if o.allow.is_empty() { "*".to_string() } else { safe(&o.allow.join(" | ")) };
                     let ttl = humantime::format_duration(Duration::from_secs(o.cert_ttl_secs)).to_string();

@@ -145,9 +145,11 @@ fn operators_reach_a_device_with_certificates_only() {
     assert!(conf.contains("AuthorizedPrincipalsCommand ") && conf.contains(" principals %u"), "{conf}");
     let ca = pivot.admin_ok(&["ca", "show"]);
     let ca_key = ca.split_whitespace().nth(1).unwrap().to_string();
-    assert_eq!(dev.trusted_cas(), [ca_key.clone()]);
+    assert_eq!(dev.trusted_cas(), [ca_key]);
     // The pivot made its CA in its data dir on first start, owner-only.
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pivot.data.path().join("user_ca")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(pivot.data.path().join("user_ca")).unwrap().permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     let show = pivot.admin_ok(&["device", "show", "cam-1"]);
     assert!(show.contains("access:      certificates"), "{show}");
@@ -269,7 +271,13 @@ fn a_ca_rotation_keeps_access_working_throughout() {
     let new_ca: String = dev.trusted_cas().into_iter().find(|k| *k != old_ca[0]).unwrap();
     let signer = |path: &Path| {
         let cert = cert_of(path);
-        russh::keys::ssh_key::PublicKey::from(cert.signature_key().clone()).to_openssh().unwrap().split_whitespace().nth(1).unwrap().to_string()
+        russh::keys::ssh_key::PublicKey::from(cert.signature_key().clone())
+            .to_openssh()
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
     };
     // During the overlap a login is signed by the old key; access never
     // stops, up to the switch.
@@ -277,7 +285,10 @@ fn a_ca_rotation_keeps_access_working_throughout() {
     assert_eq!(signer(&cert_path(&dave)), old_ca[0]);
     let switched = || {
         let keys: serde_json::Value = serde_json::from_str(&pivot.admin_ok(&["ca", "show", "--json"])).unwrap();
-        keys.as_array().unwrap().iter().any(|k| k["state"] == "signing" && k["public_key"].as_str().unwrap().contains(&new_ca))
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["state"] == "signing" && k["public_key"].as_str().unwrap().contains(&new_ca))
     };
     while !switched() {
         can_reach("during the overlap");

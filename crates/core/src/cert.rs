@@ -134,7 +134,12 @@ mod tests {
         let p = principals(&allow, &["root".into(), "pi".into()]).unwrap();
         assert_eq!(
             p,
-            ["burrow:root:site=berlin", "burrow:root:rack=3,site=paris", "burrow:pi:site=berlin", "burrow:pi:rack=3,site=paris"]
+            [
+                "burrow:root:site=berlin",
+                "burrow:root:rack=3,site=paris",
+                "burrow:pi:site=berlin",
+                "burrow:pi:rack=3,site=paris"
+            ]
         );
         assert_eq!(principals(&[], &["root".into()]).unwrap(), ["burrow:root:*"]);
         assert!(principals(&[], &[]).is_err());

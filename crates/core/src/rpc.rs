@@ -209,7 +209,10 @@ impl Request {
     /// CA keys change only what later logins present.
     pub fn changes_access(&self) -> bool {
         self.mutates()
-            && !matches!(self, Request::HostKeys { .. } | Request::Certificate | Request::Trust | Request::CaRotate { .. })
+            && !matches!(
+                self,
+                Request::HostKeys { .. } | Request::Certificate | Request::Trust | Request::CaRotate { .. }
+            )
     }
 }
 

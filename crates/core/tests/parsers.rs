@@ -555,8 +555,9 @@ fn request() -> impl Strategy<Value = Request> {
                 address,
                 host_keys: Vec::new(),
             }),
-        (ids(), s(), any::<bool>(), prop::collection::vec(s(), 0..3))
-            .prop_map(|(name, key, admin, allow)| Request::OperatorAdd { name, key, admin, allow, device_users: vec![], cert_ttl_secs: None }),
+        (ids(), s(), any::<bool>(), prop::collection::vec(s(), 0..3)).prop_map(|(name, key, admin, allow)| {
+            Request::OperatorAdd { name, key, admin, allow, device_users: vec![], cert_ttl_secs: None }
+        }),
         (s(), prop::collection::vec(s(), 0..3)).prop_map(|(token, host_keys)| Request::Enroll { token, host_keys }),
         (s(), s()).prop_map(|(new_key, proof)| Request::RotateKey { new_key, proof }),
     ]

@@ -3,9 +3,9 @@
 //! else it sends the same [`Request`] over SSH and the pivot calls
 //! [`execute`] with the caller's identity. The caller's role decides.
 
+use burrow_core::cert::{DeviceTrust, DEFAULT_CERT_TTL, DEFAULT_DEVICE_USER, MAX_CA_KEYS, MAX_REVOKED_KEYS};
 use burrow_core::enroll::EnrollToken;
 use burrow_core::keys::{fingerprint, parse_public_key, PublicKey};
-use burrow_core::cert::{DeviceTrust, DEFAULT_CERT_TTL, DEFAULT_DEVICE_USER, MAX_CA_KEYS, MAX_REVOKED_KEYS};
 use burrow_core::rpc::{
     allowed, rotate_message, BanInfo, CaKeyInfo, CertificateIssued, DeviceAdded, DeviceInfo, ListenInfo, OperatorInfo,
     Request, Response, Selector, WhoamiInfo, ROTATE_NAMESPACE,
@@ -390,8 +390,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 }
             }
             // The certificate this operator will get must be one sshd takes.
-            burrow_core::cert::principals(&selectors, &device_users_or_default(&users))
-                .map_err(AdminError::Invalid)?;
+            burrow_core::cert::principals(&selectors, &device_users_or_default(&users)).map_err(AdminError::Invalid)?;
             let ttl = cert_ttl_secs.map(|t| t as i64);
             reg.add_operator(&name, &k, admin, &allow, &users, ttl).await?;
             Ok(json!({
@@ -402,7 +401,10 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
         }
         Request::Certificate => {
             let Caller::Operator { name, .. } = caller else { unreachable!("authorized above") };
-            let op = reg.operator(name).await?.ok_or_else(|| AdminError::Denied(format!("operator '{name}' was removed")))?;
+            let op = reg
+                .operator(name)
+                .await?
+                .ok_or_else(|| AdminError::Denied(format!("operator '{name}' was removed")))?;
             let k = key(&op.public_key, "the operator key")?;
             let selectors: Vec<Selector> = op.allow.iter().filter_map(|s| s.parse().ok()).collect();
             let principals = burrow_core::cert::principals(&selectors, &device_users_or_default(&op.device_users))
@@ -671,9 +673,10 @@ fn authorize(caller: &Caller, req: &Request) -> Result<(), AdminError> {
     let ok = match (caller, req) {
         (Caller::Enrollee(_), Request::Enroll { .. }) => true,
         (Caller::Enrollee(_), _) | (_, Request::Enroll { .. }) => false,
-        (Caller::Device(_), Request::RotateKey { .. } | Request::HostKeys { .. } | Request::Trust | Request::Whoami) => {
-            true
-        }
+        (
+            Caller::Device(_),
+            Request::RotateKey { .. } | Request::HostKeys { .. } | Request::Trust | Request::Whoami,
+        ) => true,
         (Caller::Device(_), _) | (_, Request::RotateKey { .. } | Request::HostKeys { .. } | Request::Trust) => false,
         // A certificate is for the key that asks: an operator's.
         (Caller::Operator { .. }, Request::Certificate) => true,

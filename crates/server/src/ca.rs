@@ -96,7 +96,8 @@ pub async fn issue(
     let req = CertRequest { operator, key, principals, ttl, now, slack: CLOCK_SLACK };
     registry
         .issue_certificate(req, |serial, ca, valid_after, valid_before| {
-            let ca_key = PrivateKey::from_openssh(&ca.private_key).map_err(|_| "the CA key is unreadable".to_string())?;
+            let ca_key =
+                PrivateKey::from_openssh(&ca.private_key).map_err(|_| "the CA key is unreadable".to_string())?;
             let mut b = Builder::new_with_random_nonce(
                 &mut rand::rng(),
                 key.key_data().clone(),

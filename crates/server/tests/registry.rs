@@ -145,7 +145,10 @@ async fn operators_and_identify(reg: Registry) {
     let (k1, k2) = (key(), key());
     reg.add_operator(&id("alice"), &k1, true, &[], &[], None).await.unwrap();
     reg.add_operator(&id("bob"), &k2, false, &["site=lyon".into()], &[], None).await.unwrap();
-    assert!(matches!(reg.add_operator(&id("bob"), &key(), false, &[], &[], None).await, Err(RegistryError::OperatorExists(_))));
+    assert!(matches!(
+        reg.add_operator(&id("bob"), &key(), false, &[], &[], None).await,
+        Err(RegistryError::OperatorExists(_))
+    ));
     assert!(matches!(
         reg.add_device(&id("cam-1"), &k2, &BTreeMap::new(), &[]).await,
         Err(RegistryError::KeyInUse { .. })
@@ -435,9 +438,7 @@ async fn user_ca_rotation_and_certificates(reg: Registry) {
         let reg = reg.clone();
         let k = alice_key.clone();
         let p = p.clone();
-        async move {
-            burrow_server::ca::issue(&reg, &id("alice"), &k, &p, Duration::from_secs(ttl), at).await.unwrap()
-        }
+        async move { burrow_server::ca::issue(&reg, &id("alice"), &k, &p, Duration::from_secs(ttl), at).await.unwrap() }
     };
     let c1 = issue(3600, now).await;
     let c2 = issue(3600, now).await;

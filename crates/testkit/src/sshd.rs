@@ -75,7 +75,8 @@ pub struct SshdRunnable {
 impl SshdRunnable {
     pub fn copy(bin: &str) -> SshdRunnable {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::Builder::new().prefix("burrow-bin").tempdir_in("/run").expect("a directory under /run (root)");
+        let dir =
+            tempfile::Builder::new().prefix("burrow-bin").tempdir_in("/run").expect("a directory under /run (root)");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.path().join("burrow");
         std::fs::copy(bin, &path).unwrap();

@@ -87,7 +87,13 @@ impl Registry {
 
     /// Stores this key as the CA if the registry has none yet; returns
     /// whether it did (another pivot may have got there first).
-    pub async fn init_user_ca(&self, public_key: &str, fp: &str, private_key: &str, now: i64) -> Result<bool, RegistryError> {
+    pub async fn init_user_ca(
+        &self,
+        public_key: &str,
+        fp: &str,
+        private_key: &str,
+        now: i64,
+    ) -> Result<bool, RegistryError> {
         let mut tx = self.write_tx().await?;
         let any: Option<String> =
             sqlx::query_scalar("SELECT fingerprint FROM user_cas LIMIT 1").fetch_optional(&mut *tx).await?;
@@ -158,8 +164,10 @@ impl Registry {
         let rows = sqlx::query("SELECT * FROM user_cas").fetch_all(&mut *tx).await?;
         let cas: Vec<CaRecord> = rows.iter().map(ca_from_row).collect();
         let ca = signing_ca(&cas, req.now).ok_or(RegistryError::NoUserCa)?;
-        let last: Option<String> =
-            sqlx::query_scalar("SELECT value FROM meta WHERE key = $1").bind(SERIAL_KEY).fetch_optional(&mut *tx).await?;
+        let last: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
+            .bind(SERIAL_KEY)
+            .fetch_optional(&mut *tx)
+            .await?;
         let serial = last.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
         let valid_after = req.now - req.slack.as_secs() as i64;
         let mut valid_before = req.now.saturating_add(req.ttl.as_secs().min(i64::MAX as u64 / 4) as i64);
