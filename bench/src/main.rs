@@ -19,12 +19,20 @@
 //! target/release/burrow-bench storm 10000 [--procs 4] [--timeout 120s]
 //! ```
 //!
+//! `certificates` times issuing operator certificates on the pivot and the
+//! `principals` command a device's sshd runs per login (see `certs.rs`):
+//!
+//! ```text
+//! target/release/burrow-bench certificates [--operators 200] [--runs 200] [--agent PATH]
+//! ```
+//!
 //! `wake` measures what an on-demand wake-up adds to opening a channel: the
 //! time from an operator's `direct-tcpip` open to its confirmation, for a
 //! sleeping device (woken over the embedded MQTT broker) against a device
 //! whose tunnel is already up. Both devices front the same real sshd.
 
 mod agent_size;
+mod certs;
 mod cluster;
 mod mqtt_hold;
 mod storm;
@@ -176,6 +184,8 @@ async fn hold(data_dir: &str, port: u16, count: usize, seconds: u64) -> Result<(
 
 const USAGE: &str = "\
 usage:
+  burrow-bench certificates [--operators 200] [--runs 200] [--agent PATH]
+      issuing operator certificates, and the principals command per device login
   burrow-bench wake [SAMPLES]
       what an on-demand wake-up adds to a channel open (default 50 samples)
   burrow-bench vs-openssh [FLAGS]        (as root: cgroups)
@@ -241,6 +251,7 @@ async fn main() -> Result<()> {
             }
             cluster::run(&burrow_bin()?, o).await
         }
+        Some("certificates") => certs::run(&burrow_bin()?, certs::parse(&args[1..])?).await,
         Some("wake") => {
             let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(50);
             wake(n).await

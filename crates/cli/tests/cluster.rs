@@ -127,6 +127,22 @@ fn two_pivots_share_postgres_and_mosquitto() {
     let carol = KeyPair::generate(alice.dir.path(), "carol");
     a.admin_ok(&["operator", "add", "carol", "--admin", "--key", carol.public.to_str().unwrap()]);
 
+    // One user CA for both: the pivot that started first made it, and a
+    // certificate from the other is signed by that same key.
+    let cas = a.admin_ok(&["ca", "show"]);
+    assert_eq!(cas.lines().count(), 1, "{cas}");
+    let makers: Vec<&TestPivot> = [&a, &b].into_iter().filter(|p| p.data.path().join("user_ca").exists()).collect();
+    assert_eq!(makers.len(), 1, "each pivot made a CA of its own");
+    let ca_line = std::fs::read_to_string(makers[0].data.path().join("user_ca.pub")).unwrap();
+    let dana = Laptop::new(BURROW);
+    a.admin_ok(&["operator", "add", "dana", "--key", dana.key.public.to_str().unwrap()]);
+    let out = dana.login(&b);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cert_text = std::fs::read_to_string(dana.home.path().join(".ssh/burrow/id-cert.pub")).unwrap();
+    let cert = russh::keys::ssh_key::Certificate::from_openssh(cert_text.trim()).unwrap();
+    let signer = russh::keys::ssh_key::PublicKey::from(cert.signature_key().clone());
+    assert_eq!(burrow_core::keys::openssh_line(&signer), ca_line.trim());
+
     let h = health(&b);
     assert!(
         h.contains("pivot: b") && h.contains("(postgres)") && h.contains(&format!("a 127.0.0.1:{}", a.addr.port())),
