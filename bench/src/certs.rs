@@ -72,6 +72,7 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
         labels,
         ca_keys: vec![burrow_core::keys::openssh_line(ca.public_key())],
         revoked_keys: vec![],
+        pivot_time: burrow_core::time::now_unix(),
     };
     burrow_agent::trust::write(&trust, &state)?;
     let one = certificate(&ca, &["burrow:root:site=berlin".to_string()])?;

@@ -140,7 +140,7 @@ pub enum OperatorCommand {
         /// Reach only devices with these labels (k=v[,k=v]); repeat for alternatives.
         #[arg(long)]
         allow: Vec<Selector>,
-        /// A user the operator's certificates log in as on devices; repeatable [default: root].
+        /// A user the operator's certificates log in as on devices; repeatable [default: root for an admin, else the operator's name].
         #[arg(long = "device-user", value_name = "USER", value_parser = parse_device_user)]
         device_users: Vec<String>,
         /// Lifetime of the operator's certificates (at most 7d).
@@ -220,12 +220,24 @@ pub async fn ca(cmd: CaCommand) -> Result<()> {
             let overlap_secs = if now { 0 } else { overlap.as_secs() };
             let out = send(&data, Request::CaRotate { overlap_secs, now }).await?;
             let fp = str_of(&out["fingerprint"]);
+            // On the pivot host, a dropped key leaves the data dir too.
+            if now && data.pivot.is_none() {
+                let registry = match &data.database_url {
+                    Some(url) => Registry::open_url(url).await?,
+                    None => Registry::open(&data.data_dir).await?,
+                };
+                let dir = &data.data_dir;
+                if burrow_server::ca::forget_dropped(&registry, dir, burrow_core::time::now_unix()).await? {
+                    println!("deleted the old CA key {}", dir.join(burrow_server::ca::USER_CA_FILE).display());
+                }
+                registry.close().await;
+            }
             if now {
                 println!("new CA key {fp} signs from now; the old keys are no longer trusted");
-                println!("devices drop the old keys as their agents next connect; certificates they signed stop working then");
+                println!("connected devices drop the old keys within a minute, the others as they connect; certificates the old keys signed stop working there, so operators run `burrow login` again");
             } else {
                 println!(
-                    "new CA key {fp}: devices trust it as their agents connect; it signs from {}",
+                    "new CA key {fp}: devices trust it within a minute (or as they connect); it signs from {}",
                     str_of(&out["signs_from"])
                 );
                 if let Some(until) = out["old_retires_at"].as_str() {

@@ -119,7 +119,12 @@ pub async fn run(args: LoginArgs) -> Result<()> {
     let cert_path = certificate_path(&ssh_dir, &args.name);
     let cert = if me.kind == "operator" {
         match fetch_certificate(&remote, &cert_path).await {
-            Ok(c) => Some(c),
+            Ok(c) => Some(Ok(c)),
+            // The one from an earlier login still works: keep using it.
+            Err(e) if certificate_fresh(&cert_path, std::time::Duration::from_secs(60)) => {
+                eprintln!("burrow: no new certificate ({e:#}); keeping {}", cert_path.display());
+                Some(Err(()))
+            }
             Err(e) => {
                 eprintln!("burrow: no certificate ({e:#}); devices that trust the pivot's CA will refuse this login");
                 None
@@ -154,20 +159,16 @@ pub async fn run(args: LoginArgs) -> Result<()> {
             unpinned.join(", ")
         );
     }
-    let mut user = "root".to_string();
-    if let Some(c) = &cert {
+    if let Some(Ok(c)) = &cert {
         println!(
-            "certificate {} (serial {}) valid until {}, in {}",
+            "certificate {}, valid until {}, in {}",
             burrow_core::text::printable(&c.key_id),
-            c.serial,
             burrow_core::text::printable(&c.valid_before),
             cert_path.display()
         );
-        let users: Vec<&str> = c.principals.iter().filter_map(|p| principal_user(p)).collect();
-        if let Some(u) = users.iter().find(|u| **u != "*") {
-            user = u.to_string();
-        }
     }
+    let users = cert.as_ref().and_then(|_| certificate_users(&cert_path)).unwrap_or_default();
+    let user = users.iter().find(|u| *u != burrow_core::cert::ANY).map_or("root", String::as_str);
     println!("try: ssh {user}@DEVICE.{}", args.name);
     Ok(())
 }
@@ -190,7 +191,12 @@ fn principal_user(p: &str) -> Option<&str> {
 /// Asks the pivot for a certificate of the operator's key and writes it to
 /// `path`, after checking that it is one: a user certificate for that key.
 pub async fn fetch_certificate(remote: &Remote, path: &Path) -> Result<CertificateIssued> {
-    let issued: CertificateIssued = serde_json::from_value(remote.call(&Request::Certificate).await?)
+    write_certificate(path, remote.call(&Request::Certificate).await?)
+}
+
+/// Checks the pivot's answer to `Certificate` and writes the certificate to `path`.
+pub fn write_certificate(path: &Path, answer: serde_json::Value) -> Result<CertificateIssued> {
+    let issued: CertificateIssued = serde_json::from_value(answer)
         .context("the pivot's answer has an unexpected shape (a burrow version without certificates?)")?;
     let cert = russh::keys::ssh_key::Certificate::from_openssh(&issued.certificate)
         .context("the pivot sent something that is not an OpenSSH certificate")?;
@@ -208,10 +214,32 @@ pub async fn fetch_certificate(remote: &Remote, path: &Path) -> Result<Certifica
     Ok(issued)
 }
 
+fn read_certificate(path: &Path) -> Option<russh::keys::ssh_key::Certificate> {
+    let text = std::fs::read_to_string(path).ok()?;
+    russh::keys::ssh_key::Certificate::from_openssh(text.trim()).ok()
+}
+
+/// The fingerprint of the CA key that signed the certificate at `path`.
+pub fn certificate_signer(path: &Path) -> Option<String> {
+    let cert = read_certificate(path)?;
+    Some(burrow_core::fingerprint(&russh::keys::ssh_key::PublicKey::from(cert.signature_key().clone())))
+}
+
+/// The device users the certificate at `path` logs in as.
+pub fn certificate_users(path: &Path) -> Option<Vec<String>> {
+    let cert = read_certificate(path)?;
+    let mut users: Vec<String> = Vec::new();
+    for u in cert.valid_principals().iter().filter_map(|p| principal_user(p)) {
+        if !users.iter().any(|x| x == u) {
+            users.push(u.to_string());
+        }
+    }
+    Some(users)
+}
+
 /// Whether the certificate at `path` is valid for at least `margin` more.
 pub fn certificate_fresh(path: &Path, margin: std::time::Duration) -> bool {
-    let Ok(text) = std::fs::read_to_string(path) else { return false };
-    let Ok(cert) = russh::keys::ssh_key::Certificate::from_openssh(text.trim()) else { return false };
+    let Some(cert) = read_certificate(path) else { return false };
     let now = burrow_core::time::now_unix().max(0) as u64;
     cert.valid_before() > now.saturating_add(margin.as_secs()) && cert.valid_after() <= now
 }

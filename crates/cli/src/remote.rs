@@ -112,6 +112,11 @@ impl Remote {
         Ok(Remote { addr: addr.to_string(), pin, creds: credentials(identity.as_deref())?, user: user_name() })
     }
 
+    /// One connection, for several requests.
+    pub async fn connect(&self) -> Result<russh::client::Handle<impl russh::client::Handler>> {
+        Ok(pivot_client::connect(&self.addr, self.pin.clone(), &self.user, &self.creds).await?)
+    }
+
     pub async fn call(&self, req: &Request) -> Result<Value> {
         let handle = pivot_client::connect(&self.addr, self.pin.clone(), &self.user, &self.creds).await?;
         let out = pivot_client::call(&handle, req).await;

@@ -6,7 +6,8 @@
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
-use burrow_core::rpc::Request;
+use burrow_agent::pivot_client;
+use burrow_core::rpc::{CaKeyInfo, DeviceInfo, Request};
 
 use crate::remote::{LoginState, Remote};
 
@@ -85,29 +86,74 @@ impl Session {
         Ok((Session { state, remote }, id))
     }
 
-    /// Asks the pivot whether `id:port` is reachable; prints its refusal if not.
-    async fn check(&self, id: &str, port: u32) -> Result<bool> {
+    /// Asks the pivot whether `id:port` is reachable; prints its refusal if
+    /// not. On the same connection, renews the login's certificate if
+    /// needed, and warns when it cannot log in as `user` (`user@` given).
+    async fn check(&self, id: &str, port: u32, user: Option<&str>) -> Result<bool> {
         let id = burrow_core::Id::parse(id)?;
-        self.renew_certificate().await;
-        match self.remote.call(&Request::Check { id, port }).await {
-            Ok(_) => Ok(true),
+        let handle = match self.remote.connect().await {
+            Ok(h) => h,
             Err(e) => {
                 eprintln!("burrow: {e:#}");
+                return Ok(false);
+            }
+        };
+        self.renew_certificate(&handle).await;
+        let answer = pivot_client::call(&handle, &Request::Check { id, port }).await;
+        let _ = handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+        match answer {
+            Ok(device) => {
+                if let (Some(user), Ok(d)) = (user, serde_json::from_value::<DeviceInfo>(device)) {
+                    self.warn_unlisted_user(&d, user);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                eprintln!("burrow: {:#}", anyhow::Error::from(e));
                 Ok(false)
             }
         }
     }
 
     /// Gets a new certificate if the login's has run out (or will within a
-    /// minute): the device's sshd would refuse it.
-    async fn renew_certificate(&self) {
+    /// minute), or its CA key is no longer trusted (`burrow ca rotate
+    /// --now`): the device's sshd would refuse it.
+    async fn renew_certificate<H: russh::client::Handler>(&self, handle: &russh::client::Handle<H>) {
         let Some(path) = &self.state.certificate else { return };
-        if crate::login::certificate_fresh(path, std::time::Duration::from_secs(60)) {
+        let mut stale = !crate::login::certificate_fresh(path, std::time::Duration::from_secs(60));
+        if !stale {
+            if let Some(signer) = crate::login::certificate_signer(path) {
+                if let Ok(v) = pivot_client::call(handle, &Request::CaShow).await {
+                    let keys: Vec<CaKeyInfo> = serde_json::from_value(v).unwrap_or_default();
+                    stale = !keys.is_empty() && !keys.iter().any(|k| k.fingerprint == signer && k.state != "next");
+                }
+            }
+        }
+        if !stale {
             return;
         }
-        match crate::login::fetch_certificate(&self.remote, path).await {
+        let answer = pivot_client::call(handle, &Request::Certificate).await.map_err(anyhow::Error::from);
+        match answer.and_then(|v| crate::login::write_certificate(path, v)) {
             Ok(c) => tracing::debug!(serial = c.serial, "renewed the certificate"),
             Err(e) => eprintln!("burrow: cannot renew the certificate {}: {e:#}", path.display()),
+        }
+    }
+
+    /// On a device that takes certificates, says so if the certificate does
+    /// not name `user`: sshd's answer would only be "Permission denied".
+    fn warn_unlisted_user(&self, d: &DeviceInfo, user: &str) {
+        let Some(path) = &self.state.certificate else { return };
+        if d.access != "certificates" {
+            return;
+        }
+        let Some(users) = crate::login::certificate_users(path) else { return };
+        if !users.iter().any(|u| u == user || u == burrow_core::cert::ANY) {
+            eprintln!(
+                "burrow: your certificate logs in to devices as {}, not '{}'; an admin gives more with `burrow operator add … --device-user {}`",
+                users.join(", "),
+                burrow_core::text::printable(user),
+                burrow_core::text::printable(user)
+            );
         }
     }
 
@@ -164,7 +210,7 @@ pub async fn ssh(a: SshArgs) -> Result<ExitCode> {
     let (user, name) = split_user(&args[at]);
     let user = user.to_string();
     let (s, id) = Session::for_device(name)?;
-    if !s.check(&id, 22).await? {
+    if !s.check(&id, 22, user.strip_suffix('@')).await? {
         return Ok(ExitCode::FAILURE);
     }
     args[at] = format!("{user}{}", s.host(&id));
@@ -183,7 +229,7 @@ pub async fn sftp(a: SftpArgs) -> Result<ExitCode> {
     };
     let (user, name) = split_user(&target);
     let (s, id) = Session::for_device(name)?;
-    if !s.check(&id, 22).await? {
+    if !s.check(&id, 22, user.strip_suffix('@')).await? {
         return Ok(ExitCode::FAILURE);
     }
     args[at] = format!("{user}{}{path}", s.host(&id));
@@ -206,7 +252,7 @@ pub async fn scp(a: ScpArgs) -> Result<ExitCode> {
         if session.as_ref().is_some_and(|prev| prev.state.name != s.state.name) {
             bail!("scp between devices behind different pivots is not supported; copy through this machine");
         }
-        if !s.check(&id, 22).await? {
+        if !s.check(&id, 22, user.strip_suffix('@')).await? {
             return Ok(ExitCode::FAILURE);
         }
         args[at] = format!("{user}{}:{path}", s.host(&id));
@@ -223,7 +269,7 @@ pub async fn forward(a: ForwardArgs) -> Result<ExitCode> {
     let port: u16 = port.parse().context("port")?;
     let (s, id) = Session::for_device(name)?;
     let id = id.as_str();
-    if !s.check(id, u32::from(port)).await? {
+    if !s.check(id, u32::from(port), None).await? {
         return Ok(ExitCode::FAILURE);
     }
     // Without --local: the same port if it is unprivileged and free,

@@ -30,9 +30,23 @@ pub const CLOCK_SLACK: Duration = Duration::from_secs(300);
 pub const MAX_PRINCIPALS: usize = 256;
 /// The most device users one operator may have.
 pub const MAX_DEVICE_USERS: usize = 16;
-/// Device user of an operator added without `--device-user`: the user
-/// `burrow login` suggests (`ssh root@cam-42.burrow`).
-pub const DEFAULT_DEVICE_USER: &str = "root";
+/// Device user of an admin added without `--device-user`: the user
+/// `burrow login` suggests (`ssh root@cam-42.burrow`). Other operators log
+/// in as their own name unless given more.
+pub const DEFAULT_ADMIN_DEVICE_USER: &str = "root";
+
+/// The device users an operator's certificates carry: those given with
+/// `--device-user`, else `root` for an admin and the operator's own name
+/// for anyone else (least privilege by default).
+pub fn device_users_or_default(users: &[String], admin: bool, name: &str) -> Vec<String> {
+    if !users.is_empty() {
+        users.to_vec()
+    } else if admin {
+        vec![DEFAULT_ADMIN_DEVICE_USER.to_string()]
+    } else {
+        vec![name.to_string()]
+    }
+}
 
 /// A login name on a device: 1-32 of `[A-Za-z0-9._-]`, not starting with
 /// '-' (so it is never an option), or `*` for any user.
@@ -113,6 +127,10 @@ pub struct DeviceTrust {
     /// their operators were removed.
     #[serde(default)]
     pub revoked_keys: Vec<String>,
+    /// The pivot's clock when it answered (Unix seconds): a device whose own
+    /// clock is behind still refuses certificates that expired before it.
+    #[serde(default)]
+    pub pivot_time: i64,
 }
 
 /// The most CA keys a device takes (a rotation has two in force).

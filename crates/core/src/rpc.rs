@@ -16,6 +16,10 @@ use crate::Id;
 
 pub const RPC_HOST: &str = "@burrow";
 pub const RPC_PORT: u32 = 1;
+/// The connected address of a `forwarded-tcpip` channel a pivot opens to a
+/// connected agent to say that the CA keys or revoked keys changed: the
+/// agent refuses it and fetches them again (`Trust`).
+pub const TRUST_NUDGE_HOST: &str = "@burrow-trust";
 /// SSH user name a device uses to present an enrollment token with its new key.
 pub const ENROLL_USER: &str = "enroll";
 
@@ -56,7 +60,7 @@ pub enum Request {
         admin: bool,
         allow: Vec<String>,
         /// Users the operator may log in as on devices with a certificate
-        /// (empty: [`crate::cert::DEFAULT_DEVICE_USER`]).
+        /// (empty: see [`crate::cert::device_users_or_default`]).
         #[serde(default)]
         device_users: Vec<String>,
         /// Lifetime of the operator's certificates (default 8 h).

@@ -3,7 +3,7 @@
 //! else it sends the same [`Request`] over SSH and the pivot calls
 //! [`execute`] with the caller's identity. The caller's role decides.
 
-use burrow_core::cert::{DeviceTrust, DEFAULT_CERT_TTL, DEFAULT_DEVICE_USER, MAX_CA_KEYS, MAX_REVOKED_KEYS};
+use burrow_core::cert::{device_users_or_default, DeviceTrust, DEFAULT_CERT_TTL, MAX_CA_KEYS, MAX_REVOKED_KEYS};
 use burrow_core::enroll::EnrollToken;
 use burrow_core::keys::{fingerprint, parse_public_key, PublicKey};
 use burrow_core::rpc::{
@@ -390,12 +390,27 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 }
             }
             // The certificate this operator will get must be one sshd takes.
-            burrow_core::cert::principals(&selectors, &device_users_or_default(&users)).map_err(AdminError::Invalid)?;
+            let principals = burrow_core::cert::principals(&selectors, &device_users_or_default(&users, admin, name.as_str()))
+                .map_err(AdminError::Invalid)?;
+            // A key re-added with less than its certificates still carry
+            // would keep the more until they expire: devices cannot revoke
+            // one certificate of a key and not another.
+            let now = now_unix();
+            for (had, until) in reg.live_certificates_of_key(&fingerprint(&k), now).await? {
+                if let Some(extra) = had.iter().find(|p| !principals.contains(p)) {
+                    return Err(AdminError::Invalid(format!(
+                        "key {} has a certificate until {} that also grants {}; add the operator under a new key, or after it expires",
+                        fingerprint(&k),
+                        format_unix(until),
+                        printable(extra)
+                    )));
+                }
+            }
             let ttl = cert_ttl_secs.map(|t| t as i64);
             reg.add_operator(&name, &k, admin, &allow, &users, ttl).await?;
             Ok(json!({
                 "name": name.as_str(), "role": role(admin), "fingerprint": fingerprint(&k), "allow": allow,
-                "device_users": device_users_or_default(&users),
+                "device_users": device_users_or_default(&users, admin, name.as_str()),
                 "cert_ttl_secs": cert_ttl_secs.unwrap_or(DEFAULT_CERT_TTL.as_secs()),
             }))
         }
@@ -407,7 +422,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 .ok_or_else(|| AdminError::Denied(format!("operator '{name}' was removed")))?;
             let k = key(&op.public_key, "the operator key")?;
             let selectors: Vec<Selector> = op.allow.iter().filter_map(|s| s.parse().ok()).collect();
-            let principals = burrow_core::cert::principals(&selectors, &device_users_or_default(&op.device_users))
+            let principals = burrow_core::cert::principals(&selectors, &device_users_or_default(&op.device_users, op.admin, &op.name))
                 .map_err(AdminError::Invalid)?;
             let ttl = op.cert_ttl.map_or(DEFAULT_CERT_TTL, |t| Duration::from_secs(t.max(1) as u64));
             let issued = crate::ca::issue(reg, name, &k, &principals, ttl, now_unix()).await?;
@@ -439,7 +454,7 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
             }
             let revoked_keys = reg.revoked_operator_keys(now, MAX_REVOKED_KEYS).await?;
             reg.set_trust_at(id, now).await?;
-            let trust = DeviceTrust { id: id.to_string(), labels: dev.labels, ca_keys, revoked_keys };
+            let trust = DeviceTrust { id: id.to_string(), labels: dev.labels, ca_keys, revoked_keys, pivot_time: now };
             Ok(serde_json::to_value(trust).expect("serializes"))
         }
         Request::CaShow => {
@@ -732,7 +747,7 @@ fn operator_json(o: &crate::registry::OperatorRecord) -> Value {
         role: role(o.admin).into(),
         fingerprint: o.fingerprint.clone(),
         allow: o.allow.clone(),
-        device_users: device_users_or_default(&o.device_users),
+        device_users: device_users_or_default(&o.device_users, o.admin, &o.name),
         cert_ttl_secs: o.cert_ttl.map_or(DEFAULT_CERT_TTL.as_secs(), |t| t.max(0) as u64),
         added: format_unix(o.created_at),
     };
@@ -815,14 +830,5 @@ pub fn device_info(d: &DeviceRecord) -> DeviceInfo {
         access: if d.trust_at.is_some() { "certificates" } else { "authorized_keys" }.into(),
         trust_at: d.trust_at.map(format_unix),
         added: format_unix(d.created_at),
-    }
-}
-
-/// An operator's device users, or the default one.
-fn device_users_or_default(users: &[String]) -> Vec<String> {
-    if users.is_empty() {
-        vec![DEFAULT_DEVICE_USER.to_string()]
-    } else {
-        users.to_vec()
     }
 }

@@ -51,6 +51,7 @@ pub fn new_key() -> (String, String, String, PrivateKey) {
 /// signs with the registry's keys, which `burrow ca rotate` adds to.
 pub async fn ensure(registry: &Registry, data_dir: &Path, now: i64) -> Result<(), CaError> {
     if !registry.user_cas().await?.is_empty() {
+        forget_dropped(registry, data_dir, now).await?;
         return Ok(());
     }
     let path = data_dir.join(USER_CA_FILE);
@@ -75,6 +76,25 @@ pub async fn ensure(registry: &Registry, data_dir: &Path, now: i64) -> Result<()
         tracing::info!(ca = %fp, "created the user CA that signs operators' certificates");
     }
     Ok(())
+}
+
+/// Deletes `DATA/user_ca` (and `.pub`) if the registry no longer trusts
+/// that key (`burrow ca rotate --now`, or an old key's retirement): a
+/// stolen key must not stay on disk. Returns whether it did.
+pub async fn forget_dropped(registry: &Registry, data_dir: &Path, now: i64) -> Result<bool, CaError> {
+    let path = data_dir.join(USER_CA_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(false) };
+    let Ok(key) = PrivateKey::from_openssh(text) else { return Ok(false) };
+    let fp = fingerprint(key.public_key());
+    let cas = registry.user_cas().await?;
+    if cas.iter().any(|c| c.fingerprint == fp && c.trusted(now)) {
+        return Ok(false);
+    }
+    let io = |source| CaError::Io { path: path.display().to_string(), source };
+    std::fs::remove_file(&path).map_err(io)?;
+    let _ = std::fs::remove_file(data_dir.join(format!("{USER_CA_FILE}.pub")));
+    tracing::warn!(ca = %fp, path = %path.display(), "deleted a CA key the registry no longer trusts");
+    Ok(true)
 }
 
 /// The key id of a certificate: the operator and the serial, which the
@@ -120,3 +140,59 @@ pub async fn issue(
         })
         .await
 }
+
+/// Tells every agent whose tunnel this pivot holds to fetch its trust again
+/// if the CA keys in force or the revoked keys changed since `last`: a
+/// rotation or an operator's removal reaches connected devices in seconds,
+/// not at their next hourly refresh. Each agent waits a random moment
+/// before fetching, so a fleet does not ask at once.
+pub(crate) async fn nudge_if_changed(shared: &std::sync::Arc<crate::Shared>, last: &mut Option<u64>) {
+    let now = burrow_core::time::now_unix();
+    let digest = async {
+        let cas: Vec<String> =
+            shared.registry.user_cas().await?.into_iter().filter(|c| c.trusted(now)).map(|c| c.fingerprint).collect();
+        let revoked = shared.registry.revoked_operator_keys(now, burrow_core::cert::MAX_REVOKED_KEYS).await?;
+        Ok::<_, RegistryError>(crate::registry::trust_digest(&cas, &revoked))
+    };
+    let digest = match digest.await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the CA keys and revoked keys");
+            return;
+        }
+    };
+    let changed = last.is_some_and(|l| l != digest);
+    *last = Some(digest);
+    if !changed {
+        return;
+    }
+    let tunnels = shared.router.tunnels();
+    tracing::info!(tunnels = tunnels.len(), "CA keys or revoked keys changed; telling connected agents");
+    shared.tracker.spawn(async move {
+        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(NUDGE_PARALLEL));
+        let mut set = tokio::task::JoinSet::new();
+        for (id, tunnel) in tunnels {
+            let limit = limit.clone();
+            set.spawn(async move {
+                let _permit = limit.acquire_owned().await.expect("never closed");
+                let open = tunnel.handle.channel_open_forwarded_tcpip(
+                    burrow_core::rpc::TRUST_NUDGE_HOST,
+                    0,
+                    "127.0.0.1",
+                    0,
+                );
+                // Refused, as it should be; an agent that took it gets it closed.
+                if let Ok(Ok(ch)) = tokio::time::timeout(NUDGE_TIMEOUT, open).await {
+                    let _ = tokio::time::timeout(NUDGE_TIMEOUT, ch.close()).await;
+                }
+                tracing::debug!(device = %id, "told to fetch its trust again");
+            });
+        }
+        while set.join_next().await.is_some() {}
+    });
+}
+
+/// Nudges in flight at once.
+const NUDGE_PARALLEL: usize = 64;
+/// How long a nudge waits for an agent.
+const NUDGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -37,6 +37,8 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut changes: Option<Receiver<Chan
     let mut probed: std::collections::HashSet<u64> = Default::default();
     let mut rounds = 0u64;
     let mut seen_generation = u64::MAX;
+    let mut seen_trust = None;
+    crate::ca::nudge_if_changed(&shared, &mut seen_trust).await;
     // One full round at a time: a slow one is not stacked on.
     let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tick = tokio::time::interval(shared.config.watch_interval);
@@ -76,6 +78,7 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut changes: Option<Receiver<Chan
                         enforce(&shared).await;
                         crate::leases::sync(&shared, &shutdown).await;
                     }
+                    crate::ca::nudge_if_changed(&shared, &mut seen_trust).await;
                     seen = Some(rev);
                 }
                 Ok(_) => {}

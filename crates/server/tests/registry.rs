@@ -473,10 +473,27 @@ async fn user_ca_rotation_and_certificates(reg: Registry) {
     assert_eq!(trusted, [f2.as_str()]);
     assert_eq!(issue(3600, now + 700).await.serial, 4);
 
+    // A rotation never lengthens the life of a key already retiring.
+    let (p3, f3, k3, _) = burrow_server::ca::new_key();
+    reg.rotate_user_ca(&p3, &f3, &k3, now + 800, Duration::from_secs(600), false).await.unwrap();
+    let end = |fp: &str, cas: &[burrow_server::registry::CaRecord]| cas.iter().find(|c| c.fingerprint == fp).unwrap().retires_at;
+    let before = end(&f2, &reg.user_cas().await.unwrap());
+    assert_eq!(before, Some(now + 1400 + 8 * 3600));
+    let (p4, f4, k4, _) = burrow_server::ca::new_key();
+    reg.rotate_user_ca(&p4, &f4, &k4, now + 1500, Duration::from_secs(100_000), false).await.unwrap();
+    assert_eq!(end(&f2, &reg.user_cas().await.unwrap()), before);
+    // Dropped keys keep no private half.
+    let cas = reg.user_cas().await.unwrap();
+    assert!(cas.iter().filter(|c| !c.trusted(now + 1500)).all(|c| c.private_key.is_empty()));
+    assert!(cas.iter().filter(|c| c.trusted(now + 1500)).all(|c| !c.private_key.is_empty()));
+
     // Removing alice lists her key for devices' RevokedKeys while her
     // certificates run; a re-added, unrelated operator's is not listed.
     assert!(reg.revoked_operator_keys(now, 10).await.unwrap().is_empty());
     reg.remove_operator(&id("alice")).await.unwrap();
+    // Removed: no certificate, even for a request already under way.
+    let refused = burrow_server::ca::issue(&reg, &id("alice"), &alice_key, &p, Duration::from_secs(60), now).await;
+    assert!(matches!(refused, Err(RegistryError::NoSuchOperator(_))), "{refused:?}");
     let revoked = reg.revoked_operator_keys(now, 10).await.unwrap();
     assert_eq!(revoked, [burrow_core::keys::openssh_line(&alice_key)]);
     assert!(reg.revoked_operator_keys(now + 2 * 3600, 10).await.unwrap().is_empty(), "expired ones are not listed");

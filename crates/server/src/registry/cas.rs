@@ -40,6 +40,15 @@ pub fn signing_ca(cas: &[CaRecord], now: i64) -> Option<&CaRecord> {
     cas.iter().filter(|c| c.trusted(now) && c.signs_from <= now).max_by_key(|c| c.signs_from)
 }
 
+/// What a device is told to trust, for telling when it changed.
+pub fn trust_digest(ca_fingerprints: &[String], revoked: &[String]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ca_fingerprints.hash(&mut h);
+    revoked.hash(&mut h);
+    h.finish()
+}
+
 /// What a certificate recorded before signing says.
 pub struct CertRequest<'a> {
     pub operator: &'a Id,
@@ -72,6 +81,10 @@ fn ca_from_row(r: &sqlx::any::AnyRow) -> CaRecord {
         retires_at: r.get("retires_at"),
     }
 }
+
+/// Unexpired certificates one operator may hold: bounds what a stolen
+/// operator key can add to the table every trust fetch reads.
+pub const MAX_LIVE_CERTIFICATES: i64 = 100;
 
 /// Meta key of the last certificate serial issued.
 const SERIAL_KEY: &str = "cert_serial";
@@ -140,7 +153,9 @@ impl Registry {
             let signs_from = now.saturating_add(overlap.as_secs().min(i64::MAX as u64 / 4) as i64);
             (signs_from, signs_from.saturating_add(longest))
         };
-        for c in cas.iter().filter(|c| c.trusted(now)) {
+        // A rotation only ever shortens a key's life: a key already retiring
+        // keeps its earlier end.
+        for c in cas.iter().filter(|c| c.trusted(now) && c.retires_at.is_none_or(|t| t > retire)) {
             sqlx::query("UPDATE user_cas SET retires_at = $1 WHERE fingerprint = $2")
                 .bind(retire)
                 .bind(&c.fingerprint)
@@ -148,6 +163,12 @@ impl Registry {
                 .await?;
         }
         insert_ca(&mut tx, public_key, fp, private_key, now, signs_from).await?;
+        // A key no longer trusted signs nothing again: its private half goes.
+        sqlx::query("UPDATE user_cas SET private_key = '' WHERE retires_at IS NOT NULL AND retires_at <= $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        self.bump_revision(&mut tx).await?;
         tx.commit().await?;
         let old_retires = (!cas.is_empty()).then_some(retire);
         Ok((signs_from, old_retires))
@@ -161,6 +182,25 @@ impl Registry {
         F: FnOnce(u64, &CaRecord, i64, i64) -> Result<String, String>,
     {
         let mut tx = self.write_tx().await?;
+        // The operator as of this transaction: one removed since the caller
+        // looked gets nothing.
+        let fp = fingerprint(req.key);
+        let current: Option<String> = sqlx::query_scalar("SELECT name FROM operators WHERE name = $1 AND fingerprint = $2")
+            .bind(req.operator.as_str())
+            .bind(&fp)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if current.is_none() {
+            return Err(RegistryError::NoSuchOperator(req.operator.to_string()));
+        }
+        let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM certificates WHERE operator = $1 AND valid_before > $2")
+            .bind(req.operator.as_str())
+            .bind(req.now)
+            .fetch_one(&mut *tx)
+            .await?;
+        if live >= MAX_LIVE_CERTIFICATES {
+            return Err(RegistryError::TooManyCertificates(req.operator.to_string()));
+        }
         let rows = sqlx::query("SELECT * FROM user_cas").fetch_all(&mut *tx).await?;
         let cas: Vec<CaRecord> = rows.iter().map(ca_from_row).collect();
         let ca = signing_ca(&cas, req.now).ok_or(RegistryError::NoUserCa)?;
@@ -188,7 +228,7 @@ impl Registry {
         )
         .bind(serial as i64)
         .bind(req.operator.as_str())
-        .bind(fingerprint(req.key))
+        .bind(&fp)
         .bind(openssh_line(req.key))
         .bind(serde_json::to_string(req.principals).unwrap_or_else(|_| "[]".into()))
         .bind(&ca.fingerprint)
@@ -221,6 +261,19 @@ impl Registry {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)
+    }
+
+    /// The principals of certificates for the key `fp` that have not expired.
+    pub async fn live_certificates_of_key(&self, fp: &str, now: i64) -> Result<Vec<(Vec<String>, i64)>, RegistryError> {
+        let rows = sqlx::query("SELECT principals, valid_before FROM certificates WHERE fingerprint = $1 AND valid_before > $2")
+            .bind(fp)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (serde_json::from_str(r.get::<&str, _>("principals")).unwrap_or_default(), r.get("valid_before")))
+            .collect())
     }
 
     /// Notes that a device fetched what it trusts: its sshd takes

@@ -40,7 +40,7 @@ mod tokens;
 mod tunnels;
 
 pub use bans::BanRecord;
-pub use cas::{signing_ca, CaRecord, CertRequest, IssuedCert};
+pub use cas::{signing_ca, trust_digest, CaRecord, CertRequest, IssuedCert};
 pub use devices::HostKeyReport;
 pub use pivots::{PivotRecord, PIVOT_DEAD_AFTER};
 
@@ -75,6 +75,10 @@ pub enum RegistryError {
     PortsExhausted(String),
     #[error("{0} is already leased")]
     ListenTaken(String),
+    #[error("operator '{0}' does not exist (or holds another key now)")]
+    NoSuchOperator(String),
+    #[error("operator '{0}' holds {max} certificates that have not expired; wait for some to expire", max = cas::MAX_LIVE_CERTIFICATES)]
+    TooManyCertificates(String),
     #[error("the registry has no user CA key: start `burrow server` once")]
     NoUserCa,
     #[error(
@@ -326,6 +330,16 @@ impl Registry {
                 Ok(tx)
             }
         }
+    }
+
+    /// Bumps the revision by hand, for a change no trigger sees (the CA
+    /// keys): every pivot rechecks, at once on PostgreSQL (notified).
+    async fn bump_revision(&self, tx: &mut sqlx::Transaction<'static, sqlx::Any>) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE revision SET n = n + 1 WHERE id = 1").execute(&mut **tx).await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, 'identities')").bind(NOTIFY_CHANNEL).execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 
     async fn connect_sqlite(opts: AnyConnectOptions) -> Result<AnyPool, sqlx::Error> {
