@@ -13,7 +13,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn serve(channel: Channel<Msg>, port: u32, target: Option<String>, reply: ChannelOpenHandle) {
     let Some(target) = target else {
-        warn!(port, "pivot asked for a port this agent does not expose");
+        if port == 0 {
+            // The pivot's health probe: a refusal shows the tunnel is alive.
+            debug!("refused the pivot's probe of port 0");
+        } else {
+            warn!(port, "pivot asked for a port this agent does not expose");
+        }
         reply
             .reject(ChannelOpenFailure::Other {
                 code: ChannelOpenFailure::AdministrativelyProhibited.code(),

@@ -1,17 +1,23 @@
 //! One connection to the pivot: check its host key against the pin,
 //! authenticate with the device key, refresh the operator trust (when the
 //! device's sshd trusts the pivot's CA), request a forward per exposed port,
-//! and serve channels until the connection ends.
+//! and serve channels until the connection ends. The trust is fetched again
+//! every `trust_refresh`, and soon after the pivot nudges: it opens a
+//! channel to [`TRUST_NUDGE_HOST`] when its CA keys or revoked keys change.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use burrow_core::rpc::TRUST_NUDGE_HOST;
 use russh::client::{self, AuthResult, ChannelOpenHandle, Msg, Session};
 use russh::keys::PrivateKeyWithHashAlg;
 use russh::keys::PublicKeyOrCertificate;
-use russh::Channel;
+use russh::{Channel, ChannelOpenFailure};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::pivot_client::Pinned;
 use crate::status::{State, StatusFile};
@@ -62,6 +68,9 @@ struct AgentHandler {
     /// The message of the pivot's disconnect, and whether it refused us
     /// (as opposed to, say, shutting down).
     said: Arc<std::sync::Mutex<Option<(String, bool)>>>,
+    /// Told when the pivot nudges; holds at most one nudge until the
+    /// connection's loop takes it.
+    trust_nudged: Arc<Notify>,
 }
 
 impl client::Handler for AgentHandler {
@@ -88,13 +97,24 @@ impl client::Handler for AgentHandler {
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
         channel: Channel<Msg>,
-        _connected_address: &str,
+        connected_address: &str,
         connected_port: u32,
         _originator_address: &str,
         _originator_port: u32,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if connected_address == TRUST_NUDGE_HOST {
+            // A message, not a channel: the pivot expects the refusal.
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            if self.config.trust_dir.is_some() {
+                debug!("the pivot says the operator trust changed");
+                self.trust_nudged.notify_one();
+            } else {
+                debug!("the pivot says the operator trust changed; this agent keeps none");
+            }
+            return Ok(());
+        }
         let target = self.config.expose.iter().find(|e| u32::from(e.port) == connected_port).map(|e| e.target.clone());
         tokio::spawn(forward::serve(channel, connected_port, target, reply));
         Ok(())
@@ -150,7 +170,9 @@ async fn connect_and_serve(
     let pinned = Pinned::new(config.pivot_host_key.clone());
     let mismatch = pinned.mismatch.clone();
     let said = Arc::new(std::sync::Mutex::new(None));
-    let handler = AgentHandler { config: config.clone(), pinned, said: said.clone() };
+    let trust_nudged = Arc::new(Notify::new());
+    let handler =
+        AgentHandler { config: config.clone(), pinned, said: said.clone(), trust_nudged: trust_nudged.clone() };
     // The pivot's reason for refusing a key that it let in to be told why.
     let refused = |id: &crate::Id| match said.lock().unwrap().take() {
         Some((reason, true)) => Some(SessionError::Refused { id: id.to_string(), reason }),
@@ -214,7 +236,7 @@ async fn connect_and_serve(
         }
     }
 
-    let mut trust_due = next_trust_refresh(&config);
+    let mut trust_due = TrustSchedule::new(next_trust_refresh(&config));
     loop {
         tokio::select! {
             r = &mut handle => {
@@ -228,23 +250,71 @@ async fn connect_and_serve(
                 let _ = handle.disconnect(russh::Disconnect::ByApplication, "agent stopping", "en").await;
                 return Ok(());
             }
-            _ = tokio::time::sleep_until(trust_due), if config.trust_dir.is_some() => {
+            _ = trust_nudged.notified(), if config.trust_dir.is_some() => {
+                let delay = rand::random_range(NUDGE_DELAY_MIN..=NUDGE_DELAY_MAX);
+                if trust_due.nudge(Instant::now(), delay) {
+                    debug!("fetching the operator trust in {:.0}s", delay.as_secs_f64());
+                }
+            }
+            _ = tokio::time::sleep_until(trust_due.due()), if config.trust_dir.is_some() => {
                 if let Some(dir) = &config.trust_dir {
                     tokio::select! {
                         _ = crate::trust::refresh(&handle, config.id.as_str(), dir) => {}
                         _ = shutdown.cancelled() => {}
                     }
                 }
-                trust_due = next_trust_refresh(&config);
+                trust_due.fetched(next_trust_refresh(&config));
             }
         }
     }
 }
 
+/// A nudged agent fetches at a random time in this range: a fleet's
+/// fetches spread out, and none comes within the 2 s in which the pivot
+/// refuses a second fetch on one connection.
+const NUDGE_DELAY_MIN: Duration = Duration::from_secs(2);
+const NUDGE_DELAY_MAX: Duration = Duration::from_secs(30);
+
 /// When a connected agent fetches the operator trust next: `trust_refresh`
 /// from now, ±10% so that a fleet connected together spreads out.
-fn next_trust_refresh(config: &Config) -> tokio::time::Instant {
-    tokio::time::Instant::now() + config.trust_refresh.mul_f64(rand::random_range(0.9..=1.1))
+fn next_trust_refresh(config: &Config) -> Instant {
+    Instant::now() + config.trust_refresh.mul_f64(rand::random_range(0.9..=1.1))
+}
+
+/// The next trust fetch on one connection: the periodic one, or sooner
+/// when the pivot has nudged since the last fetch.
+#[derive(Debug)]
+struct TrustSchedule {
+    periodic: Instant,
+    nudged: Option<Instant>,
+}
+
+impl TrustSchedule {
+    fn new(periodic: Instant) -> Self {
+        TrustSchedule { periodic, nudged: None }
+    }
+
+    fn due(&self) -> Instant {
+        self.nudged.map_or(self.periodic, |n| n.min(self.periodic))
+    }
+
+    /// A nudge at `now`: a fetch `delay` later, unless one is already
+    /// pending (then this nudge is part of it). Returns whether it
+    /// scheduled one.
+    fn nudge(&mut self, now: Instant, delay: Duration) -> bool {
+        if self.nudged.is_some() {
+            return false;
+        }
+        self.nudged = Some(now + delay);
+        true
+    }
+
+    /// A fetch done: it answers every nudge before it. The next periodic
+    /// one is at `next`.
+    fn fetched(&mut self, next: Instant) {
+        self.periodic = next;
+        self.nudged = None;
+    }
 }
 
 /// Tells the pivot which host keys the device's sshd (the target of port 22)
@@ -269,5 +339,35 @@ async fn report_host_keys(config: &Config, handle: &client::Handle<AgentHandler>
         },
         Ok(Err(e)) => tracing::warn!("cannot report the host keys to the pivot: {e}"),
         Err(_) => tracing::warn!("cannot report the host keys to the pivot: no answer in time"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nudges_while_a_fetch_is_pending_are_one_fetch() {
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut s = TrustSchedule::new(t0 + hour);
+        assert_eq!(s.due(), t0 + hour);
+        assert!(s.nudge(t0, Duration::from_secs(20)));
+        assert_eq!(s.due(), t0 + Duration::from_secs(20));
+        // More nudges before that fetch: still the one fetch, not sooner.
+        assert!(!s.nudge(t0 + Duration::from_secs(1), Duration::from_secs(2)));
+        assert!(!s.nudge(t0 + Duration::from_secs(19), Duration::from_secs(30)));
+        assert_eq!(s.due(), t0 + Duration::from_secs(20));
+        s.fetched(t0 + 2 * hour);
+        assert_eq!(s.due(), t0 + 2 * hour);
+        // A nudge after the fetch schedules another.
+        assert!(s.nudge(t0 + Duration::from_secs(40), Duration::from_secs(5)));
+        assert_eq!(s.due(), t0 + Duration::from_secs(45));
+        // A periodic fetch due first answers the nudge too.
+        let mut s = TrustSchedule::new(t0 + Duration::from_secs(3));
+        s.nudge(t0, Duration::from_secs(10));
+        assert_eq!(s.due(), t0 + Duration::from_secs(3));
+        s.fetched(t0 + hour);
+        assert_eq!(s.due(), t0 + hour);
     }
 }

@@ -12,8 +12,11 @@
 //!
 //! The pivot's answer is hostile input: every key is parsed and written anew,
 //! never copied as sent, so no line can carry sshd options.
-//! `sshd` (re-exported here) writes the drop-in that points sshd at these files.
+//! `sshd` (re-exported here) writes the drop-in that points sshd at these
+//! files and checks what sshd would trip on; `apply` puts it in place only
+//! once sshd has checked it and confirmed that it takes it.
 
+mod apply;
 mod sshd;
 
 use std::collections::BTreeMap;
@@ -39,9 +42,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::pivot_client::{self, ClientError, Credentials};
 
+pub use apply::{find_sshd, ApplyError, DeviceSshd, Problem};
 pub use sshd::{
-    check_drop_in, check_exe, check_reachable_by_others, current_invocation, drop_in, include_warning, install_drop_in,
-    invocation, sshd_path, SshdError, DEFAULT_SSHD_CHECK, DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD, DROP_IN_FILE,
+    check_exe, check_trust_dir_reachable, current_invocation, drop_in, invocation, sshd_path, DropIn, SshdError,
+    DEFAULT_SSHD_CONFIG, DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD, DROP_IN_FILE,
 };
 
 /// The CA keys sshd trusts (`TrustedUserCAKeys`).
@@ -130,7 +134,7 @@ pub fn checked(sent: DeviceTrust, expected_id: &str) -> Result<DeviceTrust, Trus
     }
     let ca_keys = rewrite(&sent.ca_keys, TrustError::BadCaKey)?;
     let revoked_keys = rewrite(&sent.revoked_keys, TrustError::BadRevokedKey)?;
-    Ok(DeviceTrust { id: sent.id, labels: sent.labels, ca_keys, revoked_keys })
+    Ok(DeviceTrust { id: sent.id, labels: sent.labels, ca_keys, revoked_keys, pivot_time: sent.pivot_time })
 }
 
 /// Each key parsed and printed again; `bad` gets the key's 1-based number.
@@ -178,14 +182,43 @@ pub fn write(dir: &Path, trust: &DeviceTrust) -> io::Result<bool> {
 }
 
 /// Creates `dir` and an empty [`REVOKED_KEYS_FILE`] unless one exists, so
-/// that a drop-in naming it never makes sshd refuse every key.
-pub fn ensure_revoked_keys(dir: &Path) -> io::Result<()> {
-    create_dir(dir)?;
+/// that a drop-in naming it never makes sshd refuse every key. Returns what
+/// it created, for a run that fails before it counts to take back.
+pub fn ensure_revoked_keys(dir: &Path) -> io::Result<Created> {
+    let mut created = Created { dirs: create_dir(dir)?, file: None };
     let path = dir.join(REVOKED_KEYS_FILE);
     if !path.exists() {
-        write_atomic(&path, b"", 0o644)?;
+        if let Err(e) = write_atomic(&path, b"", 0o644) {
+            created.undo();
+            return Err(e);
+        }
+        created.file = Some(path);
     }
-    Ok(())
+    Ok(created)
+}
+
+/// What [`ensure_revoked_keys`] created: nothing that was there before.
+#[derive(Debug)]
+#[must_use = "a run that fails must undo what it created"]
+pub struct Created {
+    /// Directories created, outermost first.
+    dirs: Vec<PathBuf>,
+    file: Option<PathBuf>,
+}
+
+impl Created {
+    /// Removes the file, then the directories, innermost first and only
+    /// while empty: something else may have been put in them since.
+    pub fn undo(self) {
+        if let Some(file) = &self.file {
+            let _ = std::fs::remove_file(file);
+        }
+        for dir in self.dirs.iter().rev() {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
 }
 
 fn lines(entries: &[String]) -> io::Result<String> {
@@ -200,13 +233,19 @@ fn lines(entries: &[String]) -> io::Result<String> {
     Ok(out)
 }
 
-fn create_dir(dir: &Path) -> io::Result<()> {
+/// Creates `dir` 0755 with the directories above it it needs; returns
+/// those it created, outermost first.
+fn create_dir(dir: &Path) -> io::Result<Vec<PathBuf>> {
     if dir.is_dir() {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    let mut missing: Vec<PathBuf> =
+        dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
+    missing.reverse();
     std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
     // The umask may have taken bits away; `nobody` must get through.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    Ok(missing)
 }
 
 /// Writes `bytes` unless `path` holds them already (then only its mode is
@@ -420,6 +459,7 @@ pub(crate) mod tests {
             labels: labels(pairs),
             ca_keys: (0..cas).map(|_| line(&key())).collect(),
             revoked_keys: (0..revoked).map(|_| line(&key())).collect(),
+            pivot_time: 0,
         }
     }
 
@@ -545,11 +585,40 @@ pub(crate) mod tests {
     fn ensure_revoked_keys_keeps_what_is_there() {
         let dir = TempDir::new("revoked");
         let trust_dir = dir.0.join("trust");
-        ensure_revoked_keys(&trust_dir).unwrap();
+        ensure_revoked_keys(&trust_dir).unwrap().undo();
+        assert!(!trust_dir.exists(), "undo takes back the dir it made");
+        let _kept = ensure_revoked_keys(&trust_dir).unwrap();
         assert_eq!(std::fs::read_to_string(trust_dir.join(REVOKED_KEYS_FILE)).unwrap(), "");
         std::fs::write(trust_dir.join(REVOKED_KEYS_FILE), "ssh-ed25519 AAAA\n").unwrap();
-        ensure_revoked_keys(&trust_dir).unwrap();
+        ensure_revoked_keys(&trust_dir).unwrap().undo();
         assert_eq!(std::fs::read_to_string(trust_dir.join(REVOKED_KEYS_FILE)).unwrap(), "ssh-ed25519 AAAA\n");
+    }
+
+    /// A failed enroll left an empty trust/revoked_keys behind.
+    #[test]
+    fn undo_removes_only_what_this_run_created() {
+        let dir = TempDir::new("undo");
+        let etc = dir.0.join("etc");
+        let trust_dir = etc.join("burrow/trust");
+        let created = ensure_revoked_keys(&trust_dir).unwrap();
+        assert!(trust_dir.join(REVOKED_KEYS_FILE).exists());
+        created.undo();
+        assert!(!etc.exists(), "every dir it made is gone");
+        assert!(dir.0.exists(), "the dir that was there stays");
+
+        // An existing dir with a file of its own: only the new file goes.
+        std::fs::create_dir_all(&trust_dir).unwrap();
+        std::fs::write(trust_dir.join(USER_CA_FILE), "kept\n").unwrap();
+        ensure_revoked_keys(&trust_dir).unwrap().undo();
+        assert!(!trust_dir.join(REVOKED_KEYS_FILE).exists());
+        assert_eq!(std::fs::read_to_string(trust_dir.join(USER_CA_FILE)).unwrap(), "kept\n");
+
+        // A dir it made that something else filled meanwhile stays.
+        let fresh = dir.0.join("fresh/trust");
+        let created = ensure_revoked_keys(&fresh).unwrap();
+        std::fs::write(dir.0.join("fresh/agent.toml"), "").unwrap();
+        created.undo();
+        assert!(!fresh.exists() && dir.0.join("fresh/agent.toml").exists());
     }
 
     #[test]

@@ -15,8 +15,9 @@ fn ok(out: &Output) -> String {
     stdout(out)
 }
 
-/// A device whose sshd has no authorized keys at all and includes the
-/// drop-in directory that `--trust-operators` writes to.
+/// A device whose sshd has no authorized keys at all and (unless made
+/// [`without_include`](Device::without_include)) includes the drop-in
+/// directory that `--trust-operators` writes to.
 struct Device {
     /// Holds the agent config, the device key and the trust files.
     dir: tempfile::TempDir,
@@ -28,16 +29,27 @@ struct Device {
 
 impl Device {
     fn new() -> Device {
+        Self::start(true)
+    }
+
+    /// A device whose sshd_config does not Include the drop-in dir.
+    fn without_include() -> Device {
+        Self::start(false)
+    }
+
+    fn start(include: bool) -> Device {
         let dir = tempfile::Builder::new().prefix("burrow-device").tempdir().unwrap();
         // sshd's AuthorizedPrincipalsCommandUser (nobody) reads the trust files.
         set_mode(dir.path(), 0o755);
         let drop_in = dir.path().join("sshd_config.d");
         std::fs::create_dir(&drop_in).unwrap();
-        let sshd = Sshd::start_with(&[], &format!("Include {}/*.conf\n", drop_in.display()));
+        let include = if include { format!("Include {}/*.conf\n", drop_in.display()) } else { String::new() };
+        let sshd = Sshd::start_with(&[], &include);
         let config = dir.path().join("etc/agent.toml");
         Device { dir, drop_in, config, sshd, bin: SshdRunnable::copy(BURROW) }
     }
 
+    /// The config the device's sshd runs with, for --sshd-config.
     fn sshd_config(&self) -> PathBuf {
         self.sshd.dir.path().join("sshd_config")
     }
@@ -51,16 +63,20 @@ impl Device {
     }
 
     /// `burrow agent enroll --trust-operators` as a device would run it, from
-    /// the root-owned copy of the binary that sshd will run.
-    fn enroll(&self, token: &str, check: &str) -> Output {
+    /// the root-owned copy of the binary that sshd will run, sshd checked
+    /// as by default (`sshd -t -f` its config) unless `extra` says otherwise.
+    fn enroll(&self, token: &str, extra: &[&str]) -> Output {
         Command::new(&self.bin.path)
             .args(["agent", "enroll", "--token", token, "--config"])
             .arg(&self.config)
             .arg("--host-key")
             .arg(&self.sshd.host_key.public)
-            .args(["--expose", &format!("22={}", self.sshd.target()), "--trust-operators", "--sshd-config-dir"])
+            .args(["--expose", &format!("22={}", self.sshd.target()), "--trust-operators", "--sshd-config"])
+            .arg(self.sshd_config())
+            .arg("--sshd-config-dir")
             .arg(&self.drop_in)
-            .args(["--sshd-check", check, "--sshd-reload", &self.reload_cmd()])
+            .args(["--sshd-reload", &self.reload_cmd()])
+            .args(extra)
             .output()
             .unwrap()
     }
@@ -126,7 +142,7 @@ fn fleet(agent_args: &[&str]) -> (TestPivot, Device, Proc) {
     let pivot = TestPivot::start(BURROW);
     let dev = Device::new();
     let token = pivot.admin_ok(&["device", "add", "cam-1", "--label", "site=berlin"]).trim().to_string();
-    let out = dev.enroll(&token, &dev.check_cmd());
+    let out = dev.enroll(&token, &[]);
     let said = ok(&out);
     assert!(said.contains("enrolled device 'cam-1'"), "{said}");
     let agent = dev.agent(agent_args);
@@ -209,7 +225,7 @@ fn operators_reach_a_device_with_certificates_only() {
     // device's sshd on its own, when his certificate reaches it around the
     // pivot (no pivot check at all on that route).
     let bob = Laptop::new(BURROW);
-    add_operator(&pivot, "bob", &bob, &["--allow", "site=paris"]);
+    add_operator(&pivot, "bob", &bob, &["--allow", "site=paris", "--device-user", "root"]);
     ok(&bob.login(&pivot));
     assert_eq!(cert_of(&cert_path(&bob)).valid_principals(), ["burrow:root:site=paris"]);
     let out = bob.ssh(&["root@cam-1.burrow", "true"]);
@@ -232,7 +248,7 @@ fn operators_reach_a_device_with_certificates_only() {
 fn an_expired_certificate_is_refused_until_burrow_renews_it() {
     let (pivot, dev, _agent) = fleet(&[]);
     let carol = Laptop::new(BURROW);
-    add_operator(&pivot, "carol", &carol, &["--cert-ttl", "3s"]);
+    add_operator(&pivot, "carol", &carol, &["--cert-ttl", "3s", "--device-user", "root"]);
     ok(&carol.login(&pivot));
     let first = cert_of(&cert_path(&carol));
     assert_eq!(ok(&carol.ssh(&["root@cam-1.burrow", "echo fresh"])).trim(), "fresh");
@@ -252,7 +268,7 @@ fn an_expired_certificate_is_refused_until_burrow_renews_it() {
 fn a_ca_rotation_keeps_access_working_throughout() {
     let (pivot, dev, agent) = fleet(&["--trust-refresh", "1s"]);
     let dave = Laptop::new(BURROW);
-    add_operator(&pivot, "dave", &dave, &[]);
+    add_operator(&pivot, "dave", &dave, &["--device-user", "root"]);
     let can_reach = |what: &str| {
         let out = dave.ssh(&["root@cam-1.burrow", "echo in"]);
         assert!(out.status.success(), "{what}: {}\n{}", stderr(&out), agent.log_text());
@@ -314,7 +330,7 @@ fn a_ca_rotation_keeps_access_working_throughout() {
 fn a_failing_sshd_check_leaves_sshd_as_it_was() {
     let (pivot, dev, _agent) = fleet(&[]);
     let erin = Laptop::new(BURROW);
-    add_operator(&pivot, "erin", &erin, &[]);
+    add_operator(&pivot, "erin", &erin, &["--device-user", "root"]);
     ok(&erin.login(&pivot));
     let before = std::fs::read_to_string(dev.drop_in.join("burrow.conf")).unwrap();
 
@@ -324,15 +340,19 @@ fn a_failing_sshd_check_leaves_sshd_as_it_was() {
     let out = Command::new(&dev.bin.path)
         .args(["agent", "trust-operators", "--config"])
         .arg(&dev.config)
+        .arg("--sshd-config")
+        .arg(dev.sshd_config())
         .arg("--sshd-config-dir")
         .arg(&dev.drop_in)
-        .args(["--sshd-check", &dev.check_cmd(), "--sshd-reload", &format!("touch {}", marker.display())])
+        .args(["--sshd-reload", &format!("touch {}", marker.display())])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("ThisIsNotAnSshdOption"), "sshd -t's complaint is not shown: {err}");
-    assert!(err.contains("untouched"), "{err}");
+    // The default check reads the given config.
+    assert!(err.contains(&format!("sshd -t -f {}` rejects", dev.sshd_config().display())), "{err}");
+    assert!(err.contains("left as it was"), "{err}");
     assert_eq!(std::fs::read_to_string(dev.drop_in.join("burrow.conf")).unwrap(), before);
     assert!(!marker.exists(), "sshd was reloaded after a failed check");
     // The running sshd still serves the config it had.
@@ -342,10 +362,68 @@ fn a_failing_sshd_check_leaves_sshd_as_it_was() {
     let token = pivot.admin_ok(&["device", "add", "cam-2"]).trim().to_string();
     let other = Device::new();
     std::fs::write(other.drop_in.join("00-local.conf"), "ThisIsNotAnSshdOption yes\n").unwrap();
-    let check = format!("{} -t -f {}", SSHD, other.sshd_config().display());
-    let out = other.enroll(&token, &check);
+    // An explicit --sshd-check runs in place of the default.
+    let out = other.enroll(&token, &["--sshd-check", &other.check_cmd()]);
     assert!(!out.status.success());
+    assert!(stderr(&out).contains("ThisIsNotAnSshdOption"), "{}", stderr(&out));
     assert!(!other.drop_in.join("burrow.conf").exists(), "a drop-in that failed the check was left in place");
     let show = pivot.admin_ok(&["device", "show", "cam-2"]);
     assert!(show.contains("not-enrolled"), "the token was used by a failed enrollment: {show}");
+}
+
+/// `sshd -t` passes with a drop-in that sshd's config does not Include:
+/// enroll said sshd trusted the pivot's CA, and logins then failed.
+#[test]
+fn an_sshd_config_without_the_include_stops_enrollment_with_the_token_still_good() {
+    let pivot = TestPivot::start(BURROW);
+    let dev = Device::without_include();
+    let token = pivot.admin_ok(&["device", "add", "cam-3"]).trim().to_string();
+    let out = dev.enroll(&token, &[]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    let want = format!(
+        "sshd's config {} does not take {}",
+        dev.sshd_config().display(),
+        dev.drop_in.join("burrow.conf").display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains(&format!("add `Include {}/*.conf` near its top", dev.drop_in.display())), "{err}");
+    assert!(err.contains("the token is still good"), "{err}");
+    assert!(!dev.drop_in.join("burrow.conf").exists(), "the drop-in sshd ignores was left in place");
+    assert!(!dev.trust_dir().exists(), "the failed enrollment left its trust dir behind");
+    assert!(!dev.config.exists());
+    let show = pivot.admin_ok(&["device", "show", "cam-3"]);
+    assert!(show.contains("not-enrolled"), "the token was used by a failed enrollment: {show}");
+
+    // With the Include added, the same token enrolls the device.
+    let mut config = std::fs::read_to_string(dev.sshd_config()).unwrap();
+    config.insert_str(0, &format!("Include {}/*.conf\n", dev.drop_in.display()));
+    std::fs::write(dev.sshd_config(), config).unwrap();
+    let said = ok(&dev.enroll(&token, &[]));
+    assert!(said.contains("sshd trusts the pivot's CA"), "{said}");
+    let show = pivot.admin_ok(&["device", "show", "cam-3"]);
+    assert!(!show.contains("not-enrolled"), "{show}");
+}
+
+/// Devices learned of a CA rotated at once only at their next refetch,
+/// an hour later by default: the pivot now nudges connected agents.
+#[test]
+fn a_ca_rotated_at_once_reaches_connected_devices_without_waiting_for_the_refresh() {
+    let (pivot, dev, agent) = fleet(&[]);
+    let old = dev.trusted_cas();
+    assert_eq!(old.len(), 1);
+    pivot.admin_ok(&["ca", "rotate", "--now"]);
+    let keys: Vec<String> = pivot
+        .admin_ok(&["ca", "show"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_ne!(keys, old);
+    // Nudged agents fetch within 2 to 30 s.
+    let fetched = wait_until(Duration::from_secs(40), || dev.trusted_cas() == keys);
+    assert!(fetched, "the device still trusts {:?}\n{}", dev.trusted_cas(), agent.log_text());
+    let log = agent.log_text();
+    assert_eq!(log.matches("tunnel up").count(), 1, "fetched on a reconnect, not on the nudge: {log}");
+    assert!(!log.contains("WARN"), "{log}");
 }

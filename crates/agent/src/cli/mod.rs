@@ -220,20 +220,22 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
     let key_path = e.key.clone().unwrap_or_else(|| config.with_file_name("device_key"));
     let key_path = std::path::absolute(&key_path).with_context(|| format!("bad path {}", key_path.display()))?;
     let e = EnrollArgs { config, ..e };
-    let plan = if e.trust_operators {
+    let (plan, created) = if e.trust_operators {
         // The device id is in the token; sshd must take the drop-in before
         // the token is spent.
         let id = burrow_core::enroll::EnrollToken::decode(&e.token)?.device;
         let plan = e.sshd.plan(&e.config, None)?;
-        plan.dry_run(&id).context("not enrolled, and the token is still good")?;
-        Some(plan)
+        let created = plan.dry_run(&id).context("not enrolled, and the token is still good")?;
+        (Some(plan), Some(created))
     } else if e.sshd.given() {
-        bail!("--sshd-config-dir, --sshd-check, --sshd-reload and --trust-dir go with --trust-operators");
+        bail!(
+            "--sshd-config, --sshd-config-dir, --sshd-check, --sshd-reload and --trust-dir go with --trust-operators"
+        );
     } else {
-        None
+        (None, None)
     };
     let host_keys = if e.host_keys.is_empty() { crate::enroll::default_host_keys() } else { e.host_keys };
-    let mut file = crate::enroll::enroll(crate::enroll::Enrollment {
+    let enrolled = crate::enroll::enroll(crate::enroll::Enrollment {
         token: e.token,
         config_path: e.config.clone(),
         key_path,
@@ -242,7 +244,17 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
         mqtt_url: e.mqtt_url.map(|u| u.to_string()),
         always_on: e.always_on,
     })
-    .await?;
+    .await;
+    let mut file = match enrolled {
+        Ok(file) => file,
+        Err(err) => {
+            // Leave no trust dir behind for a device that is not enrolled.
+            if let Some(created) = created {
+                created.undo();
+            }
+            return Err(err.into());
+        }
+    };
     println!("enrolled device '{}' with pivot {}", file.id, file.server);
     println!("config written to {}; start the agent with:", e.config.display());
     println!("  {} --config {}", program(), e.config.display());

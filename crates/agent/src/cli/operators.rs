@@ -3,7 +3,8 @@
 //!
 //! sshd says nothing when a drop-in cannot work; it only refuses logins
 //! later. So everything it would trip on is checked first ([`SshdArgs::plan`]),
-//! and the drop-in goes in only after sshd's own check passes.
+//! and the drop-in stays only once sshd's own check passes and `sshd -T`
+//! shows that the config the running sshd reads takes it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,17 +12,21 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use burrow_core::agent_file::{AgentFile, DEFAULT_PATH};
 use burrow_core::cert::DeviceTrust;
-use tracing::warn;
 
-use crate::trust::{self, DEFAULT_SSHD_CHECK, DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD, DEFAULT_TRUST_DIR};
+use crate::trust::{
+    self, DeviceSshd, DEFAULT_SSHD_CONFIG, DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD, DEFAULT_TRUST_DIR,
+};
 
 /// Where sshd's drop-in and the trust files go, and how to check and reload sshd.
 #[derive(clap::Args)]
 pub(super) struct SshdArgs {
+    /// The sshd_config the running sshd reads; it must Include --sshd-config-dir [default: /etc/ssh/sshd_config].
+    #[arg(long, value_name = "FILE")]
+    sshd_config: Option<PathBuf>,
     /// Where to write the sshd drop-in burrow.conf [default: /etc/ssh/sshd_config.d].
     #[arg(long, value_name = "DIR")]
     sshd_config_dir: Option<PathBuf>,
-    /// Command that validates sshd's config; a failure leaves the config untouched [default: sshd -t].
+    /// Command that validates sshd's whole config; a failure leaves it untouched [default: sshd -t -f <--sshd-config>].
     #[arg(long, value_name = "CMD")]
     sshd_check: Option<String>,
     /// Command that makes sshd reload its config [default: systemctl reload ssh].
@@ -58,24 +63,23 @@ pub(super) struct Plan {
     /// How sshd starts the principals command (`/usr/bin/burrow agent`).
     invocation: String,
     trust_dir: PathBuf,
-    config_dir: PathBuf,
-    check: String,
-    reload: String,
+    sshd: DeviceSshd,
 }
 
 impl SshdArgs {
     /// Whether any of these flags was given.
     pub(super) fn given(&self) -> bool {
-        self.sshd_config_dir.is_some()
+        self.sshd_config.is_some()
+            || self.sshd_config_dir.is_some()
             || self.sshd_check.is_some()
             || self.sshd_reload.is_some()
             || self.trust_dir.is_some()
     }
 
     /// Checks what sshd would otherwise trip on only at login time: paths it
-    /// can read in its config, a principals command it agrees to run, and
-    /// trust files `nobody` can reach. `recorded` is the trust dir in the
-    /// agent config, if any.
+    /// can read in its config, a principals command it agrees to run, trust
+    /// files `nobody` can reach, and an sshd and config to check them with.
+    /// `recorded` is the trust dir in the agent config, if any.
     pub(super) fn plan(self, agent_config: &Path, recorded: Option<&Path>) -> Result<Plan> {
         let trust_dir = self
             .trust_dir
@@ -83,39 +87,35 @@ impl SshdArgs {
             .unwrap_or_else(|| trust::default_dir(agent_config));
         let trust_dir = absolute(&trust_dir)?;
         let config_dir = absolute(&self.sshd_config_dir.unwrap_or_else(|| DEFAULT_SSHD_CONFIG_DIR.into()))?;
+        let sshd_config = absolute(&self.sshd_config.unwrap_or_else(|| DEFAULT_SSHD_CONFIG.into()))?;
         trust::sshd_path(&trust_dir).context("--trust-dir")?;
         let (exe, invocation) = trust::current_invocation()?;
         trust::check_exe(&exe)?;
-        trust::check_reachable_by_others(&trust_dir)?;
-        if !config_dir.is_dir() {
-            return Err(trust::SshdError::NoConfigDir(config_dir.display().to_string()).into());
-        }
-        if let Some(note) = trust::include_warning(&config_dir) {
-            warn!("{note}");
-        }
-        Ok(Plan {
-            invocation,
-            trust_dir,
-            config_dir,
-            check: self.sshd_check.unwrap_or_else(|| DEFAULT_SSHD_CHECK.into()),
-            reload: self.sshd_reload.unwrap_or_else(|| DEFAULT_SSHD_RELOAD.into()),
-        })
+        trust::check_trust_dir_reachable(&trust_dir)?;
+        let reload = self.sshd_reload.unwrap_or_else(|| DEFAULT_SSHD_RELOAD.into());
+        let sshd = DeviceSshd::new(sshd_config, config_dir, self.sshd_check, reload)?;
+        Ok(Plan { invocation, trust_dir, sshd })
     }
 }
 
 impl Plan {
-    fn drop_in(&self, id: &str) -> String {
+    fn drop_in(&self, id: &str) -> trust::DropIn {
         trust::drop_in(&self.invocation, &self.trust_dir, id)
     }
 
-    /// Puts the drop-in for device `id` in place, has sshd check it, and
-    /// puts back what was there: before a token is spent. The empty revoked
-    /// keys file it names is created first, so sshd never sees it missing.
-    pub(super) fn dry_run(&self, id: &str) -> Result<()> {
-        trust::ensure_revoked_keys(&self.trust_dir)
+    /// Puts the drop-in for device `id` in place, has sshd check it and
+    /// confirm it takes it, and puts back what was there: before a token is
+    /// spent. The empty revoked keys file it names is created first, so sshd
+    /// never sees it missing. On failure, what this created is removed; on
+    /// success, it is returned, for a failed enrollment to remove.
+    pub(super) fn dry_run(&self, id: &str) -> Result<trust::Created> {
+        let created = trust::ensure_revoked_keys(&self.trust_dir)
             .with_context(|| format!("cannot create {}", self.trust_dir.display()))?;
-        trust::check_drop_in(&self.config_dir, &self.drop_in(id), &self.check)?;
-        Ok(())
+        if let Err(e) = self.sshd.dry_run(&self.drop_in(id)) {
+            created.undo();
+            return Err(e.into());
+        }
+        Ok(created)
     }
 
     /// Fetches the trust as the device, writes the trust files, installs the
@@ -126,8 +126,8 @@ impl Plan {
         let dir = &self.trust_dir;
         trust::write(dir, &trust).with_context(|| format!("cannot write the trust files in {}", dir.display()))?;
         // Directories created just now are 0755, but those above may not be.
-        trust::check_reachable_by_others(dir)?;
-        let path = trust::install_drop_in(&self.config_dir, &self.drop_in(&file.id), &self.check, &self.reload)?;
+        trust::check_trust_dir_reachable(dir)?;
+        let path = self.sshd.install(&self.drop_in(&file.id))?;
         file.trust_dir = Some(dir.clone());
         file.save(config_path)?;
         println!("sshd trusts the pivot's CA ({}) via {}", fingerprints(&trust), path.display());
