@@ -91,10 +91,14 @@ pub struct Config {
     /// 22 and report them to the pivot (on by default). Off only for load
     /// tests whose thousands of agents front one stand-in listener.
     pub scan_host_keys: bool,
-    /// Keep the files sshd reads to let operators in with certificates
-    /// (CA keys, revoked keys, labels) here: fetched on every connection,
-    /// before the tunnel carries any login, and every `trust_refresh` while
-    /// connected. `None`: the device does not trust the pivot's CA.
+    /// The files sshd reads to let operators in with certificates (CA keys,
+    /// revoked keys, labels) are here. An agent running as root, with this
+    /// dir root's alone, fetches and writes them on every connection
+    /// (before the tunnel carries any login), every `trust_refresh` while
+    /// connected and when the pivot nudges; any other agent never writes
+    /// them and at those times touches `trust-refresh` next to its status
+    /// file instead, for root's `burrow-trust.path` to refresh them.
+    /// `None`: the device does not trust the pivot's CA.
     pub trust_dir: Option<std::path::PathBuf>,
     /// How often a connected agent fetches the trust again (±10%).
     pub trust_refresh: Duration,
@@ -199,13 +203,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         }
         tokio::spawn(status::serve_health(listener, status.clone(), shutdown.clone()));
     }
+    let trust = config.trust_dir.clone().map(|dir| Arc::new(trust::Keeper::new(dir, config.status_path.as_deref())));
     let result = if config.signal.is_some() {
-        on_demand::run(Arc::new(config), shutdown, status.clone()).await
+        on_demand::run(Arc::new(config), shutdown, status.clone(), trust).await
     } else {
         let server = config.server.clone().ok_or(AgentError::NoServer)?;
         let mut pivots = vec![server];
         pivots.extend(config.fallbacks.iter().cloned());
-        always_on(Arc::new(config), &pivots, shutdown, &status).await;
+        always_on(Arc::new(config), &pivots, shutdown, &status, trust.as_deref()).await;
         Ok(())
     };
     status.set(status::State::Stopped, None, None);
@@ -215,7 +220,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
 /// Holds the tunnel up, reconnecting with backoff, until `shutdown`. With
 /// several pivots, a lost or unreachable one is followed at once by the
 /// next; the backoff applies once every pivot has been tried.
-async fn always_on(config: Arc<Config>, given: &[String], shutdown: CancellationToken, status: &status::StatusFile) {
+async fn always_on(
+    config: Arc<Config>,
+    given: &[String],
+    shutdown: CancellationToken,
+    status: &status::StatusFile,
+    trust: Option<&trust::Keeper>,
+) {
     let mut pivots = expand(given).await;
     let mut backoff = backoff::Backoff::new(config.backoff_initial, config.backoff_max);
     let mut last_refusal: Option<String> = None;
@@ -227,7 +238,7 @@ async fn always_on(config: Arc<Config>, given: &[String], shutdown: Cancellation
         status.set(status::State::Connecting, None, Some(server));
         let started = Instant::now();
         let mut delay = None;
-        match session::hold(config.clone(), server, &shutdown, status).await {
+        match session::hold(config.clone(), server, &shutdown, status, trust).await {
             Ok(()) if shutdown.is_cancelled() => {
                 info!("stopped");
                 return;

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::status::{State, StatusFile};
+use crate::trust::Keeper;
 use crate::{error_chain, session, AgentError, Config, SignalConfig};
 
 /// How one tunnel ended, reported back to the MQTT loop.
@@ -32,6 +33,7 @@ pub(crate) async fn run(
     config: Arc<Config>,
     shutdown: CancellationToken,
     status: Arc<StatusFile>,
+    trust: Option<Arc<Keeper>>,
 ) -> Result<(), AgentError> {
     let signal = config.signal.clone().expect("on-demand mode has signaling");
     let id = config.id.to_string();
@@ -137,9 +139,9 @@ pub(crate) async fn run(
                     let cancel = shutdown.child_token();
                     tunnel = Some(cancel.clone());
                     let (config, done) = (config.clone(), done_tx.clone());
-                    let status = status.clone();
+                    let (status, trust) = (status.clone(), trust.clone());
                     tokio::spawn(async move {
-                        let result = session::hold(config, &req.pivot, &cancel, &status).await;
+                        let result = session::hold(config, &req.pivot, &cancel, &status, trust.as_deref()).await;
                         let lasting = result.as_ref().err().is_some_and(|e| e.is_lasting());
                         let error = result.err().map(|e| error_chain(&e));
                         let _ = done.send(TunnelEnd { req, error, lasting }).await;

@@ -1,9 +1,11 @@
 //! One connection to the pivot: check its host key against the pin,
 //! authenticate with the device key, refresh the operator trust (when the
 //! device's sshd trusts the pivot's CA), request a forward per exposed port,
-//! and serve channels until the connection ends. The trust is fetched again
+//! and serve channels until the connection ends. The trust is refreshed again
 //! every `trust_refresh`, and soon after the pivot nudges: it opens a
 //! channel to [`TRUST_NUDGE_HOST`] when its CA keys or revoked keys change.
+//! "Refreshed" is the [`Keeper`]'s call: fetched and written by a root
+//! agent, asked of root's unit by any other.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use tracing::{debug, info};
 
 use crate::pivot_client::Pinned;
 use crate::status::{State, StatusFile};
+use crate::trust::Keeper;
 use crate::{forward, Config, Event};
 
 #[derive(Debug, thiserror::Error)]
@@ -141,9 +144,10 @@ pub(crate) async fn hold(
     server: &str,
     shutdown: &CancellationToken,
     status: &StatusFile,
+    trust: Option<&Keeper>,
 ) -> Result<(), SessionError> {
     let mut up = false;
-    let result = connect_and_serve(config.clone(), server, shutdown, status, &mut up).await;
+    let result = connect_and_serve(config.clone(), server, shutdown, status, trust, &mut up).await;
     if let (Some(hook), false) = (&config.on_event, shutdown.is_cancelled()) {
         (hook.0)(Event::Ended { up, error: result.as_ref().err() });
     }
@@ -155,6 +159,7 @@ async fn connect_and_serve(
     server: &str,
     shutdown: &CancellationToken,
     status: &StatusFile,
+    trust: Option<&Keeper>,
     up: &mut bool,
 ) -> Result<(), SessionError> {
     let server = server.to_string();
@@ -207,9 +212,9 @@ async fn connect_and_serve(
     }
     // Before any forward: once the tunnel carries logins, sshd must already
     // trust a CA the pivot has just added.
-    if let Some(dir) = &config.trust_dir {
+    if let Some(keeper) = trust {
         tokio::select! {
-            _ = crate::trust::refresh(&handle, config.id.as_str(), dir) => {}
+            _ = keeper.refresh(&handle, config.id.as_str()) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -250,16 +255,16 @@ async fn connect_and_serve(
                 let _ = handle.disconnect(russh::Disconnect::ByApplication, "agent stopping", "en").await;
                 return Ok(());
             }
-            _ = trust_nudged.notified(), if config.trust_dir.is_some() => {
+            _ = trust_nudged.notified(), if trust.is_some() => {
                 let delay = rand::random_range(NUDGE_DELAY_MIN..=NUDGE_DELAY_MAX);
                 if trust_due.nudge(Instant::now(), delay) {
                     debug!("fetching the operator trust in {:.0}s", delay.as_secs_f64());
                 }
             }
-            _ = tokio::time::sleep_until(trust_due.due()), if config.trust_dir.is_some() => {
-                if let Some(dir) = &config.trust_dir {
+            _ = tokio::time::sleep_until(trust_due.due()), if trust.is_some() => {
+                if let Some(keeper) = trust {
                     tokio::select! {
-                        _ = crate::trust::refresh(&handle, config.id.as_str(), dir) => {}
+                        _ = keeper.refresh(&handle, config.id.as_str()) => {}
                         _ = shutdown.cancelled() => {}
                     }
                 }

@@ -19,7 +19,7 @@ fn ok(out: &Output) -> String {
 /// [`without_include`](Device::without_include)) includes the drop-in
 /// directory that `--trust-operators` writes to.
 struct Device {
-    /// Holds the agent config, the device key and the trust files.
+    /// Holds the agent config and the device key.
     dir: tempfile::TempDir,
     drop_in: PathBuf,
     config: PathBuf,
@@ -39,7 +39,7 @@ impl Device {
 
     fn start(include: bool) -> Device {
         let dir = tempfile::Builder::new().prefix("burrow-device").tempdir().unwrap();
-        // sshd's AuthorizedPrincipalsCommandUser (nobody) reads the trust files.
+        // An agent running as nobody reads its config and key in here.
         set_mode(dir.path(), 0o755);
         let drop_in = dir.path().join("sshd_config.d");
         std::fs::create_dir(&drop_in).unwrap();
@@ -66,9 +66,15 @@ impl Device {
     /// the root-owned copy of the binary that sshd will run, sshd checked
     /// as by default (`sshd -t -f` its config) unless `extra` says otherwise.
     fn enroll(&self, token: &str, extra: &[&str]) -> Output {
+        self.enroll_with_trust_dir(token, &self.trust_dir(), extra)
+    }
+
+    fn enroll_with_trust_dir(&self, token: &str, trust_dir: &Path, extra: &[&str]) -> Output {
         Command::new(&self.bin.path)
             .args(["agent", "enroll", "--token", token, "--config"])
             .arg(&self.config)
+            .arg("--trust-dir")
+            .arg(trust_dir)
             .arg("--host-key")
             .arg(&self.sshd.host_key.public)
             .args(["--expose", &format!("22={}", self.sshd.target()), "--trust-operators", "--sshd-config"])
@@ -83,12 +89,14 @@ impl Device {
 
     fn agent(&self, extra: &[&str]) -> Proc {
         let mut cmd = Command::new(&self.bin.path);
-        cmd.args(["agent", "--config"]).arg(&self.config).args(extra);
+        cmd.args(["agent", "--config"]).arg(&self.config).arg("--trust-dir").arg(self.trust_dir()).args(extra);
         Proc::spawn("burrow agent", &mut cmd, self.dir.path().join("agent.log"))
     }
 
+    /// Root's alone, as the trust dir must be: in the 0755 root-owned
+    /// directory under /run that holds the binary sshd runs.
     fn trust_dir(&self) -> PathBuf {
-        self.config.with_file_name("trust")
+        self.bin.dir.path().join("trust")
     }
 
     /// The CA keys the device's sshd trusts now.
@@ -340,6 +348,8 @@ fn a_failing_sshd_check_leaves_sshd_as_it_was() {
     let out = Command::new(&dev.bin.path)
         .args(["agent", "trust-operators", "--config"])
         .arg(&dev.config)
+        .arg("--trust-dir")
+        .arg(dev.trust_dir())
         .arg("--sshd-config")
         .arg(dev.sshd_config())
         .arg("--sshd-config-dir")
@@ -426,4 +436,163 @@ fn a_ca_rotated_at_once_reaches_connected_devices_without_waiting_for_the_refres
     let log = agent.log_text();
     assert_eq!(log.matches("tunnel up").count(), 1, "fetched on a reconnect, not on the nudge: {log}");
     assert!(!log.contains("WARN"), "{log}");
+}
+
+/// The trust dir was writable by the agent's user, who could put a CA of
+/// their own there and log in as root: one anyone can write into is refused
+/// before the token is spent.
+#[test]
+fn a_trust_dir_others_can_write_is_refused_with_the_token_still_good() {
+    let pivot = TestPivot::start(BURROW);
+    let dev = Device::new();
+    let token = pivot.admin_ok(&["device", "add", "cam-4"]).trim().to_string();
+    let tmp = tempfile::Builder::new().prefix("burrow-trust").tempdir_in("/tmp").unwrap();
+    set_mode(tmp.path(), 0o755);
+    let trust_dir = tmp.path().join("trust");
+    let out = dev.enroll_with_trust_dir(&token, &trust_dir, &[]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "/tmp is writable by others (mode 1777): the files sshd trusts must be root's alone; choose another --trust-dir, e.g. /etc/ssh/burrow"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("the token is still good"), "{err}");
+    assert!(!trust_dir.exists() && !dev.config.exists());
+    assert!(!dev.drop_in.join("burrow.conf").exists());
+    let show = pivot.admin_ok(&["device", "show", "cam-4"]);
+    assert!(show.contains("not-enrolled"), "the token was used by a failed enrollment: {show}");
+}
+
+/// Root's `trust-operators --refresh` (burrow-trust.service) keeps the trust
+/// fresh for an agent that may not write it, connecting with what root
+/// recorded in pivot.toml, never with the agent's own (writable) config.
+#[test]
+fn a_root_refresh_fetches_the_trust_with_pivot_toml_alone() {
+    let (pivot, dev, mut agent) = fleet(&[]);
+    let pivot_toml = dev.trust_dir().join("pivot.toml");
+    let recorded = std::fs::read_to_string(&pivot_toml).unwrap();
+    assert!(recorded.contains("id = \"cam-1\""), "{recorded}");
+    assert!(recorded.contains(&format!("\"{}\"", pivot.addr)), "{recorded}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&pivot_toml).unwrap().permissions());
+    assert_eq!(mode & 0o7777, 0o644);
+
+    agent.terminate(Duration::from_secs(10));
+    assert!(pivot.wait_online("cam-1", false, Duration::from_secs(20)));
+    let old = dev.trusted_cas();
+    pivot.admin_ok(&["ca", "rotate", "--now"]);
+    let keys: Vec<String> = pivot
+        .admin_ok(&["ca", "show"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect();
+    assert_eq!(keys.len(), 1);
+    assert_ne!(keys, old);
+
+    // What the agent's user could do to its own config: pin another pivot.
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let pinned = config.lines().find(|l| l.starts_with("pivot_host_key")).unwrap();
+    std::fs::write(&dev.config, config.replace(pinned, &format!("pivot_host_key = \"{wrong}\""))).unwrap();
+    // That config no longer reaches the pivot...
+    let out = Command::new(&dev.bin.path)
+        .args(["agent", "trust-operators", "--config"])
+        .arg(&dev.config)
+        .arg("--trust-dir")
+        .arg(dev.trust_dir())
+        .arg("--sshd-config")
+        .arg(dev.sshd_config())
+        .arg("--sshd-config-dir")
+        .arg(&dev.drop_in)
+        .args(["--sshd-reload", &dev.reload_cmd()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("host key mismatch"), "{}", stderr(&out));
+    assert_eq!(dev.trusted_cas(), old);
+    assert_eq!(std::fs::read_to_string(&pivot_toml).unwrap(), recorded, "a failed run keeps pivot.toml");
+
+    // ...but root's refresh does not read it.
+    let refresh = || {
+        Command::new(&dev.bin.path)
+            .args(["agent", "trust-operators", "--refresh", "--trust-dir"])
+            .arg(dev.trust_dir())
+            .output()
+            .unwrap()
+    };
+    let said = ok(&refresh());
+    assert!(said.contains(&format!("operator trust in {} updated: 1 CA keys", dev.trust_dir().display())), "{said}");
+    assert_eq!(dev.trusted_cas(), keys, "the device trusts the new CA key only");
+    let said = ok(&refresh());
+    assert!(said.contains("unchanged"), "{said}");
+
+    // --refresh touches nothing of sshd's and takes none of its flags.
+    let out = Command::new(&dev.bin.path)
+        .args(["agent", "trust-operators", "--refresh", "--sshd-reload", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot be used with"), "{}", stderr(&out));
+}
+
+/// An agent that is not root never writes the files sshd trusts: where it
+/// would fetch them (on connect, periodically, on a nudge) it touches
+/// `trust-refresh` next to its status file, which burrow-trust.path turns
+/// into a root refresh.
+#[test]
+fn an_unprivileged_agent_asks_root_to_refresh_and_never_writes_the_trust() {
+    require_tool("setpriv");
+    let pivot = TestPivot::start(BURROW);
+    let dev = Device::new();
+    let token = pivot.admin_ok(&["device", "add", "cam-5"]).trim().to_string();
+    ok(&dev.enroll(&token, &[]));
+    // As deploy/systemd has it: the agent's user owns its key and its
+    // runtime dir, and nothing in the trust dir.
+    const NOBODY: u32 = 65534;
+    let key = dev.config.with_file_name("device_key");
+    std::os::unix::fs::chown(&key, Some(NOBODY), Some(NOBODY)).unwrap();
+    let run = dev.dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&dev.bin.path)
+        .args(["agent", "--config"])
+        .arg(&dev.config)
+        .arg("--trust-dir")
+        .arg(dev.trust_dir())
+        .arg("--status-file")
+        .arg(run.join("status.json"));
+    let agent = Proc::spawn("burrow agent (nobody)", &mut cmd, dev.dir.path().join("agent.log"));
+    assert!(pivot.wait_online("cam-5", true, Duration::from_secs(20)), "{}", agent.log_text());
+
+    // On connect: asked, once told why, and nothing written.
+    let marker = run.join("trust-refresh");
+    assert!(wait_until(Duration::from_secs(10), || marker.exists()), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert_eq!(log.matches("a root unit refreshes the operator trust files").count(), 1, "{log}");
+    let asked = || std::fs::metadata(&marker).unwrap().modified().unwrap();
+    let first = asked();
+    let ca_file = dev.trust_dir().join("user_ca.pub");
+    let written = std::fs::metadata(&ca_file).unwrap().modified().unwrap();
+    let old = dev.trusted_cas();
+
+    // On a nudge: asked again, and still nothing written.
+    pivot.admin_ok(&["ca", "rotate", "--now"]);
+    assert!(wait_until(Duration::from_secs(40), || asked() > first), "{}", agent.log_text());
+    assert_eq!(dev.trusted_cas(), old);
+    assert_eq!(std::fs::metadata(&ca_file).unwrap().modified().unwrap(), written);
+    let log = agent.log_text();
+    assert!(!log.contains("WARN"), "{log}");
+
+    // What the path unit starts, as root.
+    let out = Command::new(&dev.bin.path)
+        .args(["agent", "trust-operators", "--refresh", "--trust-dir"])
+        .arg(dev.trust_dir())
+        .output()
+        .unwrap();
+    ok(&out);
+    assert_ne!(dev.trusted_cas(), old);
+    assert_eq!(dev.trusted_cas().len(), 1);
 }

@@ -84,7 +84,7 @@ struct EnrollArgs {
     /// Record always-on mode in the config.
     #[arg(long)]
     always_on: bool,
-    /// Let operators in with certificates from the pivot's CA: write an sshd drop-in, with no authorized_keys to manage.
+    /// Let operators in with certificates from the pivot's CA (as root): write an sshd drop-in, with no authorized_keys to manage.
     #[arg(long)]
     trust_operators: bool,
     #[command(flatten)]
@@ -137,10 +137,10 @@ pub struct AgentArgs {
     /// Where to keep the agent's state for `agent status` [default: /run/burrow-agent/status.json as root].
     #[arg(long, env = "BURROW_STATUS_FILE")]
     status_file: Option<PathBuf>,
-    /// Keep the CA keys, revoked keys and labels sshd reads here, fetched on every connection [default: trust_dir in the config file].
+    /// The CA keys, revoked keys and labels sshd reads are here: refreshed on every connection, by this agent as root, else by root's burrow-trust units [default: trust_dir in the config file].
     #[arg(long, env = "BURROW_TRUST_DIR", value_name = "DIR")]
     trust_dir: Option<PathBuf>,
-    /// How often a connected agent refetches the CA keys and labels (it also does on every connection).
+    /// How often a connected agent refetches the CA keys and labels, or asks root to (it also does on every connection).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     trust_refresh: std::time::Duration,
 }
@@ -224,8 +224,9 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
         // The device id is in the token; sshd must take the drop-in before
         // the token is spent.
         let id = burrow_core::enroll::EnrollToken::decode(&e.token)?.device;
-        let plan = e.sshd.plan(&e.config, None)?;
-        let created = plan.dry_run(&id).context("not enrolled, and the token is still good")?;
+        let not_enrolled = "not enrolled, and the token is still good";
+        let plan = e.sshd.plan(None).context(not_enrolled)?;
+        let created = plan.dry_run(&id).context(not_enrolled)?;
         (Some(plan), Some(created))
     } else if e.sshd.given() {
         bail!(

@@ -1,20 +1,23 @@
 //! Letting operators in with the pivot's certificates: `enroll
-//! --trust-operators`, `trust-operators` and `principals`.
+//! --trust-operators`, `trust-operators` (and its `--refresh`) and
+//! `principals`.
 //!
 //! sshd says nothing when a drop-in cannot work; it only refuses logins
 //! later. So everything it would trip on is checked first ([`SshdArgs::plan`]),
 //! and the drop-in stays only once sshd's own check passes and `sshd -T`
-//! shows that the config the running sshd reads takes it.
+//! shows that the config the running sshd reads takes it. The trust dir
+//! must be root's alone, and only root writes it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burrow_core::agent_file::{AgentFile, DEFAULT_PATH};
 use burrow_core::cert::DeviceTrust;
 
 use crate::trust::{
-    self, DeviceSshd, DEFAULT_SSHD_CONFIG, DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD, DEFAULT_TRUST_DIR,
+    self, DeviceSshd, DirError, PivotFile, TrustDir, DEFAULT_SSHD_CONFIG, DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD,
+    DEFAULT_TRUST_DIR,
 };
 
 /// Where sshd's drop-in and the trust files go, and how to check and reload sshd.
@@ -32,7 +35,7 @@ pub(super) struct SshdArgs {
     /// Command that makes sshd reload its config [default: systemctl reload ssh].
     #[arg(long, value_name = "CMD")]
     sshd_reload: Option<String>,
-    /// Where to keep the CA keys, revoked keys and labels sshd reads [default: the agent config's trust_dir, else trust next to it].
+    /// Where to keep the CA keys, revoked keys and labels sshd reads, root's alone [default: the agent config's trust_dir (not with --refresh), else /etc/ssh/burrow].
     #[arg(long, value_name = "DIR")]
     trust_dir: Option<PathBuf>,
 }
@@ -42,6 +45,9 @@ pub(super) struct TrustOperatorsArgs {
     /// The agent config, as written by `burrow agent enroll`.
     #[arg(long, default_value = DEFAULT_PATH)]
     config: PathBuf,
+    /// Only refetch the files in --trust-dir as the device its pivot.toml names (as root; sshd's config untouched).
+    #[arg(long, conflicts_with_all = ["config", "sshd_config", "sshd_config_dir", "sshd_check", "sshd_reload"])]
+    refresh: bool,
     #[command(flatten)]
     sshd: SshdArgs,
 }
@@ -53,7 +59,7 @@ pub(super) struct PrincipalsArgs {
     /// The certificate in base64 (sshd's %k); without it, every principal a certificate could use here.
     #[arg(allow_hyphen_values = true)]
     cert: Option<String>,
-    /// The directory of the trust files the agent keeps.
+    /// The directory of the trust files sshd reads.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_TRUST_DIR)]
     trust_dir: PathBuf,
 }
@@ -78,17 +84,18 @@ impl SshdArgs {
 
     /// Checks what sshd would otherwise trip on only at login time: paths it
     /// can read in its config, a principals command it agrees to run, trust
-    /// files `nobody` can reach, and an sshd and config to check them with.
+    /// files `nobody` can reach, and an sshd and config to check them with;
+    /// and that the trust dir is root's alone (or can be made so).
     /// `recorded` is the trust dir in the agent config, if any.
-    pub(super) fn plan(self, agent_config: &Path, recorded: Option<&Path>) -> Result<Plan> {
-        let trust_dir = self
-            .trust_dir
-            .or_else(|| recorded.map(Path::to_path_buf))
-            .unwrap_or_else(|| trust::default_dir(agent_config));
+    pub(super) fn plan(self, recorded: Option<&Path>) -> Result<Plan> {
+        require_root("`trust-operators` writes sshd's config and the files it trusts")?;
+        let trust_dir =
+            self.trust_dir.or_else(|| recorded.map(Path::to_path_buf)).unwrap_or_else(|| DEFAULT_TRUST_DIR.into());
         let trust_dir = absolute(&trust_dir)?;
         let config_dir = absolute(&self.sshd_config_dir.unwrap_or_else(|| DEFAULT_SSHD_CONFIG_DIR.into()))?;
         let sshd_config = absolute(&self.sshd_config.unwrap_or_else(|| DEFAULT_SSHD_CONFIG.into()))?;
         trust::sshd_path(&trust_dir).context("--trust-dir")?;
+        TrustDir::check(&trust_dir)?;
         let (exe, invocation) = trust::current_invocation()?;
         trust::check_exe(&exe)?;
         trust::check_trust_dir_reachable(&trust_dir)?;
@@ -109,8 +116,8 @@ impl Plan {
     /// never sees it missing. On failure, what this created is removed; on
     /// success, it is returned, for a failed enrollment to remove.
     pub(super) fn dry_run(&self, id: &str) -> Result<trust::Created> {
-        let created = trust::ensure_revoked_keys(&self.trust_dir)
-            .with_context(|| format!("cannot create {}", self.trust_dir.display()))?;
+        let (dir, made) = TrustDir::create(&self.trust_dir)?;
+        let created = trust::ensure_revoked_keys(&dir, made)?;
         if let Err(e) = self.sshd.dry_run(&self.drop_in(id)) {
             created.undo();
             return Err(e.into());
@@ -118,22 +125,39 @@ impl Plan {
         Ok(created)
     }
 
-    /// Fetches the trust as the device, writes the trust files, installs the
-    /// drop-in (check, then reload) and records the trust dir in the agent
-    /// config at `config_path`.
+    /// Fetches the trust as the device, writes the trust files and the
+    /// pivot file (what a root refresh connects with, copied from the agent
+    /// config now), installs the drop-in (check, then reload) and records
+    /// the trust dir in the agent config at `config_path`.
     pub(super) async fn apply(&self, file: &mut AgentFile, config_path: &Path) -> Result<()> {
-        let trust = trust::fetch_as_device(file).await?;
-        let dir = &self.trust_dir;
-        trust::write(dir, &trust).with_context(|| format!("cannot write the trust files in {}", dir.display()))?;
-        // Directories created just now are 0755, but those above may not be.
-        trust::check_trust_dir_reachable(dir)?;
+        let pivot = PivotFile::from_agent_file(file, config_path)?;
+        let trust = trust::fetch_as_device(&pivot).await?;
+        let (dir, _) = TrustDir::create(&self.trust_dir)?;
+        trust::write_in(&dir, &trust)?;
+        pivot.save(&dir)?;
+        // A directory created just now is 0755, but those above may not be.
+        trust::check_trust_dir_reachable(dir.path())?;
         let path = self.sshd.install(&self.drop_in(&file.id))?;
-        file.trust_dir = Some(dir.clone());
+        file.trust_dir = Some(self.trust_dir.clone());
         file.save(config_path)?;
         println!("sshd trusts the pivot's CA ({}) via {}", fingerprints(&trust), path.display());
-        println!("the agent refreshes {} whenever it connects to the pivot", dir.display());
+        println!(
+            "root refreshes {} with `{} trust-operators --refresh --trust-dir {}` (burrow-trust.timer and .path), or the agent itself if it runs as root",
+            self.trust_dir.display(),
+            super::program(),
+            self.trust_dir.display()
+        );
         Ok(())
     }
+}
+
+/// Fails unless this process is root, saying why it must be.
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{why}: run it as root");
+    }
+    Ok(())
 }
 
 fn fingerprints(trust: &DeviceTrust) -> String {
@@ -150,16 +174,47 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
 }
 
-/// `trust-operators`: switch an enrolled device to certificates, or retry.
+/// `trust-operators`: switch an enrolled device to certificates, or retry;
+/// with `--refresh`, only refetch the trust files.
 pub(super) async fn trust_operators(args: TrustOperatorsArgs) -> Result<()> {
+    if args.refresh {
+        return refresh(args.sshd.trust_dir.as_deref().unwrap_or(Path::new(DEFAULT_TRUST_DIR))).await;
+    }
     let config = absolute(&args.config)?;
     let mut file = AgentFile::load(&config)?;
     let recorded = file.trust_dir.clone();
-    let plan = args.sshd.plan(&config, recorded.as_deref())?;
+    let plan = args.sshd.plan(recorded.as_deref())?;
     plan.apply(&mut file, &config).await?;
-    if recorded.is_none() {
+    if recorded.as_deref() != Some(plan.trust_dir.as_path()) {
         println!("restart a running agent so that it keeps them fresh (it reads {} at start)", config.display());
     }
+    Ok(())
+}
+
+/// `trust-operators --refresh`: fetches the trust as the device named in
+/// `dir`/pivot.toml and writes the files, reading nothing the agent's user
+/// can change but the device key. sshd reads them at each login: no reload.
+async fn refresh(dir: &Path) -> Result<()> {
+    require_root("`trust-operators --refresh` writes the files sshd trusts")?;
+    let dir = match TrustDir::open(dir) {
+        Err(DirError::Missing(_)) => bail!(
+            "there is no {}: run `{} trust-operators` once as root (after enrolling) to set it up",
+            dir.display(),
+            super::program()
+        ),
+        opened => opened?,
+    };
+    let pivot = PivotFile::load(&dir)?;
+    let trust = trust::fetch_as_device(&pivot).await?;
+    let changed = trust::write_in(&dir, &trust)?;
+    let what = if changed { "updated" } else { "unchanged" };
+    println!(
+        "operator trust in {} {what}: {} CA keys ({}), {} revoked keys",
+        dir.path().display(),
+        trust.ca_keys.len(),
+        fingerprints(&trust),
+        trust.revoked_keys.len()
+    );
     Ok(())
 }
 

@@ -97,8 +97,8 @@ pub fn drop_in(exe_invocation: &str, dir: &Path, id: &str) -> DropIn {
     let command = format!("{exe_invocation} principals %u %k --trust-dir {dir}");
     let text = format!(
         "# Written by `burrow agent enroll --trust-operators` for device '{id}'.\n\
-         # Operators log in with short-lived certificates from the pivot's CA. The\n\
-         # agent refreshes the files named here whenever it connects to the pivot.\n\
+         # Operators log in with short-lived certificates from the pivot's CA. Root\n\
+         # refreshes the files named here (`trust-operators --refresh`).\n\
          TrustedUserCAKeys {ca}\n\
          RevokedKeys {revoked}\n\
          AuthorizedPrincipalsCommand {command}\n\
@@ -190,15 +190,15 @@ mod tests {
     #[test]
     fn drop_in_names_the_files_and_the_command() {
         let exe = invocation(Path::new("/usr/bin/burrow")).unwrap();
-        let d = drop_in(&exe, Path::new("/etc/burrow/trust"), "cam-42");
+        let d = drop_in(&exe, Path::new("/etc/ssh/burrow"), "cam-42");
         assert_eq!(
             d.text,
             "# Written by `burrow agent enroll --trust-operators` for device 'cam-42'.\n\
-             # Operators log in with short-lived certificates from the pivot's CA. The\n\
-             # agent refreshes the files named here whenever it connects to the pivot.\n\
-             TrustedUserCAKeys /etc/burrow/trust/user_ca.pub\n\
-             RevokedKeys /etc/burrow/trust/revoked_keys\n\
-             AuthorizedPrincipalsCommand /usr/bin/burrow agent principals %u %k --trust-dir /etc/burrow/trust\n\
+             # Operators log in with short-lived certificates from the pivot's CA. Root\n\
+             # refreshes the files named here (`trust-operators --refresh`).\n\
+             TrustedUserCAKeys /etc/ssh/burrow/user_ca.pub\n\
+             RevokedKeys /etc/ssh/burrow/revoked_keys\n\
+             AuthorizedPrincipalsCommand /usr/bin/burrow agent principals %u %k --trust-dir /etc/ssh/burrow\n\
              AuthorizedPrincipalsCommandUser nobody\n"
         );
         // Each setting to confirm is in the text, as sshd -T names it.
@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn paths_sshd_would_misread_are_refused() {
-        sshd_path(Path::new("/etc/burrow/trust")).unwrap();
+        sshd_path(Path::new("/etc/ssh/burrow")).unwrap();
         for bad in [
             "relative/dir",
             "/opt/my dir",
