@@ -63,7 +63,11 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
 
     // The device side: a trust dir as the agent writes it, and certificates
     // signed by a CA key of our own (the command checks no signature: sshd has).
-    let trust = dir.path().join("trust");
+    // The trust dir must be root's all the way up, as on a device.
+    let safe =
+        tempfile::Builder::new().prefix("burrow-bench-trust").tempdir_in("/run").context("a dir under /run (root)")?;
+    std::fs::set_permissions(safe.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let trust = safe.path().join("trust");
     let labels: BTreeMap<String, String> =
         (0..8).map(|i| (format!("k{i}"), format!("v{i}"))).chain([("site".into(), "berlin".into())]).collect();
     let ca = generate_ed25519();
@@ -76,7 +80,8 @@ pub async fn run(bin: &str, o: Options) -> Result<()> {
     };
     burrow_agent::trust::write(&trust, &state)?;
     let one = certificate(&ca, &["burrow:root:site=berlin".to_string()])?;
-    let many: Vec<String> = (0..63).map(|i| format!("burrow:root:site=s{i}")).chain(["burrow:root:site=berlin".into()]).collect();
+    let many: Vec<String> =
+        (0..63).map(|i| format!("burrow:root:site=s{i}")).chain(["burrow:root:site=berlin".into()]).collect();
     let many = certificate(&ca, &many)?;
     let mut programs = vec![(bin.to_string(), vec!["agent".to_string()])];
     if let Some(agent) = &o.agent {
@@ -117,7 +122,8 @@ fn certificate(ca: &russh::keys::PrivateKey, principals: &[String]) -> Result<St
     use russh::keys::ssh_key::certificate::{Builder, CertType};
     let subject = generate_ed25519();
     let now = burrow_core::time::now_unix() as u64;
-    let mut b = Builder::new_with_random_nonce(&mut rand::rng(), subject.public_key().key_data().clone(), now, now + 3600)?;
+    let mut b =
+        Builder::new_with_random_nonce(&mut rand::rng(), subject.public_key().key_data().clone(), now, now + 3600)?;
     b.cert_type(CertType::User)?;
     for p in principals {
         b.valid_principal(p.clone())?;

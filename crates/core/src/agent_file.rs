@@ -28,8 +28,9 @@ pub struct AgentFile {
     #[serde(default)]
     pub always_on: bool,
     /// Where the device keeps what its sshd reads to let operators in with
-    /// certificates (the CA keys, revoked keys and labels). When set, the
-    /// agent refreshes them whenever it connects to the pivot.
+    /// certificates (the CA keys, revoked keys and labels); root's alone.
+    /// When set, the agent refreshes them whenever it connects to the pivot
+    /// (as root), or asks the root unit `burrow-trust` to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_dir: Option<PathBuf>,
 }
@@ -84,7 +85,7 @@ mod tests {
             mqtt_url: Some("mqtts://pivot:8883".into()),
             mqtt_fingerprint: Some("SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s".into()),
             always_on: false,
-            trust_dir: Some("/etc/burrow/trust".into()),
+            trust_dir: Some("/etc/ssh/burrow".into()),
         };
         f.save(&path).unwrap();
         assert_eq!(AgentFile::load(&path).unwrap(), f);

@@ -390,8 +390,9 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 }
             }
             // The certificate this operator will get must be one sshd takes.
-            let principals = burrow_core::cert::principals(&selectors, &device_users_or_default(&users, admin, name.as_str()))
-                .map_err(AdminError::Invalid)?;
+            let principals =
+                burrow_core::cert::principals(&selectors, &device_users_or_default(&users, admin, name.as_str()))
+                    .map_err(AdminError::Invalid)?;
             // A key re-added with less than its certificates still carry
             // would keep the more until they expire: devices cannot revoke
             // one certificate of a key and not another.
@@ -422,8 +423,11 @@ async fn run(ctx: &Context<'_>, caller: &Caller, req: Request) -> Result<Value, 
                 .ok_or_else(|| AdminError::Denied(format!("operator '{name}' was removed")))?;
             let k = key(&op.public_key, "the operator key")?;
             let selectors: Vec<Selector> = op.allow.iter().filter_map(|s| s.parse().ok()).collect();
-            let principals = burrow_core::cert::principals(&selectors, &device_users_or_default(&op.device_users, op.admin, &op.name))
-                .map_err(AdminError::Invalid)?;
+            let principals = burrow_core::cert::principals(
+                &selectors,
+                &device_users_or_default(&op.device_users, op.admin, &op.name),
+            )
+            .map_err(AdminError::Invalid)?;
             let ttl = op.cert_ttl.map_or(DEFAULT_CERT_TTL, |t| Duration::from_secs(t.max(1) as u64));
             let issued = crate::ca::issue(reg, name, &k, &principals, ttl, now_unix()).await?;
             let info = CertificateIssued {

@@ -175,12 +175,8 @@ pub(crate) async fn nudge_if_changed(shared: &std::sync::Arc<crate::Shared>, las
             let limit = limit.clone();
             set.spawn(async move {
                 let _permit = limit.acquire_owned().await.expect("never closed");
-                let open = tunnel.handle.channel_open_forwarded_tcpip(
-                    burrow_core::rpc::TRUST_NUDGE_HOST,
-                    0,
-                    "127.0.0.1",
-                    0,
-                );
+                let open =
+                    tunnel.handle.channel_open_forwarded_tcpip(burrow_core::rpc::TRUST_NUDGE_HOST, 0, "127.0.0.1", 0);
                 // Refused, as it should be; an agent that took it gets it closed.
                 if let Ok(Ok(ch)) = tokio::time::timeout(NUDGE_TIMEOUT, open).await {
                     let _ = tokio::time::timeout(NUDGE_TIMEOUT, ch.close()).await;

@@ -476,7 +476,9 @@ async fn user_ca_rotation_and_certificates(reg: Registry) {
     // A rotation never lengthens the life of a key already retiring.
     let (p3, f3, k3, _) = burrow_server::ca::new_key();
     reg.rotate_user_ca(&p3, &f3, &k3, now + 800, Duration::from_secs(600), false).await.unwrap();
-    let end = |fp: &str, cas: &[burrow_server::registry::CaRecord]| cas.iter().find(|c| c.fingerprint == fp).unwrap().retires_at;
+    let end = |fp: &str, cas: &[burrow_server::registry::CaRecord]| {
+        cas.iter().find(|c| c.fingerprint == fp).unwrap().retires_at
+    };
     let before = end(&f2, &reg.user_cas().await.unwrap());
     assert_eq!(before, Some(now + 1400 + 8 * 3600));
     let (p4, f4, k4, _) = burrow_server::ca::new_key();

@@ -131,8 +131,24 @@ impl Plan {
     /// the trust dir in the agent config at `config_path`.
     pub(super) async fn apply(&self, file: &mut AgentFile, config_path: &Path) -> Result<()> {
         let pivot = PivotFile::from_agent_file(file, config_path)?;
-        let trust = trust::fetch_as_device(&pivot).await?;
         let (dir, _) = TrustDir::create(&self.trust_dir)?;
+        // The agent config may be the agent user's to write; root's own
+        // record of the pivot is not replaced by a different one from it.
+        if let Ok(known) = PivotFile::load(&dir) {
+            if known.id != pivot.id || known.pivot_host_key != pivot.pivot_host_key {
+                bail!(
+                    "{} names device '{}' and pivot key {}, but {} (root's) has '{}' and {}: if that really changed, delete {} first",
+                    config_path.display(),
+                    pivot.id,
+                    pivot.pivot_host_key,
+                    dir.path().join(trust::PIVOT_FILE).display(),
+                    known.id,
+                    known.pivot_host_key,
+                    dir.path().join(trust::PIVOT_FILE).display()
+                );
+            }
+        }
+        let trust = trust::fetch_as_device(&pivot).await?;
         trust::write_in(&dir, &trust)?;
         pivot.save(&dir)?;
         // A directory created just now is 0755, but those above may not be.

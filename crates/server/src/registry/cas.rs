@@ -185,19 +185,21 @@ impl Registry {
         // The operator as of this transaction: one removed since the caller
         // looked gets nothing.
         let fp = fingerprint(req.key);
-        let current: Option<String> = sqlx::query_scalar("SELECT name FROM operators WHERE name = $1 AND fingerprint = $2")
-            .bind(req.operator.as_str())
-            .bind(&fp)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT name FROM operators WHERE name = $1 AND fingerprint = $2")
+                .bind(req.operator.as_str())
+                .bind(&fp)
+                .fetch_optional(&mut *tx)
+                .await?;
         if current.is_none() {
             return Err(RegistryError::NoSuchOperator(req.operator.to_string()));
         }
-        let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM certificates WHERE operator = $1 AND valid_before > $2")
-            .bind(req.operator.as_str())
-            .bind(req.now)
-            .fetch_one(&mut *tx)
-            .await?;
+        let live: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM certificates WHERE operator = $1 AND valid_before > $2")
+                .bind(req.operator.as_str())
+                .bind(req.now)
+                .fetch_one(&mut *tx)
+                .await?;
         if live >= MAX_LIVE_CERTIFICATES {
             return Err(RegistryError::TooManyCertificates(req.operator.to_string()));
         }
@@ -265,11 +267,13 @@ impl Registry {
 
     /// The principals of certificates for the key `fp` that have not expired.
     pub async fn live_certificates_of_key(&self, fp: &str, now: i64) -> Result<Vec<(Vec<String>, i64)>, RegistryError> {
-        let rows = sqlx::query("SELECT principals, valid_before FROM certificates WHERE fingerprint = $1 AND valid_before > $2")
-            .bind(fp)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT principals, valid_before FROM certificates WHERE fingerprint = $1 AND valid_before > $2",
+        )
+        .bind(fp)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .iter()
             .map(|r| (serde_json::from_str(r.get::<&str, _>("principals")).unwrap_or_default(), r.get("valid_before")))
