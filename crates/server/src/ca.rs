@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use burrow_core::cert::CLOCK_SLACK;
 use burrow_core::keys::{fingerprint, generate_ed25519, openssh_line, write_private_key, PublicKey};
@@ -56,7 +57,8 @@ pub async fn ensure(registry: &Registry, data_dir: &Path, now: i64) -> Result<()
     }
     let path = data_dir.join(USER_CA_FILE);
     let io = |source| CaError::Io { path: path.display().to_string(), source };
-    let key = if path.exists() {
+    let given = path.exists();
+    let key = if given {
         let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(CaError::Permissions { path: path.display().to_string(), mode });
@@ -64,17 +66,22 @@ pub async fn ensure(registry: &Registry, data_dir: &Path, now: i64) -> Result<()
         let text = std::fs::read_to_string(&path).map_err(io)?;
         PrivateKey::from_openssh(text).map_err(|_| CaError::Parse(path.display().to_string()))?
     } else {
-        let key = generate_ed25519();
-        write_private_key(&path, &key).map_err(io)?;
-        std::fs::write(data_dir.join(format!("{USER_CA_FILE}.pub")), format!("{}\n", openssh_line(key.public_key())))
-            .map_err(io)?;
-        key
+        generate_ed25519()
     };
     let pem = key.to_openssh(LineEnding::LF).map(|p| p.to_string()).expect("ed25519 key encodes");
     let fp = fingerprint(key.public_key());
-    if registry.init_user_ca(&openssh_line(key.public_key()), &fp, &pem, now).await? {
-        tracing::info!(ca = %fp, "created the user CA that signs operators' certificates");
+    // Pivots starting together race here; the registry keeps one key, and
+    // only the winner's lands in its data dir.
+    if !registry.init_user_ca(&openssh_line(key.public_key()), &fp, &pem, now).await? {
+        forget_dropped(registry, data_dir, now).await?;
+        return Ok(());
     }
+    if !given {
+        write_private_key(&path, &key).map_err(io)?;
+        std::fs::write(data_dir.join(format!("{USER_CA_FILE}.pub")), format!("{}\n", openssh_line(key.public_key())))
+            .map_err(io)?;
+    }
+    tracing::info!(ca = %fp, "created the user CA that signs operators' certificates");
     Ok(())
 }
 
@@ -166,26 +173,46 @@ pub(crate) async fn nudge_if_changed(shared: &std::sync::Arc<crate::Shared>, las
     if !changed {
         return;
     }
+    // One round at a time; changes meanwhile make one more round after it.
+    shared.nudge_again.store(true, Ordering::Release);
+    if shared.nudging.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let s = shared.clone();
+    shared.tracker.spawn(async move {
+        loop {
+            while s.nudge_again.swap(false, Ordering::AcqRel) {
+                nudge_round(&s).await;
+            }
+            s.nudging.store(false, Ordering::Release);
+            // A change that came after the last check but before the store.
+            if !s.nudge_again.load(Ordering::Acquire) || s.nudging.swap(true, Ordering::AcqRel) {
+                break;
+            }
+        }
+    });
+}
+
+/// Nudges every agent whose tunnel this pivot holds, [`NUDGE_PARALLEL`] at once.
+async fn nudge_round(shared: &std::sync::Arc<crate::Shared>) {
     let tunnels = shared.router.tunnels();
     tracing::info!(tunnels = tunnels.len(), "CA keys or revoked keys changed; telling connected agents");
-    shared.tracker.spawn(async move {
-        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(NUDGE_PARALLEL));
-        let mut set = tokio::task::JoinSet::new();
-        for (id, tunnel) in tunnels {
-            let limit = limit.clone();
-            set.spawn(async move {
-                let _permit = limit.acquire_owned().await.expect("never closed");
-                let open =
-                    tunnel.handle.channel_open_forwarded_tcpip(burrow_core::rpc::TRUST_NUDGE_HOST, 0, "127.0.0.1", 0);
-                // Refused, as it should be; an agent that took it gets it closed.
-                if let Ok(Ok(ch)) = tokio::time::timeout(NUDGE_TIMEOUT, open).await {
-                    let _ = tokio::time::timeout(NUDGE_TIMEOUT, ch.close()).await;
-                }
-                tracing::debug!(device = %id, "told to fetch its trust again");
-            });
-        }
-        while set.join_next().await.is_some() {}
-    });
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(NUDGE_PARALLEL));
+    let mut set = tokio::task::JoinSet::new();
+    for (id, tunnel) in tunnels {
+        let limit = limit.clone();
+        set.spawn(async move {
+            let _permit = limit.acquire_owned().await.expect("never closed");
+            let open =
+                tunnel.handle.channel_open_forwarded_tcpip(burrow_core::rpc::TRUST_NUDGE_HOST, 0, "127.0.0.1", 0);
+            // Refused, as it should be; an agent that took it gets it closed.
+            if let Ok(Ok(ch)) = tokio::time::timeout(NUDGE_TIMEOUT, open).await {
+                let _ = tokio::time::timeout(NUDGE_TIMEOUT, ch.close()).await;
+            }
+            tracing::debug!(device = %id, "told to fetch its trust again");
+        });
+    }
+    while set.join_next().await.is_some() {}
 }
 
 /// Nudges in flight at once.

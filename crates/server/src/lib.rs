@@ -171,6 +171,9 @@ pub(crate) struct Shared {
     pub peers: ssh::peers::Peers,
     /// The registry's clock minus this machine's, in seconds, as of the last heartbeat.
     pub clock_offset: AtomicI64,
+    /// A round of trust nudges runs, and another is wanted after it.
+    pub nudging: std::sync::atomic::AtomicBool,
+    pub nudge_again: std::sync::atomic::AtomicBool,
     /// Certificates issued per operator in the current minute.
     pub certificates: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
 }
@@ -306,6 +309,8 @@ pub async fn run(mut config: Config, listeners: Listeners, shutdown: Cancellatio
         peers,
         clock_offset,
         certificates: Default::default(),
+        nudging: Default::default(),
+        nudge_again: Default::default(),
     });
     leases::sync(&shared, &shutdown).await;
     if let Some(driver) = driver {

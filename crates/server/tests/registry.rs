@@ -433,7 +433,8 @@ async fn user_ca_rotation_and_certificates(reg: Registry) {
 
     let alice_key = key();
     reg.add_operator(&id("alice"), &alice_key, false, &[], &[], Some(3600)).await.unwrap();
-    let p = vec!["burrow:root:*".to_string()];
+    // alice is no admin and has no --device-user: she logs in as herself.
+    let p = vec!["burrow:alice:*".to_string()];
     let issue = |ttl: u64, at: i64| {
         let reg = reg.clone();
         let k = alice_key.clone();

@@ -75,6 +75,8 @@ pub enum RegistryError {
     PortsExhausted(String),
     #[error("{0} is already leased")]
     ListenTaken(String),
+    #[error("operator '{0}' changed meanwhile; ask again")]
+    OperatorChanged(String),
     #[error("operator '{0}' does not exist (or holds another key now)")]
     NoSuchOperator(String),
     #[error("operator '{0}' holds {max} certificates that have not expired; wait for some to expire", max = cas::MAX_LIVE_CERTIFICATES)]
