@@ -97,7 +97,9 @@ pub struct Config {
     /// (before the tunnel carries any login), every `trust_refresh` while
     /// connected and when the pivot nudges; any other agent never writes
     /// them and at those times touches `trust-refresh` next to its status
-    /// file instead, for root's `burrow-trust.path` to refresh them.
+    /// file instead, for root's `burrow-trust.path` to refresh them: on a
+    /// nudge always, otherwise only when root's last refresh is older than
+    /// half of `trust_refresh`, and at most once in 10 s.
     /// `None`: the device does not trust the pivot's CA.
     pub trust_dir: Option<std::path::PathBuf>,
     /// How often a connected agent fetches the trust again (±10%).
@@ -203,7 +205,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         }
         tokio::spawn(status::serve_health(listener, status.clone(), shutdown.clone()));
     }
-    let trust = config.trust_dir.clone().map(|dir| Arc::new(trust::Keeper::new(dir, config.status_path.as_deref())));
+    let trust = config
+        .trust_dir
+        .clone()
+        .map(|dir| Arc::new(trust::Keeper::new(dir, config.status_path.as_deref(), config.trust_refresh)));
     let result = if config.signal.is_some() {
         on_demand::run(Arc::new(config), shutdown, status.clone(), trust).await
     } else {

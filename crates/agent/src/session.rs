@@ -5,7 +5,8 @@
 //! every `trust_refresh`, and soon after the pivot nudges: it opens a
 //! channel to [`TRUST_NUDGE_HOST`] when its CA keys or revoked keys change.
 //! "Refreshed" is the [`Keeper`]'s call: fetched and written by a root
-//! agent, asked of root's unit by any other.
+//! agent, asked of root's unit by any other (which skips asking when root
+//! refreshed recently, but on a nudge).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tracing::{debug, info};
 
 use crate::pivot_client::Pinned;
 use crate::status::{State, StatusFile};
-use crate::trust::Keeper;
+use crate::trust::{Keeper, Occasion};
 use crate::{forward, Config, Event};
 
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +215,7 @@ async fn connect_and_serve(
     // trust a CA the pivot has just added.
     if let Some(keeper) = trust {
         tokio::select! {
-            _ = keeper.refresh(&handle, config.id.as_str()) => {}
+            _ = keeper.refresh(&handle, config.id.as_str(), Occasion::Connect) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -263,8 +264,9 @@ async fn connect_and_serve(
             }
             _ = tokio::time::sleep_until(trust_due.due()), if trust.is_some() => {
                 if let Some(keeper) = trust {
+                    let occasion = if trust_due.nudge_due() { Occasion::Nudge } else { Occasion::Periodic };
                     tokio::select! {
-                        _ = keeper.refresh(&handle, config.id.as_str()) => {}
+                        _ = keeper.refresh(&handle, config.id.as_str(), occasion) => {}
                         _ = shutdown.cancelled() => {}
                     }
                 }
@@ -301,6 +303,12 @@ impl TrustSchedule {
 
     fn due(&self) -> Instant {
         self.nudged.map_or(self.periodic, |n| n.min(self.periodic))
+    }
+
+    /// Whether a nudge is what the next fetch answers (it does even when
+    /// the periodic one comes first).
+    fn nudge_due(&self) -> bool {
+        self.nudged.is_some()
     }
 
     /// A nudge at `now`: a fetch `delay` later, unless one is already
@@ -363,8 +371,10 @@ mod tests {
         assert!(!s.nudge(t0 + Duration::from_secs(1), Duration::from_secs(2)));
         assert!(!s.nudge(t0 + Duration::from_secs(19), Duration::from_secs(30)));
         assert_eq!(s.due(), t0 + Duration::from_secs(20));
+        assert!(s.nudge_due(), "the fetch answers a nudge: an unprivileged agent asks root whatever");
         s.fetched(t0 + 2 * hour);
         assert_eq!(s.due(), t0 + 2 * hour);
+        assert!(!s.nudge_due());
         // A nudge after the fetch schedules another.
         assert!(s.nudge(t0 + Duration::from_secs(40), Duration::from_secs(5)));
         assert_eq!(s.due(), t0 + Duration::from_secs(45));
@@ -372,6 +382,7 @@ mod tests {
         let mut s = TrustSchedule::new(t0 + Duration::from_secs(3));
         s.nudge(t0, Duration::from_secs(10));
         assert_eq!(s.due(), t0 + Duration::from_secs(3));
+        assert!(s.nudge_due());
         s.fetched(t0 + hour);
         assert_eq!(s.due(), t0 + hour);
     }

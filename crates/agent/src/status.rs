@@ -81,10 +81,35 @@ pub struct Status {
     pub since: i64,
 }
 
+/// A status file is a few hundred bytes.
+const MAX_STATUS_FILE: u64 = 64 * 1024;
+
 impl Status {
+    /// Reads the status file at `path`: a regular file, opened without
+    /// following a symlink or blocking on a FIFO, since root may read what
+    /// the agent's user wrote. Its strings are the agent's: escape them
+    /// before showing them ([`burrow_core::text::printable`]).
     pub fn read(path: &Path) -> std::io::Result<Status> {
-        let text = std::fs::read_to_string(path)?;
-        serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        use std::io::{Error, ErrorKind, Read};
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => Error::other("a symbolic link, not a status file"),
+                _ => e,
+            })?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(Error::other("not a regular file"));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_STATUS_FILE + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > MAX_STATUS_FILE {
+            return Err(Error::new(ErrorKind::InvalidData, format!("larger than {MAX_STATUS_FILE} bytes")));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::new(ErrorKind::InvalidData, e))
     }
 }
 
@@ -230,5 +255,34 @@ pub(crate) async fn serve_health(
             let _ = stream.write_all(reply.as_bytes()).await;
             let _ = stream.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust::tests::TempDir;
+
+    /// `agent status` as root followed a symlink the agent's user put at
+    /// the status file, and blocked forever on a FIFO there.
+    #[test]
+    fn reading_the_status_follows_no_symlink_and_never_blocks() {
+        let tmp = TempDir::new("status-read");
+        let path = tmp.0.join("status.json");
+        let file = StatusFile::new(Some(path.clone()), "cam-42", "always-on");
+        file.set(State::Connected, Some("fine\x1b[2J".into()), Some("pivot:2222"));
+        let read = Status::read(&path).unwrap();
+        assert_eq!((read.id.as_str(), read.state), ("cam-42", State::Connected));
+        assert_eq!(read.reason.as_deref(), Some("fine\x1b[2J"), "kept as written; escaped when shown");
+
+        let link = tmp.0.join("link.json");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let err = Status::read(&link).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        let fifo = tmp.0.join("fifo.json");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        assert!(Status::read(&fifo).unwrap_err().to_string().contains("not a regular file"));
     }
 }

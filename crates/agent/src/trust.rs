@@ -10,7 +10,8 @@
 //!   place: sshd refuses every public key when that file is missing;
 //! - [`OPERATORS_FILE`]: the device's id and labels, and the pivot's clock,
 //!   read by [`principals`] (sshd's `AuthorizedPrincipalsCommand`, run as `nobody`);
-//! - [`PIVOT_FILE`]: what a root refresh connects with (`files::PivotFile`).
+//! - [`PIVOT_FILE`]: what root connects to the pivot with, written by root's
+//!   `enroll` from its token (`files::PivotFile`); never the agent config.
 //!
 //! The pivot's answer is hostile input: every key is parsed and written anew,
 //! never copied as sent, so no line can carry sshd options.
@@ -43,11 +44,11 @@ use crate::pivot_client::{self, ClientError};
 
 pub use apply::{find_sshd, ApplyError, DeviceSshd, Problem};
 pub use files::{ensure_revoked_keys, write, write_in, Created, PivotFile, WriteError};
-pub(crate) use keeper::Keeper;
 pub use keeper::{fetch_as_device, REFRESH_MARKER};
+pub(crate) use keeper::{Keeper, Occasion};
 pub use principals::principals;
 pub(crate) use safe::write_atomic;
-pub use safe::{DirError, TrustDir};
+pub use safe::{read_roots_alone, DirError, FileError, TrustDir};
 pub use sshd::{
     check_exe, check_trust_dir_reachable, current_invocation, drop_in, invocation, sshd_path, DropIn, SshdError,
     DEFAULT_SSHD_CONFIG, DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD, DROP_IN_FILE,
@@ -100,11 +101,11 @@ pub enum TrustError {
     NoPivot,
     #[error(transparent)]
     Dir(#[from] DirError),
-    #[error("there is no {0}: run `trust-operators` once as root (after enrolling) to write it")]
+    #[error("there is no {0}: enroll the device as root, or run `trust-operators` once as root, to write it")]
     NoPivotFile(String),
     #[error("cannot read {0}")]
     ReadPivotFile(String, #[source] std::io::Error),
-    #[error("{path} {why}: it must be root's alone; run `trust-operators` as root to write it anew")]
+    #[error("{path} {why}: it must be root's alone (chown root:root and chmod 644 it)")]
     UnsafePivotFile { path: String, why: String },
     #[error("{0} is not burrow's pivot file: {1}")]
     BadPivotFile(String, String),

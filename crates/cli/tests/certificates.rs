@@ -87,6 +87,41 @@ impl Device {
             .unwrap()
     }
 
+    /// `burrow agent enroll` as root without --trust-operators: sshd is
+    /// left alone, but root's record of the pivot goes in the trust dir.
+    fn enroll_plain(&self, token: &str) -> Output {
+        Command::new(&self.bin.path)
+            .args(["agent", "enroll", "--token", token, "--config"])
+            .arg(&self.config)
+            .arg("--trust-dir")
+            .arg(self.trust_dir())
+            .arg("--host-key")
+            .arg(&self.sshd.host_key.public)
+            .args(["--expose", &format!("22={}", self.sshd.target())])
+            .output()
+            .unwrap()
+    }
+
+    /// `burrow agent trust-operators` as root, with the agent config `config`.
+    fn trust_operators(&self, config: &Path) -> Output {
+        Command::new(&self.bin.path)
+            .args(["agent", "trust-operators", "--config"])
+            .arg(config)
+            .arg("--trust-dir")
+            .arg(self.trust_dir())
+            .arg("--sshd-config")
+            .arg(self.sshd_config())
+            .arg("--sshd-config-dir")
+            .arg(&self.drop_in)
+            .args(["--sshd-reload", &self.reload_cmd()])
+            .output()
+            .unwrap()
+    }
+
+    fn pivot_toml(&self) -> PathBuf {
+        self.trust_dir().join("pivot.toml")
+    }
+
     fn agent(&self, extra: &[&str]) -> Proc {
         let mut cmd = Command::new(&self.bin.path);
         cmd.args(["agent", "--config"]).arg(&self.config).arg("--trust-dir").arg(self.trust_dir()).args(extra);
@@ -465,13 +500,45 @@ fn a_trust_dir_others_can_write_is_refused_with_the_token_still_good() {
     assert!(show.contains("not-enrolled"), "the token was used by a failed enrollment: {show}");
 }
 
+/// The CA keys the pivot has now, after `ca rotate --now` replaced `old`.
+fn rotated_now(pivot: &TestPivot, old: &[String]) -> Vec<String> {
+    pivot.admin_ok(&["ca", "rotate", "--now"]);
+    let keys: Vec<String> = pivot
+        .admin_ok(&["ca", "show"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect();
+    assert_eq!(keys.len(), 1);
+    assert_ne!(keys, old);
+    keys
+}
+
+/// What the agent's user can do to its own config: name another device,
+/// pivot, pin and trust dir.
+fn tamper_with(config: &Path, trust_dir: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("trust_dir"))
+        .map(|l| match l.split_once(" = ").map(|(k, _)| k) {
+            Some("id") => "id = \"cam-9\"".to_string(),
+            Some("server") => "server = \"127.0.0.1:1\"".to_string(),
+            Some("pivot_host_key") => format!("pivot_host_key = \"{wrong}\""),
+            _ => l.to_string(),
+        })
+        .collect();
+    out.push(format!("trust_dir = \"{}\"", trust_dir.display()));
+    std::fs::write(config, out.join("\n") + "\n").unwrap();
+}
+
 /// Root's `trust-operators --refresh` (burrow-trust.service) keeps the trust
 /// fresh for an agent that may not write it, connecting with what root
 /// recorded in pivot.toml, never with the agent's own (writable) config.
 #[test]
 fn a_root_refresh_fetches_the_trust_with_pivot_toml_alone() {
     let (pivot, dev, mut agent) = fleet(&[]);
-    let pivot_toml = dev.trust_dir().join("pivot.toml");
+    let pivot_toml = dev.pivot_toml();
     let recorded = std::fs::read_to_string(&pivot_toml).unwrap();
     assert!(recorded.contains("id = \"cam-1\""), "{recorded}");
     assert!(recorded.contains(&format!("\"{}\"", pivot.addr)), "{recorded}");
@@ -481,40 +548,9 @@ fn a_root_refresh_fetches_the_trust_with_pivot_toml_alone() {
     agent.terminate(Duration::from_secs(10));
     assert!(pivot.wait_online("cam-1", false, Duration::from_secs(20)));
     let old = dev.trusted_cas();
-    pivot.admin_ok(&["ca", "rotate", "--now"]);
-    let keys: Vec<String> = pivot
-        .admin_ok(&["ca", "show"])
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect();
-    assert_eq!(keys.len(), 1);
-    assert_ne!(keys, old);
+    let keys = rotated_now(&pivot, &old);
+    tamper_with(&dev.config, &dev.bin.dir.path().join("elsewhere"));
 
-    // What the agent's user could do to its own config: pin another pivot.
-    let config = std::fs::read_to_string(&dev.config).unwrap();
-    let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
-    let pinned = config.lines().find(|l| l.starts_with("pivot_host_key")).unwrap();
-    std::fs::write(&dev.config, config.replace(pinned, &format!("pivot_host_key = \"{wrong}\""))).unwrap();
-    // trust-operators will not copy it over root's own record...
-    let out = Command::new(&dev.bin.path)
-        .args(["agent", "trust-operators", "--config"])
-        .arg(&dev.config)
-        .arg("--trust-dir")
-        .arg(dev.trust_dir())
-        .arg("--sshd-config")
-        .arg(dev.sshd_config())
-        .arg("--sshd-config-dir")
-        .arg(&dev.drop_in)
-        .args(["--sshd-reload", &dev.reload_cmd()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    // Root's record of the pivot is not replaced from the agent's config.
-    assert!(stderr(&out).contains("(root's) has 'cam-1' and SHA256:"), "{}", stderr(&out));
-    assert_eq!(dev.trusted_cas(), old);
-    assert_eq!(std::fs::read_to_string(&pivot_toml).unwrap(), recorded, "a failed run keeps pivot.toml");
-
-    // ...but root's refresh does not read it.
     let refresh = || {
         Command::new(&dev.bin.path)
             .args(["agent", "trust-operators", "--refresh", "--trust-dir"])
@@ -528,6 +564,8 @@ fn a_root_refresh_fetches_the_trust_with_pivot_toml_alone() {
     let said = ok(&refresh());
     assert!(said.contains("unchanged"), "{said}");
 
+    assert_eq!(std::fs::read_to_string(&pivot_toml).unwrap(), recorded);
+
     // --refresh touches nothing of sshd's and takes none of its flags.
     let out = Command::new(&dev.bin.path)
         .args(["agent", "trust-operators", "--refresh", "--sshd-reload", "true"])
@@ -535,6 +573,92 @@ fn a_root_refresh_fetches_the_trust_with_pivot_toml_alone() {
         .unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot be used with"), "{}", stderr(&out));
+}
+
+/// Root's `trust-operators` took the pivot, pin, device and trust dir
+/// from the agent config, which the agent's user can write: a pivot of
+/// their own, and root's files written where they chose.
+#[test]
+fn trust_operators_takes_the_pivot_from_pivot_toml_whatever_the_agent_config_says() {
+    let (pivot, dev, mut agent) = fleet(&[]);
+    agent.terminate(Duration::from_secs(10));
+    let recorded = std::fs::read_to_string(dev.pivot_toml()).unwrap();
+    let old = dev.trusted_cas();
+    let keys = rotated_now(&pivot, &old);
+    let elsewhere = dev.bin.dir.path().join("elsewhere");
+    tamper_with(&dev.config, &elsewhere);
+
+    let out = dev.trust_operators(&dev.config);
+    let said = ok(&out);
+    assert!(said.contains("sshd trusts the pivot's CA"), "{said}");
+    // Fetched from the real pivot as cam-1, into the trust dir root was given.
+    assert_eq!(dev.trusted_cas(), keys);
+    assert!(!elsewhere.exists(), "root wrote where the agent config said");
+    assert_eq!(std::fs::read_to_string(dev.pivot_toml()).unwrap(), recorded);
+    let conf = std::fs::read_to_string(dev.drop_in.join("burrow.conf")).unwrap();
+    assert!(conf.contains("device 'cam-1'"), "{conf}");
+    // It says what it ignored.
+    let err = stderr(&out);
+    let pivot_toml = dev.pivot_toml();
+    assert!(
+        err.contains(&format!(
+            "warning: {} has id 'cam-9', not 'cam-1', server '127.0.0.1:1', not '{}', pivot_host_key 'SHA256:AAAA",
+            dev.config.display(),
+            pivot.addr
+        )),
+        "{err}"
+    );
+    assert!(err.contains(&format!("this run uses root's {} and nothing of that", pivot_toml.display())), "{err}");
+    // The agent config is told the trust dir root used.
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    assert!(config.contains(&format!("trust_dir = \"{}\"", dev.trust_dir().display())), "{config}");
+}
+
+/// A device enrolled without --trust-operators had no pivot.toml, so a
+/// later `trust-operators` took everything from the agent config.
+#[test]
+fn a_device_enrolled_without_trust_operators_gets_pivot_toml_and_trusts_operators_later() {
+    let pivot = TestPivot::start(BURROW);
+    let dev = Device::new();
+    let token = pivot.admin_ok(&["device", "add", "cam-6"]).trim().to_string();
+    let said = ok(&dev.enroll_plain(&token));
+    assert!(said.contains(&format!("root's record of the pivot written to {}", dev.pivot_toml().display())), "{said}");
+    let recorded = std::fs::read_to_string(dev.pivot_toml()).unwrap();
+    assert!(recorded.contains("id = \"cam-6\""), "{recorded}");
+    assert!(recorded.contains(&format!("\"{}\"", pivot.addr)), "{recorded}");
+    assert!(!dev.drop_in.join("burrow.conf").exists(), "sshd is left alone");
+    assert!(dev.trusted_cas().is_empty());
+    assert!(!std::fs::read_to_string(&dev.config).unwrap().contains("trust_dir"));
+
+    // The agent config is under /tmp, which anyone can write into: only
+    // pivot.toml can have served.
+    let said = ok(&dev.trust_operators(&dev.config));
+    assert!(said.contains("sshd trusts the pivot's CA"), "{said}");
+    let ca = pivot.admin_ok(&["ca", "show"]);
+    assert_eq!(dev.trusted_cas(), [ca.split_whitespace().nth(1).unwrap().to_string()]);
+    assert!(dev.drop_in.join("burrow.conf").exists());
+    assert_eq!(std::fs::read_to_string(dev.pivot_toml()).unwrap(), recorded);
+
+    // Without pivot.toml (a device enrolled by an older burrow), that agent
+    // config does not stand in for it...
+    std::fs::remove_file(dev.pivot_toml()).unwrap();
+    let out = dev.trust_operators(&dev.config);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    let want = format!(
+        "there is no {}, and {} cannot stand in for it: /tmp is writable by others (mode 1777), so another user may have changed the pivot, pin or device in it",
+        dev.pivot_toml().display(),
+        dev.config.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains("chown root:root") && err.contains("re-enroll the device as root"), "{err}");
+    assert!(!dev.pivot_toml().exists());
+    // ...but one root's alone does.
+    let roots = dev.bin.dir.path().join("agent.toml");
+    std::fs::copy(&dev.config, &roots).unwrap();
+    set_mode(&roots, 0o644);
+    ok(&dev.trust_operators(&roots));
+    assert_eq!(std::fs::read_to_string(dev.pivot_toml()).unwrap(), recorded);
 }
 
 /// An agent that is not root never writes the files sshd trusts: where it
@@ -565,23 +689,22 @@ fn an_unprivileged_agent_asks_root_to_refresh_and_never_writes_the_trust() {
         .arg(dev.trust_dir())
         .arg("--status-file")
         .arg(run.join("status.json"));
-    let agent = Proc::spawn("burrow agent (nobody)", &mut cmd, dev.dir.path().join("agent.log"));
+    let mut agent = Proc::spawn("burrow agent (nobody)", &mut cmd, dev.dir.path().join("agent.log"));
     assert!(pivot.wait_online("cam-5", true, Duration::from_secs(20)), "{}", agent.log_text());
 
-    // On connect: asked, once told why, and nothing written.
+    // On connect: told why once; root refreshed at enrollment, moments
+    // ago, so no need to ask (the ask comes before the tunnel is up).
     let marker = run.join("trust-refresh");
-    assert!(wait_until(Duration::from_secs(10), || marker.exists()), "{}", agent.log_text());
     let log = agent.log_text();
     assert_eq!(log.matches("a root unit refreshes the operator trust files").count(), 1, "{log}");
-    let asked = || std::fs::metadata(&marker).unwrap().modified().unwrap();
-    let first = asked();
+    assert!(!marker.exists(), "asked though root had just refreshed: {log}");
     let ca_file = dev.trust_dir().join("user_ca.pub");
     let written = std::fs::metadata(&ca_file).unwrap().modified().unwrap();
     let old = dev.trusted_cas();
 
-    // On a nudge: asked again, and still nothing written.
+    // On a nudge: asked, however recent the last refresh, and nothing written.
     pivot.admin_ok(&["ca", "rotate", "--now"]);
-    assert!(wait_until(Duration::from_secs(40), || asked() > first), "{}", agent.log_text());
+    assert!(wait_until(Duration::from_secs(40), || marker.exists()), "{}", agent.log_text());
     assert_eq!(dev.trusted_cas(), old);
     assert_eq!(std::fs::metadata(&ca_file).unwrap().modified().unwrap(), written);
     let log = agent.log_text();
@@ -596,4 +719,16 @@ fn an_unprivileged_agent_asks_root_to_refresh_and_never_writes_the_trust() {
     ok(&out);
     assert_ne!(dev.trusted_cas(), old);
     assert_eq!(dev.trusted_cas().len(), 1);
+
+    // A refresh older than half of --trust-refresh (1h): asked on connect.
+    agent.terminate(Duration::from_secs(10));
+    assert!(pivot.wait_online("cam-5", false, Duration::from_secs(20)));
+    let ops_file = dev.trust_dir().join("operators.json");
+    let mut ops: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ops_file).unwrap()).unwrap();
+    ops["pivot_time"] = (burrow_core::time::now_unix() - 7200).into();
+    std::fs::write(&ops_file, ops.to_string()).unwrap();
+    std::fs::remove_file(&marker).unwrap();
+    let again = Proc::spawn("burrow agent (nobody, again)", &mut cmd, dev.dir.path().join("agent-again.log"));
+    assert!(pivot.wait_online("cam-5", true, Duration::from_secs(20)), "{}", again.log_text());
+    assert!(marker.exists(), "not asked on connect with a stale refresh: {}", again.log_text());
 }

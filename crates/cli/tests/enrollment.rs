@@ -31,6 +31,10 @@ fn enroll(token: &str, sshd: &Sshd) -> (Enrolled, Output) {
         .arg("--host-keys")
         .arg(&sshd.host_key.public)
         .args(["--expose", &format!("22={}", sshd.target())])
+        // Not this machine's /etc/ssh/burrow (root's record is refused
+        // under /tmp, and enrollment goes on without it).
+        .arg("--trust-dir")
+        .arg(dir.path().join("trust"))
         .output()
         .unwrap();
     (Enrolled { dir, config }, out)
@@ -574,7 +578,17 @@ fn enrollment_writes_absolute_paths_from_a_relative_config() {
     let cwd = tempfile::tempdir().unwrap();
     let out = Command::new(BURROW)
         .current_dir(cwd.path())
-        .args(["agent", "enroll", "--token", &token, "--config", "dev/agent.toml", "--host-keys"])
+        .args([
+            "agent",
+            "enroll",
+            "--token",
+            &token,
+            "--config",
+            "dev/agent.toml",
+            "--trust-dir",
+            "trust",
+            "--host-keys",
+        ])
         .arg(&sshd.host_key.public)
         .output()
         .unwrap();

@@ -85,6 +85,8 @@ fn tls_is_the_default_and_enrolled_devices_pin_the_certificate() {
         .arg("--host-keys")
         .arg(&sshd.host_key.public)
         .args(["--expose", &format!("22={}", sshd.target()), "--mqtt-url", &pivot.mqtt_url()])
+        .arg("--trust-dir")
+        .arg(dir.path().join("trust"))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));

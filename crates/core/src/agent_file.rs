@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::atomic::{write_file, Mode};
+
 pub const DEFAULT_PATH: &str = "/etc/burrow/agent.toml";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,12 +48,17 @@ pub enum AgentFileError {
 }
 
 impl AgentFile {
+    /// Reads a regular file (never blocking on a FIFO: root reads this
+    /// file, which the agent's user may replace) of at most 1 MiB.
     pub fn load(path: &Path) -> Result<Self, AgentFileError> {
-        let text = std::fs::read_to_string(path).map_err(|e| AgentFileError::Read(path.display().to_string(), e))?;
+        let text = read_regular(path).map_err(|e| AgentFileError::Read(path.display().to_string(), e))?;
         toml::from_str(&text).map_err(|e| AgentFileError::Parse(path.display().to_string(), e))
     }
 
-    /// Writes atomically (temp file, then rename).
+    /// Writes atomically, through a temp file of a fresh random name that
+    /// no symlink redirects ([`crate::atomic`]): root rewrites this file in
+    /// a directory the agent's user may own. A new file is 0666 less the
+    /// umask, as before.
     pub fn save(&self, path: &Path) -> Result<(), AgentFileError> {
         let err = |e| AgentFileError::Write(path.display().to_string(), e);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -62,15 +69,30 @@ impl AgentFile {
             path.display(),
             toml::to_string(self).expect("agent config serializes")
         );
-        let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        write_file(path, text.as_bytes(), Mode::Umasked(0o666)).map_err(err)
     }
+}
+
+fn read_regular(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    const MAX: u64 = 1 << 20;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX {
+        return Err(std::io::Error::other(format!("larger than {MAX} bytes")));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::atomic::tests::{assert_untouched, TempDir};
 
     #[test]
     fn saves_and_loads() {
@@ -96,6 +118,42 @@ mod tests {
         assert_eq!(AgentFile::load(&path).unwrap(), plain);
         std::fs::write(&path, "id = 'x'\nbogus = 1\n").unwrap();
         assert!(matches!(AgentFile::load(&path), Err(AgentFileError::Parse(..))));
+        // A FIFO there is refused, not waited on.
+        std::fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        assert!(matches!(AgentFile::load(&path), Err(AgentFileError::Read(..))));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Root's `enroll` and `trust-operators` wrote `agent.toml.tmp` in the
+    /// agent's own directory, through a symlink its user had put there.
+    #[test]
+    fn save_never_writes_through_a_planted_symlink() {
+        let tmp = TempDir::new("agent-file-link");
+        let victim = tmp.victim();
+        let path = tmp.0.join("agent.toml");
+        std::os::unix::fs::symlink(&victim, tmp.0.join("agent.toml.tmp")).unwrap();
+        let f = AgentFile {
+            id: "cam-42".into(),
+            server: "pivot:2222".into(),
+            key: "/etc/burrow/device_key".into(),
+            pivot_host_key: "SHA256:abc".into(),
+            expose: vec![],
+            mqtt_url: None,
+            mqtt_fingerprint: None,
+            always_on: true,
+            trust_dir: None,
+        };
+        f.save(&path).unwrap();
+        assert_untouched(&victim);
+        assert_eq!(AgentFile::load(&path).unwrap(), f);
+        // A symlink at the config's own name is replaced, not followed.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        f.save(&path).unwrap();
+        assert_untouched(&victim);
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
     }
 }

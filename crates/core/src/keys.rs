@@ -55,21 +55,16 @@ pub fn generate_ed25519() -> PrivateKey {
 }
 
 /// Writes an OpenSSH private key, mode 0600 from the first byte on, via a
-/// temp file and rename so a reader never sees half a key.
+/// temp file of a fresh random name that no symlink redirects, then a
+/// rename, so a reader never sees half a key ([`crate::atomic`]).
 pub fn write_private_key(path: &Path, key: &PrivateKey) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let text = key
         .to_openssh(LineEnding::LF)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::atomic::write_file(path, text.as_bytes(), crate::atomic::Mode::Exact(0o600))
 }
 
 /// Unpadded base64 of a SHA-256 digest.
@@ -147,5 +142,31 @@ mod tests {
         assert!(matches!(HostKeyPin::parse("SHA256:abc"), Err(KeyError::BadPin(_))));
         assert!(matches!(HostKeyPin::parse(&format!("SHA256:{}", "A".repeat(44))), Err(KeyError::BadPin(_))));
         assert!(matches!(HostKeyPin::parse("/nonexistent/file"), Err(KeyError::BadPin(_))));
+    }
+
+    /// Root's `enroll` wrote `device_key.tmp` in the agent's own directory,
+    /// through a symlink its user had put there.
+    #[test]
+    fn a_private_key_is_0600_and_never_written_through_a_symlink() {
+        use crate::atomic::tests::{assert_untouched, TempDir};
+        use std::os::unix::fs::MetadataExt;
+        let tmp = TempDir::new("key-link");
+        let victim = tmp.victim();
+        let path = tmp.0.join("device_key");
+        std::os::unix::fs::symlink(&victim, tmp.0.join("device_key.tmp")).unwrap();
+        let key = generate_ed25519();
+        write_private_key(&path, &key).unwrap();
+        assert_untouched(&victim);
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        let back = PrivateKey::from_openssh(std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(back.public_key(), key.public_key());
+        // A symlink at the key's own name is replaced, not followed.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_private_key(&path, &key).unwrap();
+        assert_untouched(&victim);
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
     }
 }

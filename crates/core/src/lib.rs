@@ -5,6 +5,7 @@
 //! - [`label`]: device labels `k=v`, checked wherever they enter.
 //! - [`keys`]: public keys, fingerprints and host-key pins.
 //! - [`agent_file`]: the agent config file.
+//! - [`atomic`]: whole-file writes that no planted symlink can redirect.
 //! - [`cert`]: operator certificates: principals and what a device trusts.
 //! - [`enroll`]: one-time enrollment tokens.
 //! - [`expose`]: the `PORT=HOST:PORT` mapping of tunnel ports to device services.
@@ -18,6 +19,7 @@
 //! `tests/parsers.rs` holds the property tests that keep it so.
 
 pub mod agent_file;
+pub mod atomic;
 pub mod cert;
 pub mod enroll;
 pub mod expose;

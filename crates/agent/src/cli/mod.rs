@@ -16,6 +16,7 @@ use burrow_core::mqtt_url::{CertPin, MqttUrl};
 use burrow_core::{Expose, HostKeyPin, Id};
 
 use crate::status::{default_status_path, State, Status};
+use crate::trust::{PivotFile, DEFAULT_TRUST_DIR};
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -137,10 +138,10 @@ pub struct AgentArgs {
     /// Where to keep the agent's state for `agent status` [default: /run/burrow-agent/status.json as root].
     #[arg(long, env = "BURROW_STATUS_FILE")]
     status_file: Option<PathBuf>,
-    /// The CA keys, revoked keys and labels sshd reads are here: refreshed on every connection, by this agent as root, else by root's burrow-trust units [default: trust_dir in the config file].
+    /// The CA keys, revoked keys and labels sshd reads are here: refreshed by this agent as root, else by root's burrow-trust units when it asks [default: trust_dir in the config file; as root, /etc/ssh/burrow if the config names any].
     #[arg(long, env = "BURROW_TRUST_DIR", value_name = "DIR")]
     trust_dir: Option<PathBuf>,
-    /// How often a connected agent refetches the CA keys and labels, or asks root to (it also does on every connection).
+    /// How often a connected agent refetches the CA keys and labels, or asks root to (also on connecting, unless root refreshed them within half of this).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     trust_refresh: std::time::Duration,
 }
@@ -156,16 +157,18 @@ fn status(path: &std::path::Path, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
+        // The agent (its user, when run as burrow-agent) wrote these strings.
+        use burrow_core::text::printable;
         let since = burrow_core::time::format_unix(s.since);
         let state = if alive { s.state.to_string() } else { format!("not running (last: {})", s.state) };
-        println!("device:  {}", s.id);
-        println!("mode:    {}", s.mode);
+        println!("device:  {}", printable(&s.id));
+        println!("mode:    {}", printable(&s.mode));
         println!("state:   {state} since {since}");
         if let Some(p) = &s.pivot {
-            println!("pivot:   {p}");
+            println!("pivot:   {}", printable(p));
         }
         if let Some(r) = &s.reason {
-            println!("reason:  {r}");
+            println!("reason:  {}", printable(r));
         }
     }
     if alive && s.state.healthy() {
@@ -220,18 +223,18 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
     let key_path = e.key.clone().unwrap_or_else(|| config.with_file_name("device_key"));
     let key_path = std::path::absolute(&key_path).with_context(|| format!("bad path {}", key_path.display()))?;
     let e = EnrollArgs { config, ..e };
+    let trust_dir = e.sshd.trust_dir()?;
+    let trust_dir_given = e.sshd.trust_dir_given();
     let (plan, created) = if e.trust_operators {
         // The device id is in the token; sshd must take the drop-in before
         // the token is spent.
         let id = burrow_core::enroll::EnrollToken::decode(&e.token)?.device;
         let not_enrolled = "not enrolled, and the token is still good";
-        let plan = e.sshd.plan(None).context(not_enrolled)?;
+        let plan = e.sshd.plan().context(not_enrolled)?;
         let created = plan.dry_run(&id).context(not_enrolled)?;
         (Some(plan), Some(created))
-    } else if e.sshd.given() {
-        bail!(
-            "--sshd-config, --sshd-config-dir, --sshd-check, --sshd-reload and --trust-dir go with --trust-operators"
-        );
+    } else if e.sshd.sshd_given() {
+        bail!("--sshd-config, --sshd-config-dir, --sshd-check and --sshd-reload go with --trust-operators");
     } else {
         (None, None)
     };
@@ -259,17 +262,60 @@ async fn enroll(e: EnrollArgs) -> Result<()> {
     println!("enrolled device '{}' with pivot {}", file.id, file.server);
     println!("config written to {}; start the agent with:", e.config.display());
     println!("  {} --config {}", program(), e.config.display());
-    if let Some(plan) = plan {
-        plan.apply(&mut file, &e.config).await.with_context(|| {
-            format!(
-                "device '{}' is enrolled, but sshd does not trust the pivot's CA yet; once fixed, run `{} trust-operators --config {}`",
-                file.id,
-                program(),
+    let fix_later = |file: &AgentFile| {
+        format!(
+            "device '{}' is enrolled, but sshd does not trust the pivot's CA yet; once fixed, run `{} trust-operators --config {}{}`",
+            file.id,
+            program(),
+            e.config.display(),
+            if trust_dir_given { format!(" --trust-dir {}", trust_dir.display()) } else { String::new() }
+        )
+    };
+    // Root's own record of the pivot, from the token: what `trust-operators`
+    // connects with later, whoever may write the agent config by then.
+    let pivot = PivotFile::from_agent_file(&file, &e.config)?;
+    if is_root() {
+        match operators::record_pivot(&trust_dir, &pivot) {
+            Ok(path) => println!("root's record of the pivot written to {}", path.display()),
+            Err(err) if plan.is_some() => return Err(err).with_context(|| fix_later(&file)),
+            Err(err) => println!(
+                "note: no pivot record for root in {} ({err:#}); `trust-operators` will need {} to be root's alone",
+                trust_dir.display(),
                 e.config.display()
-            )
-        })?;
+            ),
+        }
+    } else if trust_dir_given {
+        println!("note: not root, so no pivot record for root in {}", trust_dir.display());
+    }
+    if let Some(plan) = plan {
+        plan.apply(&pivot).await.with_context(|| fix_later(&file))?;
+        operators::record_trust_dir(&mut file, &e.config, plan.trust_dir())?;
     }
     Ok(())
+}
+
+/// The trust dir a running agent keeps fresh: --trust-dir, else the one
+/// its config records. The config may be its user's to write, so an agent
+/// that is root (and writes the trust files itself) takes only the default
+/// from it, as `trust-operators` does.
+fn running_trust_dir(flag: Option<PathBuf>, recorded: Option<PathBuf>, root: bool) -> Option<PathBuf> {
+    if flag.is_some() {
+        return flag;
+    }
+    let recorded = recorded?;
+    if root && recorded != std::path::Path::new(DEFAULT_TRUST_DIR) {
+        warn!(
+            recorded = %burrow_core::text::printable(&recorded.to_string_lossy()),
+            "as root, this agent keeps {DEFAULT_TRUST_DIR} fresh, not the trust_dir its config names; give --trust-dir to choose another"
+        );
+        return Some(DEFAULT_TRUST_DIR.into());
+    }
+    Some(recorded)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
@@ -346,7 +392,8 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     config.refused_retry = args.refused_retry;
     config.status_path = Some(args.status_file.unwrap_or_else(default_status_path));
     config.health_listen = args.health_listen;
-    config.trust_dir = args.trust_dir.or_else(|| file.as_ref().and_then(|f| f.trust_dir.clone()));
+    let recorded = file.as_ref().and_then(|f| f.trust_dir.clone());
+    config.trust_dir = running_trust_dir(args.trust_dir, recorded, is_root());
     config.trust_refresh = args.trust_refresh;
     if let (Some(url), false) = (mqtt_url, always_on) {
         config.signal = Some(crate::SignalConfig {
@@ -360,4 +407,24 @@ async fn agent(args: AgentArgs, shutdown: CancellationToken) -> Result<()> {
     }
     crate::run(config, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root took the trust dir from an agent config the agent's user can write.
+    #[test]
+    fn a_root_agent_takes_no_trust_dir_from_its_config() {
+        let flag = Some(PathBuf::from("/srv/trust"));
+        let evil = Some(PathBuf::from("/etc/ld.so.conf.d"));
+        let default = Some(PathBuf::from(DEFAULT_TRUST_DIR));
+        for root in [false, true] {
+            assert_eq!(running_trust_dir(flag.clone(), evil.clone(), root), flag, "the flag wins");
+            assert_eq!(running_trust_dir(None, None, root), None, "no trust dir: no operator trust");
+            assert_eq!(running_trust_dir(None, default.clone(), root), default);
+        }
+        assert_eq!(running_trust_dir(None, evil.clone(), false), evil, "an unprivileged agent only reads there");
+        assert_eq!(running_trust_dir(None, evil, true), default);
+    }
 }

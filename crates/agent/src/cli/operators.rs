@@ -7,18 +7,30 @@
 //! and the drop-in stays only once sshd's own check passes and `sshd -T`
 //! shows that the config the running sshd reads takes it. The trust dir
 //! must be root's alone, and only root writes it.
+//!
+//! Root never takes a trust decision from the agent config, which the
+//! agent's user may write: the trust dir is `--trust-dir` or the default,
+//! and the pivot, its pin and the device come from the trust dir's
+//! pivot.toml, which `enroll` writes from the token. Only a device
+//! enrolled before that has none; its agent config then stands in only if
+//! it is root's alone.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use burrow_core::agent_file::{AgentFile, DEFAULT_PATH};
 use burrow_core::cert::DeviceTrust;
+use burrow_core::text::printable;
+use burrow_core::HostKeyPin;
 
 use crate::trust::{
-    self, DeviceSshd, DirError, PivotFile, TrustDir, DEFAULT_SSHD_CONFIG, DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD,
-    DEFAULT_TRUST_DIR,
+    self, DeviceSshd, DirError, FileError, PivotFile, TrustDir, TrustError, DEFAULT_SSHD_CONFIG,
+    DEFAULT_SSHD_CONFIG_DIR, DEFAULT_SSHD_RELOAD, DEFAULT_TRUST_DIR, PIVOT_FILE,
 };
+
+/// An agent config is a few hundred bytes.
+const MAX_AGENT_FILE: u64 = 64 * 1024;
 
 /// Where sshd's drop-in and the trust files go, and how to check and reload sshd.
 #[derive(clap::Args)]
@@ -35,7 +47,7 @@ pub(super) struct SshdArgs {
     /// Command that makes sshd reload its config [default: systemctl reload ssh].
     #[arg(long, value_name = "CMD")]
     sshd_reload: Option<String>,
-    /// Where to keep the CA keys, revoked keys and labels sshd reads, root's alone [default: the agent config's trust_dir (not with --refresh), else /etc/ssh/burrow].
+    /// Where to keep the CA keys, revoked keys and labels sshd reads, and pivot.toml (the pivot root connects to), root's alone; never taken from the agent config [default: /etc/ssh/burrow].
     #[arg(long, value_name = "DIR")]
     trust_dir: Option<PathBuf>,
 }
@@ -45,7 +57,7 @@ pub(super) struct TrustOperatorsArgs {
     /// The agent config, as written by `burrow agent enroll`.
     #[arg(long, default_value = DEFAULT_PATH)]
     config: PathBuf,
-    /// Only refetch the files in --trust-dir as the device its pivot.toml names (as root; sshd's config untouched).
+    /// Only refetch the files in --trust-dir as the device its pivot.toml names (as root; sshd's config and the agent config untouched).
     #[arg(long, conflicts_with_all = ["config", "sshd_config", "sshd_config_dir", "sshd_check", "sshd_reload"])]
     refresh: bool,
     #[command(flatten)]
@@ -73,25 +85,32 @@ pub(super) struct Plan {
 }
 
 impl SshdArgs {
-    /// Whether any of these flags was given.
-    pub(super) fn given(&self) -> bool {
+    /// Whether any flag about sshd itself (all but --trust-dir) was given.
+    pub(super) fn sshd_given(&self) -> bool {
         self.sshd_config.is_some()
             || self.sshd_config_dir.is_some()
             || self.sshd_check.is_some()
             || self.sshd_reload.is_some()
-            || self.trust_dir.is_some()
+    }
+
+    /// The trust dir: --trust-dir, else the default; never the agent
+    /// config's, which the agent's user may have changed.
+    pub(super) fn trust_dir(&self) -> Result<PathBuf> {
+        absolute(self.trust_dir.as_deref().unwrap_or(Path::new(DEFAULT_TRUST_DIR)))
+    }
+
+    /// Whether --trust-dir was given.
+    pub(super) fn trust_dir_given(&self) -> bool {
+        self.trust_dir.is_some()
     }
 
     /// Checks what sshd would otherwise trip on only at login time: paths it
     /// can read in its config, a principals command it agrees to run, trust
     /// files `nobody` can reach, and an sshd and config to check them with;
     /// and that the trust dir is root's alone (or can be made so).
-    /// `recorded` is the trust dir in the agent config, if any.
-    pub(super) fn plan(self, recorded: Option<&Path>) -> Result<Plan> {
+    pub(super) fn plan(self) -> Result<Plan> {
         require_root("`trust-operators` writes sshd's config and the files it trusts")?;
-        let trust_dir =
-            self.trust_dir.or_else(|| recorded.map(Path::to_path_buf)).unwrap_or_else(|| DEFAULT_TRUST_DIR.into());
-        let trust_dir = absolute(&trust_dir)?;
+        let trust_dir = self.trust_dir()?;
         let config_dir = absolute(&self.sshd_config_dir.unwrap_or_else(|| DEFAULT_SSHD_CONFIG_DIR.into()))?;
         let sshd_config = absolute(&self.sshd_config.unwrap_or_else(|| DEFAULT_SSHD_CONFIG.into()))?;
         trust::sshd_path(&trust_dir).context("--trust-dir")?;
@@ -106,6 +125,10 @@ impl SshdArgs {
 }
 
 impl Plan {
+    pub(super) fn trust_dir(&self) -> &Path {
+        &self.trust_dir
+    }
+
     fn drop_in(&self, id: &str) -> trust::DropIn {
         trust::drop_in(&self.invocation, &self.trust_dir, id)
     }
@@ -125,37 +148,17 @@ impl Plan {
         Ok(created)
     }
 
-    /// Fetches the trust as the device, writes the trust files and the
-    /// pivot file (what a root refresh connects with, copied from the agent
-    /// config now), installs the drop-in (check, then reload) and records
-    /// the trust dir in the agent config at `config_path`.
-    pub(super) async fn apply(&self, file: &mut AgentFile, config_path: &Path) -> Result<()> {
-        let pivot = PivotFile::from_agent_file(file, config_path)?;
+    /// Fetches the trust as the device `pivot` names, writes the trust
+    /// files and `pivot` as the pivot file, and installs the drop-in
+    /// (check, then reload).
+    pub(super) async fn apply(&self, pivot: &PivotFile) -> Result<()> {
         let (dir, _) = TrustDir::create(&self.trust_dir)?;
-        // The agent config may be the agent user's to write; root's own
-        // record of the pivot is not replaced by a different one from it.
-        if let Ok(known) = PivotFile::load(&dir) {
-            if known.id != pivot.id || known.pivot_host_key != pivot.pivot_host_key {
-                bail!(
-                    "{} names device '{}' and pivot key {}, but {} (root's) has '{}' and {}: if that really changed, delete {} first",
-                    config_path.display(),
-                    pivot.id,
-                    pivot.pivot_host_key,
-                    dir.path().join(trust::PIVOT_FILE).display(),
-                    known.id,
-                    known.pivot_host_key,
-                    dir.path().join(trust::PIVOT_FILE).display()
-                );
-            }
-        }
-        let trust = trust::fetch_as_device(&pivot).await?;
+        let trust = trust::fetch_as_device(pivot).await?;
         trust::write_in(&dir, &trust)?;
         pivot.save(&dir)?;
         // A directory created just now is 0755, but those above may not be.
         trust::check_trust_dir_reachable(dir.path())?;
-        let path = self.sshd.install(&self.drop_in(&file.id))?;
-        file.trust_dir = Some(self.trust_dir.clone());
-        file.save(config_path)?;
+        let path = self.sshd.install(&self.drop_in(&pivot.id))?;
         println!("sshd trusts the pivot's CA ({}) via {}", fingerprints(&trust), path.display());
         println!(
             "root refreshes {} with `{} trust-operators --refresh --trust-dir {}` (burrow-trust.timer and .path), or the agent itself if it runs as root",
@@ -165,6 +168,25 @@ impl Plan {
         );
         Ok(())
     }
+}
+
+/// Records `pivot` (from the token root just enrolled with) as the pivot
+/// file in the trust dir `dir`, created 0755 if missing and its parent is
+/// root's alone.
+pub(super) fn record_pivot(dir: &Path, pivot: &PivotFile) -> Result<PathBuf> {
+    let (dir, _) = TrustDir::create(dir)?;
+    pivot.save(&dir)?;
+    Ok(dir.file(PIVOT_FILE))
+}
+
+/// Tells the agent, through its config, which trust dir to keep fresh
+/// (for an agent that is not root: where to find operators.json).
+pub(super) fn record_trust_dir(file: &mut AgentFile, config: &Path, dir: &Path) -> Result<()> {
+    if file.trust_dir.as_deref() != Some(dir) {
+        file.trust_dir = Some(dir.to_path_buf());
+        file.save(config)?;
+    }
+    Ok(())
 }
 
 /// Fails unless this process is root, saying why it must be.
@@ -197,14 +219,114 @@ pub(super) async fn trust_operators(args: TrustOperatorsArgs) -> Result<()> {
         return refresh(args.sshd.trust_dir.as_deref().unwrap_or(Path::new(DEFAULT_TRUST_DIR))).await;
     }
     let config = absolute(&args.config)?;
-    let mut file = AgentFile::load(&config)?;
-    let recorded = file.trust_dir.clone();
-    let plan = args.sshd.plan(recorded.as_deref())?;
-    plan.apply(&mut file, &config).await?;
-    if recorded.as_deref() != Some(plan.trust_dir.as_path()) {
-        println!("restart a running agent so that it keeps them fresh (it reads {} at start)", config.display());
+    let plan = args.sshd.plan()?;
+    let (pivot, file) = match recorded_pivot(plan.trust_dir())? {
+        Some(pivot) => {
+            // The agent config is only told where the trust dir is.
+            let file = match AgentFile::load(&config) {
+                Ok(file) => {
+                    warn_if_different(&file, &config, &pivot, plan.trust_dir());
+                    Some(file)
+                }
+                Err(e) => {
+                    let why = format!("{:#}", anyhow::Error::from(e));
+                    println!(
+                        "note: {}; the agent learns of {} only from its --trust-dir",
+                        printable(&why),
+                        plan.trust_dir().display()
+                    );
+                    None
+                }
+            };
+            (pivot, file)
+        }
+        None => {
+            let file = roots_agent_file(&config, plan.trust_dir())?;
+            (PivotFile::from_agent_file(&file, &config)?, Some(file))
+        }
+    };
+    plan.apply(&pivot).await?;
+    if let Some(mut file) = file {
+        let before = file.trust_dir.clone();
+        record_trust_dir(&mut file, &config, plan.trust_dir())?;
+        if before.as_deref() != Some(plan.trust_dir()) {
+            println!("restart a running agent so that it keeps them fresh (it reads {} at start)", config.display());
+        }
     }
     Ok(())
+}
+
+/// The pivot file in the trust dir `dir`, if there is one: root's own
+/// record of the pivot, its pin and the device.
+fn recorded_pivot(dir: &Path) -> Result<Option<PivotFile>> {
+    let dir = match TrustDir::open(dir) {
+        Err(DirError::Missing(_)) => return Ok(None),
+        opened => opened?,
+    };
+    match PivotFile::load(&dir) {
+        Ok(pivot) => Ok(Some(pivot)),
+        Err(TrustError::NoPivotFile(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Says where the agent config disagrees with the pivot file root uses:
+/// a config edited by the agent's user, or left over from an earlier
+/// enrollment. Nothing in it is used but to say so.
+fn warn_if_different(file: &AgentFile, config: &Path, pivot: &PivotFile, trust_dir: &Path) {
+    let mut differs = Vec::new();
+    if file.id != pivot.id {
+        differs.push(format!("id '{}', not '{}'", printable(&file.id), pivot.id));
+    }
+    if !pivot.pivots.contains(&file.server) {
+        differs.push(format!("server '{}', not '{}'", printable(&file.server), pivot.pivots.join(", ")));
+    }
+    // Only a fingerprint: a path there is not for root to open.
+    let pin =
+        file.pivot_host_key.starts_with("SHA256:").then(|| HostKeyPin::parse(&file.pivot_host_key).ok()).flatten();
+    let pin = pin.map(|p| p.fingerprint());
+    if pin.as_deref() != Some(pivot.pivot_host_key.as_str()) {
+        differs.push(format!("pivot_host_key '{}', not {}", printable(&file.pivot_host_key), pivot.pivot_host_key));
+    }
+    if file.key != pivot.key {
+        differs.push(format!("key '{}', not '{}'", printable(&file.key.to_string_lossy()), pivot.key.display()));
+    }
+    if !differs.is_empty() {
+        eprintln!(
+            "warning: {} has {}; this run uses root's {} and nothing of that",
+            config.display(),
+            differs.join(", "),
+            trust_dir.join(PIVOT_FILE).display()
+        );
+    }
+}
+
+/// A device enrolled before `enroll` wrote pivot.toml: its agent config
+/// stands in for it only if no other user can have changed it.
+fn roots_agent_file(config: &Path, trust_dir: &Path) -> Result<AgentFile> {
+    let pivot_file = trust_dir.join(PIVOT_FILE);
+    let bytes = match trust::read_roots_alone(config, MAX_AGENT_FILE) {
+        Ok(bytes) => bytes,
+        Err(FileError::Unsafe { path, why }) => {
+            let dir = config.parent().unwrap_or(Path::new("/"));
+            return Err(anyhow!(
+                "there is no {pf}, and {config} cannot stand in for it: {path} {why}, so another user may have \
+                 changed the pivot, pin or device in it. Check id, server, pivot_host_key and key in {config}, then \
+                 either make it root's for this one run (`chown root:root {dir} {config} && chmod go-w {dir} {config}`, \
+                 run this again, and give them back with `chown -R burrow-agent: {dir}`) or re-enroll the device as \
+                 root, which writes {pf}",
+                pf = pivot_file.display(),
+                config = config.display(),
+                dir = dir.display(),
+            ));
+        }
+        Err(e) => {
+            return Err(e)
+                .context(format!("there is no {}, and the agent config cannot stand in", pivot_file.display()))
+        }
+    };
+    let text = String::from_utf8(bytes).map_err(|_| anyhow!("{} is not UTF-8", config.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is not a valid agent config", config.display()))
 }
 
 /// `trust-operators --refresh`: fetches the trust as the device named in

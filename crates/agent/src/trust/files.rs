@@ -154,11 +154,13 @@ fn write_if_changed(dir: &TrustDir, name: &str, bytes: impl AsRef<[u8]>) -> Resu
     Ok(true)
 }
 
-/// What `trust-operators --refresh` connects with, in [`PIVOT_FILE`]:
-/// copied from the agent config by root (`enroll --trust-operators`,
-/// `trust-operators`), so that a root refresh never reads a file the
-/// agent's user can change. The device key it names may be the agent's
-/// to replace: a key that is not the device's only fails authentication.
+/// What root connects to the pivot with, in [`PIVOT_FILE`]: written by
+/// root's `enroll` from the token it was given (and by `trust-operators`
+/// on a device enrolled before), and read by `trust-operators` and
+/// `trust-operators --refresh`, so that root never takes the pivot, its
+/// pin or the device from a file the agent's user can change. The device
+/// key it names may be the agent's to replace: a key that is not the
+/// device's only fails authentication.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PivotFile {
@@ -188,8 +190,8 @@ impl PivotFile {
     /// Writes it into `dir`; returns whether it changed.
     pub fn save(&self, dir: &TrustDir) -> Result<bool, WriteError> {
         let text = format!(
-            "# Written by `burrow agent trust-operators` (as root) from the agent config, for\n\
-             # `trust-operators --refresh`, which connects as this device with only what is here.\n{}",
+            "# Written by `burrow agent enroll` (as root), for `trust-operators` and\n\
+             # `trust-operators --refresh`, which connect as this device with only what is here.\n{}",
             toml::to_string(self).expect("pivot file serializes")
         );
         write_if_changed(dir, PIVOT_FILE, text)

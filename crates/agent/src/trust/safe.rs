@@ -5,9 +5,8 @@
 //! before every write. Files are written under fresh random names that no
 //! symlink can redirect, then renamed into place.
 
-use std::ffi::OsString;
 use std::fs::{File, Metadata, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -29,6 +28,16 @@ pub enum DirError {
     Stat(String, #[source] io::Error),
     #[error("cannot create {0}")]
     Create(String, #[source] io::Error),
+}
+
+/// Why root does not read a file it would take a trust decision from.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// `path` (the file or a directory above it) is not root's alone.
+    #[error("{path} {why}")]
+    Unsafe { path: String, why: String },
+    #[error("cannot read {0}")]
+    Read(String, #[source] io::Error),
 }
 
 /// Who must own the trust dir and the directories above it, and the last
@@ -207,48 +216,45 @@ fn owner_name(uid: u32) -> String {
     }
 }
 
-/// Writes a file so that readers see the old content or the new, never a
-/// part, and no symlink can send the bytes elsewhere: a temp file of a
-/// fresh random name in the same directory, created exclusively without
-/// following a symlink, mode `mode`, synced, then renamed over `path`
-/// (which replaces a symlink there rather than following it).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let (mut file, tmp) = create_temp(dir, name, mode)?;
-    let written = (|| {
-        // `mode` at open is filtered by the umask; this is not.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    // The rename itself survives a crash once the directory is synced.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+/// The content of the regular file at `path` (at most `max` bytes), read
+/// only when the file, its directory and every directory above are root's
+/// alone, as the trust dir must be, and `path` itself is no symlink: what
+/// no other user can have changed.
+pub fn read_roots_alone(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
+    read_checked(path, max, &Rules::root())
 }
 
-fn create_temp(dir: &Path, name: &std::ffi::OsStr, mode: u32) -> io::Result<(File, PathBuf)> {
-    let mut tries = 0;
-    loop {
-        let mut tmp_name = OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".{:016x}.tmp", rand::random::<u64>()));
-        let tmp = dir.join(tmp_name);
-        let opened =
-            OpenOptions::new().write(true).create_new(true).mode(mode).custom_flags(libc::O_NOFOLLOW).open(&tmp);
-        match opened {
-            Ok(f) => return Ok((f, tmp)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 3 => tries += 1,
-            Err(e) => return Err(e),
-        }
+fn read_checked(path: &Path, max: u64, rules: &Rules) -> Result<Vec<u8>, FileError> {
+    let read_err = |p: &Path, e| FileError::Read(p.display().to_string(), e);
+    let path = std::path::absolute(path).map_err(|e| read_err(path, e))?;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    check_existing(dir, rules).map_err(|e| match e {
+        DirError::Unsafe { path, why } => FileError::Unsafe { path, why },
+        DirError::Stat(p, e) => FileError::Read(p, e),
+        DirError::Missing(_) => read_err(&path, io::ErrorKind::NotFound.into()),
+        other => read_err(dir, io::Error::other(other.to_string())),
+    })?;
+    let unsafe_file = |why: &str| FileError::Unsafe { path: path.display().to_string(), why: why.into() };
+    let file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(unsafe_file("is a symbolic link")),
+        Err(e) => return Err(read_err(&path, e)),
+    };
+    let meta = file.metadata().map_err(|e| read_err(&path, e))?;
+    if !meta.is_file() {
+        return Err(unsafe_file("is not a regular file"));
     }
+    if let Some(why) = why_unsafe(&meta, rules) {
+        return Err(unsafe_file(&why));
+    }
+    read_capped(file, &meta, max).map_err(|e| read_err(&path, e))
+}
+
+/// Writes a file so that readers see the old content or the new, never a
+/// part, and no symlink can send the bytes elsewhere: mode `mode` exactly
+/// ([`burrow_core::atomic`]).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    burrow_core::atomic::write_file(path, bytes, burrow_core::atomic::Mode::Exact(mode))
 }
 
 /// The regular file at `path`, opened for reading without following a
@@ -386,6 +392,53 @@ mod tests {
         chmod(&open, 0o1777);
         assert!(matches!(create_with(&open.join("trust"), rules), Err(DirError::Unsafe { .. })));
         assert!(!open.join("trust").exists(), "nothing created under an unsafe parent");
+    }
+
+    /// Root took the pivot, pin and device from an agent config the
+    /// agent's user could write.
+    #[test]
+    fn a_file_root_trusts_must_be_roots_alone_up_to_the_root() {
+        let tmp = TempDir::new("safe-file");
+        let rules = test_rules(&tmp.0);
+        let dir = tmp.0.join("etc");
+        std::fs::create_dir(&dir).unwrap();
+        chmod(&dir, 0o755);
+        let file = dir.join("agent.toml");
+        std::fs::write(&file, "id = 'cam-42'\n").unwrap();
+        chmod(&file, 0o644);
+        assert_eq!(read_checked(&file, 1024, &rules).unwrap(), b"id = 'cam-42'\n");
+
+        let refused = |rules: &Rules| match read_checked(&file, 1024, rules) {
+            Err(FileError::Unsafe { path, why }) => format!("{path} {why}"),
+            other => panic!("{other:?}"),
+        };
+        chmod(&file, 0o664);
+        assert_eq!(refused(&rules), format!("{} is writable by its group (mode 664)", file.display()));
+        chmod(&file, 0o644);
+        chmod(&dir, 0o1777);
+        assert_eq!(refused(&rules), format!("{} is writable by others (mode 1777)", dir.display()));
+        chmod(&dir, 0o755);
+        let other = Rules { uid: rules.uid.wrapping_add(1), ..rules.clone() };
+        assert!(refused(&other).starts_with(&format!("{} is owned by", dir.display())));
+
+        // A symlink, even to a file that would pass, or a FIFO (which
+        // would block the reader), is refused.
+        let link = dir.join("link.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(
+            matches!(read_checked(&link, 1024, &rules), Err(FileError::Unsafe { why, .. }) if why == "is a symbolic link")
+        );
+        let fifo = dir.join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        assert!(
+            matches!(read_checked(&fifo, 1024, &rules), Err(FileError::Unsafe { why, .. }) if why == "is not a regular file")
+        );
+        assert!(matches!(read_checked(&dir.join("none"), 1024, &rules), Err(FileError::Read(..))));
+        assert!(matches!(read_checked(&file, 4, &rules), Err(FileError::Read(..))), "over the cap");
+        // With root's rules, a temp dir (under the sticky, world-writable /tmp) never passes.
+        assert!(matches!(read_roots_alone(&file, 1024), Err(FileError::Unsafe { .. })));
     }
 
     /// `write_atomic` used a predictable temp name and followed symlinks.
