@@ -137,10 +137,10 @@ pub enum OperatorCommand {
         /// May manage devices and operators.
         #[arg(long)]
         admin: bool,
-        /// Reach only devices with these labels (k=v[,k=v]); repeat for alternatives.
+        /// Reach only devices with these labels (k=v[,k=v]); repeat for alternatives [default: every device].
         #[arg(long)]
         allow: Vec<Selector>,
-        /// A user the operator's certificates log in as on devices; repeatable [default: root for an admin, else the operator's name].
+        /// A login user on devices for the operator's certificates (* for any); repeatable [default: root for an admin, else the operator's name].
         #[arg(long = "device-user", value_name = "USER", value_parser = parse_device_user)]
         device_users: Vec<String>,
         /// Lifetime of the operator's certificates (at most 7d).
@@ -189,12 +189,12 @@ pub enum CaCommand {
         #[command(flatten)]
         data: Target,
     },
-    /// Add a new CA key: devices trust it at once, it signs after the overlap, and the old key retires after.
+    /// Add a new CA key (admin): devices trust it at once, it signs after the overlap, and the old key retires when its last certificate expires.
     Rotate {
         /// How long devices have to pick up the new key before it signs.
         #[arg(long, default_value = "24h", value_parser = crate::parse_duration)]
         overlap: Duration,
-        /// Sign with the new key at once and drop the old one (after a CA key was stolen).
+        /// Sign with the new key at once and drop every other one (after a CA key was stolen).
         #[arg(long, conflicts_with = "overlap")]
         now: bool,
         #[command(flatten)]
@@ -234,10 +234,10 @@ pub async fn ca(cmd: CaCommand) -> Result<()> {
             }
             if now {
                 println!("new CA key {fp} signs from now; the old keys are no longer trusted");
-                println!("connected devices drop the old keys within a minute, the others as they connect; certificates the old keys signed stop working there, so operators run `burrow login` again");
+                println!("connected devices drop the old keys within seconds, the others as they connect; certificates the old keys signed stop working there, so operators run `burrow login` again");
             } else {
                 println!(
-                    "new CA key {fp}: devices trust it within a minute (or as they connect); it signs from {}",
+                    "new CA key {fp}: connected devices trust it within seconds, the others as they connect; it signs from {}",
                     str_of(&out["signs_from"])
                 );
                 if let Some(until) = out["old_retires_at"].as_str() {

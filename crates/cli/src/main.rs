@@ -62,10 +62,10 @@ enum Command {
     Ban(admin::BanCommand),
     /// Query the audit trail (admin; locally or with --pivot).
     Audit(admin::AuditArgs),
-    /// The user CA that signs operators' certificates (locally or with --pivot).
+    /// The user CA that signs operators' certificates (rotate: admin; locally or with --pivot).
     #[command(subcommand)]
     Ca(admin::CaCommand),
-    /// Write OpenSSH config and known_hosts for ID.burrow names.
+    /// Write OpenSSH config and known_hosts for ID.burrow names, and fetch a certificate for devices that trust the CA.
     Login(login::LoginArgs),
     /// ssh to a device, after checking it can be reached.
     Ssh(wrappers::SshArgs),
