@@ -142,6 +142,7 @@ fn two_pivots_share_postgres_and_mosquitto() {
     let cert = russh::keys::ssh_key::Certificate::from_openssh(cert_text.trim()).unwrap();
     let signer = russh::keys::ssh_key::PublicKey::from(cert.signature_key().clone());
     assert_eq!(burrow_core::keys::openssh_line(&signer), ca_line.trim());
+    assert_eq!(metric(&b, "burrow_certificates_issued_total"), 1);
 
     let h = health(&b);
     assert!(

@@ -173,6 +173,7 @@ pub(crate) async fn nudge_if_changed(shared: &std::sync::Arc<crate::Shared>, las
     if !changed {
         return;
     }
+    tidy(shared).await;
     // One round at a time; changes meanwhile make one more round after it.
     shared.nudge_again.store(true, Ordering::Release);
     if shared.nudging.swap(true, Ordering::AcqRel) {
@@ -213,6 +214,21 @@ async fn nudge_round(shared: &std::sync::Arc<crate::Shared>) {
         });
     }
     while set.join_next().await.is_some() {}
+}
+
+/// Once a minute, and when the CA keys change: retired keys lose their
+/// private half in the registry, and `DATA/user_ca` goes if the registry no
+/// longer trusts it (after a `ca rotate --now` run anywhere).
+pub(crate) async fn tidy(shared: &crate::Shared) {
+    let now = burrow_core::time::now_unix();
+    match shared.registry.forget_retired_ca_keys(now).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(keys = n, "dropped the private half of retired CA keys"),
+        Err(e) => tracing::warn!(error = %e, "cannot drop retired CA keys"),
+    }
+    if let Err(e) = forget_dropped(&shared.registry, &shared.config.data_dir, now).await {
+        tracing::warn!(error = %e, "cannot check the CA key in the data dir");
+    }
 }
 
 /// Nudges in flight at once.

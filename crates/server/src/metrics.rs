@@ -29,6 +29,8 @@ pub(crate) struct Metrics {
     pub channels_closed: AtomicU64,
     /// Channels relayed through a peer pivot holding the device's tunnel.
     pub channels_relayed: AtomicU64,
+    /// Operator certificates this pivot signed.
+    pub certificates_issued: AtomicU64,
     pub bytes_to_device: AtomicU64,
     pub bytes_to_operator: AtomicU64,
     refusals: ByReason,
@@ -171,6 +173,12 @@ fn render(shared: &Shared) -> String {
         "counter",
         "Operator channels relayed through the peer pivot holding the device's tunnel.",
         &[("", m.channels_relayed.load(Ordering::Relaxed))],
+    );
+    metric(
+        "burrow_certificates_issued_total",
+        "counter",
+        "Operator certificates this pivot signed.",
+        &[("", m.certificates_issued.load(Ordering::Relaxed))],
     );
     metric(
         "burrow_peer_sessions",

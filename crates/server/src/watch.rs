@@ -154,6 +154,10 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, shutdown: CancellationToken) 
             last_orphans = Instant::now();
         }
         let _ = tokio::time::timeout(BEAT_EVERY * 2, beat(&shared, orphans)).await;
+        if orphans {
+            let s = shared.clone();
+            shared.tracker.spawn(async move { crate::ca::tidy(&s).await });
+        }
     }
 }
 

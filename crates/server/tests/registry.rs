@@ -489,6 +489,11 @@ async fn user_ca_rotation_and_certificates(reg: Registry) {
     let cas = reg.user_cas().await.unwrap();
     assert!(cas.iter().filter(|c| !c.trusted(now + 1500)).all(|c| c.private_key.is_empty()));
     assert!(cas.iter().filter(|c| c.trusted(now + 1500)).all(|c| !c.private_key.is_empty()));
+    // A key that retired by time loses its private half at the next tidy.
+    let cas = reg.user_cas().await.unwrap();
+    let retiring = cas.iter().find(|c| c.fingerprint == f2).unwrap().retires_at.unwrap();
+    assert_eq!(reg.forget_retired_ca_keys(retiring - 1).await.unwrap(), 0);
+    assert_eq!(reg.forget_retired_ca_keys(retiring).await.unwrap(), 1);
 
     // Removing alice lists her key for devices' RevokedKeys while her
     // certificates run; a re-added, unrelated operator's is not listed.

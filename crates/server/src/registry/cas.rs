@@ -296,6 +296,18 @@ impl Registry {
             .collect())
     }
 
+    /// Drops the private half of every key that retired: it signs nothing
+    /// again. Returns how many it dropped.
+    pub async fn forget_retired_ca_keys(&self, now: i64) -> Result<u64, RegistryError> {
+        let r = sqlx::query(
+            "UPDATE user_cas SET private_key = '' WHERE retires_at IS NOT NULL AND retires_at <= $1 AND private_key <> ''",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
     /// Notes that a device fetched what it trusts: its sshd takes
     /// certificates. At most one write a minute per device.
     pub async fn set_trust_at(&self, id: &Id, now: i64) -> Result<(), RegistryError> {

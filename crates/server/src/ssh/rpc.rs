@@ -142,6 +142,9 @@ async fn handle(shared: &Arc<Shared>, caller: &Caller, from: &From, line: &[u8])
         let why = format!("enrollment refused: {}", response.error.as_deref().unwrap_or(""));
         failed(shared, &from.state, from.peer, from.conn, why);
     }
+    if response.ok && what == "certificate" {
+        shared.metrics.certificates_issued.fetch_add(1, Ordering::Relaxed);
+    }
     let mutated = mutates && response.ok;
     (response, mutated)
 }
