@@ -174,6 +174,10 @@ pub(crate) mod tests {
     use russh::keys::ssh_key::Algorithm;
     use russh::keys::PrivateKey;
 
+    pub(crate) fn chmod(p: &std::path::Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
     /// A directory removed on drop.
     pub(crate) struct TempDir(pub PathBuf);
 

@@ -104,6 +104,11 @@ impl Device {
 
     /// `burrow agent trust-operators` as root, with the agent config `config`.
     fn trust_operators(&self, config: &Path) -> Output {
+        self.trust_operators_reloading(config, &self.reload_cmd())
+    }
+
+    /// The same, reloading sshd with `reload`.
+    fn trust_operators_reloading(&self, config: &Path, reload: &str) -> Output {
         Command::new(&self.bin.path)
             .args(["agent", "trust-operators", "--config"])
             .arg(config)
@@ -113,7 +118,7 @@ impl Device {
             .arg(self.sshd_config())
             .arg("--sshd-config-dir")
             .arg(&self.drop_in)
-            .args(["--sshd-reload", &self.reload_cmd()])
+            .args(["--sshd-reload", reload])
             .output()
             .unwrap()
     }
@@ -145,10 +150,16 @@ impl Device {
     }
 
     /// ssh straight to the device's sshd, around the pivot and its checks.
+    /// The device's host key stays pinned on this route too.
     fn ssh_direct(&self, laptop: &Laptop, cert: &Path) -> Output {
+        let known_hosts = self.dir.path().join("direct_known_hosts");
+        let line = format!("[127.0.0.1]:{} {}\n", self.sshd.port, self.sshd.host_key.public_line());
+        std::fs::write(&known_hosts, line).unwrap();
         Command::new("ssh")
             .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
             .arg("-i")
             .arg(&laptop.key.private)
             .arg("-o")
@@ -380,18 +391,7 @@ fn a_failing_sshd_check_leaves_sshd_as_it_was() {
     // Another drop-in goes bad; re-applying trust must not reload anything.
     std::fs::write(dev.drop_in.join("00-local.conf"), "ThisIsNotAnSshdOption yes\n").unwrap();
     let marker = dev.dir.path().join("reloaded");
-    let out = Command::new(&dev.bin.path)
-        .args(["agent", "trust-operators", "--config"])
-        .arg(&dev.config)
-        .arg("--trust-dir")
-        .arg(dev.trust_dir())
-        .arg("--sshd-config")
-        .arg(dev.sshd_config())
-        .arg("--sshd-config-dir")
-        .arg(&dev.drop_in)
-        .args(["--sshd-reload", &format!("touch {}", marker.display())])
-        .output()
-        .unwrap();
+    let out = dev.trust_operators_reloading(&dev.config, &format!("touch {}", marker.display()));
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("ThisIsNotAnSshdOption"), "sshd -t's complaint is not shown: {err}");

@@ -305,12 +305,8 @@ fn said_with_status(out: &Output) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trust::tests::TempDir;
+    use crate::trust::tests::{chmod, TempDir};
     use std::path::Path;
-
-    fn chmod(p: &Path, mode: u32) {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
 
     fn drop_in(text: &str) -> DropIn {
         DropIn {

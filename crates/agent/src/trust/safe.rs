@@ -293,11 +293,7 @@ pub(crate) fn read_capped(file: File, meta: &Metadata, max: u64) -> io::Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trust::tests::TempDir;
-
-    fn chmod(p: &Path, mode: u32) {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
+    use crate::trust::tests::{chmod, TempDir};
 
     fn test_rules(top: &Path) -> Rules {
         // SAFETY: geteuid has no preconditions.

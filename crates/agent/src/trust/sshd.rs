@@ -185,7 +185,7 @@ fn closed_to_others(path: &Path) -> Result<Option<(PathBuf, u32)>, SshdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trust::tests::TempDir;
+    use crate::trust::tests::{chmod, TempDir};
 
     #[test]
     fn drop_in_names_the_files_and_the_command() {
@@ -232,10 +232,6 @@ mod tests {
         use std::os::unix::ffi::OsStrExt;
         let latin1 = Path::new(std::ffi::OsStr::from_bytes(b"/opt/\xe9"));
         assert!(matches!(sshd_path(latin1), Err(SshdError::BadPath { why: "it is not UTF-8", .. })));
-    }
-
-    fn chmod(p: &Path, mode: u32) {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
     #[test]
