@@ -306,7 +306,6 @@ fn said_with_status(out: &Output) -> String {
 mod tests {
     use super::*;
     use crate::trust::tests::{chmod, TempDir};
-    use std::path::Path;
 
     fn drop_in(text: &str) -> DropIn {
         DropIn {
